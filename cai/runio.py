@@ -1,0 +1,234 @@
+"""Run-directory conventions shared by every stage.
+
+A stage writes only to ``${run_dir}/<stage>/``:
+
+- ``manifest.json`` — resolved config, config hash, constitution hash, git SHA, counts, timings and
+  ``status`` ("running", "complete" or "failed"). A stage is complete only when its manifest says so.
+- ``metrics.jsonl`` — one JSON object per line, appended and flushed as the stage goes.
+- its dataset (``save_to_disk``) or checkpoint (``save_pretrained``, safetensors).
+
+Every file write is atomic: written to a temporary name in the same folder, then renamed, so a crash
+never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+
+# Keys that say *where* a run lives, not *what* it computes: left out of the config hash so a
+# moved or copied run directory still recognises its finished stages.
+_HASH_EXCLUDED_KEYS = ("run_dir",)
+
+
+def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    """The one folder a stage may write to."""
+    return Path(run_dir) / stage
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename.
+
+    A crash inside the block leaves ``final`` as it was (absent, or the previous complete version).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_dataset(dataset, path: str | os.PathLike) -> Path:
+    """``dataset.save_to_disk`` into ``path`` atomically."""
+    with atomic_dir(path) as tmp:
+        dataset.save_to_disk(str(tmp))
+    return Path(path)
+
+
+def resolved_config(cfg: DictConfig | dict) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """sha256 of the resolved config (minus location keys), stable across key order."""
+    data = {k: v for k, v in resolved_config(cfg).items() if k not in _HASH_EXCLUDED_KEYS}
+    blob = json.dumps(data, sort_keys=True, default=_json_default).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def tree_hash(folder: str | os.PathLike) -> str:
+    """sha256 over every file below ``folder`` (relative path and content), in sorted order."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file()):
+        rel = p.relative_to(folder).as_posix()
+        if any(part.startswith(".") or part == "__pycache__" for part in Path(rel).parts):
+            continue
+        h.update(rel.encode("utf-8") + b"\0")
+        h.update(p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def git_sha() -> str | None:
+    """The SHA of the cai checkout this code runs from (``-dirty`` when it has local changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5,
+        )
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def is_complete(folder: str | os.PathLike, expected_config_hash: str | None = None) -> bool:
+    """True when the stage folder's manifest says complete (and, if given, with that config hash)."""
+    manifest = read_manifest(folder)
+    if not manifest or manifest.get("status") != "complete":
+        return False
+    return expected_config_hash is None or manifest.get("config_hash") == expected_config_hash
+
+
+def write_manifest(
+    folder: str | os.PathLike,
+    *,
+    stage: str,
+    cfg: DictConfig | dict,
+    status: str,
+    constitution_hash: str | None = None,
+    counts: dict | None = None,
+    timings: dict | None = None,
+    **extra: Any,
+) -> dict:
+    """Write ``manifest.json`` atomically and return what was written."""
+    if status not in ("running", "complete", "failed"):
+        raise ValueError(f"manifest status must be running|complete|failed, got {status!r}")
+    manifest = {
+        "stage": stage,
+        "status": status,
+        "config_hash": config_hash(cfg),
+        "constitution_hash": constitution_hash,
+        "git_sha": git_sha(),
+        "counts": counts or {},
+        "timings": timings or {},
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+        "config": resolved_config(cfg),
+    }
+    atomic_write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` and flushes each line.
+
+    Lines are small and written with a single ``write`` on a file opened in append mode, so a crash
+    loses at most the line being written; readers skip a torn last line (see ``read_metrics``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True):
+        self.path = Path(folder) / METRICS
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **values: Any) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"time": round(time.time(), 3), **values}, default=_json_default)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+
+
+def read_metrics(folder: str | os.PathLike) -> list[dict]:
+    path = Path(folder) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed process
+    return rows
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

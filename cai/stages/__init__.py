@@ -1,0 +1,15 @@
+"""One file per stage; each is a Hydra app (``python -m cai.stages.<stage> key=value ...``) that reads
+its upstream stage's folder in ``run_dir`` and writes only its own (see ``cai.runio``)."""
+
+from pathlib import Path
+
+# The repository's conf/ folder, as an absolute path so every entry point (stages, pipeline) finds it.
+CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def not_implemented(stage: str, issue: int) -> None:
+    """Stop with an honest one-line message for a stage whose code has not landed yet."""
+    raise SystemExit(
+        f"cai: stage '{stage}' is not implemented yet (tracked in issue #{issue}); "
+        f"its configuration composes: python -m cai.stages.{stage} --cfg job"
+    )

@@ -1,0 +1,18 @@
+"""Preference-model pretraining on generic comparisons (DESIGN.md §1.4).
+
+Not implemented yet: issue #5. The configuration (conf/pm_pretrain.yaml) already composes.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from cai.stages import CONFIG_PATH, not_implemented
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="pm_pretrain", version_base=None)
+def main(cfg: DictConfig) -> None:
+    not_implemented("pm_pretrain", issue=5)
+
+
+if __name__ == "__main__":
+    main()

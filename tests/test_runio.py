@@ -1,0 +1,83 @@
+"""Run-directory conventions: atomic writes, manifests, config hashes, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset, load_from_disk
+from omegaconf import OmegaConf
+
+from cai.runio import (
+    MetricsWriter,
+    atomic_dir,
+    atomic_write_json,
+    config_hash,
+    is_complete,
+    read_manifest,
+    read_metrics,
+    save_dataset,
+    tree_hash,
+    write_manifest,
+)
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_write_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_dir_keeps_previous_version_on_crash(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "f").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "f").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert oct(target.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_save_dataset_round_trips(tmp_path):
+    ds = Dataset.from_list([{"prompt": "p", "messages": [{"role": "user", "content": "p"}]}])
+    save_dataset(ds, tmp_path / "data")
+    assert load_from_disk(str(tmp_path / "data"))[0]["messages"] == [{"role": "user", "content": "p"}]
+
+
+def test_config_hash_ignores_location_and_order():
+    a = OmegaConf.create({"run_dir": "r1", "seed": 0, "model": {"path": "x", "dtype": "auto"}})
+    b = OmegaConf.create({"model": {"dtype": "auto", "path": "x"}, "seed": 0, "run_dir": "elsewhere"})
+    c = OmegaConf.create({"run_dir": "r1", "seed": 1, "model": {"path": "x", "dtype": "auto"}})
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_manifest_records_status_and_config(tmp_path):
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "seed": 3, "x": "${seed}"})
+    write_manifest(tmp_path, stage="s", cfg=cfg, status="running", counts={"rows": 0})
+    assert not is_complete(tmp_path)
+    m = write_manifest(tmp_path, stage="s", cfg=cfg, status="complete", counts={"rows": 4}, timings={"total_s": 1.5})
+    assert is_complete(tmp_path) and is_complete(tmp_path, m["config_hash"]) and not is_complete(tmp_path, "other")
+    saved = read_manifest(tmp_path)
+    assert saved["config"]["x"] == 3 and saved["counts"] == {"rows": 4} and "git_sha" in saved
+    with pytest.raises(ValueError):
+        write_manifest(tmp_path, stage="s", cfg=cfg, status="done")
+
+
+def test_metrics_skip_a_torn_last_line(tmp_path):
+    w = MetricsWriter(tmp_path)
+    w.log(step=1, loss=0.5)
+    w.log(step=2, loss=0.25)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_tree_hash_follows_content(tmp_path):
+    (tmp_path / "a.j2").write_text("x")
+    h = tree_hash(tmp_path)
+    (tmp_path / "a.j2").write_text("y")
+    assert tree_hash(tmp_path) != h
