@@ -139,12 +139,14 @@ class Constitution:
 # ---------------------------------------------------------------------------------------------
 
 def critique_messages(
-    c: Constitution, conversation: list[dict], response: str, principle: CritiquePrinciple, round: int = 1
+    c: Constitution, conversation: list[dict], response: str, principle: CritiquePrinciple, round: int = 1,
+    few_shot: bool = True,
 ) -> list[dict]:
-    """Few-shot exemplars, the conversation, the answer under critique, then the critique request."""
+    """Few-shot exemplars (unless ``few_shot=False``), the conversation, the answer under critique,
+    then the critique request."""
     request = c.render("critique", principle=principle, prompt=_last_user(conversation), response=response, round=round)
     return [
-        *_flatten(c.few_shot_critique_revision),
+        *(_flatten(c.few_shot_critique_revision) if few_shot else []),
         *conversation,
         {"role": "assistant", "content": response},
         {"role": "user", "content": request},
@@ -152,14 +154,15 @@ def critique_messages(
 
 
 def revision_messages(
-    c: Constitution, conversation: list[dict], response: str, principle: CritiquePrinciple, critique: str, round: int = 1
+    c: Constitution, conversation: list[dict], response: str, principle: CritiquePrinciple, critique: str, round: int = 1,
+    few_shot: bool = True,
 ) -> list[dict]:
     """The critique chat, the model's critique, then the revision request."""
     request = c.render(
         "revision", principle=principle, prompt=_last_user(conversation), response=response, critique=critique, round=round
     )
     return [
-        *critique_messages(c, conversation, response, principle, round),
+        *critique_messages(c, conversation, response, principle, round, few_shot),
         {"role": "assistant", "content": critique},
         {"role": "user", "content": request},
     ]

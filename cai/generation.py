@@ -8,6 +8,7 @@ says whether it had one (False: it ran into ``max_new_tokens``).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -15,6 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from cai.models import seeded
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts (base seed, stage, shard, round …): the same parts always give the
+    same seed, so each unit of work samples the same way however the run was split or resumed."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass

@@ -344,6 +344,9 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def _from_pretrained(cls, cfg: dict, dtype: torch.dtype, **kwargs: Any):
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a bar per 0.2 s load is noise
     source = resolve_model_source(cfg)
     try:
         return cls.from_pretrained(source, dtype=dtype, trust_remote_code=bool(cfg.get("trust_remote_code", False)), **kwargs)

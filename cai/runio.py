@@ -92,6 +92,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 def save_dataset(dataset, path: str | os.PathLike) -> Path:
     """``dataset.save_to_disk`` into ``path`` atomically."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a bar per small shard is noise; stages show their own progress
     with atomic_dir(path) as tmp:
         dataset.save_to_disk(str(tmp))
     return Path(path)
@@ -103,9 +106,14 @@ def resolved_config(cfg: DictConfig | dict) -> dict:
     return dict(cfg)
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """sha256 of the resolved config (minus location keys), stable across key order."""
-    data = {k: v for k, v in resolved_config(cfg).items() if k not in _HASH_EXCLUDED_KEYS}
+def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> str:
+    """sha256 of the resolved config (minus location keys), stable across key order.
+
+    ``keys`` limits the hash to the top-level keys a stage actually reads, so e.g. a DeepSpeed
+    setting does not invalidate a generation stage.
+    """
+    data = {k: v for k, v in resolved_config(cfg).items()
+            if k not in _HASH_EXCLUDED_KEYS and (keys is None or k in keys)}
     blob = json.dumps(data, sort_keys=True, default=_json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
 
@@ -168,15 +176,16 @@ def write_manifest(
     constitution_hash: str | None = None,
     counts: dict | None = None,
     timings: dict | None = None,
+    hash_keys: tuple[str, ...] | None = None,
     **extra: Any,
 ) -> dict:
-    """Write ``manifest.json`` atomically and return what was written."""
+    """Write ``manifest.json`` atomically and return what was written (``hash_keys``: see config_hash)."""
     if status not in ("running", "complete", "failed"):
         raise ValueError(f"manifest status must be running|complete|failed, got {status!r}")
     manifest = {
         "stage": stage,
         "status": status,
-        "config_hash": config_hash(cfg),
+        "config_hash": config_hash(cfg, hash_keys),
         "constitution_hash": constitution_hash,
         "git_sha": git_sha(),
         "counts": counts or {},

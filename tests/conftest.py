@@ -39,3 +39,16 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 
 
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def compose_cfg(name: str, overrides: list[str] | None = None):
+    """The composed config of a primary config, as a stage would receive it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name=name, overrides=overrides or [])
+
+
+def tree_bytes(folder: Path) -> dict:
+    """Every file below ``folder`` with its bytes: to prove a failed run left earlier outputs untouched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

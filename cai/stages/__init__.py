@@ -13,3 +13,22 @@ def not_implemented(stage: str, issue: int) -> None:
         f"cai: stage '{stage}' is not implemented yet (tracked in issue #{issue}); "
         f"its configuration composes: python -m cai.stages.{stage} --cfg job"
     )
+
+
+def run_stage(stage: str, fn, cfg) -> None:
+    """Run a stage body; turn the expected kinds of bad input into one-line errors and exit 1.
+
+    Anything else is a bug and keeps its traceback.
+    """
+    from cai.constitution import ConstitutionError
+    from cai.data import DataError
+    from cai.models import ModelLoadError
+
+    try:
+        fn(cfg)
+    except (ConstitutionError, DataError, ModelLoadError, StageInputError) as e:
+        raise SystemExit(f"cai {stage}: {e}") from None
+
+
+class StageInputError(ValueError):
+    """A bad config value or a missing/incomplete upstream stage; the message names the key or folder."""

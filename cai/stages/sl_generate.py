@@ -1,17 +1,194 @@
-"""SL-CAI data: red-team prompt -> answer -> principle-sampled critique -> revision (DESIGN.md §1.1).
+"""SL-CAI data: red-team prompt -> answer -> n_revisions x (sampled principle: critique, revision).
 
-Not implemented yet: issue #3. The configuration (conf/sl_generate.yaml) already composes.
+    python -m cai.stages.sl_generate run_dir=R data.num_red_team=8 data.num_helpful=0 n_revisions=2
+
+For each red-team prompt the model answers; then, for each round, a critique/revision principle is
+drawn (seeded per prompt, distinct across rounds), the model critiques its latest answer under the
+principle's critique request and rewrites it under the revision request. Helpful prompts get a plain
+answer, mixed in so SL keeps helpfulness (DESIGN.md §1.1).
+
+Writes ``${run_dir}/sl_generate/``:
+- ``shards/shard-NNNNN/`` — one dataset per ``sl_generate.shard_size`` prompts, saved as it finishes;
+- ``dataset/`` — every row (``save_to_disk``) once all shards are done;
+- ``manifest.json``, ``metrics.jsonl``.
+Columns: ``id``, ``prompt``, ``messages`` (conversation + final answer, TRL's SFT format),
+``initial_response``, ``critiques``, ``revisions``, ``principle_ids``, ``kind`` (red_team | helpful).
+
+Resume: rerunning the same command keeps the finished shards and generates only the missing ones
+(a crash loses at most the shard in flight); a changed config or constitution starts over.
 """
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from cai.stages import CONFIG_PATH, not_implemented
+from cai.constitution import (
+    Constitution,
+    CritiquePrinciple,
+    critique_messages,
+    load_constitution,
+    resolve_constitution_dir,
+    revision_messages,
+    sample_principles,
+)
+from cai.data import PromptItem, load_prompts
+from cai.generation import derive_seed, generate
+from cai.runio import MetricsWriter, config_hash, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.stages import CONFIG_PATH, StageInputError, run_stage
+
+STAGE = "sl_generate"
+# The config keys this stage reads: its config hash (and so resume/skip decisions) covers only these.
+HASH_KEYS = ("seed", "n_revisions", "model", "constitution", "data", "generation", STAGE)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="sl_generate", version_base=None)
+def run(cfg: DictConfig) -> Path:
+    start = time.time()
+    settings = cfg[STAGE]
+
+    # Step 1: check the inputs before touching the run directory, so bad input leaves it as it was.
+    if cfg.n_revisions < 0:
+        raise StageInputError(f"n_revisions must be >= 0, got {cfg.n_revisions}")
+    if settings.shard_size < 1:
+        raise StageInputError(f"{STAGE}.shard_size must be >= 1, got {settings.shard_size}")
+    constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+    principles = constitution.critique_revision
+    if settings.principle_ids is not None:
+        principles = [constitution.critique_principle(pid) for pid in settings.principle_ids]
+    items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", cfg.data.num_red_team,
+                         cfg.seed, cfg.data.hh_context, key="data.num_red_team / data.red_team_path")
+    items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", cfg.data.num_helpful,
+                          cfg.seed, cfg.data.hh_context, key="data.num_helpful / data.helpful_path")
+    if not items:
+        raise StageInputError("data.num_red_team and data.num_helpful are both 0: nothing to generate")
+
+    # Step 2: a finished run with the same config and constitution has nothing left to do.
+    out = stage_dir(cfg.run_dir, STAGE)
+    shards_dir = out / "shards"
+    fingerprint = config_hash(cfg, HASH_KEYS)
+    previous = read_manifest(out)
+    same = previous and previous.get("config_hash") == fingerprint and previous.get("constitution_hash") == constitution.hash
+    if same and previous["status"] == "complete" and (out / "dataset").exists():
+        print(f"cai {STAGE}: already complete in {out} (same config); nothing to do")
+        return out / "dataset"
+
+    # Step 3: the model (still before touching the run directory: a bad model.path changes nothing).
+    from cai.models import load_policy
+
+    model, tok = load_policy(cfg.model)
+
+    # Step 4: resume when the previous attempt had the same config and constitution; else start over.
+    if not same and shards_dir.exists():
+        shutil.rmtree(shards_dir)  # shards of a different config must not be mixed in
+    manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS)
+    write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
+    metrics = MetricsWriter(out)
+
+    # Step 5: generate shard by shard; each shard is saved atomically the moment it is done.
+    from datasets import Dataset, concatenate_datasets, load_from_disk
+
+    shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
+    done = sum((shards_dir / _shard_name(k)).exists() for k in range(len(shards)))
+    if done:
+        print(f"cai {STAGE}: resuming, {done}/{len(shards)} shards already done")
+    for k, shard in enumerate(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress)):
+        path = shards_dir / _shard_name(k)
+        if path.exists():
+            continue
+        t0 = time.time()
+        rows, n_tokens = generate_rows(shard, model, tok, constitution, principles, cfg, derive_seed(cfg.seed, STAGE, k))
+        save_dataset(Dataset.from_list(rows, features=_features()), path)
+        seconds = time.time() - t0
+        metrics.log(shard=k, rows=len(rows), seconds=round(seconds, 3), generated_tokens=n_tokens,
+                    tokens_per_s=round(n_tokens / max(seconds, 1e-9), 2))
+
+    # Step 6: join the shards into one dataset; the manifest is written last.
+    dataset = concatenate_datasets([load_from_disk(str(shards_dir / _shard_name(k))) for k in range(len(shards))])
+    if len(set(dataset["id"])) != len(dataset) or len(dataset) != len(items):
+        raise RuntimeError(f"{shards_dir}: shards hold {len(dataset)} rows for {len(items)} prompts; delete the folder and rerun")
+    save_dataset(dataset, out / "dataset")
+    kinds = dataset["kind"]
+    write_manifest(out, status="complete", **manifest,
+                   counts={"rows": len(dataset), "red_team": kinds.count("red_team"), "helpful": kinds.count("helpful"),
+                           "shards": len(shards), "n_revisions": cfg.n_revisions,
+                           # an empty revision keeps the previous answer as the one carried forward
+                           "empty_revisions": sum(not r.strip() for revs in dataset["revisions"] for r in revs)},
+                   timings={"total_s": round(time.time() - start, 2)})
+    print(f"cai {STAGE}: {len(dataset)} rows -> {out / 'dataset'}")
+    return out / "dataset"
+
+
+def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principles: list[CritiquePrinciple],
+                  cfg: DictConfig, seed: int) -> tuple[list[dict], int]:
+    """Rows for one shard: every prompt answered in one batched call, then each revision round's
+    critiques and revisions in one call each. Returns (rows, number of generated tokens)."""
+    gen = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
+               top_p=cfg.generation.top_p, batch_size=cfg.generation.batch_size, progress=cfg.progress)
+    few_shot = bool(cfg[STAGE].few_shot)
+    conversations = [it.messages() for it in items]
+    answers = generate(model, tok, conversations, seed=derive_seed(seed, "answer"), desc="answers", **gen)
+    n_tokens = sum(len(a.token_ids) for a in answers)
+
+    red = [i for i, it in enumerate(items) if it.kind == "red_team"]
+    latest = {i: answers[i].text for i in red}
+    drawn = {i: sample_principles(principles, cfg.n_revisions, cfg.seed, items[i].id) for i in red}
+    critiques: dict[int, list[str]] = {i: [] for i in red}
+    revisions: dict[int, list[str]] = {i: [] for i in red}
+    for r in range(cfg.n_revisions):
+        chats = [critique_messages(c, conversations[i], latest[i], drawn[i][r], r + 1, few_shot) for i in red]
+        outs = generate(model, tok, chats, seed=derive_seed(seed, "critique", r), desc=f"critiques {r + 1}", **gen)
+        for i, o in zip(red, outs):
+            critiques[i].append(o.text)
+        chats = [revision_messages(c, conversations[i], latest[i], drawn[i][r], critiques[i][-1], r + 1, few_shot) for i in red]
+        outs = generate(model, tok, chats, seed=derive_seed(seed, "revision", r), desc=f"revisions {r + 1}", **gen)
+        for i, o in zip(red, outs):
+            revisions[i].append(o.text)
+            if o.text.strip():  # an empty revision keeps the previous answer as the one to improve
+                latest[i] = o.text
+        n_tokens += sum(len(o.token_ids) for o in outs)
+
+    rows = []
+    for i, it in enumerate(items):
+        final = latest[i] if it.kind == "red_team" else answers[i].text
+        rows.append({
+            "id": it.id,
+            "prompt": it.prompt,
+            "messages": [*conversations[i], {"role": "assistant", "content": final}],
+            "initial_response": answers[i].text,
+            "critiques": critiques.get(i, []),
+            "revisions": revisions.get(i, []),
+            "principle_ids": [p.id for p in drawn[i]] if it.kind == "red_team" else [],
+            "kind": it.kind,
+        })
+    return rows, n_tokens
+
+
+FEATURES_SPEC = {
+    "id": "string", "prompt": "string", "messages": "chat", "initial_response": "string",
+    "critiques": "strings", "revisions": "strings", "principle_ids": "strings", "kind": "string",
+}
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    kinds = {"string": Value("string"), "strings": List(Value("string")),
+             "chat": List({"role": Value("string"), "content": Value("string")})}
+    return Features({name: kinds[kind] for name, kind in FEATURES_SPEC.items()})
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    not_implemented("sl_generate", issue=3)
+    run_stage(STAGE, run, cfg)
 
 
 if __name__ == "__main__":

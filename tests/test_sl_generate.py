@@ -1,0 +1,147 @@
+"""sl_generate end to end on a tiny model: rows, shards, resume after SIGKILL, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from datasets import load_from_disk
+
+from cai.constitution import load_constitution
+from cai.runio import read_manifest
+from cai.stages.sl_generate import run
+from conftest import ROOT, compose_cfg, run_module, tree_bytes
+
+TINY = ["debug=tiny", "progress=false"]
+
+
+def test_rows_show_every_round(tmp_path):
+    cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path}", "data.num_red_team=5", "data.num_helpful=3",
+                                      "n_revisions=3", "sl_generate.shard_size=3"])
+    path = run(cfg)
+    ds = load_from_disk(str(path))
+    assert len(ds) == 8 and len(set(ds["id"])) == 8
+    assert set(ds.column_names) >= {"prompt", "messages", "initial_response", "critiques", "revisions", "principle_ids", "kind"}
+    ids = {p.id for p in load_constitution(ROOT / "constitutions" / "default").critique_revision}
+    for row in ds:
+        assert row["messages"][0] == {"role": "user", "content": row["prompt"]}
+        assert row["messages"][-1]["role"] == "assistant"
+        if row["kind"] == "red_team":
+            assert len(row["critiques"]) == len(row["revisions"]) == len(row["principle_ids"]) == 3
+            assert set(row["principle_ids"]) <= ids and len(set(row["principle_ids"])) == 3
+            final = next((r for r in reversed(row["revisions"]) if r.strip()), row["initial_response"])
+            assert row["messages"][-1]["content"] == final
+        else:
+            assert row["critiques"] == row["revisions"] == row["principle_ids"] == []
+            assert row["messages"][-1]["content"] == row["initial_response"]
+    manifest = read_manifest(tmp_path / "sl_generate")
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 8 and manifest["counts"]["red_team"] == 5
+    assert len(list((tmp_path / "sl_generate" / "shards").iterdir())) == 3
+    lines = [json.loads(x) for x in (tmp_path / "sl_generate" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["shard"] for m in lines] == [0, 1, 2] and all(m["tokens_per_s"] > 0 for m in lines)
+    # same command again: nothing to do, same data
+    assert load_from_disk(str(run(cfg)))["id"] == ds["id"]
+
+
+def test_principle_subset_and_zero_rounds(tmp_path):
+    cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path}", "data.num_red_team=3", "data.num_helpful=0",
+                                      "n_revisions=1", "sl_generate.principle_ids=[privacy]"])
+    ds = load_from_disk(str(run(cfg)))
+    assert all(row["principle_ids"] == ["privacy"] for row in ds)
+    cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path / 'zero'}", "data.num_red_team=2", "data.num_helpful=0", "n_revisions=0"])
+    ds = load_from_disk(str(run(cfg)))
+    assert all(row["critiques"] == [] and row["messages"][-1]["content"] == row["initial_response"] for row in ds)
+
+
+def test_user_prompt_file_and_hh_transcripts(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in [
+        "How do I pick a lock?",
+        "\n\nHuman: first question\n\nAssistant: an answer\n\nHuman: follow-up question\n\nAssistant: another",
+    ]))
+    base = [*TINY, "data.num_red_team=2", "data.num_helpful=0", "n_revisions=1", f"data.red_team_path={f}", "data.red_team_column=text"]
+    ds = load_from_disk(str(run(compose_cfg("sl_generate", [*base, f"run_dir={tmp_path / 'a'}"]))))
+    prompts = sorted(ds["prompt"])
+    assert prompts == ["How do I pick a lock?", "first question"]
+    ds = load_from_disk(str(run(compose_cfg("sl_generate", [*base, f"run_dir={tmp_path / 'b'}", "data.hh_context=dialogue"]))))
+    row = next(r for r in ds if r["prompt"] == "follow-up question")
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+def _run_cli(tmp_path, *extra):
+    return run_module("cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", *extra)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["n_revisions=-1"], "n_revisions must be >= 0"),
+    (["data.red_team_path=EMPTY"], "file is empty"),
+    (["data.red_team_path=NOCOL"], "no column 'prompt' (columns: text)"),
+    (["sl_generate.principle_ids=[no-such-principle]"], "no critique_revision principle 'no-such-principle'"),
+    (["model.path=/does/not/exist"], "model.path='/does/not/exist': model folder does not exist"),
+    (["data.num_red_team=500"], "asked for 500 red_team prompts"),
+])
+def test_bad_input_is_one_line_and_leaves_outputs(tmp_path, extra, message):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nocol.jsonl").write_text('{"text": "hi"}\n')
+    run_dir = tmp_path / "run"
+    good = _run_cli(run_dir, "data.num_red_team=2", "data.num_helpful=1", "n_revisions=1")
+    assert good.returncode == 0, good.stderr
+    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+    extra = [e.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("NOCOL", str(tmp_path / "nocol.jsonl")) for e in extra]
+    bad = _run_cli(run_dir, "data.num_red_team=2", "data.num_helpful=1", "n_revisions=1", *extra)
+    assert bad.returncode == 1
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("cai sl_generate: ") and message in last, bad.stderr
+    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
+
+
+def test_sigkill_then_rerun_resumes(tmp_path):
+    args = [sys.executable, "-m", "cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "data.num_red_team=24",
+            "data.num_helpful=16", "n_revisions=1", "sl_generate.shard_size=2"]
+    shards = tmp_path / "sl_generate" / "shards"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if shards.exists() and len([p for p in shards.iterdir() if p.name.startswith("shard-")]) >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = len([p for p in shards.iterdir() if p.name.startswith("shard-")])
+    assert 3 <= done_before < 20 and read_manifest(tmp_path / "sl_generate")["status"] == "running"
+    first_shard = tree_bytes(shards / "shard-00000")
+
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming, {done_before}/20 shards already done" in again.stdout
+    assert tree_bytes(shards / "shard-00000") == first_shard  # finished shards are kept, not redone
+    ds = load_from_disk(str(tmp_path / "sl_generate" / "dataset"))
+    assert len(ds) == 40 and len(set(ds["id"])) == 40
+
+    # an uninterrupted run with the same seed gives the same rows
+    clean = tmp_path / "clean"
+    subprocess.run([*args[:-7], *TINY, f"run_dir={clean}", *args[-4:]], cwd=ROOT, check=True, capture_output=True)
+    assert load_from_disk(str(clean / "sl_generate" / "dataset")).to_list() == ds.to_list()
+
+
+@pytest.mark.slow
+def test_embedded_model_critiques_and_revises(tmp_path):
+    cfg = compose_cfg("sl_generate", [f"run_dir={tmp_path}", "data.num_red_team=8", "data.num_helpful=0", "n_revisions=2",
+                                      "progress=false", "generation.max_new_tokens=48"])
+    ds = load_from_disk(str(run(cfg)))
+    assert len(ds) == 8
+    distinct = 0
+    for row in ds:
+        assert len(row["critiques"]) == 2 and len(row["revisions"]) == 2 and len(row["principle_ids"]) == 2
+        texts = [row["initial_response"], row["critiques"][0], row["revisions"][0], row["critiques"][1], row["revisions"][1]]
+        assert all(t.strip() for t in texts)
+        assert len(set(texts)) > 1
+        distinct += len(set(texts)) == 5
+    # A 135M model sometimes loops and repeats itself; most rows must still change every round.
+    assert distinct >= 5, f"only {distinct}/8 rows have five distinct texts"
