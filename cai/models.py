@@ -93,17 +93,7 @@ def load_tokenizer(model_cfg: DictConfig | dict):
 
 def load_policy(model_cfg: DictConfig | dict, device: torch.device | None = None, dtype: torch.dtype | None = None):
     """``(model, tokenizer)``: a causal LM in eval mode with dropout off, on the chosen device."""
-    cfg = _as_dict(model_cfg)
-    device = device or pick_device(cfg.get("device", "auto"))
-    dtype = dtype or pick_dtype(cfg.get("dtype", "auto"), device)
-    tok = load_tokenizer(cfg)
-    if cfg["path"] == TINY_RANDOM:
-        model = tiny_model(cfg.get("tiny", {}), tok, head=False)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=dtype)
-    return _finish(model, tok, device, dtype), tok
+    return _load(model_cfg, device, dtype, head=False)
 
 
 def load_preference_model(model_cfg: DictConfig | dict, device: torch.device | None = None, dtype: torch.dtype | None = None):
@@ -112,18 +102,26 @@ def load_preference_model(model_cfg: DictConfig | dict, device: torch.device | N
     Loading a plain causal-LM checkpoint starts a fresh, randomly initialised head; loading a
     preference-model checkpoint restores its head. Score with ``preference_scores``.
     """
+    return _load(model_cfg, device, dtype, head=True)
+
+
+def _load(model_cfg: DictConfig | dict, device: torch.device | None, dtype: torch.dtype | None, head: bool):
     cfg = _as_dict(model_cfg)
     device = device or pick_device(cfg.get("device", "auto"))
     dtype = dtype or pick_dtype(cfg.get("dtype", "auto"), device)
     tok = load_tokenizer(cfg)
     if cfg["path"] == TINY_RANDOM:
-        model = tiny_model(cfg.get("tiny", {}), tok, head=True)
-    else:
+        model = tiny_model(cfg.get("tiny", {}), tok, head=head)
+    elif head:
         from transformers import AutoModelForSequenceClassification
 
         model = _from_pretrained(AutoModelForSequenceClassification, cfg, dtype=dtype, num_labels=1)
-    if not hasattr(model, "score"):
-        raise ModelLoadError(f"model.path={cfg['path']!r}: {type(model).__name__} has no `score` head; cai needs a decoder-only backbone")
+        if not hasattr(model, "score"):
+            raise ModelLoadError(f"model.path={cfg['path']!r}: {type(model).__name__} has no `score` head; cai needs a decoder-only backbone")
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = _from_pretrained(AutoModelForCausalLM, cfg, dtype=dtype)
     return _finish(model, tok, device, dtype), tok
 
 

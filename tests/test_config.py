@@ -90,3 +90,13 @@ def test_pipeline_routes_stage_overrides():
     given = ["model=tiny_random", "ppo.kl_coef=0.1", "sl_train.lr=1e-4", "stages=[ppo]", "run_dir=R"]
     assert overrides_for("ppo", given) == ["model=tiny_random", "ppo.kl_coef=0.1", "run_dir=R"]
     assert overrides_for("sl_train", given) == ["model=tiny_random", "sl_train.lr=1e-4", "run_dir=R"]
+
+
+def test_pipeline_runs_built_stages_and_stops_at_the_first_unbuilt(tmp_path):
+    result = run_module("cai.pipeline", "debug=tiny", f"run_dir={tmp_path}", "stages=[sl_generate,sl_train,ai_feedback,ppo]")
+    assert result.returncode == 1
+    assert (tmp_path / "sl_generate" / "dataset").is_dir() and (tmp_path / "sl_train" / "model").is_dir()
+    assert "stage 'ai_feedback' is not implemented yet" in result.stderr
+    assert "cai.pipeline: stage 'ai_feedback' failed" in result.stderr
+    assert not (tmp_path / "ppo").exists()
+    assert re.search(r"^sl_train\s+ok", result.stdout, re.M)

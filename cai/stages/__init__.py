@@ -26,9 +26,13 @@ def run_stage(stage: str, fn, cfg) -> None:
 
     try:
         fn(cfg)
-    except (ConstitutionError, DataError, ModelLoadError, StageInputError) as e:
+    except (ConstitutionError, DataError, ModelLoadError, StageInputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
 
 
 class StageInputError(ValueError):
     """A bad config value or a missing/incomplete upstream stage; the message names the key or folder."""
+
+
+class StageError(RuntimeError):
+    """A stage had to stop (e.g. a non-finite loss); the message says where and what survives."""

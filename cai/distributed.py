@@ -1,0 +1,191 @@
+"""The thin DeepSpeed layer every training stage shares: process-group set-up, the engine config,
+resumable checkpoints and the final ``save_pretrained`` checkpoint.
+
+Launch styles that all work (CPU uses gloo, GPU nccl):
+
+    python -m cai.stages.sl_train ...                                   # one process
+    torchrun --nproc_per_node 2 -m cai.stages.sl_train ...
+    deepspeed --no_local_rank --num_gpus 2 --module cai.stages.sl_train ...
+
+Ranks read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from the environment (never a ``--local_rank``
+argument, which Hydra would reject). A single process gets those variables filled in here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+
+from cai.runio import atomic_dir, atomic_write_json, read_manifest
+
+LATEST = "latest.json"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start (or join) the process group; returns ``(rank, world_size)``."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:  # a plain `python -m ...`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    # DeepSpeed JIT-compiles a few C++ ops on first use (about 40 s on this CPU); keep them between runs.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("CAI_CACHE_DIR", "~/.cache/cai")).expanduser() / "torch_extensions"))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(value: float) -> float:
+    return _all_reduce_sum(value, torch.float64) / _world_size()
+
+
+def sum_over_ranks(value: int) -> int:
+    return int(_all_reduce_sum(value, torch.int64))
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_reduce_sum(value: float, dtype: torch.dtype) -> float:
+    import torch.distributed as dist
+
+    if _world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.item()
+
+
+def deepspeed_config(zero: dict, *, micro_batch_size: int, grad_accum: int, lr: float, weight_decay: float,
+                     grad_clip: float, dtype: torch.dtype) -> dict:
+    """The engine config: the ``deepspeed/`` group's ZeRO block plus the stage's optimisation settings.
+
+    Adam is PyTorch's own (``torch_adam``), so nothing is compiled for it. ZeRO-Offload needs
+    DeepSpeed's CPU Adam, which is compiled on first use.
+    """
+    offload = bool(zero.get("zero_optimization", {}).get("offload_optimizer"))
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "torch_adam": not offload}},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 10**9,  # cai logs its own metrics
+        "wall_clock_breakdown": False,
+        **zero,
+    }
+    return config
+
+
+def warmup_linear_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up from 0 over ``warmup_steps``, then linear decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(engine, folder: Path, step: int, client_state: dict) -> None:
+    """A resumable checkpoint (model, optimizer, scheduler from DeepSpeed; step, data position and RNG in
+    ``client_state``). ``latest.json`` is replaced atomically only after every rank has written its part,
+    so a crash mid-save leaves the previous checkpoint as the one to resume from."""
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    barrier()
+    if is_main():
+        atomic_write_json(folder / LATEST, {"tag": tag, "step": step})
+        for old in folder.iterdir():
+            if old.is_dir() and old.name.startswith("step-") and old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_latest_checkpoint(engine, folder: Path) -> dict | None:
+    """Restore the newest complete checkpoint into ``engine``; returns its client state (or None)."""
+    latest = folder / LATEST
+    if not latest.exists():
+        return None
+    import json
+
+    tag = json.loads(latest.read_text())["tag"]
+    path, client_state = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None:
+        raise RuntimeError(f"{folder / tag}: checkpoint named in {latest} could not be loaded")
+    return client_state
+
+
+def save_final_model(engine, tokenizer, folder: Path, merge_lora: bool = False) -> None:
+    """``save_pretrained`` (safetensors) + tokenizer + chat template, written atomically by rank 0.
+
+    Under ZeRO-3 the partitioned weights are gathered first (every rank must call this).
+    """
+    zero3 = engine.zero_optimization_stage() == 3
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+    if is_main():
+        model = engine.module
+        if merge_lora:
+            model = model.merge_and_unload()
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    barrier()
+
+
+def upstream_complete(folder: Path, what: str) -> None:
+    """Refuse to read an upstream stage folder whose manifest does not say complete."""
+    from cai.stages import StageInputError
+
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise StageInputError(f"{folder}: no {what} here (no manifest.json); run that stage first")
+    if manifest.get("status") != "complete":
+        raise StageInputError(f"{folder}: the {what} stage is not complete (status {manifest.get('status')!r}); rerun it first")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

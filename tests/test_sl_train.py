@@ -1,0 +1,179 @@
+"""sl_train: tokenisation maths, end to end on a tiny model, resume after SIGKILL, 2 ranks, LoRA, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cai.models import load_tokenizer
+from cai.runio import read_manifest, read_metrics
+from cai.stages.sl_train import IGNORE, collate, epoch_order, tokenize_sft
+from conftest import ROOT, TINY, run_module, tree_bytes
+
+TINY_ARGS = ["debug=tiny", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    """A finished tiny sl_generate run to train on."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_module("cai.stages.sl_generate", *TINY_ARGS, f"run_dir={run_dir}", "data.num_red_team=5",
+                        "data.num_helpful=3", "n_revisions=1")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _fresh_run_dir(upstream, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(upstream / "sl_generate", run_dir / "sl_generate")
+    return run_dir
+
+
+def test_tokenize_sft_masks_all_but_the_reply():
+    tok = load_tokenizer(TINY)
+    chat = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    ids, labels, cut = tokenize_sft(tok, chat, 512)
+    prompt = tok(tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    reply = tok("hello", add_special_tokens=False)["input_ids"]
+    assert ids == prompt + reply + [tok.eos_token_id] and not cut
+    assert labels == [IGNORE] * len(prompt) + reply + [tok.eos_token_id]
+    # too long: the prompt loses its oldest tokens, the reply and EOS stay whole
+    ids2, labels2, cut2 = tokenize_sft(tok, chat, len(reply) + 4)
+    assert cut2 and len(ids2) == len(reply) + 4 and ids2[-len(reply) - 1:] == reply + [tok.eos_token_id]
+    assert ids2[:3] == prompt[-3:]
+    with pytest.raises(ValueError, match="end with an assistant turn"):
+        tokenize_sft(tok, chat[:1], 512)
+
+
+def test_collate_pads_right_and_masks_labels():
+    batch = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [8])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_epoch_order_is_seeded_and_wraps():
+    a = epoch_order(5, 8, seed=0, epoch=0)
+    assert a == epoch_order(5, 8, seed=0, epoch=0) != epoch_order(5, 8, seed=0, epoch=1)
+    assert sorted(a[:5]) == list(range(5)) and a[5:] == a[:3]
+
+
+def test_trains_saves_and_reloads(upstream, tmp_path):
+    run_dir = _fresh_run_dir(upstream, tmp_path)
+    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.epochs=6")
+    assert result.returncode == 0, result.stderr
+    out = run_dir / "sl_train"
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 8 and manifest["counts"]["steps"] == 24
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 25))
+    assert all({"loss", "lr", "tokens_per_s"} <= m.keys() for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5  # it learns
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in (out / "model").iterdir()}
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = load_file(str(_tiny_base(tmp_path) / "model.safetensors"))
+    changed = [k for k, v in trained.state_dict().items() if k in base and not torch.equal(v, base[k])]
+    assert len(changed) > 10
+    again = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.epochs=6")
+    assert "already complete" in again.stdout
+
+
+def _tiny_base(tmp_path):
+    from cai.models import load_policy
+
+    model, _ = load_policy(TINY)
+    model.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(upstream, tmp_path):
+    run_dir = _fresh_run_dir(upstream, tmp_path)
+    args = [sys.executable, "-m", "cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.epochs=40",
+            "sl_train.micro_batch_size=1", "sl_train.save_every=5"]
+    latest = run_dir / "sl_train" / "checkpoints" / "latest.json"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    killed_at = json.loads(latest.read_text())["step"]
+    assert killed_at < 320 and read_manifest(run_dir / "sl_train")["status"] == "running"
+
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming at step" in again.stdout
+    steps = [m["step"] for m in read_metrics(run_dir / "sl_train")]
+    assert steps == list(range(1, 321))  # the curve continues: no gap, no repeated step
+    resumed = load_file(str(run_dir / "sl_train" / "model" / "model.safetensors"))
+
+    clean = tmp_path / "clean"
+    shutil.copytree(run_dir / "sl_generate", clean / "sl_generate")
+    subprocess.run([*args[:-4], f"run_dir={clean}", *args[-3:]], cwd=ROOT, check=True, capture_output=True)
+    uninterrupted = load_file(str(clean / "sl_train" / "model" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "sl_train" / "model") is not None
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_rank_cpu_run(upstream, tmp_path, launcher):
+    run_dir = _fresh_run_dir(upstream, tmp_path)
+    bin_dir = os.path.dirname(sys.executable)
+    if launcher == "torchrun":
+        cmd = [os.path.join(bin_dir, "torchrun"), "--nproc_per_node", "2", "--master_port", "29611", "-m", "cai.stages.sl_train"]
+    else:
+        cmd = [os.path.join(bin_dir, "deepspeed"), "--no_local_rank", "--num_gpus", "2", "--master_port", "29612",
+               "--module", "cai.stages.sl_train"]
+    result = subprocess.run([*cmd, *TINY_ARGS, f"run_dir={run_dir}", "deepspeed=zero3"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = read_manifest(run_dir / "sl_train")
+    assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
+    assert manifest["counts"]["steps"] == 4  # 8 rows / (2 ranks x 2 rows) x 2 epochs
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "sl_train" / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lora_adapters_are_merged_on_save(upstream, tmp_path):
+    run_dir = _fresh_run_dir(upstream, tmp_path)
+    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}",
+                        "sl_train.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
+    assert result.returncode == 0, result.stderr
+    trained = AutoModelForCausalLM.from_pretrained(run_dir / "sl_train" / "model")
+    assert not any("lora" in k for k in trained.state_dict())
+    base = load_file(str(_tiny_base(tmp_path) / "model.safetensors"))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(trained.state_dict()[q], base[q])  # the adapter's update is in the weights
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(trained.state_dict()[k], base[k])  # modules without adapters are untouched
+
+
+def test_refuses_incomplete_upstream_and_bad_settings(upstream, tmp_path):
+    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}")
+    assert result.returncode == 1
+    assert "sl_generate: no sl_generate here (no manifest.json); run that stage first" in result.stderr.strip().splitlines()[-1]
+    run_dir = _fresh_run_dir(upstream, tmp_path)
+    manifest = json.loads((run_dir / "sl_generate" / "manifest.json").read_text())
+    manifest["status"] = "running"
+    (run_dir / "sl_generate" / "manifest.json").write_text(json.dumps(manifest))
+    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}")
+    assert result.returncode == 1 and "is not complete" in result.stderr
+    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
+    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.lr=-1")
+    assert result.returncode == 1 and "sl_train.lr must be > 0" in result.stderr
