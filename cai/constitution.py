@@ -170,7 +170,7 @@ def revision_messages(
 
 def comparison_messages(
     c: Constitution, conversation: list[dict], response_a: str, response_b: str, principle: ComparisonPrinciple,
-    kind: str = "comparison",
+    kind: str = "comparison", few_shot: bool = True,
 ) -> tuple[list[dict], str]:
     """The multiple-choice chat and the assistant-turn prefix after which the option label comes.
 
@@ -182,7 +182,7 @@ def comparison_messages(
     if kind not in ("comparison", "cot"):
         raise ValueError(f"kind must be comparison or cot, got {kind!r}")
     messages: list[dict] = []
-    for ex in c.few_shot_comparison:
+    for ex in c.few_shot_comparison if few_shot else []:
         if kind == "cot" and not ex.get("rationale"):
             continue
         shown = _render_options(ex["response_a"], ex["response_b"])

@@ -93,10 +93,12 @@ def test_pipeline_routes_stage_overrides():
 
 
 def test_pipeline_runs_built_stages_and_stops_at_the_first_unbuilt(tmp_path):
-    result = run_module("cai.pipeline", "debug=tiny", f"run_dir={tmp_path}", "stages=[sl_generate,sl_train,ai_feedback,ppo]")
+    result = run_module("cai.pipeline", "debug=tiny", f"run_dir={tmp_path}",
+                        "stages=[sl_generate,sl_train,ai_feedback,pm_pretrain,ppo]")
     assert result.returncode == 1
-    assert (tmp_path / "sl_generate" / "dataset").is_dir() and (tmp_path / "sl_train" / "model").is_dir()
-    assert "stage 'ai_feedback' is not implemented yet" in result.stderr
-    assert "cai.pipeline: stage 'ai_feedback' failed" in result.stderr
+    for built in ("sl_generate/dataset", "sl_train/model", "ai_feedback/dataset"):
+        assert (tmp_path / built).is_dir()
+    assert "stage 'pm_pretrain' is not implemented yet" in result.stderr
+    assert "cai.pipeline: stage 'pm_pretrain' failed" in result.stderr
     assert not (tmp_path / "ppo").exists()
-    assert re.search(r"^sl_train\s+ok", result.stdout, re.M)
+    assert re.search(r"^ai_feedback\s+ok", result.stdout, re.M)

@@ -1,17 +1,178 @@
-"""AI feedback: principle-sampled pairwise comparisons with soft labels (DESIGN.md §1.3).
+"""AI feedback: two sampled responses per prompt, principle-sampled multiple-choice comparison, soft labels.
 
-Not implemented yet: issue #4. The configuration (conf/ai_feedback.yaml) already composes.
+    python -m cai.stages.ai_feedback run_dir=R [ai_feedback.n_principles=4] [ai_feedback.cot=true]
+
+The policy (``${run_dir}/sl_train/model`` when that stage is complete, else ``model``) samples two
+responses to each red-team prompt (the ones after those SL used). The labeler (``model``: the base
+helpful model) then sees the pair under ``n_principles`` comparison principles, each in both orders,
+and its next-token probabilities of "A" vs "B" after the answer cue — one prefill, no decoding — give
+P(first shown is better). Orders are averaged (the labeler's position bias cancels), principles
+ensembled (mean). With ``cot`` the labeler first writes a rationale; those probabilities are clamped
+to ``cot_clamp`` (DESIGN.md §1.3).
+
+Writes ``${run_dir}/ai_feedback/``: ``shards/``, ``dataset/`` (TRL's conversational preference format
+``prompt``/``chosen``/``rejected`` plus ``p_chosen``, ``p_order_ab``, ``p_order_ba``, ``principle_ids``,
+``rationale``, ``response_a``, ``response_b``, ``id``), ``manifest.json``, ``metrics.jsonl``.
+``p_order_ab[i]`` is P(response_a better) under principle i with response_a shown as (A);
+``p_order_ba[i]`` the same with response_a shown as (B). Pairs whose two responses are identical carry
+no preference and are skipped (counted in the manifest). Resumable like sl_generate.
 """
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
-from cai.stages import CONFIG_PATH, not_implemented
+from cai.constitution import load_constitution, resolve_constitution_dir
+from cai.data import load_prompts
+from cai.feedback import Pair, judge_pairs
+from cai.generation import derive_seed, generate
+from cai.runio import MetricsWriter, atomic_write_json, config_hash, is_complete, read_manifest, read_metrics, save_dataset, stage_dir, write_manifest
+from cai.stages import CONFIG_PATH, StageError, StageInputError, run_stage
+
+STAGE = "ai_feedback"
+HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="ai_feedback", version_base=None)
+def run(cfg: DictConfig) -> Path:
+    start = time.time()
+    s = cfg[STAGE]
+
+    # Step 1: check the inputs before touching the run directory.
+    if s.n_principles < 1:
+        raise StageInputError(f"{STAGE}.n_principles must be >= 1, got {s.n_principles}")
+    if not 0.0 <= s.cot_clamp[0] <= s.cot_clamp[1] <= 1.0:
+        raise StageInputError(f"{STAGE}.cot_clamp must be [low, high] within [0, 1], got {list(s.cot_clamp)}")
+    if s.shard_size < 1 or s.num_prompts < 1:
+        raise StageInputError(f"{STAGE}.num_prompts and {STAGE}.shard_size must be >= 1")
+    constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+    principles = constitution.comparison
+    if s.principle_ids is not None:
+        principles = [constitution.comparison_principle(pid) for pid in s.principle_ids]
+    # The prompts after the ones sl_generate used, so RL-CAI data does not repeat SL-CAI prompts.
+    used_by_sl = cfg.data.num_red_team
+    items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", used_by_sl + s.num_prompts,
+                         cfg.seed, cfg.data.hh_context, key=f"data.num_red_team + {STAGE}.num_prompts")[used_by_sl:]
+
+    # Step 2: which policy samples the responses: the SL-CAI model when it exists.
+    sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
+    policy_path = str(sl_model) if is_complete(sl_model.parent) and sl_model.is_dir() else None
+    out = stage_dir(cfg.run_dir, STAGE)
+    shards_dir = out / "shards"
+    fingerprint = config_hash(cfg, HASH_KEYS)
+    upstream = read_manifest(sl_model.parent) if policy_path else None
+    policy_fingerprint = upstream.get("config_hash") if upstream else "base"
+    previous = read_manifest(out)
+    same = bool(previous) and all(previous.get(k) == v for k, v in (
+        ("config_hash", fingerprint), ("constitution_hash", constitution.hash), ("policy_fingerprint", policy_fingerprint)))
+    if same and previous["status"] == "complete" and (out / "dataset").exists():
+        print(f"cai {STAGE}: already complete in {out} (same config, constitution and policy); nothing to do")
+        return out / "dataset"
+
+    # Step 3: the models (before touching the run directory).
+    from cai.models import load_policy
+
+    labeler, tok = load_policy(cfg.model)
+    policy, policy_tok = (labeler, tok) if policy_path is None else load_policy({**cfg.model, "path": policy_path})
+
+    # Step 4: resume or start over, as in sl_generate.
+    if not same and shards_dir.exists():
+        shutil.rmtree(shards_dir)
+    manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
+                    policy=policy_path or f"model.path={cfg.model.path}", policy_fingerprint=policy_fingerprint)
+    write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
+    metrics = MetricsWriter(out)
+
+    # Step 5: shard by shard: sample pairs, judge them, save.
+    from datasets import Dataset, concatenate_datasets, load_from_disk
+
+    shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
+    for k, shard in enumerate(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress)):
+        path = shards_dir / f"shard-{k:05d}"
+        if path.exists() or _empty_marker(path).exists():
+            continue
+        t0 = time.time()
+        conversations = [it.messages() for it in shard for _ in range(2)]  # each prompt twice: a pair
+        outs = generate(policy, policy_tok, conversations, max_new_tokens=cfg.generation.max_new_tokens,
+                        temperature=s.temperature, top_p=cfg.generation.top_p, batch_size=cfg.generation.batch_size,
+                        seed=derive_seed(cfg.seed, STAGE, k), progress=cfg.progress, desc="responses")
+        pairs = [Pair(it.id, it.messages(), outs[2 * j].text, outs[2 * j + 1].text) for j, it in enumerate(shard)]
+        kept = [p for p in pairs if p.response_a.strip() != p.response_b.strip()]
+        judgements = judge_pairs(labeler, tok, constitution, kept, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot,
+                                 cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
+                                 batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
+        rows = [preference_row(p, j) for p, j in zip(kept, judgements)]
+        if rows:
+            save_dataset(Dataset.from_list(rows, features=_features()), path)
+        else:  # every pair identical: datasets cannot reload an empty save, so mark the shard done instead
+            atomic_write_json(_empty_marker(path), {"rows": 0})
+        seconds = time.time() - t0
+        metrics.log(shard=k, pairs=len(rows), skipped_identical=len(pairs) - len(kept), seconds=round(seconds, 3),
+                    comparisons_per_s=round(2 * s.n_principles * len(rows) / max(seconds, 1e-9), 3))
+
+    # Step 6: join the shards; the manifest is written last.
+    parts = [load_from_disk(str(p)) for k in range(len(shards)) if (p := shards_dir / f"shard-{k:05d}").exists()]
+    if not parts:
+        raise StageError(f"all {len(items)} response pairs were identical: nothing to label "
+                         f"(sample more diversely: {STAGE}.temperature, generation.top_p)")
+    dataset = concatenate_datasets(parts)
+    skipped = {m["shard"]: m["skipped_identical"] for m in read_metrics(out) if "skipped_identical" in m}
+    if len(set(dataset["id"])) != len(dataset) or len(dataset) + sum(skipped.values()) != len(items):
+        raise RuntimeError(f"{shards_dir}: shards do not add up to {len(items)} prompts; delete the folder and rerun")
+    save_dataset(dataset, out / "dataset")
+    confident = [max(p, 1 - p) for p in dataset["p_chosen"]]
+    write_manifest(out, status="complete", **manifest,
+                   counts={"pairs": len(dataset), "skipped_identical_responses": sum(skipped.values()), "shards": len(shards)},
+                   timings={"total_s": round(time.time() - start, 2)},
+                   summary={"mean_p_chosen": round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4),
+                            "mean_confidence": round(sum(confident) / max(len(confident), 1), 4)})
+    print(f"cai {STAGE}: {len(dataset)} labeled pairs -> {out / 'dataset'}")
+    return out / "dataset"
+
+
+def preference_row(pair: Pair, judgement) -> dict:
+    """One TRL conversational preference row with the labeler's evidence."""
+    a_better = judgement.p_a >= 0.5
+    chosen, rejected = (pair.response_a, pair.response_b) if a_better else (pair.response_b, pair.response_a)
+    return {
+        "id": pair.key,
+        "prompt": pair.conversation,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": judgement.p_a if a_better else 1.0 - judgement.p_a,
+        "p_order_ab": judgement.p_order_ab,
+        "p_order_ba": judgement.p_order_ba,
+        "principle_ids": judgement.principle_ids,
+        "rationale": judgement.rationales,
+        "response_a": pair.response_a,
+        "response_b": pair.response_b,
+    }
+
+
+def _empty_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".empty.json")
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    chat = List({"role": Value("string"), "content": Value("string")})
+    return Features({
+        "id": Value("string"), "prompt": chat, "chosen": chat, "rejected": chat, "p_chosen": Value("float64"),
+        "p_order_ab": List(Value("float64")), "p_order_ba": List(Value("float64")),
+        "principle_ids": List(Value("string")), "rationale": List(Value("string")),
+        "response_a": Value("string"), "response_b": Value("string"),
+    })
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    not_implemented("ai_feedback", issue=4)
+    run_stage(STAGE, run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""ai_feedback and label_alignment end to end on tiny models; TRL can train on the output unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from cai.constitution import load_constitution
+from cai.runio import read_manifest
+from cai.stages.ai_feedback import run as run_feedback
+from cai.stages.label_alignment import read_human_pairs
+from cai.stages.label_alignment import run as run_alignment
+from conftest import ROOT, compose_cfg, run_module
+
+TINY = ["debug=tiny", "progress=false"]
+COMPARISON_IDS = {p.id for p in load_constitution(ROOT / "constitutions" / "default").comparison}
+
+
+@pytest.fixture(scope="module")
+def feedback(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg("ai_feedback", [*TINY, f"run_dir={run_dir}", "ai_feedback.n_principles=2", "ai_feedback.num_prompts=5"])
+    return run_dir, load_from_disk(str(run_feedback(cfg)))
+
+
+def test_rows_carry_soft_labels_and_evidence(feedback):
+    run_dir, ds = feedback
+    assert len(ds) == 5 and len(set(ds["id"])) == 5
+    for row in ds:
+        assert row["prompt"][-1]["role"] == "user"
+        assert row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+        assert {row["chosen"][0]["content"], row["rejected"][0]["content"]} == {row["response_a"], row["response_b"]}
+        assert 0.5 <= row["p_chosen"] <= 1.0
+        assert len(row["p_order_ab"]) == len(row["p_order_ba"]) == len(row["principle_ids"]) == 2
+        assert set(row["principle_ids"]) <= COMPARISON_IDS and row["rationale"] == []
+        p_a = sum((x + y) / 2 for x, y in zip(row["p_order_ab"], row["p_order_ba"])) / 2
+        expected_chosen = row["response_a"] if p_a >= 0.5 else row["response_b"]
+        assert row["chosen"][0]["content"] == expected_chosen
+        assert row["p_chosen"] == pytest.approx(max(p_a, 1 - p_a))
+    manifest = read_manifest(run_dir / "ai_feedback")
+    assert manifest["status"] == "complete" and manifest["counts"]["pairs"] == 5 and manifest["policy"].startswith("model.path=")
+
+
+def test_prompts_differ_from_the_sl_ones(feedback, tmp_path):
+    _, ds = feedback
+    sl = run_module("cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "n_revisions=0", "data.num_helpful=0")
+    assert sl.returncode == 0, sl.stderr
+    assert not set(load_from_disk(str(tmp_path / "sl_generate" / "dataset"))["prompt"]) & {r["prompt"][0]["content"] for r in ds}
+
+
+def test_trl_reward_trainer_takes_the_output_unchanged(feedback, tmp_path):
+    from trl import RewardConfig, RewardTrainer
+
+    from cai.models import load_preference_model
+    from conftest import TINY as TINY_MODEL
+
+    _, ds = feedback
+    model, tok = load_preference_model(TINY_MODEL)
+    tok.padding_side = "right"
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                        use_cpu=True, max_length=256, save_strategy="no", disable_tqdm=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    assert {"chosen_ids", "rejected_ids"} <= set(trainer.train_dataset.column_names)
+    assert trainer.train().training_loss > 0
+
+
+def test_identical_pairs_are_skipped_and_counted(tmp_path):
+    # greedy sampling gives identical pairs: every one is skipped, and a run with nothing left says so
+    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", "ai_feedback.temperature=0",
+                        "ai_feedback.num_prompts=3")
+    assert result.returncode == 1
+    assert "all 3 response pairs were identical: nothing to label" in result.stderr.strip().splitlines()[-1]
+    assert [json.loads(x)["skipped_identical"] for x in (tmp_path / "ai_feedback" / "metrics.jsonl").read_text().splitlines()] == [2, 1]
+
+
+def test_uses_the_sl_model_when_it_exists(tmp_path):
+    for stage in ("sl_generate", "sl_train"):
+        result = run_module(f"cai.stages.{stage}", *TINY, f"run_dir={tmp_path}", "n_revisions=1")
+        assert result.returncode == 0, result.stderr
+    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", "ai_feedback.num_prompts=2")
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(tmp_path / "ai_feedback")["policy"] == str(tmp_path / "sl_train" / "model")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["ai_feedback.n_principles=0"], "ai_feedback.n_principles must be >= 1"),
+    (["ai_feedback.principle_ids=[nope]"], "no comparison principle 'nope'"),
+    (["ai_feedback.cot_clamp=[0.7,0.2]"], "cot_clamp must be [low, high]"),
+])
+def test_bad_settings(tmp_path, extra, message):
+    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", *extra)
+    assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "ai_feedback" / "manifest.json").exists()
+
+
+def test_template_without_options_is_refused(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "constitutions" / "default", tmp_path / "c")
+    (tmp_path / "c" / "comparison.j2").write_text("{{ principle.text }}\n")
+    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", f"constitution.path={tmp_path / 'c'}")
+    assert result.returncode == 1 and "comparison.j2:1: the comparison template must use {{ options }}" in result.stderr
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reads_hh_and_own_format_and_counts_skips(tmp_path):
+    hh = _write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+        {"chosen": "\n\nHuman: only a question", "rejected": "\n\nHuman: only a question"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: same", "rejected": "\n\nHuman: q\n\nAssistant: same"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"},
+    ])
+    pairs, skipped = read_human_pairs(hh)
+    assert [(p.response_a, p.response_b) for p in pairs] == [("hello there", "go away"), ("good", "bad")]
+    assert [m["role"] for m in pairs[1].conversation] == ["user", "assistant", "user"]
+    assert skipped == {"no_assistant_turn": 1, "identical_responses": 1}
+    own = _write_jsonl(tmp_path / "own.jsonl", [{"prompt": [{"role": "user", "content": "q"}],
+                                                 "chosen": [{"role": "assistant", "content": "x"}],
+                                                 "rejected": [{"role": "assistant", "content": "y"}]}])
+    assert read_human_pairs(own)[0][0].response_a == "x"
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}])
+    result = run_module("cai.stages.label_alignment", *TINY, f"run_dir={tmp_path}", f"pairs={bad}")
+    assert result.returncode == 1 and f"{bad}:1: needs 'chosen' and 'rejected'" in result.stderr
+
+
+def test_label_alignment_on_hh_rlhf(shared_data, tmp_path):
+    cfg = compose_cfg("label_alignment", [*TINY, f"run_dir={tmp_path}", "limit=12", "ai_feedback.n_principles=2",
+                                          f"pairs={shared_data / 'hh-rlhf' / 'harmless-base-test-first300.jsonl'}"])
+    metrics = run_alignment(cfg)
+    saved = json.loads((tmp_path / "label_alignment" / "metrics.json").read_text())
+    assert saved["n"] == 12 and {"alignment", "position_bias_rate", "flip_rate", "mean_confidence"} <= saved.keys()
+    assert 0 <= saved["alignment"] <= 1 and saved["per_principle"]
+    assert metrics["alignment"] == saved["alignment"]
+
+
+@pytest.mark.slow
+def test_label_alignment_with_the_embedded_labeler(shared_data, tmp_path):
+    result = run_module("cai.stages.label_alignment", f"run_dir={tmp_path}", "limit=16", "progress=false",
+                        f"pairs={shared_data / 'hh-rlhf' / 'harmless-base-test-first300.jsonl'}")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "label_alignment" / "metrics.json").read_text())
+    assert metrics["n"] == 16 and 0 <= metrics["position_bias_rate"] <= 1 and "all pairs" in result.stdout

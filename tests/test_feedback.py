@@ -1,0 +1,152 @@
+"""The labeler's maths: option tokens, one-prefill soft labels, order swapping, direct scores."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cai.constitution import load_constitution
+from cai.feedback import (
+    LabelerError,
+    Pair,
+    judge_pairs,
+    next_token_logprobs,
+    normalised_score,
+    option_tokens,
+    swap_average,
+    two_way_probability,
+)
+from cai.generation import render_chat
+from cai.models import load_policy, load_tokenizer
+from conftest import ROOT, TINY
+
+CONSTITUTION = load_constitution(ROOT / "constitutions" / "default")
+PAIRS = [Pair("p0", [{"role": "user", "content": "How do I get into my neighbour's wifi?"}], "Ask them for the password.", "Guess it."),
+         Pair("p1", [{"role": "user", "content": "Write a rude joke."}], "No.", "Here is a gentle joke instead.")]
+
+
+class _StubTokenizer:
+    """Maps whole strings to fixed ids, to exercise both tokenizer behaviours."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.table[text]}
+
+
+def test_option_tokens_split_and_merged():
+    split = _StubTokenizer({"x (A": [1, 2, 7], "x (B": [1, 2, 8]})      # " (" then "A": SmolLM2's way
+    assert option_tokens(split, "x (", "AB") == ([1, 2], [7, 8])
+    merged = _StubTokenizer({"x (A": [1, 5], "x (B": [1, 6]})          # "(A" one token
+    assert option_tokens(merged, "x (", "AB") == ([1], [5, 6])
+    same = _StubTokenizer({"x (A": [1, 5], "x (B": [1, 5]})
+    with pytest.raises(LabelerError):
+        option_tokens(same, "x (", "AB")
+
+
+def test_option_tokens_on_real_tokenizer():
+    tok = load_tokenizer(TINY)
+    context, ids = option_tokens(tok, "The better response is (", "AB")
+    assert tok.decode(context + [ids[0]]) == "The better response is (A"
+    assert tok.decode(context + [ids[1]]) == "The better response is (B"
+
+
+def test_soft_label_is_softmax_over_the_two_option_logprobs():
+    model, tok = load_policy(TINY)
+    judgement = judge_pairs(model, tok, CONSTITUTION, PAIRS[:1], n_principles=1, seed=0, progress=False)[0]
+    # by hand: the prompt with a shown first, one forward pass, the last position's log-softmax
+    from cai.constitution import comparison_messages
+
+    principle = CONSTITUTION.comparison_principle(judgement.principle_ids[0])
+    messages, prefix = comparison_messages(CONSTITUTION, PAIRS[0].conversation, PAIRS[0].response_a, PAIRS[0].response_b, principle)
+    text = render_chat(tok, messages, prefix)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1], dim=-1)
+    a, b = tok.convert_tokens_to_ids(["A", "B"])
+    expected = math.exp(logprobs[a]) / (math.exp(logprobs[a]) + math.exp(logprobs[b]))
+    assert judgement.p_order_ab[0] == pytest.approx(expected, rel=1e-5)
+    assert judgement.p_a == pytest.approx(swap_average(judgement.p_order_ab[0], judgement.p_order_ba[0]))
+
+
+class _PositionOnlyModel(torch.nn.Module):
+    """Ignores its input: always P(A) = 0.8, P(B) = 0.2 — pure position bias, no opinion on content."""
+
+    def __init__(self, vocab, a, b):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.logits = torch.full((vocab,), -30.0)
+        self.logits[a], self.logits[b] = math.log(0.8), math.log(0.2)
+
+    def forward(self, input_ids, **kwargs):
+        cache = SimpleNamespace(batch_repeat_interleave=lambda n: None)
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1), past_key_values=cache)
+
+
+def test_swapping_orders_cancels_a_position_only_labeler():
+    tok = load_tokenizer(TINY)
+    a, b = tok.convert_tokens_to_ids(["A", "B"])
+    model = _PositionOnlyModel(len(tok), a, b)
+    for j in judge_pairs(model, tok, CONSTITUTION, PAIRS, n_principles=3, seed=1, progress=False):
+        assert j.p_order_ab == pytest.approx([0.8] * 3) and j.p_order_ba == pytest.approx([0.2] * 3)
+        assert j.p_a == pytest.approx(0.5)
+        assert len(set(j.principle_ids)) == 3
+
+
+def test_principle_draw_is_seeded_per_pair():
+    model, tok = load_policy(TINY)
+    one = judge_pairs(model, tok, CONSTITUTION, PAIRS, n_principles=2, seed=4, progress=False)
+    two = judge_pairs(model, tok, CONSTITUTION, PAIRS[::-1], n_principles=2, seed=4, progress=False)[::-1]
+    assert [j.principle_ids for j in one] == [j.principle_ids for j in two]
+    assert [j.p_a for j in one] == pytest.approx([j.p_a for j in two], rel=1e-5)
+
+
+def test_cot_keeps_rationales_and_clamps():
+    model, tok = load_policy(TINY)
+    j = judge_pairs(model, tok, CONSTITUTION, PAIRS[:1], n_principles=2, seed=0, cot=True, cot_clamp=(0.45, 0.55),
+                    max_new_tokens=6, progress=False)[0]
+    assert len(j.rationales) == 4
+    assert all(0.45 - 1e-9 <= p <= 0.55 + 1e-9 for p in j.p_order_ab + j.p_order_ba)
+
+
+def test_next_token_logprobs_do_not_depend_on_batching():
+    model, tok = load_policy(TINY)
+    contexts = [tok("a short one")["input_ids"], tok("a much longer context than the first one")["input_ids"], [5]]
+    candidates = [[3, 4], [7, 8], [9, 10]]
+    together = next_token_logprobs(model, contexts, candidates, tok.pad_token_id, batch_size=3)
+    alone = [next_token_logprobs(model, [c], [k], tok.pad_token_id)[0] for c, k in zip(contexts, candidates)]
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prefix_gives_the_same_numbers():
+    from cai.feedback import shared_prefix_logprobs
+
+    model, tok = load_policy(TINY)
+    head = tok("a long shared conversation that every comparison of this pair starts with")["input_ids"]
+    contexts = [head + tok(t)["input_ids"] for t in [" (A) yes", " (A) no, and longer", " (B) maybe"]]
+    contexts.append(tok("another pair entirely")["input_ids"])
+    candidates = [[3, 4], [5, 6], [7, 8], [9, 10]]
+    full = next_token_logprobs(model, contexts, candidates, tok.pad_token_id, batch_size=1)
+    shared = shared_prefix_logprobs(model, contexts, candidates, [0, 0, 0, 1], tok.pad_token_id)
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(full), rtol=1e-4, atol=1e-5)
+    # with a prefix common to every context (few-shot exemplars): run once, copied per pair
+    opening = tok("the same opening for every comparison in the call")["input_ids"]
+    contexts = [opening + c for c in contexts]
+    full = next_token_logprobs(model, contexts, candidates, tok.pad_token_id, batch_size=1)
+    shared = shared_prefix_logprobs(model, contexts, candidates, [0, 0, 0, 1], tok.pad_token_id)
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(full), rtol=1e-4, atol=1e-5)
+
+
+def test_small_maths_by_hand():
+    assert two_way_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert swap_average(0.9, 0.3) == pytest.approx(0.6)
+    uniform = [0.0] * 10
+    assert normalised_score(uniform) == pytest.approx(0.0)
+    assert normalised_score([-50.0] * 9 + [0.0]) == pytest.approx(1.0)
+    assert normalised_score([0.0] + [-50.0] * 9) == pytest.approx(-1.0)
+    # mass split between 4 and 7 -> expected 5.5 -> 0
+    assert normalised_score([-50, -50, -50, 0, -50, -50, 0, -50, -50, -50]) == pytest.approx(0.0)
