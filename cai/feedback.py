@@ -224,3 +224,68 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
         judgements.append(Judgement(p_a, ab, ba, [p.id for p in chosen_principles], why))
     return judgements
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct RLAIF: the labeler rates one response 1..10
+# ---------------------------------------------------------------------------------------------
+
+SCORES = tuple(str(k) for k in range(1, 11))
+
+
+def score_logprobs(model, tok, texts: Sequence[str], batch_size: int = 8) -> list[list[float]]:
+    """log P(score) for the scores "1".."10" written right after each text.
+
+    Scores whose first token is unique are read from one prefill. Tokenizers that split digits (SmolLM2)
+    make "10" = "1" + "0": then log P("10") = log P("1") + log P("0" | "1") and log P("1") is "1" *not*
+    followed by another digit, log P("1") + log(1 − P(digit | "1")) — a second prefill of the context
+    plus "1". Multi-token scores longer than two tokens are refused.
+    """
+    plans, contexts, candidates = [], [], []
+    for text in texts:
+        encoded = [tok(text + s, add_special_tokens=False)["input_ids"] for s in SCORES]
+        n = _common_prefix_length(encoded)
+        context, firsts = encoded[0][:n], [e[n] for e in encoded]
+        rests = [e[n + 1:] for e in encoded]
+        if any(len(r) > 1 for r in rests):
+            raise LabelerError(f"a score is more than two tokens after {text[-30:]!r}; cannot read it from log-probs")
+        extended = sorted({f for f, r in zip(firsts, rests) if r})  # first tokens that some score continues
+        digits = sorted(set(firsts) | {r[0] for r in rests if r})
+        plans.append((len(contexts), firsts, rests, extended, digits))
+        contexts.append(context)
+        candidates.append(digits)
+        for f in extended:
+            contexts.append(context + [f])
+            candidates.append(digits)
+    logprobs = next_token_logprobs(model, contexts, candidates, tok.pad_token_id, batch_size=batch_size)
+    results = []
+    for start, firsts, rests, extended, digits in plans:
+        first_lp = dict(zip(digits, logprobs[start]))
+        after = {f: dict(zip(digits, logprobs[start + 1 + j])) for j, f in enumerate(extended)}
+        row = []
+        for first, rest in zip(firsts, rests):
+            lp = first_lp[first]
+            if rest:
+                lp += after[first][rest[0]]
+            elif first in after:  # the score ends here: the next token is not one of the digits
+                p_digit = sum(math.exp(v) for v in after[first].values())
+                lp += math.log(max(1.0 - p_digit, 1e-12))
+            row.append(lp)
+        results.append(row)
+    return results
+
+
+def direct_scores(model, tok, constitution, items: Sequence[tuple[str, list[dict], str]], *, seed: int,
+                  principles=None, batch_size: int = 8) -> list[float]:
+    """Direct RLAIF reward for each ``(key, conversation, response)``: a comparison principle drawn per
+    key (seeded), the constitution's score template, then the expected 1..10 score in [-1, 1]."""
+    from cai.constitution import sample_principles, score_messages
+    from cai.generation import render_chat
+
+    pool = principles if principles is not None else constitution.comparison
+    texts = []
+    for key, conversation, response in items:
+        principle = sample_principles(pool, 1, seed, key)[0]
+        messages, prefix = score_messages(constitution, conversation, response, principle)
+        texts.append(render_chat(tok, messages, prefix))
+    return [normalised_score(lp) for lp in score_logprobs(model, tok, texts, batch_size=batch_size)]

@@ -150,3 +150,57 @@ def test_small_maths_by_hand():
     assert normalised_score([0.0] + [-50.0] * 9) == pytest.approx(-1.0)
     # mass split between 4 and 7 -> expected 5.5 -> 0
     assert normalised_score([-50, -50, -50, 0, -50, -50, 0, -50, -50, -50]) == pytest.approx(0.0)
+
+
+class _DigitTokenizer:
+    """Splits digits like SmolLM2: "10" -> "1", "0". Ids: text-prefix 1, digits 10..19."""
+
+    def __call__(self, text, add_special_tokens=False):
+        body, digits = text.rstrip("0123456789"), text[len(text.rstrip("0123456789")):]
+        return {"input_ids": [1] * len(body) + [10 + int(d) for d in digits]}
+
+    pad_token_id = 0
+
+
+class _FixedNextToken(torch.nn.Module):
+    """Next-token distribution depends only on the last token: after "1" (id 11) it prefers "0"."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        logits = torch.full((*input_ids.shape, 30), -5.0)
+        logits[..., 11] = 0.0                                      # after the cue: "1" most likely
+        logits[..., 17] = -1.0                                     # then "7"
+        after_one = (input_ids == 11).unsqueeze(-1)
+        one_row = torch.full((30,), -5.0)
+        one_row[10] = 1.0                                          # after "1": "0" likely -> "10"
+        return SimpleNamespace(logits=torch.where(after_one, one_row, logits))
+
+
+def test_score_logprobs_with_split_digits():
+    from cai.feedback import score_logprobs
+
+    lp = score_logprobs(_FixedNextToken(), _DigitTokenizer(), ["Rating: "])[0]
+    first = torch.full((30,), -5.0)
+    first[11], first[17] = 0.0, -1.0
+    first = torch.log_softmax(first, 0)
+    after_one = torch.full((30,), -5.0)
+    after_one[10] = 1.0
+    after_one = torch.log_softmax(after_one, 0)
+    p_digit = float(after_one[10:20].exp().sum())
+    assert len(lp) == 10
+    assert lp[9] == pytest.approx(float(first[11] + after_one[10]))      # "10" = "1" then "0"
+    assert lp[6] == pytest.approx(float(first[17]))                      # "7"
+    assert lp[0] == pytest.approx(float(first[11]) + math.log(1 - p_digit))  # "1" not followed by a digit
+
+
+def test_direct_scores_on_a_tiny_model():
+    from cai.feedback import direct_scores
+
+    model, tok = load_policy(TINY)
+    items = [(p.key, p.conversation, p.response_a) for p in PAIRS]
+    scores = direct_scores(model, tok, CONSTITUTION, items, seed=0)
+    assert len(scores) == 2 and all(-1.0 <= s <= 1.0 for s in scores)
+    assert scores == direct_scores(model, tok, CONSTITUTION, items, seed=0)
