@@ -129,7 +129,7 @@ class Constitution:
         assert self._env is not None
         try:
             return self._env.get_template(filename).render(**variables).strip()
-        except (jinja2.TemplateError, SecurityError, TypeError, ValueError) as e:
+        except Exception as e:  # a template is user code: any error it raises is reported at its line
             where, line = _template_error_location(e, self.path, filename)
             raise ConstitutionError(Problem(where, line, _describe_jinja_error(e))) from None
 
@@ -177,7 +177,8 @@ def comparison_messages(
     Returns ``(messages, assistant_prefix)``: the model sees ``messages`` with the generation prompt,
     then ``assistant_prefix`` (e.g. "The better response is ("), and the next token is read.
     ``kind="cot"`` uses the chain-of-thought template; its prefix opens the reasoning instead.
-    Few-shot exemplars alternate which position holds the better answer, so they teach no position.
+    Few-shot exemplars are shown as stored (``answer`` says which position is better); a constitution
+    should balance A and B answers across them so they teach no position.
     """
     if kind not in ("comparison", "cot"):
         raise ValueError(f"kind must be comparison or cot, got {kind!r}")

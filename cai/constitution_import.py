@@ -37,6 +37,8 @@ def import_constitution(source: str | Path, fmt: str, out: str | Path) -> list[s
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise ImportFormatError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if out.exists() and not out.is_dir():
+        raise ImportFormatError(f"{out}: output path exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise ImportFormatError(f"{out}: output folder exists and is not empty; choose another -o or remove it")
     default = load_constitution(resolve_constitution_dir(DEFAULT_CONSTITUTION))
@@ -186,12 +188,14 @@ def _from_hf(file: Path, notes: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def _read_json(path: Path, expected: type):
-    if not path.exists():
-        raise ImportFormatError(f"{path}: file not found")
+    if not path.is_file():
+        raise ImportFormatError(f"{path}: file not found (or not a file)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ImportFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImportFormatError(f"{path}: cannot be read as UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(data, expected):
         raise ImportFormatError(f"{path}: expected a JSON {expected.__name__}, found {type(data).__name__}")
     return data

@@ -192,6 +192,10 @@ def test_import_hf(shared_data, tmp_path, capsys):
     assert len(c.critique_revision) == 16 and c.comparison == load_constitution(DEFAULT).comparison
     assert "comparison principles copied" in (out / "principles.yaml").read_text()
     assert cli(["constitution", "render", str(out), "--kind", "critique"]) == 0
+    (tmp_path / "a_file").write_text("x")
+    assert cli(["constitution", "import", str(shared_data / "hf-llm-swarm-constitutions" / "constitution_grok.json"),
+                "--format", "hf", "-o", str(tmp_path / "a_file")]) == 1
+    assert cli(["constitution", "import", str(shared_data / "hf-llm-swarm-constitutions"), "--format", "hf", "-o", str(tmp_path / "x")]) == 1
     # refuses to overwrite
     assert cli(["constitution", "import", str(shared_data / "hf-llm-swarm-constitutions" / "constitution_grok.json"),
                 "--format", "hf", "-o", str(out)]) == 1

@@ -27,6 +27,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 2})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert (tmp_path / "a.json").stat().st_mode & 0o044  # readable by others, like any file (mkstemp makes 0600)
 
 
 def test_atomic_dir_keeps_previous_version_on_crash(tmp_path):

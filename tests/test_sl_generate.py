@@ -84,6 +84,8 @@ def _run_cli(tmp_path, *extra):
     (["sl_generate.principle_ids=[no-such-principle]"], "no critique_revision principle 'no-such-principle'"),
     (["model.path=/does/not/exist"], "model.path='/does/not/exist': model folder does not exist"),
     (["data.num_red_team=500"], "asked for 500 red_team prompts"),
+    (["generation.batch_size=0"], "generation.batch_size and generation.max_new_tokens must be >= 1"),
+    (["sl_generate.principle_ids=[]"], "sl_generate.principle_ids is empty"),
 ])
 def test_bad_input_is_one_line_and_leaves_outputs(tmp_path, extra, message):
     (tmp_path / "empty.jsonl").write_text("")

@@ -51,6 +51,8 @@ def test_tokenize_sft_masks_all_but_the_reply():
     ids2, labels2, cut2 = tokenize_sft(tok, chat, len(reply) + 4)
     assert cut2 and len(ids2) == len(reply) + 4 and ids2[-len(reply) - 1:] == reply + [tok.eos_token_id]
     assert ids2[:3] == prompt[-3:]
+    ids3, labels3, _ = tokenize_sft(tok, chat, 512, add_eos=False)  # a reply cut off at max_new_tokens
+    assert ids3 == prompt + reply and labels3[-1] == reply[-1]
     with pytest.raises(ValueError, match="end with an assistant turn"):
         tokenize_sft(tok, chat[:1], 512)
 

@@ -22,12 +22,22 @@ def run_stage(stage: str, fn, cfg) -> None:
     """
     from cai.constitution import ConstitutionError
     from cai.data import DataError
+    from cai.feedback import LabelerError
     from cai.models import ModelLoadError
 
     try:
         fn(cfg)
-    except (ConstitutionError, DataError, ModelLoadError, StageInputError, StageError) as e:
+    except (ConstitutionError, DataError, LabelerError, ModelLoadError, StageInputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
+
+
+def check_generation(gen, temperature: float | None = None) -> None:
+    """Refuse bad ``generation.*`` values before a stage touches its folder."""
+    t = gen.temperature if temperature is None else temperature
+    if gen.batch_size < 1 or gen.max_new_tokens < 1:
+        raise StageInputError(f"generation.batch_size and generation.max_new_tokens must be >= 1, got {gen.batch_size}, {gen.max_new_tokens}")
+    if t < 0 or not 0 < gen.top_p <= 1:
+        raise StageInputError(f"need temperature >= 0 and 0 < generation.top_p <= 1, got {t}, {gen.top_p}")
 
 
 class StageInputError(ValueError):

@@ -20,6 +20,7 @@ no preference and are skipped (counted in the manifest). Resumable like sl_gener
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -32,8 +33,8 @@ from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts
 from cai.feedback import Pair, judge_pairs
 from cai.generation import derive_seed, generate
-from cai.runio import MetricsWriter, atomic_write_json, config_hash, is_complete, read_manifest, read_metrics, save_dataset, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageError, StageInputError, run_stage
+from cai.runio import MetricsWriter, atomic_write_json, config_hash, is_complete, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_stage
 
 STAGE = "ai_feedback"
 HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
@@ -51,9 +52,12 @@ def run(cfg: DictConfig) -> Path:
     if s.shard_size < 1 or s.num_prompts < 1:
         raise StageInputError(f"{STAGE}.num_prompts and {STAGE}.shard_size must be >= 1")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+    check_generation(cfg.generation, temperature=s.temperature)
     principles = constitution.comparison
     if s.principle_ids is not None:
         principles = [constitution.comparison_principle(pid) for pid in s.principle_ids]
+        if not principles:
+            raise StageInputError(f"{STAGE}.principle_ids is empty: name at least one principle, or null for all")
     # The prompts after the ones sl_generate used, so RL-CAI data does not repeat SL-CAI prompts.
     used_by_sl = cfg.data.num_red_team
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", used_by_sl + s.num_prompts,
@@ -66,7 +70,8 @@ def run(cfg: DictConfig) -> Path:
     shards_dir = out / "shards"
     fingerprint = config_hash(cfg, HASH_KEYS)
     upstream = read_manifest(sl_model.parent) if policy_path else None
-    policy_fingerprint = upstream.get("config_hash") if upstream else "base"
+    # sl_train's config hash does not cover its data; its dataset fingerprint does
+    policy_fingerprint = f"{upstream.get('config_hash')}:{upstream.get('dataset_fingerprint')}" if upstream else "base"
     previous = read_manifest(out)
     same = bool(previous) and all(previous.get(k) == v for k, v in (
         ("config_hash", fingerprint), ("constitution_hash", constitution.hash), ("policy_fingerprint", policy_fingerprint)))
@@ -81,8 +86,9 @@ def run(cfg: DictConfig) -> Path:
     policy, policy_tok = (labeler, tok) if policy_path is None else load_policy({**cfg.model, "path": policy_path})
 
     # Step 4: resume or start over, as in sl_generate.
-    if not same and shards_dir.exists():
-        shutil.rmtree(shards_dir)
+    if not same:  # another config's shards and metrics must not be mixed in
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
                     policy=policy_path or f"model.path={cfg.model.path}", policy_fingerprint=policy_fingerprint)
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
@@ -94,7 +100,7 @@ def run(cfg: DictConfig) -> Path:
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
     for k, shard in enumerate(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress)):
         path = shards_dir / f"shard-{k:05d}"
-        if path.exists() or _empty_marker(path).exists():
+        if _record(path).exists():  # written after the shard's rows: the shard is complete
             continue
         t0 = time.time()
         conversations = [it.messages() for it in shard for _ in range(2)]  # each prompt twice: a pair
@@ -107,27 +113,27 @@ def run(cfg: DictConfig) -> Path:
                                  cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
                                  batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
         rows = [preference_row(p, j) for p, j in zip(kept, judgements)]
-        if rows:
+        if rows:  # (datasets cannot reload an empty save: a shard of identical pairs has only its record)
             save_dataset(Dataset.from_list(rows, features=_features()), path)
-        else:  # every pair identical: datasets cannot reload an empty save, so mark the shard done instead
-            atomic_write_json(_empty_marker(path), {"rows": 0})
+        atomic_write_json(_record(path), {"pairs": len(rows), "skipped_identical": len(pairs) - len(kept)})
         seconds = time.time() - t0
         metrics.log(shard=k, pairs=len(rows), skipped_identical=len(pairs) - len(kept), seconds=round(seconds, 3),
                     comparisons_per_s=round(2 * s.n_principles * len(rows) / max(seconds, 1e-9), 3))
 
     # Step 6: join the shards; the manifest is written last.
-    parts = [load_from_disk(str(p)) for k in range(len(shards)) if (p := shards_dir / f"shard-{k:05d}").exists()]
+    records = [json.loads(_record(shards_dir / f"shard-{k:05d}").read_text()) for k in range(len(shards))]
+    parts = [load_from_disk(str(shards_dir / f"shard-{k:05d}")) for k, r in enumerate(records) if r["pairs"]]
     if not parts:
         raise StageError(f"all {len(items)} response pairs were identical: nothing to label "
                          f"(sample more diversely: {STAGE}.temperature, generation.top_p)")
     dataset = concatenate_datasets(parts)
-    skipped = {m["shard"]: m["skipped_identical"] for m in read_metrics(out) if "skipped_identical" in m}
-    if len(set(dataset["id"])) != len(dataset) or len(dataset) + sum(skipped.values()) != len(items):
+    skipped = sum(r["skipped_identical"] for r in records)
+    if len(set(dataset["id"])) != len(dataset) or len(dataset) + skipped != len(items):
         raise RuntimeError(f"{shards_dir}: shards do not add up to {len(items)} prompts; delete the folder and rerun")
     save_dataset(dataset, out / "dataset")
     confident = [max(p, 1 - p) for p in dataset["p_chosen"]]
     write_manifest(out, status="complete", **manifest,
-                   counts={"pairs": len(dataset), "skipped_identical_responses": sum(skipped.values()), "shards": len(shards)},
+                   counts={"pairs": len(dataset), "skipped_identical_responses": skipped, "shards": len(shards)},
                    timings={"total_s": round(time.time() - start, 2)},
                    summary={"mean_p_chosen": round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4),
                             "mean_confidence": round(sum(confident) / max(len(confident), 1), 4)})
@@ -154,8 +160,8 @@ def preference_row(pair: Pair, judgement) -> dict:
     }
 
 
-def _empty_marker(path: Path) -> Path:
-    return path.with_name(path.name + ".empty.json")
+def _record(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
 
 
 def _features():

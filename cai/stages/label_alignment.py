@@ -55,6 +55,8 @@ def run(cfg: DictConfig) -> dict:
     principles = constitution.comparison
     if s.principle_ids is not None:
         principles = [constitution.comparison_principle(pid) for pid in s.principle_ids]
+        if not principles:
+            raise StageInputError("ai_feedback.principle_ids is empty: name at least one principle, or null for all")
 
     # Step 2: judge every pair (both orders, sampled principles).
     from cai.models import load_policy
@@ -93,6 +95,8 @@ def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], 
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             raise DataError(f"{path}:{n}: needs 'chosen' and 'rejected' (hh-rlhf transcripts or ai_feedback rows)")
+        if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
+            raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be transcripts or both be chats")
         if isinstance(row["chosen"], str):
             context, chosen, rejected, reason = _split_transcripts(row["chosen"], row["rejected"])
         else:

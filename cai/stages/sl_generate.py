@@ -12,7 +12,8 @@ Writes ``${run_dir}/sl_generate/``:
 - ``dataset/`` — every row (``save_to_disk``) once all shards are done;
 - ``manifest.json``, ``metrics.jsonl``.
 Columns: ``id``, ``prompt``, ``messages`` (conversation + final answer, TRL's SFT format),
-``initial_response``, ``critiques``, ``revisions``, ``principle_ids``, ``kind`` (red_team | helpful).
+``initial_response``, ``critiques``, ``revisions``, ``principle_ids``, ``kind`` (red_team | helpful),
+``finished`` (the final answer ended with EOS rather than running into max_new_tokens).
 
 Resume: rerunning the same command keeps the finished shards and generates only the missing ones
 (a crash loses at most the shard in flight); a changed config or constitution starts over.
@@ -40,7 +41,7 @@ from cai.constitution import (
 from cai.data import PromptItem, load_prompts
 from cai.generation import derive_seed, generate
 from cai.runio import MetricsWriter, config_hash, read_manifest, save_dataset, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_stage
 
 STAGE = "sl_generate"
 # The config keys this stage reads: its config hash (and so resume/skip decisions) covers only these.
@@ -57,9 +58,12 @@ def run(cfg: DictConfig) -> Path:
     if settings.shard_size < 1:
         raise StageInputError(f"{STAGE}.shard_size must be >= 1, got {settings.shard_size}")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+    check_generation(cfg.generation)
     principles = constitution.critique_revision
     if settings.principle_ids is not None:
         principles = [constitution.critique_principle(pid) for pid in settings.principle_ids]
+        if not principles:
+            raise StageInputError(f"{STAGE}.principle_ids is empty: name at least one principle, or null for all")
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", cfg.data.num_red_team,
                          cfg.seed, cfg.data.hh_context, key="data.num_red_team / data.red_team_path")
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", cfg.data.num_helpful,
@@ -83,8 +87,9 @@ def run(cfg: DictConfig) -> Path:
     model, tok = load_policy(cfg.model)
 
     # Step 4: resume when the previous attempt had the same config and constitution; else start over.
-    if not same and shards_dir.exists():
-        shutil.rmtree(shards_dir)  # shards of a different config must not be mixed in
+    if not same:  # another config's shards and metrics must not be mixed in
+        shutil.rmtree(shards_dir, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS)
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
     metrics = MetricsWriter(out)
@@ -136,12 +141,14 @@ def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principl
 
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
     latest = {i: answers[i].text for i in red}
+    latest_finished = {i: answers[i].finished for i in red}
     drawn = {i: sample_principles(principles, cfg.n_revisions, cfg.seed, items[i].id) for i in red}
     critiques: dict[int, list[str]] = {i: [] for i in red}
     revisions: dict[int, list[str]] = {i: [] for i in red}
     for r in range(cfg.n_revisions):
         chats = [critique_messages(c, conversations[i], latest[i], drawn[i][r], r + 1, few_shot) for i in red]
         outs = generate(model, tok, chats, seed=derive_seed(seed, "critique", r), desc=f"critiques {r + 1}", **gen)
+        n_tokens += sum(len(o.token_ids) for o in outs)
         for i, o in zip(red, outs):
             critiques[i].append(o.text)
         chats = [revision_messages(c, conversations[i], latest[i], drawn[i][r], critiques[i][-1], r + 1, few_shot) for i in red]
@@ -149,12 +156,13 @@ def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principl
         for i, o in zip(red, outs):
             revisions[i].append(o.text)
             if o.text.strip():  # an empty revision keeps the previous answer as the one to improve
-                latest[i] = o.text
+                latest[i], latest_finished[i] = o.text, o.finished
         n_tokens += sum(len(o.token_ids) for o in outs)
 
     rows = []
     for i, it in enumerate(items):
         final = latest[i] if it.kind == "red_team" else answers[i].text
+        finished = latest_finished[i] if it.kind == "red_team" else answers[i].finished
         rows.append({
             "id": it.id,
             "prompt": it.prompt,
@@ -164,20 +172,21 @@ def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principl
             "revisions": revisions.get(i, []),
             "principle_ids": [p.id for p in drawn[i]] if it.kind == "red_team" else [],
             "kind": it.kind,
+            "finished": finished,
         })
     return rows, n_tokens
 
 
 FEATURES_SPEC = {
     "id": "string", "prompt": "string", "messages": "chat", "initial_response": "string",
-    "critiques": "strings", "revisions": "strings", "principle_ids": "strings", "kind": "string",
+    "critiques": "strings", "revisions": "strings", "principle_ids": "strings", "kind": "string", "finished": "bool",
 }
 
 
 def _features():
     from datasets import Features, List, Value
 
-    kinds = {"string": Value("string"), "strings": List(Value("string")),
+    kinds = {"string": Value("string"), "strings": List(Value("string")), "bool": Value("bool"),
              "chat": List({"role": Value("string"), "content": Value("string")})}
     return Features({name: kinds[kind] for name, kind in FEATURES_SPEC.items()})
 

@@ -60,7 +60,9 @@ def run(cfg: DictConfig) -> Path:
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = _dataset_fingerprint(data_path)
     previous = read_manifest(out)
-    same = bool(previous) and previous.get("config_hash") == fingerprint and previous.get("dataset_fingerprint") == data_fingerprint
+    # the schedule and the ZeRO partitioning depend on the number of ranks: resume only with the same
+    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("dataset_fingerprint") == data_fingerprint
+            and previous.get("counts", {}).get("world_size") == world)
     if same and previous["status"] == "complete" and (out / "model").exists():
         if main_rank:
             print(f"cai {STAGE}: already complete in {out} (same config and data); nothing to do")
@@ -70,11 +72,14 @@ def run(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model, tok = load_policy(cfg.model)
+    if s.max_length < 2:
+        raise StageInputError(f"{STAGE}.max_length must be >= 2, got {s.max_length}")
     examples, truncated = [], 0
     for i, row in enumerate(rows):
-        ids, labels, cut = tokenize_sft(tok, row["messages"], s.max_length)
-        if not any(label != IGNORE for label in labels):
-            raise StageInputError(f"{data_path}: row {i} has an empty assistant reply")
+        if not row["messages"] or not str(row["messages"][-1].get("content", "")).strip():
+            raise StageInputError(f"{data_path}: row {i} has an empty final assistant reply")
+        # A reply cut off at max_new_tokens did not end: it is trained without EOS, so SL does not learn to stop mid-sentence.
+        ids, labels, cut = tokenize_sft(tok, row["messages"], s.max_length, add_eos=bool(row.get("finished", True)))
         examples.append((ids, labels))
         truncated += cut
 
@@ -117,7 +122,8 @@ def run(cfg: DictConfig) -> Path:
         D.set_rng_state(state["rng"])
         if main_rank:
             print(f"cai {STAGE}: resuming at step {first_step}/{total_steps}")
-            _drop_metrics_after(out, first_step)
+    if main_rank:
+        _drop_metrics_after(out, first_step)  # steps after the checkpoint (or all, on a fresh start) are redone
     metrics = MetricsWriter(out, enabled=main_rank)
 
     # Step 5: train. Each optimizer step runs grad_accum micro-batches per rank.
@@ -135,8 +141,9 @@ def run(cfg: DictConfig) -> Path:
             batch = collate([examples[i] for i in mine], tok.pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             loss = engine(**batch).loss
-            if not torch.isfinite(loss):
-                raise StageError(f"loss is {loss.item()} at step {step + 1}; stopping. Last good checkpoint: "
+            # every rank must agree to stop: a rank that stopped alone would leave the others in an all-reduce
+            if D.sum_over_ranks(int(not torch.isfinite(loss))) > 0:
+                raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
                                  f"{_latest_tag(checkpoints)} in {checkpoints}")
             engine.backward(loss)
             engine.step()
@@ -165,10 +172,11 @@ def run(cfg: DictConfig) -> Path:
     return out / "model"
 
 
-def tokenize_sft(tok, messages: list[dict], max_length: int) -> tuple[list[int], list[int], bool]:
+def tokenize_sft(tok, messages: list[dict], max_length: int, add_eos: bool = True) -> tuple[list[int], list[int], bool]:
     """Token ids and labels for one chat whose last turn is the assistant's.
 
-    ids = chat-template prompt (all earlier turns + generation prompt) + assistant text + EOS;
+    ids = chat-template prompt (all earlier turns + generation prompt) + assistant text + EOS (unless
+    ``add_eos=False``: a reply that was cut off and never ended);
     labels = IGNORE over the prompt, the ids themselves over the reply and EOS. Too long: the prompt is
     cut from the left (oldest context first); the reply is cut only if it alone exceeds ``max_length``.
     Returns (ids, labels, truncated).
@@ -177,7 +185,7 @@ def tokenize_sft(tok, messages: list[dict], max_length: int) -> tuple[list[int],
         raise StageInputError("every training row's messages must end with an assistant turn")
     prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = tok(messages[-1]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    reply_ids = tok(messages[-1]["content"], add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
     truncated = len(prompt_ids) + len(reply_ids) > max_length
     if truncated:
         reply_ids = reply_ids[:max_length - 1] if len(reply_ids) >= max_length else reply_ids
