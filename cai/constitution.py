@@ -120,6 +120,17 @@ class Constitution:
         known = ", ".join(p.id for p in self.comparison)
         raise ConstitutionError(f"{self.path / PRINCIPLES_FILE}: no comparison principle {pid!r} (known: {known})")
 
+    def select(self, section: str, ids, key: str) -> list:
+        """The ``section`` ("critique_revision" or "comparison") principles named by ``ids`` (config key
+        ``key``), or all of them when ``ids`` is None. Unknown ids and an empty list are errors."""
+        if ids is None:
+            return list(getattr(self, section))
+        lookup = self.critique_principle if section == "critique_revision" else self.comparison_principle
+        chosen = [lookup(pid) for pid in ids]
+        if not chosen:
+            raise ConstitutionError(f"{key} is empty: name at least one principle, or null for all")
+        return chosen
+
     # -- rendering ----------------------------------------------------------------------------
     def render(self, kind: str, **variables: Any) -> str:
         """Render one template; errors come back as ``ConstitutionError('file:line: ...')``."""

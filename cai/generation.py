@@ -25,6 +25,14 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def check_sampling(batch_size: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The sampling settings ``generate`` accepts; raises ValueError naming the config keys otherwise."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"generation.batch_size and generation.max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < generation.top_p <= 1, got {temperature}, {top_p}")
+
+
 @dataclass
 class Completion:
     text: str              # decoded reply, special tokens removed, surrounding whitespace stripped
@@ -58,12 +66,7 @@ def generate(
 
     ``temperature == 0`` decodes greedily. The same inputs, seed and batch size give the same outputs.
     """
-    if batch_size < 1:
-        raise ValueError(f"generation.batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"generation.max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    check_sampling(batch_size, max_new_tokens, temperature, top_p)
     prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * len(conversations)
     texts = [render_chat(tokenizer, conv, prefix) for conv, prefix in zip(conversations, prefixes, strict=True)]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]

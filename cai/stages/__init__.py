@@ -32,12 +32,13 @@ def run_stage(stage: str, fn, cfg) -> None:
 
 
 def check_generation(gen, temperature: float | None = None) -> None:
-    """Refuse bad ``generation.*`` values before a stage touches its folder."""
-    t = gen.temperature if temperature is None else temperature
-    if gen.batch_size < 1 or gen.max_new_tokens < 1:
-        raise StageInputError(f"generation.batch_size and generation.max_new_tokens must be >= 1, got {gen.batch_size}, {gen.max_new_tokens}")
-    if t < 0 or not 0 < gen.top_p <= 1:
-        raise StageInputError(f"need temperature >= 0 and 0 < generation.top_p <= 1, got {t}, {gen.top_p}")
+    """Refuse bad ``generation.*`` values (``generate``'s own rules) before a stage touches its folder."""
+    from cai.generation import check_sampling
+
+    try:
+        check_sampling(gen.batch_size, gen.max_new_tokens, gen.temperature if temperature is None else temperature, gen.top_p)
+    except ValueError as e:
+        raise StageInputError(str(e)) from None
 
 
 class StageInputError(ValueError):

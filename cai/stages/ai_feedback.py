@@ -53,11 +53,7 @@ def run(cfg: DictConfig) -> Path:
         raise StageInputError(f"{STAGE}.num_prompts and {STAGE}.shard_size must be >= 1")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     check_generation(cfg.generation, temperature=s.temperature)
-    principles = constitution.comparison
-    if s.principle_ids is not None:
-        principles = [constitution.comparison_principle(pid) for pid in s.principle_ids]
-        if not principles:
-            raise StageInputError(f"{STAGE}.principle_ids is empty: name at least one principle, or null for all")
+    principles = constitution.select("comparison", s.principle_ids, f"{STAGE}.principle_ids")
     # The prompts after the ones sl_generate used, so RL-CAI data does not repeat SL-CAI prompts.
     used_by_sl = cfg.data.num_red_team
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", used_by_sl + s.num_prompts,
@@ -98,8 +94,8 @@ def run(cfg: DictConfig) -> Path:
     from datasets import Dataset, concatenate_datasets, load_from_disk
 
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
-    for k, shard in enumerate(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress)):
-        path = shards_dir / f"shard-{k:05d}"
+    paths = [shards_dir / f"shard-{k:05d}" for k in range(len(shards))]
+    for k, (shard, path) in enumerate(zip(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress), paths)):
         if _record(path).exists():  # written after the shard's rows: the shard is complete
             continue
         t0 = time.time()
@@ -109,20 +105,21 @@ def run(cfg: DictConfig) -> Path:
                         seed=derive_seed(cfg.seed, STAGE, k), progress=cfg.progress, desc="responses")
         pairs = [Pair(it.id, it.messages(), outs[2 * j].text, outs[2 * j + 1].text) for j, it in enumerate(shard)]
         kept = [p for p in pairs if p.response_a.strip() != p.response_b.strip()]
+        skipped = len(pairs) - len(kept)
         judgements = judge_pairs(labeler, tok, constitution, kept, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot,
                                  cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
                                  batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
         rows = [preference_row(p, j) for p, j in zip(kept, judgements)]
         if rows:  # (datasets cannot reload an empty save: a shard of identical pairs has only its record)
             save_dataset(Dataset.from_list(rows, features=_features()), path)
-        atomic_write_json(_record(path), {"pairs": len(rows), "skipped_identical": len(pairs) - len(kept)})
+        atomic_write_json(_record(path), {"pairs": len(rows), "skipped_identical": skipped})
         seconds = time.time() - t0
-        metrics.log(shard=k, pairs=len(rows), skipped_identical=len(pairs) - len(kept), seconds=round(seconds, 3),
+        metrics.log(shard=k, pairs=len(rows), skipped_identical=skipped, seconds=round(seconds, 3),
                     comparisons_per_s=round(2 * s.n_principles * len(rows) / max(seconds, 1e-9), 3))
 
     # Step 6: join the shards; the manifest is written last.
-    records = [json.loads(_record(shards_dir / f"shard-{k:05d}").read_text()) for k in range(len(shards))]
-    parts = [load_from_disk(str(shards_dir / f"shard-{k:05d}")) for k, r in enumerate(records) if r["pairs"]]
+    records = [json.loads(_record(path).read_text()) for path in paths]
+    parts = [load_from_disk(str(path)) for path, r in zip(paths, records) if r["pairs"]]
     if not parts:
         raise StageError(f"all {len(items)} response pairs were identical: nothing to label "
                          f"(sample more diversely: {STAGE}.temperature, generation.top_p)")

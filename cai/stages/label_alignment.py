@@ -52,11 +52,7 @@ def run(cfg: DictConfig) -> dict:
     if not pairs:
         raise DataError(f"{cfg.pairs}: no usable pairs ({', '.join(f'{k}: {v}' for k, v in skipped.items()) or 'empty file'})")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
-    principles = constitution.comparison
-    if s.principle_ids is not None:
-        principles = [constitution.comparison_principle(pid) for pid in s.principle_ids]
-        if not principles:
-            raise StageInputError("ai_feedback.principle_ids is empty: name at least one principle, or null for all")
+    principles = constitution.select("comparison", s.principle_ids, "ai_feedback.principle_ids")
 
     # Step 2: judge every pair (both orders, sampled principles).
     from cai.models import load_policy

@@ -59,11 +59,7 @@ def run(cfg: DictConfig) -> Path:
         raise StageInputError(f"{STAGE}.shard_size must be >= 1, got {settings.shard_size}")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     check_generation(cfg.generation)
-    principles = constitution.critique_revision
-    if settings.principle_ids is not None:
-        principles = [constitution.critique_principle(pid) for pid in settings.principle_ids]
-        if not principles:
-            raise StageInputError(f"{STAGE}.principle_ids is empty: name at least one principle, or null for all")
+    principles = constitution.select("critique_revision", settings.principle_ids, f"{STAGE}.principle_ids")
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", cfg.data.num_red_team,
                          cfg.seed, cfg.data.hh_context, key="data.num_red_team / data.red_team_path")
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", cfg.data.num_helpful,
@@ -177,18 +173,14 @@ def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principl
     return rows, n_tokens
 
 
-FEATURES_SPEC = {
-    "id": "string", "prompt": "string", "messages": "chat", "initial_response": "string",
-    "critiques": "strings", "revisions": "strings", "principle_ids": "strings", "kind": "string", "finished": "bool",
-}
-
-
 def _features():
     from datasets import Features, List, Value
 
-    kinds = {"string": Value("string"), "strings": List(Value("string")), "bool": Value("bool"),
-             "chat": List({"role": Value("string"), "content": Value("string")})}
-    return Features({name: kinds[kind] for name, kind in FEATURES_SPEC.items()})
+    text, texts = Value("string"), List(Value("string"))
+    return Features({
+        "id": text, "prompt": text, "messages": List({"role": text, "content": text}), "initial_response": text,
+        "critiques": texts, "revisions": texts, "principle_ids": texts, "kind": text, "finished": Value("bool"),
+    })
 
 
 def _shard_name(k: int) -> str:

@@ -49,9 +49,11 @@ def run(cfg: DictConfig) -> Path:
     main_rank = rank == 0
 
     # Step 1: check settings and inputs before touching the run directory.
-    for key in ("lr", "epochs", "micro_batch_size", "grad_accum", "max_length", "save_every"):
+    for key in ("lr", "epochs", "micro_batch_size", "grad_accum", "save_every"):
         if s[key] is None or s[key] <= 0:
             raise StageInputError(f"{STAGE}.{key} must be > 0, got {s[key]}")
+    if s.max_length is None or s.max_length < 2:  # room for at least one prompt token and one reply token
+        raise StageInputError(f"{STAGE}.max_length must be >= 2, got {s.max_length}")
     out = stage_dir(cfg.run_dir, STAGE)
     data_path = Path(s.dataset) if s.dataset else stage_dir(cfg.run_dir, UPSTREAM) / "dataset"
     if not s.dataset:
@@ -72,8 +74,6 @@ def run(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model, tok = load_policy(cfg.model)
-    if s.max_length < 2:
-        raise StageInputError(f"{STAGE}.max_length must be >= 2, got {s.max_length}")
     examples, truncated = [], 0
     for i, row in enumerate(rows):
         if not row["messages"] or not str(row["messages"][-1].get("content", "")).strip():
@@ -132,7 +132,8 @@ def run(cfg: DictConfig) -> Path:
     for step in range(first_step, total_steps):
         t0 = time.time()
         epoch, k = divmod(step, steps_per_epoch)
-        order = epoch_order(len(examples), steps_per_epoch * rows_per_step, cfg.seed, epoch)
+        if k == 0 or step == first_step:  # a new epoch (or a resume inside one): its row order
+            order = epoch_order(len(examples), steps_per_epoch * rows_per_step, cfg.seed, epoch)
         step_rows = order[k * rows_per_step:(k + 1) * rows_per_step]
         losses, tokens, lr = [], 0, scheduler.get_last_lr()[0]
         for micro in range(s.grad_accum):
