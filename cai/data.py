@@ -88,6 +88,15 @@ def load_prompts(source: str | None, column: str, kind: str, count: int, seed: i
 
 
 def _read_column(source: str | Path, column: str, where: str) -> list:
+    ds = read_table(source, where)
+    if column not in ds.column_names:
+        raise DataError(f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)})")
+    return ds[column]
+
+
+def read_table(source: str | Path, where: str):
+    """A ``datasets.Dataset`` from a local file, a ``save_to_disk`` folder (its train split when it has
+    several) or a dataset name; ``where`` names the source in errors."""
     import datasets
 
     path = Path(source).expanduser()
@@ -112,6 +121,4 @@ def _read_column(source: str | Path, column: str, where: str) -> list:
     except Exception as e:  # datasets raises many types; keep the message to one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{where}: could not be read as a dataset ({first})") from None
-    if column not in ds.column_names:
-        raise DataError(f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)})")
-    return ds[column]
+    return ds

@@ -264,7 +264,7 @@ def _tiny_corpus() -> list[str]:
     """Text the tiny BPE is trained on: the prompt sets shipped inside the package."""
     folder = Path(__file__).parent / "prompts"
     lines = []
-    for f in sorted(folder.glob("*.jsonl")):
+    for f in (folder / "helpful.jsonl", folder / "red_team.jsonl"):
         lines += [json.loads(line)["prompt"] for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines or ["The quick brown fox jumps over the lazy dog."]
 

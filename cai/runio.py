@@ -158,6 +158,16 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def lineage(manifest: dict | None) -> str | None:
+    """What a stage's output was made from: a hash of its config hash, constitution hash and every
+    ``*_fingerprint`` it recorded of its own inputs. A downstream stage that records this reruns when
+    anything upstream of it changed."""
+    if not manifest:
+        return None
+    parts = {k: v for k, v in manifest.items() if k in ("config_hash", "constitution_hash") or k.endswith("_fingerprint")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def is_complete(folder: str | os.PathLike, expected_config_hash: str | None = None) -> bool:
     """True when the stage folder's manifest says complete (and, if given, with that config hash)."""
     manifest = read_manifest(folder)
@@ -204,8 +214,8 @@ class MetricsWriter:
     loses at most the line being written; readers skip a torn last line (see ``read_metrics``).
     """
 
-    def __init__(self, folder: str | os.PathLike, enabled: bool = True):
-        self.path = Path(folder) / METRICS
+    def __init__(self, folder: str | os.PathLike, enabled: bool = True, name: str = METRICS):
+        self.path = Path(folder) / name
         self.enabled = enabled
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,8 +229,8 @@ class MetricsWriter:
             f.flush()
 
 
-def read_metrics(folder: str | os.PathLike) -> list[dict]:
-    path = Path(folder) / METRICS
+def read_metrics(folder: str | os.PathLike, name: str = METRICS) -> list[dict]:
+    path = Path(folder) / name
     if not path.exists():
         return []
     rows = []

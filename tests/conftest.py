@@ -33,6 +33,45 @@ def tiny_cfg() -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny run with every stage before ppo finished, shared by the test modules (copy what you change)."""
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    result = run_module("cai.pipeline", "debug=tiny", "progress=false", f"run_dir={run_dir}",
+                        "stages=[sl_generate,sl_train,ai_feedback,pm_pretrain,pm_finetune]")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def embedded_pm(tmp_path_factory) -> Path:
+    """The embedded SmolLM2 as labeler (ai_feedback on 6 prompts), then pm_finetune on its labels mixed with
+    human pairs, starting from the base model (no PMP); normalised on a two-row reference file."""
+    import json
+
+    run_dir = tmp_path_factory.mktemp("embedded-run")
+    feedback = run_module("cai.stages.ai_feedback", f"run_dir={run_dir}", "progress=false", "ai_feedback.num_prompts=6",
+                          "generation.max_new_tokens=24", "ai_feedback.few_shot=false")
+    assert feedback.returncode == 0, feedback.stderr[-2000:]
+    reference = run_dir / "reference.jsonl"
+    reference.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                                 + "\n" for q, a in [("How do I boil an egg?", "Simmer it for about nine minutes."),
+                                                     ("Name a prime number.", "Seven is prime.")]))
+    result = run_module("cai.stages.pm_finetune", f"run_dir={run_dir}", "progress=false", "pm_finetune.micro_batch_size=2",
+                        "pm_finetune.max_length=384", f"pm_finetune.reference={reference}", "pm_finetune.eval_fraction=0.34")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir / "pm_finetune.stdout").write_text(result.stdout)
+    return run_dir
+
+
+def copy_stages(run_dir: Path, target: Path, stages) -> Path:
+    import shutil
+
+    for stage in stages:
+        shutil.copytree(run_dir / stage, target / stage)
+    return target
+
+
 def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 600):
     """Run ``python -m module args`` in the project's interpreter; returns the CompletedProcess."""
     import subprocess

@@ -94,11 +94,11 @@ def test_pipeline_routes_stage_overrides():
 
 def test_pipeline_runs_built_stages_and_stops_at_the_first_unbuilt(tmp_path):
     result = run_module("cai.pipeline", "debug=tiny", f"run_dir={tmp_path}",
-                        "stages=[sl_generate,sl_train,ai_feedback,pm_pretrain,ppo]")
+                        "stages=[sl_generate,sl_train,ai_feedback,pm_pretrain,pm_finetune,ppo,evaluate]")
     assert result.returncode == 1
-    for built in ("sl_generate/dataset", "sl_train/model", "ai_feedback/dataset"):
+    for built in ("sl_generate/dataset", "sl_train/model", "ai_feedback/dataset", "pm_pretrain/model", "pm_finetune/model"):
         assert (tmp_path / built).is_dir()
-    assert "stage 'pm_pretrain' is not implemented yet" in result.stderr
-    assert "cai.pipeline: stage 'pm_pretrain' failed" in result.stderr
-    assert not (tmp_path / "ppo").exists()
-    assert re.search(r"^ai_feedback\s+ok", result.stdout, re.M)
+    assert "stage 'ppo' is not implemented yet" in result.stderr
+    assert "cai.pipeline: stage 'ppo' failed" in result.stderr
+    assert not (tmp_path / "evaluate").exists()
+    assert re.search(r"^pm_finetune\s+ok", result.stdout, re.M)

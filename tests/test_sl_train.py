@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
-from cai.stages.sl_train import IGNORE, collate, epoch_order, tokenize_sft
+from cai.stages.sl_train import IGNORE, collate, tokenize_sft
+from cai.training import epoch_order
 from conftest import ROOT, TINY, run_module, tree_bytes
 
 TINY_ARGS = ["debug=tiny", "progress=false"]

@@ -1,17 +1,194 @@
-"""Preference-model fine-tuning on soft AI labels mixed with human comparisons (DESIGN.md §1.5).
+"""Preference-model fine-tuning: soft AI harmlessness labels mixed with hard human helpfulness comparisons.
 
-Not implemented yet: issue #5. The configuration (conf/pm_finetune.yaml) already composes.
+    python -m cai.stages.pm_finetune run_dir=R [pm_finetune.human_fraction=0.5] [pm_finetune.init=base]
+    torchrun --nproc_per_node 2 -m cai.stages.pm_finetune run_dir=R
+
+Starts from ``${run_dir}/pm_pretrain/model`` (or, when PMP was skipped, ``model`` with a fresh head;
+``pm_finetune.init``). Trains on the AI-labeled pairs of ``${run_dir}/ai_feedback/dataset`` with soft
+targets — binary cross-entropy of sigma(r_chosen - r_rejected) against ``p_chosen`` — mixed with human
+comparisons (``pm_finetune.human_source``, default cai's built-in helpfulness pairs) with hard targets,
+``human_fraction`` of the mix (DESIGN.md §1.5). ``eval_fraction`` of each kind is held out; after every
+epoch: accuracy (the sign of the score difference against the label's preferred side; overall, ``_ai``
+and ``_human``), mean margin, expected calibration error (ECE) and a reliability diagram.
+
+With ``normalize`` the reward is shifted so its mean over SL-CAI samples (``${run_dir}/sl_generate``) is
+0; the shift is stored as ``cai_reward_shift`` in the checkpoint's config.json and applied by
+``cai.preference.score_conversations`` (and by PPO).
+
+Writes ``${run_dir}/pm_finetune/``: ``model/`` (``AutoModelForSequenceClassification`` loads it),
+``reliability.png``, ``eval.json``, ``checkpoints/``, ``metrics.jsonl``, ``manifest.json``.
 """
 
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from cai.stages import CONFIG_PATH, not_implemented
+from cai import preference as P
+from cai import training as T
+from cai.data import DataError, read_table
+from cai.runio import config_hash, lineage, read_manifest, stage_dir, write_manifest
+from cai.stages import CONFIG_PATH, StageInputError, run_stage
+
+STAGE = "pm_finetune"
+HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="pm_finetune", version_base=None)
+def run(cfg: DictConfig) -> Path:
+    from cai import distributed as D
+
+    start = time.time()
+    s = cfg[STAGE]
+    rank, world = D.init_distributed()
+    main_rank = rank == 0
+
+    # Step 1: check settings, find the starting PM and read every input before touching the run directory.
+    P.check_pm_settings(STAGE, s)
+    if s.human_fraction is None or not 0.0 <= s.human_fraction < 1.0:
+        raise StageInputError(f"{STAGE}.human_fraction must be in [0, 1), got {s.human_fraction}")
+    if s.normalize and (s.reference_rows is None or s.reference_rows < 1):
+        raise StageInputError(f"{STAGE}.reference_rows must be >= 1, got {s.reference_rows}")
+    init_model, init_fingerprint = _starting_point(cfg, s)
+    ai_path = Path(s.ai_dataset) if s.ai_dataset else stage_dir(cfg.run_dir, "ai_feedback") / "dataset"
+    if not s.ai_dataset:
+        D.upstream_complete(ai_path.parent, "ai_feedback")
+    ai, ai_identical = P.load_comparisons(str(ai_path), "pairs", key=f"{STAGE}.ai_dataset", builtin=ai_path, seed=cfg.seed)
+    human, human_identical = [], 0
+    if s.human_fraction > 0:
+        human, human_identical = P.load_comparisons(s.human_source, s.human_format, key=f"{STAGE}.human_source",
+                                                    builtin=P.BUILTIN_HUMAN, seed=cfg.seed)
+        wanted = round(len(ai) * s.human_fraction / (1.0 - s.human_fraction))
+        if wanted > len(human):
+            raise StageInputError(f"{STAGE}.human_fraction={s.human_fraction} needs {wanted} human comparisons for "
+                                  f"{len(ai)} AI-labeled ones, but {s.human_source or P.BUILTIN_HUMAN} has {len(human)}")
+        human = random.Random(f"cai-{STAGE}-human:{cfg.seed}").sample(human, wanted)
+    ai_train, ai_eval = P.split_holdout(ai, s.eval_fraction, cfg.seed, "ai", f"{STAGE}.eval_fraction")
+    human_train, human_eval = (P.split_holdout(human, s.eval_fraction, cfg.seed, "human", f"{STAGE}.eval_fraction")
+                               if human else ([], []))
+    reference = _reference_conversations(cfg, s) if s.normalize else []
+    out = stage_dir(cfg.run_dir, STAGE)
+    fingerprint = config_hash(cfg, HASH_KEYS)
+    inputs = {"init_fingerprint": init_fingerprint,
+              "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or P.source_fingerprint(str(ai_path), ai_path),
+              "human_fingerprint": P.source_fingerprint(s.human_source, P.BUILTIN_HUMAN) if human else None,
+              "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
+    previous = read_manifest(out)
+    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("counts", {}).get("world_size") == world
+            and all(previous.get(k) == v for k, v in inputs.items()))
+    if same and previous["status"] == "complete" and (out / "model").exists():
+        if main_rank:
+            print(f"cai {STAGE}: already complete in {out} (same config and inputs); nothing to do")
+        return out / "model"
+
+    # Step 2: the starting PM and the tokenised pairs (held-out: AI pairs first, then human ones).
+    from cai.models import load_preference_model
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_preference_model(init_model)
+    train_pairs, train_counts = P.encode_pairs(tok, ai_train + human_train, s.max_length, f"{STAGE} training pairs")
+    ai_eval_pairs, ai_counts = P.encode_pairs(tok, ai_eval, s.max_length, f"{STAGE} held-out AI pairs")
+    human_eval_pairs, human_counts = P.encode_pairs(tok, human_eval, s.max_length, f"{STAGE} held-out human pairs")
+    eval_pairs = ai_eval_pairs + human_eval_pairs
+    n_ai = len(ai_eval_pairs)
+    counts = {"ai_pairs": len(ai), "human_pairs": len(human), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+              "identical_dropped": ai_identical + human_identical, "world_size": world,
+              **{k: train_counts[k] + ai_counts[k] + human_counts[k] for k in train_counts}}
+
+    # Step 3: train (resuming from the newest checkpoint of the same config and inputs), held-out metrics each epoch.
+    plan = T.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
+    engine, scheduler = T.build_engine(model, cfg, s, plan.total_steps)
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, init=init_model["path"], **inputs)
+    if main_rank:
+        write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
+    evaluate = P.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
+                                    main_rank=main_rank,
+                                    groups={"ai": list(range(n_ai)), "human": list(range(n_ai, len(eval_pairs)))})
+    T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+          loss_fn=lambda rows: P.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
+          after_epoch=evaluate, progress=cfg.progress)
+
+    # Step 4: reward normalisation: the shift that centres the scores of the SL-CAI samples on 0.
+    shift = 0.0
+    if reference:
+        engine.module.config.update({P.SHIFT_KEY: 0.0})
+        try:
+            raw = P.score_conversations(engine.module, tok, reference, max_length=s.max_length)
+        except ValueError as e:  # a reference reply longer than the context
+            raise StageInputError(f"{STAGE}.reference: {e}; raise {STAGE}.max_length") from None
+        shift = -float(raw.mean())
+        if main_rank:
+            print(f"cai {STAGE}: reward shift {shift:+.4f} (mean raw score over {len(reference)} SL-CAI samples)")
+    engine.module.config.update({P.SHIFT_KEY: shift})
+
+    # Step 5: the final checkpoint, then the manifest (last).
+    D.save_final_model(engine, tok, out / "model")
+    if main_rank:
+        final = {k: T.final_metric(out, k, split="eval") for k in ("accuracy", "accuracy_ai", "accuracy_human", "ece", "mean_margin")}
+        write_manifest(out, status="complete", counts={**counts, "reference_rows": len(reference), "steps": plan.total_steps},
+                       timings={"total_s": round(time.time() - start, 2)}, final_loss=T.final_metric(out, "loss"),
+                       eval=final, reward_shift=shift, **manifest)
+        print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final['accuracy']}, ECE {final['ece']} "
+              f"-> {out / 'model'}")
+    D.barrier()
+    return out / "model"
+
+
+def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
+    """The model config to load the starting PM from, and a fingerprint of it."""
+    from cai import distributed as D
+
+    base = OmegaConf.to_container(cfg.model, resolve=True)
+    pmp = stage_dir(cfg.run_dir, "pm_pretrain")
+    if s.init == "auto":
+        use_pmp = read_manifest(pmp) is not None
+        if not use_pmp:
+            print(f"cai {STAGE}: no pm_pretrain in {cfg.run_dir}; starting from model.path={cfg.model.path} with a fresh head")
+    elif s.init in ("pm_pretrain", "base"):
+        use_pmp = s.init == "pm_pretrain"
+    else:
+        folder = Path(s.init).expanduser()
+        if not (folder / "config.json").exists():
+            raise StageInputError(f"{STAGE}.init={s.init!r}: not auto, pm_pretrain, base or a checkpoint folder")
+        return {**base, "path": str(folder)}, P.source_fingerprint(str(folder), folder)
+    if not use_pmp:
+        return base, "base"
+    D.upstream_complete(pmp, "pm_pretrain")
+    return {**base, "path": str(pmp / "model")}, lineage(read_manifest(pmp))
+
+
+def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:
+    """SL-CAI samples (conversations ending with the model's final answer) to centre the reward on."""
+    from cai import distributed as D
+
+    path = Path(s.reference) if s.reference else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
+    if not s.reference:
+        if read_manifest(path.parent) is None:
+            raise StageInputError(f"{path.parent}: no sl_generate here for reward normalisation; run that stage, set "
+                                  f"{STAGE}.reference=, or {STAGE}.normalize=false")
+        D.upstream_complete(path.parent, "sl_generate")
+    table = read_table(str(path), str(path))
+    if "messages" not in table.column_names:
+        raise DataError(f"{path}: no 'messages' column for {STAGE}.reference (columns: {', '.join(table.column_names)})")
+    rows = [m for m in table["messages"] if m and m[-1].get("role") == "assistant" and str(m[-1].get("content", "")).strip()]
+    if not rows:
+        raise DataError(f"{path}: no conversation ending with an assistant reply to normalise the reward on")
+    return rows[:s.reference_rows]
+
+
+def _reference_fingerprint(cfg: DictConfig, s: DictConfig) -> str:
+    if s.reference:
+        return P.source_fingerprint(s.reference, Path(s.reference))
+    return lineage(read_manifest(stage_dir(cfg.run_dir, "sl_generate")))
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    not_implemented("pm_finetune", issue=5)
+    run_stage(STAGE, run, cfg)
 
 
 if __name__ == "__main__":

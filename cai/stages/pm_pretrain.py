@@ -1,17 +1,112 @@
-"""Preference-model pretraining on generic comparisons (DESIGN.md §1.4).
+"""Preference-model pretraining (PMP): a scalar-head PM on generic comparisons, in a DeepSpeed engine.
 
-Not implemented yet: issue #5. The configuration (conf/pm_pretrain.yaml) already composes.
+    python -m cai.stages.pm_pretrain run_dir=R [pm_pretrain.source=FILE|DIR|NAME] [pm_pretrain.format=hh]
+    torchrun --nproc_per_node 2 -m cai.stages.pm_pretrain run_dir=R
+    deepspeed --no_local_rank --num_gpus 2 --module cai.stages.pm_pretrain run_dir=R
+
+The PM is ``model``'s backbone with a fresh one-output head (``...ForSequenceClassification``), dropout
+off; its score is read at the last real token of "chat prompt + response + EOS". Comparisons come from
+``pm_pretrain.source`` (default: cai's small Stack-Exchange-style set, answers paired by vote score; see
+``cai.preference`` for every format). Loss -log sigmoid(r_good - r_bad - margin) (DESIGN.md §1.4).
+``pm_pretrain.eval_fraction`` of the pairs are held out and scored after every epoch.
+
+Writes ``${run_dir}/pm_pretrain/``: ``checkpoints/`` (resumable, as in sl_train), ``model/`` (a
+``save_pretrained`` PM that ``AutoModelForSequenceClassification`` loads), ``reliability.png``,
+``eval.json`` (held-out accuracy, mean margin, ECE, the reliability table), ``metrics.jsonl`` (per
+step: loss, batch accuracy, margin, tokens/s; per epoch a ``split: eval`` row) and ``manifest.json``
+(with counts of dropped identical pairs, cut contexts and too-long responses).
 """
 
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
 import hydra
+import torch
 from omegaconf import DictConfig
 
-from cai.stages import CONFIG_PATH, not_implemented
+from cai import preference as P
+from cai import training as T
+from cai.runio import config_hash, read_manifest, stage_dir, write_manifest
+from cai.stages import CONFIG_PATH, StageInputError, run_stage
+
+STAGE = "pm_pretrain"
+HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="pm_pretrain", version_base=None)
+def run(cfg: DictConfig) -> Path:
+    from cai import distributed as D
+
+    start = time.time()
+    s = cfg[STAGE]
+    rank, world = D.init_distributed()
+    main_rank = rank == 0
+
+    # Step 1: check settings and read the comparisons before touching the run directory.
+    P.check_pm_settings(STAGE, s)
+    if s.pairs_per_question < 1 or s.min_score_gap < 0:
+        raise StageInputError(f"{STAGE}.pairs_per_question must be >= 1 and {STAGE}.min_score_gap >= 0")
+    comparisons, identical = P.load_comparisons(s.source, s.format, key=f"{STAGE}.source", builtin=P.BUILTIN_PRETRAIN,
+                                                seed=cfg.seed, pairs_per_question=s.pairs_per_question,
+                                                min_score_gap=s.min_score_gap)
+    if s.max_pairs is not None:
+        if s.max_pairs < 2:
+            raise StageInputError(f"{STAGE}.max_pairs must be >= 2 (or null), got {s.max_pairs}")
+        if len(comparisons) > s.max_pairs:
+            comparisons = random.Random(f"cai-{STAGE}:{cfg.seed}").sample(comparisons, s.max_pairs)
+    train, held_out = P.split_holdout(comparisons, s.eval_fraction, cfg.seed, "pretrain", f"{STAGE}.eval_fraction")
+    out = stage_dir(cfg.run_dir, STAGE)
+    fingerprint = config_hash(cfg, HASH_KEYS)
+    data_fingerprint = P.source_fingerprint(s.source, P.BUILTIN_PRETRAIN)
+    previous = read_manifest(out)
+    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("data_fingerprint") == data_fingerprint
+            and previous.get("counts", {}).get("world_size") == world)
+    if same and previous["status"] == "complete" and (out / "model").exists():
+        if main_rank:
+            print(f"cai {STAGE}: already complete in {out} (same config and data); nothing to do")
+        return out / "model"
+
+    # Step 2: the PM (backbone + fresh scalar head) and the tokenised pairs.
+    from cai.models import load_preference_model
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_preference_model(cfg.model)
+    where = str(s.source or P.BUILTIN_PRETRAIN)
+    train_pairs, train_counts = P.encode_pairs(tok, train, s.max_length, where)
+    eval_pairs, eval_counts = P.encode_pairs(tok, held_out, s.max_length, where)
+    counts = {"comparisons": len(comparisons), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+              "identical_dropped": identical, "world_size": world,
+              **{k: train_counts[k] + eval_counts[k] for k in train_counts}}
+
+    # Step 3: train (resuming from the newest checkpoint of the same config), held-out metrics each epoch.
+    plan = T.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
+    engine, scheduler = T.build_engine(model, cfg, s, plan.total_steps)
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, data_fingerprint=data_fingerprint)
+    if main_rank:
+        write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
+    evaluate = P.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
+                                  main_rank=main_rank)
+    T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+          loss_fn=lambda rows: P.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
+          after_epoch=evaluate, progress=cfg.progress)
+
+    # Step 4: the final checkpoint, then the manifest (last).
+    D.save_final_model(engine, tok, out / "model")
+    if main_rank:
+        final = T.final_metric(out, "accuracy", split="eval")
+        write_manifest(out, status="complete", counts={**counts, "steps": plan.total_steps},
+                       timings={"total_s": round(time.time() - start, 2)}, final_loss=T.final_metric(out, "loss"),
+                       eval_accuracy=final, **manifest)
+        print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final} -> {out / 'model'}")
+    D.barrier()
+    return out / "model"
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    not_implemented("pm_pretrain", issue=5)
+    run_stage(STAGE, run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,192 @@
+"""pm_pretrain and pm_finetune end to end: tiny models (PMP -> fine-tuning, a separable toy set, resume,
+2 ranks, bad input) and one run of pm_finetune on the embedded SmolLM2 backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from cai.preference import SHIFT_KEY, score_conversations
+from cai.runio import read_manifest, read_metrics
+from conftest import ROOT, copy_stages, run_module, tree_bytes
+
+TINY_ARGS = ["debug=tiny", "progress=false"]
+
+
+def _copy(tiny_run, tmp_path, stages=("sl_generate", "sl_train", "ai_feedback")):
+    return copy_stages(tiny_run, tmp_path / "run", stages)
+
+
+def test_pretrain_then_finetune(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    pre = run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}")
+    assert pre.returncode == 0, pre.stderr
+    manifest = read_manifest(run_dir / "pm_pretrain")
+    assert manifest["status"] == "complete" and manifest["counts"]["train_pairs"] == 18 and manifest["counts"]["eval_pairs"] == 6
+    fine = run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}")
+    assert fine.returncode == 0, fine.stderr
+    out = run_dir / "pm_finetune"
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["init"] == str(run_dir / "pm_pretrain" / "model")
+    counts = manifest["counts"]
+    assert counts["ai_pairs"] == 4 and counts["human_pairs"] == 4  # human_fraction 0.5: as many human as AI pairs
+    assert counts["train_pairs"] + counts["eval_pairs"] == 8 and counts["reference_rows"] == 8
+    evals = [m for m in read_metrics(out) if m.get("split") == "eval"]
+    assert len(evals) == 2 and all({"accuracy", "ece", "mean_margin", "accuracy_ai", "accuracy_human"} <= m.keys() for m in evals)
+    assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "eval.json").read_text())["reliability"]
+
+    # the checkpoint loads with plain transformers; the documented function scores with the stored shift
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert getattr(model.config, SHIFT_KEY) == pytest.approx(manifest["reward_shift"]) != 0.0
+    from datasets import load_from_disk
+
+    reference = load_from_disk(str(run_dir / "sl_generate" / "dataset"))["messages"]
+    scores = score_conversations(model, tok, reference)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)  # normalised on the SL-CAI samples
+
+    # the PMP weights were the starting point: fine-tuning moved them, the head included
+    pmp = load_file(str(run_dir / "pm_pretrain" / "model" / "model.safetensors"))
+    tuned = load_file(str(out / "model" / "model.safetensors"))
+    assert pmp.keys() == tuned.keys() and not torch.equal(pmp["score.weight"], tuned["score.weight"])
+    again = run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}")
+    assert "already complete" in again.stdout
+
+
+def _toy_pairs(n: int, seed: int, soft: bool) -> list[dict]:
+    """Separable comparisons: the chosen reply is polite, the rejected one rude, around random prompts."""
+    import random
+
+    rng = random.Random(seed)
+    subjects = ["the garden", "my bike", "a recipe", "the printer", "my essay", "the trip", "a budget", "the code"]
+    polite = ["Thank you, happy to help with that.", "Sure, here is a kind and careful answer.", "Glad to help, thanks for asking."]
+    rude = ["No. Figure it out yourself, idiot.", "Stop asking stupid questions.", "Go away, that is dumb."]
+    rows = []
+    for i in range(n):
+        row = {"prompt": [{"role": "user", "content": f"Can you help me with {rng.choice(subjects)}?"}],
+               "chosen": [{"role": "assistant", "content": rng.choice(polite)}],
+               "rejected": [{"role": "assistant", "content": rng.choice(rude)}]}
+        if soft:
+            row["p_chosen"] = rng.choice([0.7, 0.8, 0.9])
+        rows.append(row)
+    return rows
+
+
+def test_finetuned_pm_separates_a_toy_set(tmp_path):
+    toy = tmp_path / "toy"
+    Dataset.from_list(_toy_pairs(24, 0, soft=False)).save_to_disk(str(toy / "pretrain"))
+    Dataset.from_list(_toy_pairs(32, 1, soft=True)).save_to_disk(str(toy / "ai"))
+    Dataset.from_list(_toy_pairs(32, 2, soft=False)).save_to_disk(str(toy / "human"))
+    run_dir = tmp_path / "run"
+    pre = run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={toy / 'pretrain'}",
+                     "pm_pretrain.epochs=1")
+    assert pre.returncode == 0, pre.stderr
+    fine = run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", f"pm_finetune.ai_dataset={toy / 'ai'}",
+                      f"pm_finetune.human_source={toy / 'human'}", "pm_finetune.normalize=false", "pm_finetune.epochs=4",
+                      "pm_finetune.micro_batch_size=4")
+    assert fine.returncode == 0, fine.stderr
+    evals = [m for m in read_metrics(run_dir / "pm_finetune") if m.get("split") == "eval"]
+    assert evals[-1]["pairs"] == 16 and evals[-1]["accuracy"] >= 0.9  # chance is 0.5
+    assert evals[-1]["mean_margin"] > 0
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path, stages=())
+    args = [sys.executable, "-m", "cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", "pm_pretrain.epochs=12",
+            "pm_pretrain.micro_batch_size=2", "pm_pretrain.save_every=5"]
+    latest = run_dir / "pm_pretrain" / "checkpoints" / "latest.json"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming at step" in again.stdout
+    rows = read_metrics(run_dir / "pm_pretrain")
+    assert [m["step"] for m in rows if "split" not in m] == list(range(1, 109))  # 9 steps x 12 epochs, no gap or repeat
+    assert len([m for m in rows if m.get("split") == "eval"]) == 12
+    resumed = load_file(str(run_dir / "pm_pretrain" / "model" / "model.safetensors"))
+    clean = tmp_path / "clean"
+    subprocess.run([*args[:-4], f"run_dir={clean}", *args[-3:]], cwd=ROOT, check=True, capture_output=True)
+    uninterrupted = load_file(str(clean / "pm_pretrain" / "model" / "model.safetensors"))
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+
+
+def test_two_rank_zero3_run(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for stage in ("pm_pretrain", "pm_finetune"):
+        result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29631", "-m", f"cai.stages.{stage}",
+                                 *TINY_ARGS, f"run_dir={run_dir}", "deepspeed=zero3"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        manifest = read_manifest(run_dir / stage)
+        assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
+    assert read_manifest(run_dir / "pm_pretrain")["counts"]["steps"] == 6  # 18 pairs / (2 ranks x 4) -> 3 steps x 2 epochs
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "pm_finetune" / "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _one_line_error(result, text):
+    assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-1000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert text in last, last
+
+
+def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "p_chosen": 2.0}) + "\n")
+    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+    _one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={bad}"),
+                    f"{bad}: row 0 'p_chosen' must be a number in [0, 1], got 2.0")
+    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", f"pm_finetune.human_source={bad}"),
+                    f"{bad}: row 0 'p_chosen'")
+    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=1.0"),
+                    "pm_finetune.human_fraction must be in [0, 1), got 1.0")
+    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=0.95"),
+                    "pm_finetune.human_fraction=0.95 needs 76 human comparisons for 4 AI-labeled ones")
+    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.eval_fraction=0.9"),
+                    "pm_finetune.eval_fraction=0.9: 4 ai comparison(s) leave an empty training split")
+    _one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", "pm_pretrain.margin=-1"),
+                    "pm_pretrain.margin must be >= 0")
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "a"}) + "\n")
+    _one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={same}"),
+                    "no usable comparisons")
+    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
+    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
+                    "ai_feedback: no ai_feedback here (no manifest.json); run that stage first")
+
+
+@pytest.mark.slow
+def test_finetune_with_the_embedded_backbone(embedded_pm):
+    """pm_finetune on SmolLM2-135M: AI labels from the embedded labeler, human pairs, CPU; writes accuracy, ECE, PNG."""
+    out = embedded_pm / "pm_finetune"
+    manifest = read_manifest(out)
+    assert manifest["init"] == "embedded" and "no pm_pretrain" in (embedded_pm / "pm_finetune.stdout").read_text()
+    assert manifest["counts"]["ai_pairs"] >= 4 and manifest["counts"]["human_pairs"] == manifest["counts"]["ai_pairs"]
+    eval_row = [m for m in read_metrics(out) if m.get("split") == "eval"][-1]
+    assert 0.0 <= eval_row["accuracy"] <= 1.0 and 0.0 <= eval_row["ece"] <= 1.0 and eval_row["pairs"] >= 2
+    assert (out / "reliability.png").stat().st_size > 1000
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    reference = [json.loads(line)["messages"] for line in (embedded_pm / "reference.jsonl").read_text().splitlines()]
+    assert score_conversations(model, tok, reference).mean().item() == pytest.approx(0.0, abs=1e-3)
