@@ -130,30 +130,37 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(engine, folder: Path, step: int, client_state: dict) -> None:
     """A resumable checkpoint (model, optimizer, scheduler from DeepSpeed; step, data position and RNG in
-    ``client_state``). ``latest.json`` is replaced atomically only after every rank has written its part,
+    ``client_state``). ``engine`` may be a dict ``{name: engine}`` (PPO's policy and value): each is saved
+    under ``folder/name``. ``latest.json`` is replaced atomically only after every rank wrote every part,
     so a crash mid-save leaves the previous checkpoint as the one to resume from."""
     tag = f"step-{step:08d}"
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    engines = engine if isinstance(engine, dict) else {"": engine}
+    for name, e in engines.items():
+        e.save_checkpoint(str(folder / name), tag=tag, client_state=client_state, save_latest=False)
     barrier()
     if is_main():
         atomic_write_json(folder / LATEST, {"tag": tag, "step": step})
-        for old in folder.iterdir():
-            if old.is_dir() and old.name.startswith("step-") and old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+        for name in engines:
+            for old in (folder / name).iterdir():
+                if old.is_dir() and old.name.startswith("step-") and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
 def load_latest_checkpoint(engine, folder: Path) -> dict | None:
-    """Restore the newest complete checkpoint into ``engine``; returns its client state (or None)."""
+    """Restore the newest complete checkpoint into ``engine`` (or each of a dict of engines, as saved by
+    ``save_checkpoint``); returns its client state (or None)."""
     latest = folder / LATEST
     if not latest.exists():
         return None
     import json
 
     tag = json.loads(latest.read_text())["tag"]
-    path, client_state = engine.load_checkpoint(str(folder), tag=tag)
-    if path is None:
-        raise RuntimeError(f"{folder / tag}: checkpoint named in {latest} could not be loaded")
+    client_state = None
+    for name, e in (engine if isinstance(engine, dict) else {"": engine}).items():
+        path, client_state = e.load_checkpoint(str(folder / name), tag=tag)
+        if path is None:
+            raise RuntimeError(f"{folder / name / tag}: checkpoint named in {latest} could not be loaded")
     return client_state
 
 

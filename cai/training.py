@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from cai import distributed as D
-from cai.runio import MetricsWriter, atomic_write_text, read_metrics
+from cai.runio import MetricsWriter, atomic_write_text, read_manifest, read_metrics
 from cai.stages import StageError, StageInputError
 
 TRAIN_KEYS = ("lr", "epochs", "micro_batch_size", "grad_accum", "save_every")
@@ -159,18 +159,8 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
     """
     main_rank = rank == 0
     checkpoints = out / "checkpoints"
-    if main_rank and not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)  # another config's checkpoints must not be resumed
-    D.barrier()
-    state = D.load_latest_checkpoint(engine, checkpoints) if resume else None
-    first_step = 0
-    if state:
-        first_step = state["step"]
-        D.set_rng_state(state["rng"])
-        if main_rank:
-            print(f"cai {stage}: resuming at step {first_step}/{plan.total_steps}")
-    if main_rank:
-        drop_metrics_after(out, first_step)  # steps after the checkpoint (or all, on a fresh start) are redone
+    state = resume_or_restart(engine, out, resume, stage=stage, total_steps=plan.total_steps, rank=rank)
+    first_step = state["step"] if state else 0
     metrics = MetricsWriter(out, enabled=main_rank)
 
     bar = tqdm(total=plan.total_steps, initial=first_step, desc=stage, unit="step", disable=not (progress and main_rank))
@@ -208,6 +198,36 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
         if (step + 1) % save_every == 0 and step + 1 < plan.total_steps:
             D.save_checkpoint(engine, checkpoints, step + 1, {"step": step + 1, "rng": D.rng_state()})
     bar.close()
+
+
+def previous_run(out: Path, fingerprint: str, world: int, inputs: dict) -> tuple[bool, bool]:
+    """(same, done) for a stage folder: whether its manifest was written with this config hash, these input
+    fingerprints and this many ranks (the schedule and ZeRO partitions depend on it), and whether that run
+    finished (status complete and a ``model/`` folder)."""
+    previous = read_manifest(out)
+    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("counts", {}).get("world_size") == world
+            and all(previous.get(k) == v for k, v in inputs.items()))
+    return same, same and previous["status"] == "complete" and (out / "model").exists()
+
+
+def resume_or_restart(engines, out: Path, resume: bool, *, stage: str, total_steps: int, rank: int,
+                      logs: tuple[str, ...] = ("metrics.jsonl",)) -> dict | None:
+    """Load the newest checkpoint under ``out/checkpoints`` into ``engines`` (one engine or a dict) when
+    ``resume``, else delete that folder; restore the RNG; drop log rows of steps about to be redone.
+    Returns the checkpoint's client state (None on a fresh start)."""
+    checkpoints = out / "checkpoints"
+    if rank == 0 and not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # another config's checkpoints must not be resumed
+    D.barrier()
+    state = D.load_latest_checkpoint(engines, checkpoints) if resume else None
+    if state:
+        D.set_rng_state(state["rng"])
+        if rank == 0:
+            print(f"cai {stage}: resuming at step {state['step']}/{total_steps}")
+    if rank == 0:
+        for name in logs:
+            drop_metrics_after(out, state["step"] if state else 0, name)
+    return state
 
 
 def final_metric(out: Path, key: str, split: str | None = None):

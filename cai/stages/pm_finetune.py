@@ -77,10 +77,8 @@ def run(cfg: DictConfig) -> Path:
               "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or P.source_fingerprint(str(ai_path), ai_path),
               "human_fingerprint": P.source_fingerprint(s.human_source, P.BUILTIN_HUMAN) if human else None,
               "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
-    previous = read_manifest(out)
-    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("counts", {}).get("world_size") == world
-            and all(previous.get(k) == v for k, v in inputs.items()))
-    if same and previous["status"] == "complete" and (out / "model").exists():
+    same, done = T.previous_run(out, fingerprint, world, inputs)
+    if done:
         if main_rank:
             print(f"cai {STAGE}: already complete in {out} (same config and inputs); nothing to do")
         return out / "model"

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from cai import preference as P
 from cai import training as T
-from cai.runio import config_hash, read_manifest, stage_dir, write_manifest
+from cai.runio import config_hash, stage_dir, write_manifest
 from cai.stages import CONFIG_PATH, StageInputError, run_stage
 
 STAGE = "pm_pretrain"
@@ -60,10 +60,8 @@ def run(cfg: DictConfig) -> Path:
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = P.source_fingerprint(s.source, P.BUILTIN_PRETRAIN)
-    previous = read_manifest(out)
-    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("data_fingerprint") == data_fingerprint
-            and previous.get("counts", {}).get("world_size") == world)
-    if same and previous["status"] == "complete" and (out / "model").exists():
+    same, done = T.previous_run(out, fingerprint, world, {"data_fingerprint": data_fingerprint})
+    if done:
         if main_rank:
             print(f"cai {STAGE}: already complete in {out} (same config and data); nothing to do")
         return out / "model"

@@ -1,17 +1,368 @@
-"""PPO with the preference model as reward, or direct RLAIF (DESIGN.md §1.6).
+"""RL-CAI: PPO with the preference model as reward (or direct RLAIF), policy and value in DeepSpeed engines.
 
-Not implemented yet: issue #6. The configuration (conf/ppo.yaml) already composes.
+    python -m cai.stages.ppo run_dir=R [ppo.kl_coef=0.05] [ppo.reward=direct_rlaif]
+    torchrun --nproc_per_node 2 -m cai.stages.ppo run_dir=R deepspeed=zero3
+
+Models: the policy and a frozen reference both start from ``${run_dir}/sl_train/model`` (else ``model``);
+the reward is the PM of ``${run_dir}/pm_finetune/model`` (frozen; its stored reward shift applied) and
+the value model starts from that PM. With ``ppo.reward=direct_rlaif`` the labeler (``model``) rates each
+response 1..10 under a sampled comparison principle (``cai.feedback.direct_scores``, mapped to [-1, 1]),
+no PM is used and the value model starts from the policy with a fresh head. Dropout is off everywhere.
+The PM must share the policy's tokenizer (the value model reads policy tokens): cai refuses otherwise.
+
+One step (DESIGN.md §1.6; the maths is in ``cai.rl``):
+1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
+2. generate one response each (temperature T, top_p 1; under ZeRO-3 the policy is gathered once for the
+   whole rollout), cut after the first EOS;
+3. score: PM at the last real token (minus ``missing_eos_penalty`` when there is no EOS); log-probs of the
+   policy and the reference with logits / T, values of the value model;
+4. rewards: -beta * KL per token plus the score at the last token; GAE (gamma, lambda); advantages whitened;
+5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss, clipped value loss,
+   padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
+
+Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
+eos_rate, policy_loss, value_loss, clip_frac, value_clip_frac, entropy, approx_kl, samples_per_s),
+``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
+(the final policy, ``save_pretrained``) and ``manifest.json``.
 """
 
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
-from cai.stages import CONFIG_PATH, not_implemented
+from cai import rl
+from cai import training as T
+from cai.data import load_prompts
+from cai.generation import derive_seed, generate, render_chat
+from cai.runio import MetricsWriter, config_hash, is_complete, lineage, read_manifest, read_metrics, stage_dir, write_manifest
+from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_stage
+
+STAGE = "ppo"
+HASH_KEYS = ("seed", "model", "constitution", "data", "deepspeed", STAGE)
+REWARDS = ("pm", "direct_rlaif")
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="ppo", version_base=None)
+def run(cfg: DictConfig, reward_fn=None) -> Path:
+    """``reward_fn(conversations, completions) -> list[float]`` (``cai.generation.Completion``s) replaces the
+    PM — tests use it to reward a known behaviour; the value model then starts from the policy."""
+    from cai import distributed as D
+
+    start = time.time()
+    s = cfg[STAGE]
+    rank, world = D.init_distributed()
+    main_rank = rank == 0
+
+    # Step 1: check settings and find the inputs before touching the run directory.
+    _check_settings(s)
+    check_generation(cfg.generation, temperature=s.temperature)
+    policy_cfg, policy_fingerprint = _policy_source(cfg, s)
+    reward_cfg, reward_fingerprint, constitution = None, "reward_fn", None
+    if reward_fn is None and s.reward == "pm":
+        pm_path = Path(s.reward_model) if s.reward_model else stage_dir(cfg.run_dir, "pm_finetune") / "model"
+        if not s.reward_model:
+            D.upstream_complete(pm_path.parent, "pm_finetune")
+        elif not (pm_path / "config.json").exists():
+            raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
+        reward_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)}
+        reward_fingerprint = lineage(read_manifest(pm_path.parent)) or str(pm_path)
+    elif reward_fn is None:
+        from cai.constitution import load_constitution, resolve_constitution_dir
+
+        constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+        reward_fingerprint = f"direct_rlaif:{constitution.hash}"
+    items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
+                         cfg.data.hh_context, key=f"{STAGE}.num_prompts")
+    items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
+                          cfg.data.hh_context, key=f"{STAGE}.num_helpful")
+    out = stage_dir(cfg.run_dir, STAGE)
+    inputs = {"policy_fingerprint": policy_fingerprint, "reward_fingerprint": reward_fingerprint}
+    same, done = T.previous_run(out, config_hash(cfg, HASH_KEYS), world, inputs)
+    if done:
+        if main_rank:
+            print(f"cai {STAGE}: already complete in {out} (same config and inputs); nothing to do")
+        return out / "model"
+
+    # Step 2: the four models. Policy and value train in engines; reference and reward are frozen.
+    from cai.models import load_policy, load_preference_model
+
+    torch.manual_seed(cfg.seed)
+    policy, tok = load_policy(policy_cfg)
+    reference, _ = load_policy(policy_cfg)
+    reference.requires_grad_(False)
+    reward_model, labeler, labeler_tok = None, None, None
+    if reward_cfg is not None:
+        reward_model, reward_tok = load_preference_model(reward_cfg)
+        _same_tokenizer(tok, reward_tok, reward_cfg["path"])
+        reward_model.requires_grad_(False)
+        value_model, _ = load_preference_model(reward_cfg)
+    else:
+        if constitution is not None:
+            labeler, labeler_tok = load_policy(cfg.model)
+        value_model, _ = load_preference_model(policy_cfg)
+    # prompts as the policy sees them; too long ones are left out (counted)
+    queries = [tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"] for it in items]
+    pool = [i for i, q in enumerate(queries) if len(q) <= s.max_prompt_length]
+    if not pool:
+        raise StageInputError(f"every prompt is longer than {STAGE}.max_prompt_length={s.max_prompt_length} tokens")
+    context = getattr(policy.config, "max_position_embeddings", None)
+    if context and s.max_prompt_length + s.max_new_tokens > context:
+        raise StageInputError(f"{STAGE}.max_prompt_length + {STAGE}.max_new_tokens = {s.max_prompt_length + s.max_new_tokens} "
+                              f"exceeds the policy's context of {context} tokens")
+
+    # Step 3: engines. One optimizer step per minibatch; the LR decays linearly over all of them.
+    updates = s.steps * s.ppo_epochs * s.num_minibatches
+    micro = s.batch_size // s.num_minibatches
+    optim = {"micro_batch_size": micro, "grad_accum": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "grad_clip": s.grad_clip}
+    policy_engine, policy_sched = T.build_engine(policy, cfg, OmegaConf.create({**optim, "lr": s.lr}), updates)
+    value_engine, value_sched = T.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
+    engines = {"policy": policy_engine, "value": value_engine}
+    kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon)
+
+    # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
+    checkpoints = out / "checkpoints"
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash if constitution else None,
+                    policy=policy_cfg["path"], reward=s.reward if reward_fn is None else "reward_fn", **inputs)
+    counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps}
+    if main_rank:
+        write_manifest(out, status="running", counts=counts, **manifest)
+    state = T.resume_or_restart(engines, out, same, stage=STAGE, total_steps=s.steps, rank=rank,
+                                logs=("metrics.jsonl", "samples.jsonl"))
+    first_step = state["step"] if state else 0
+    if state:
+        kl_ctl.load(state["kl"])
+    metrics = MetricsWriter(out, enabled=main_rank)
+    samples = MetricsWriter(out, name="samples.jsonl", enabled=main_rank)
+
+    # Step 5: the PPO loop.
+    device = policy_engine.device
+    zero3 = policy_engine.zero_optimization_stage() == 3
+    bar = tqdm(total=s.steps, initial=first_step, desc=STAGE, unit="step", disable=not (cfg.progress and main_rank))
+    warned = False
+    for step in range(first_step, s.steps):
+        t0 = time.time()
+        rows = _step_prompts(pool, step, world * s.batch_size, cfg.seed)[rank * s.batch_size:(rank + 1) * s.batch_size]
+        conversations = [items[i].messages() for i in rows]
+
+        # rollout: generate with the weights gathered once (ZeRO-3), then cut after the first EOS
+        gathered = _gathered(policy_engine.module) if zero3 else contextlib.nullcontext()
+        with gathered:
+            completions = generate(policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
+                                   temperature=s.temperature, top_p=1.0, seed=derive_seed(cfg.seed, STAGE, step, rank),
+                                   batch_size=cfg.generation.batch_size, progress=False)
+        query, query_mask = _left_pad([queries[i] for i in rows], tok.pad_token_id)
+        sampled, _ = T.right_pad([c.token_ids for c in completions], tok.pad_token_id)
+        response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+        batch = _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device))
+
+        # scores, log-probs, values (no gradient)
+        with torch.no_grad():
+            if reward_fn is not None:
+                raw = torch.tensor(reward_fn(conversations, completions), dtype=torch.float32)
+            elif reward_model is not None:
+                from cai.models import preference_scores
+                from cai.preference import reward_shift
+
+                raw = preference_scores(reward_model, batch.ids, batch.attention) + reward_shift(reward_model)
+            else:
+                from cai.feedback import direct_scores
+
+                keys = [f"{items[i].id}:{step}" for i in rows]
+                raw = torch.tensor(direct_scores(labeler, labeler_tok, constitution,
+                                                 [(k, conv, c.text) for k, conv, c in zip(keys, conversations, completions)],
+                                                 seed=cfg.seed, batch_size=cfg.generation.batch_size))
+            raw = raw.to(device).float()
+            scores = rl.apply_missing_eos_penalty(raw, has_eos.to(device), s.missing_eos_penalty)
+            logits = _response_logits(policy_engine.module, batch)
+            old_logp = rl.logprobs_from_logits(logits, batch.response, s.temperature)
+            entropy = rl.masked_mean(rl.entropy_from_logits(logits, s.temperature), batch.mask)
+            del logits
+            ref_logp = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
+            old_values = _token_values(value_engine.module, batch)
+            kl = rl.kl_per_token(old_logp, ref_logp, s.kl_estimator) * batch.mask
+            beta = kl_ctl.value
+            rewards = rl.token_rewards(scores, kl, batch.mask, beta)
+            if s.whiten_rewards:
+                rewards = rl.whiten(rewards, batch.mask, shift_mean=False)
+            advantages, returns = rl.gae(rewards, old_values, batch.mask, s.gamma, s.lam)
+            advantages = rl.whiten(advantages, batch.mask)
+
+        # PPO epochs over minibatches
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+        lr = policy_sched.get_last_lr()[0]
+        for epoch in range(s.ppo_epochs):
+            order = list(range(len(rows)))
+            random.Random(derive_seed(cfg.seed, STAGE, step, rank, epoch)).shuffle(order)
+            for k in range(s.num_minibatches):
+                idx = torch.tensor(order[k * micro:(k + 1) * micro], device=device)
+                mb = batch.select(idx)
+                logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
+                p_loss, clip_frac, approx_kl = rl.policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
+                values = _token_values(value_engine.module, mb)
+                v_loss, v_clip = rl.value_loss(values, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
+                if D.sum_over_ranks(int(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))) > 0:
+                    raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
+                                     f"{T.latest_tag(checkpoints)} in {checkpoints}")
+                policy_engine.backward(p_loss)
+                policy_engine.step()
+                value_engine.backward(v_loss)
+                value_engine.step()
+                for key, value in (("policy_loss", p_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
+                                   ("value_clip_frac", v_clip), ("approx_kl", approx_kl)):
+                    stats[key].append(value.item())
+
+        # metrics (means over ranks), KL controller, samples, checkpoint
+        seq_kl = kl.sum(dim=1)
+        row = {"step": step + 1, "score": raw.mean().item(), "reward": (scores - beta * seq_kl).mean().item(),
+               "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
+               "eos_rate": has_eos.float().mean().item(), "entropy": entropy.item(),
+               **{k: sum(v) / len(v) for k, v in stats.items()}}
+        row = {k: (v if k in ("step", "kl_coef") else round(D.mean_over_ranks(v), 6)) for k, v in row.items()}
+        kl_ctl.update(row["kl"], world * s.batch_size)
+        seconds = time.time() - t0
+        row.update(lr=lr, samples_per_s=round(world * s.batch_size / max(seconds, 1e-9), 3), seconds=round(seconds, 3))
+        if row["eos_rate"] == 0 and main_rank and not warned:
+            warned = True
+            tqdm.write(f"cai {STAGE}: step {step + 1}: no response ended within {STAGE}.max_new_tokens={s.max_new_tokens}; "
+                       f"each lost missing_eos_penalty={s.missing_eos_penalty} (eos_rate in metrics.jsonl tracks this)")
+        metrics.log(**row)
+        if s.log_samples_every and (step + 1) % s.log_samples_every == 0:
+            for i in range(min(2, len(rows))):
+                samples.log(step=step + 1, prompt=items[rows[i]].prompt, response=completions[i].text,
+                            score=round(raw[i].item(), 4), eos=bool(has_eos[i]))
+        bar.update(1)
+        bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
+        if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
+            D.save_checkpoint(engines, checkpoints, step + 1, {"step": step + 1, "rng": D.rng_state(), "kl": kl_ctl.state()})
+    bar.close()
+
+    # Step 6: the final policy, then the manifest (last).
+    D.save_final_model(policy_engine, tok, out / "model")
+    if main_rank:
+        history = [m for m in read_metrics(out) if "score" in m]
+        head, tail = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
+        summary = {f"{k}_{where}": round(sum(m[k] for m in part) / len(part), 6)
+                   for k in ("score", "kl") for where, part in (("first", head), ("last", tail))}
+        write_manifest(out, status="complete", counts=counts, timings={"total_s": round(time.time() - start, 2)},
+                       summary=summary, **manifest)
+        print(f"cai {STAGE}: {s.steps} steps, mean score {summary['score_first']:+.3f} -> {summary['score_last']:+.3f} "
+              f"(first/last quarter), KL {summary['kl_last']:.3f} -> {out / 'model'}")
+    D.barrier()
+    return out / "model"
+
+
+class _Batch:
+    """A rollout: left-padded queries (B, Q) then right-padded responses (B, R), and the joint mask."""
+
+    def __init__(self, query, query_mask, response, mask):
+        self.query, self.query_mask, self.response, self.mask = query, query_mask, response, mask
+        self.ids = torch.cat([query, response], dim=1)            # (B, Q + R)
+        self.attention = torch.cat([query_mask, mask], dim=1)     # (B, Q + R)
+
+    def select(self, idx: torch.Tensor) -> "_Batch":
+        return _Batch(self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx])
+
+
+def _response_logits(model, b: _Batch) -> torch.Tensor:
+    """(B, R, V) logits predicting each response token (from the position before it)."""
+    from cai.models import position_ids_from_mask
+
+    r = b.response.shape[1]
+    out = model(input_ids=b.ids, attention_mask=b.attention, position_ids=position_ids_from_mask(b.attention),
+                logits_to_keep=r + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
+def _token_values(value_model, b: _Batch) -> torch.Tensor:
+    """(B, R) value estimates V(s_t): the scalar head on the hidden state before each response token."""
+    from cai.models import position_ids_from_mask
+
+    r = b.response.shape[1]
+    hidden = value_model.base_model(input_ids=b.ids, attention_mask=b.attention,
+                                    position_ids=position_ids_from_mask(b.attention)).last_hidden_state
+    return value_model.score(hidden[:, -r - 1:-1]).squeeze(-1).float()
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(q) for q in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, q in enumerate(sequences):
+        ids[row, width - len(q):] = torch.tensor(q, dtype=torch.long)
+        mask[row, width - len(q):] = 1
+    return ids, mask
+
+
+def _step_prompts(pool: list[int], step: int, count: int, seed: int) -> list[int]:
+    """The ``count`` prompts of ``step``: positions step*count ... in a seeded order of the pool that is
+    reshuffled each time it has been used up."""
+    n = len(pool)
+    picked = []
+    for position in range(step * count, (step + 1) * count):
+        cycle, k = divmod(position, n)
+        picked.append(pool[T.epoch_order(n, n, f"cai-ppo-prompts:{seed}", cycle)[k]])
+    return picked
+
+
+def _gathered(module):
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
+
+
+def _check_settings(s: DictConfig) -> None:
+    if s.reward not in REWARDS:
+        raise StageInputError(f"{STAGE}.reward must be one of {', '.join(REWARDS)}, got {s.reward!r}")
+    if s.kl_coef is None or s.kl_coef < 0:
+        raise StageInputError(f"{STAGE}.kl_coef (beta) must be >= 0, got {s.kl_coef}")
+    if s.kl_estimator not in ("k1", "k3"):
+        raise StageInputError(f"{STAGE}.kl_estimator must be k1 or k3, got {s.kl_estimator!r}")
+    if s.target_kl is not None and s.target_kl <= 0:
+        raise StageInputError(f"{STAGE}.target_kl must be > 0 or null, got {s.target_kl}")
+    for key in ("steps", "batch_size", "num_minibatches", "ppo_epochs", "max_new_tokens", "max_prompt_length",
+                "save_every", "lr", "value_lr", "kl_horizon", "temperature"):
+        if s[key] is None or s[key] <= 0:
+            raise StageInputError(f"{STAGE}.{key} must be > 0, got {s[key]}")
+    if s.batch_size % s.num_minibatches:
+        raise StageInputError(f"{STAGE}.batch_size={s.batch_size} must be divisible by {STAGE}.num_minibatches={s.num_minibatches}")
+    if not (0 <= s.gamma <= 1 and 0 <= s.lam <= 1):
+        raise StageInputError(f"{STAGE}.gamma and {STAGE}.lam must be in [0, 1], got {s.gamma}, {s.lam}")
+    if s.clip_range <= 0 or s.clip_range_value <= 0 or s.missing_eos_penalty < 0 or s.num_prompts < 0 or s.num_helpful < 0:
+        raise StageInputError(f"{STAGE}.clip_range, clip_range_value must be > 0; missing_eos_penalty, num_prompts, "
+                              f"num_helpful >= 0")
+    if s.num_prompts + s.num_helpful < 1:
+        raise StageInputError(f"{STAGE}.num_prompts + {STAGE}.num_helpful must be >= 1")
+
+
+def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
+    base = OmegaConf.to_container(cfg.model, resolve=True)
+    if s.policy:
+        if not (Path(s.policy).expanduser() / "config.json").exists():
+            raise StageInputError(f"{STAGE}.policy={s.policy!r}: no checkpoint (config.json) there")
+        return {**base, "path": str(Path(s.policy).expanduser())}, f"path:{s.policy}"
+    sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
+    if is_complete(sl_model.parent) and sl_model.is_dir():
+        return {**base, "path": str(sl_model)}, lineage(read_manifest(sl_model.parent))
+    return base, "base"
+
+
+def _same_tokenizer(policy_tok, reward_tok, where: str) -> None:
+    if policy_tok.get_vocab() != reward_tok.get_vocab() or policy_tok.eos_token_id != reward_tok.eos_token_id:
+        raise StageInputError(f"{where}: the PM's tokenizer differs from the policy's; PPO scores policy tokens directly and "
+                              f"starts the value model from the PM, so both must share one tokenizer (train the PM on the "
+                              f"policy's base model)")
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    not_implemented("ppo", issue=6)
+    run_stage(STAGE, run, cfg)
 
 
 if __name__ == "__main__":

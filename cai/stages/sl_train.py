@@ -56,11 +56,8 @@ def run(cfg: DictConfig) -> Path:
     rows = _load_rows(data_path)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = _dataset_fingerprint(data_path)
-    previous = read_manifest(out)
-    # the schedule and the ZeRO partitioning depend on the number of ranks: resume only with the same
-    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("dataset_fingerprint") == data_fingerprint
-            and previous.get("counts", {}).get("world_size") == world)
-    if same and previous["status"] == "complete" and (out / "model").exists():
+    same, done = T.previous_run(out, fingerprint, world, {"dataset_fingerprint": data_fingerprint})
+    if done:
         if main_rank:
             print(f"cai {STAGE}: already complete in {out} (same config and data); nothing to do")
         return out / "model"

@@ -1,0 +1,163 @@
+"""PPO maths as pure functions (DESIGN.md §1.6 and its list of implementation details).
+
+Shapes: B rows (responses), T response positions. Response tensors are right-padded: ``mask[b, t] = 1``
+for the response's real tokens (up to and including its first EOS), 0 after. Log-probabilities are of
+the response tokens under logits divided by the sampling temperature.
+
+The per-token reward is r_t = -beta * KL_t, plus the sequence score at the response's last real token.
+KL_t estimates KL(policy || reference) at token t from the sampled token:
+k1 = log pi(a) - log pi_ref(a) (unbiased, can be negative), or k3 = (ratio - 1) - log ratio with
+ratio = pi_ref(a) / pi(a) (unbiased, never negative; Schulman's estimator).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1 (all of them, or along ``dim``)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(B, T) -> (B, T): (x - mean) / std over the masked positions (biased variance); masked-out
+    positions become 0. ``shift_mean=False`` only rescales (used for rewards)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def truncate_after_eos(ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, T) sampled ids -> (ids with everything after the first EOS set to PAD, mask (B, T) of the kept
+    tokens — the EOS included —, has_eos (B,) bool)."""
+    is_eos = ids == eos_id
+    has_eos = is_eos.any(dim=1)
+    # position of the first EOS, or T when there is none
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, ids.shape[1], dtype=torch.long))
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    return torch.where(mask.bool(), ids, torch.full_like(ids, pad_id)), mask, has_eos
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) right-padded mask -> (B,) index of the last real position (0 for an empty row)."""
+    return (mask.long().sum(dim=1) - 1).clamp(min=0)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logits (B, T, V) predicting ``tokens`` (B, T) -> (B, T) log pi(token), with logits / temperature."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T, V) -> (B, T) entropy of softmax(logits / temperature)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """(B, T) log-probs of the sampled tokens under the policy and the reference -> (B, T) KL estimates."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (ratio - 1) - log ratio, ratio = pi_ref / pi
+    raise ValueError(f"KL estimator must be k1 or k3, got {estimator!r}")
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(B,) sequence scores -> (B,): a response that never emitted EOS loses a fixed ``penalty``."""
+    return torch.where(has_eos, scores, scores - penalty)
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """(B,) scores, (B, T) KL, (B, T) mask -> (B, T) rewards: -kl_coef * KL at every real token and the score
+    added at each row's last real token; 0 on padding."""
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    rewards[rows, last_index(mask)] += scores.to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded rows.
+
+    rewards, values, mask: (B, T). delta_t = r_t + gamma * V_{t+1} - V_t, with V_{t+1} = 0 after the last
+    real token; A_t = delta_t + gamma * lam * A_{t+1}. Returns (advantages, returns = A + V), both (B, T)
+    and 0 on padding.
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantages[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value, next_adv = values[:, t], advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate. (B, T) inputs -> (loss, clip fraction, approx KL) scalars.
+
+    loss = mean over real tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio =
+    exp(logp - old_logp); clip fraction = share of tokens where the clipped term was the larger; approx KL
+    = mean of ((ratio - 1) - log ratio) (k3 of the old policy against the new one).
+    """
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss. (B, T) inputs -> (loss, clip fraction) scalars.
+
+    loss = 0.5 * mean over real tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old +
+    clip(V - V_old, -eps, eps); only real tokens (up to EOS) count.
+    """
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    return loss, masked_mean((loss_clipped > loss_unclipped).float(), mask).detach()
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019)'s KL controller: beta follows the measured KL towards ``target``.
+
+    beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) after each batch of n samples.
+    With ``target=None`` beta stays fixed. ``state()``/``load()`` go into checkpoints.
+    """
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = float(init), target, horizon
+
+    def update(self, kl: float, n_samples: int) -> float:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1.0))
+            self.value *= 1.0 + error * n_samples / self.horizon
+        return self.value
+
+    def state(self) -> dict:
+        return {"value": self.value}
+
+    def load(self, state: dict) -> None:
+        self.value = float(state["value"])

@@ -1,0 +1,214 @@
+"""ppo end to end: learning a known preference, the PM pipeline on tiny models, resume, 2 ranks, bad input,
+direct RLAIF, and a short run on the embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cai.models import load_tokenizer
+from cai.runio import read_manifest, read_metrics
+from conftest import ROOT, copy_stages, TINY, run_module, tree_bytes
+
+TINY_ARGS = ["debug=tiny", "progress=false"]
+PPO_KEYS = {"score", "reward", "kl", "kl_coef", "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac",
+            "value_clip_frac", "entropy", "approx_kl", "samples_per_s"}
+
+
+def _copy(tiny_run, tmp_path, stages=("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune")):
+    return copy_stages(tiny_run, tmp_path / "run", stages)
+
+
+TOKEN_REWARD = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import compose_cfg
+from cai.stages.ppo import run
+
+def share_of_token(conversations, completions):
+    return [sum(t == {token} for t in c.token_ids) / max(1, len(c.token_ids)) for c in completions]
+
+run(compose_cfg("ppo", sys.argv[1:]), reward_fn=share_of_token)
+"""
+
+
+def test_ppo_learns_to_prefer_a_token(tmp_path):
+    """A tiny policy fine-tuned to babble four words; the reward is the share of one of them (" you")."""
+    tok = load_tokenizer(TINY)
+    words = [" the", " you", " to", " how"]
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
+    assert all(len(i) == 1 for i in ids)  # each word is one token of the tiny vocabulary
+    rng = random.Random(0)
+    rows = [{"messages": [{"role": "user", "content": f"Say something number {i}."},
+                          {"role": "assistant", "content": "".join(rng.choice(words) for _ in range(8)).strip()}]}
+            for i in range(32)]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "babble"))
+    sft = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={tmp_path / 'sft'}", f"sl_train.dataset={tmp_path / 'babble'}",
+                     "sl_train.epochs=30", "sl_train.lr=3e-3", "sl_train.micro_batch_size=8")
+    assert sft.returncode == 0, sft.stderr[-2000:]
+    script = TOKEN_REWARD.format(tests=str(ROOT / "tests"), token=ids[1][0])
+    result = subprocess.run([sys.executable, "-c", script, *TINY_ARGS, f"run_dir={tmp_path / 'rl'}",
+                             f"ppo.policy={tmp_path / 'sft' / 'sl_train' / 'model'}", "ppo.steps=12", "ppo.temperature=1.0",
+                             "ppo.lr=3e-4", "ppo.batch_size=8", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = [m["score"] for m in read_metrics(tmp_path / "rl" / "ppo")]
+    assert len(scores) == 12
+    first, last = scores[0], sum(scores[-4:]) / 4
+    assert last > first + 0.1, scores  # about 0.12 of the tokens at the start
+
+
+def test_ppo_against_the_tiny_pm(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_dir / "ppo"
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(PPO_KEYS <= m.keys() for m in metrics)
+    assert metrics[0]["kl"] == 0.0  # the policy starts as the reference: no KL before its first update
+    assert all(0 < m["response_length"] <= 12 and 0 <= m["clip_frac"] <= 1 for m in metrics)
+    samples = read_metrics(out, "samples.jsonl")
+    assert [s["step"] for s in samples] == [2, 2, 4, 4] and all(s["prompt"] and "score" in s for s in samples)
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["policy"] == str(run_dir / "sl_train" / "model")
+    assert manifest["reward"] == "pm" and {"score_first", "score_last", "kl_last"} <= manifest["summary"].keys()
+    policy = AutoModelForCausalLM.from_pretrained(out / "model")
+    start = AutoModelForCausalLM.from_pretrained(run_dir / "sl_train" / "model")
+    assert not torch.equal(policy.lm_head.weight, start.lm_head.weight)
+    assert "already complete" in run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}").stdout
+    rerun = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.kl_coef=0.2")
+    assert rerun.returncode == 0 and "already complete" not in rerun.stdout
+    assert read_metrics(out)[0]["kl_coef"] == 0.2
+
+
+def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_new_tokens=1", "ppo.steps=2",
+                        "ppo.kl_estimator=k3", "ppo.target_kl=0.1", "ppo.whiten_rewards=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir / "ppo")
+    assert all(m["response_length"] == 1 for m in metrics)
+    if any(m["eos_rate"] == 0 for m in metrics):
+        assert "no response ended within ppo.max_new_tokens=1" in result.stderr + result.stdout
+    assert all(torch.isfinite(torch.tensor([m["policy_loss"], m["value_loss"]])).all() for m in metrics)
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    args = [sys.executable, "-m", "cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.steps=10", "ppo.save_every=3",
+            "ppo.target_kl=0.5"]
+    latest = run_dir / "ppo" / "checkpoints" / "latest.json"
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 3:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step" in again.stdout
+    assert [m["step"] for m in read_metrics(run_dir / "ppo")] == list(range(1, 11))
+    resumed = load_file(str(run_dir / "ppo" / "model" / "model.safetensors"))
+    clean = _copy(tiny_run, tmp_path / "clean")
+    subprocess.run([*args[:5], f"run_dir={clean}", *args[6:]], cwd=ROOT, check=True, capture_output=True)
+    uninterrupted = load_file(str(clean / "ppo" / "model" / "model.safetensors"))
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
+    kl_resumed = [m["kl_coef"] for m in read_metrics(run_dir / "ppo")]
+    assert kl_resumed == [m["kl_coef"] for m in read_metrics(clean / "ppo")]  # the KL controller was restored too
+
+
+def test_two_rank_zero3_run(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29641", "-m", "cai.stages.ppo", *TINY_ARGS,
+                             f"run_dir={run_dir}", "deepspeed=zero3", "ppo.steps=2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = read_manifest(run_dir / "ppo")
+    assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
+    assert len(read_metrics(run_dir / "ppo")) == 2
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model")
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def test_direct_rlaif_needs_no_pm(tmp_path):
+    result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path}", "ppo.reward=direct_rlaif", "ppo.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "ppo")
+    assert manifest["reward"] == "direct_rlaif" and manifest["constitution_hash"] and manifest["policy"] == "tiny-random"
+    assert all(-1.0 <= m["score"] <= 1.0 for m in read_metrics(tmp_path / "ppo"))
+
+
+def _one_line_error(result, text):
+    assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-1000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert text in last, last
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.kl_coef=-0.1", "ppo.kl_coef (beta) must be >= 0, got -0.1"),
+    ("ppo.batch_size=3", "ppo.batch_size=3 must be divisible by ppo.num_minibatches=2"),
+    ("ppo.reward=oracle", "ppo.reward must be one of pm, direct_rlaif"),
+    ("ppo.kl_estimator=k2", "ppo.kl_estimator must be k1 or k3"),
+    ("ppo.lam=1.5", "ppo.gamma and ppo.lam must be in [0, 1]"),
+    ("ppo.temperature=0", "ppo.temperature must be > 0"),
+])
+def test_bad_settings_are_named(override, message):
+    from cai.stages import StageInputError
+    from cai.stages.ppo import _check_settings
+    from conftest import compose_cfg
+
+    with pytest.raises(StageInputError, match=message.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")):
+        _check_settings(compose_cfg("ppo", [*TINY_ARGS, override]).ppo)
+
+
+def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path):
+    run_dir = _copy(tiny_run, tmp_path)
+    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.kl_coef=-0.1"),
+                    "ppo.kl_coef (beta) must be >= 0, got -0.1")
+    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_prompt_length=5"),
+                    "every prompt is longer than ppo.max_prompt_length=5 tokens")
+    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_prompt_length=2040"),
+                    "exceeds the policy's context of 2048 tokens")
+    # a PM on another tokenizer (a different vocabulary) is refused
+    from cai.models import load_preference_model
+
+    pm, pm_tok = load_preference_model({**TINY, "tiny": {**TINY["tiny"], "vocab_size": 600}})
+    pm.save_pretrained(tmp_path / "other-pm")
+    pm_tok.save_pretrained(tmp_path / "other-pm")
+    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", f"ppo.reward_model={tmp_path / 'other-pm'}"),
+                    "the PM's tokenizer differs from the policy's")
+    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
+    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
+                    "pm_finetune: no pm_finetune here (no manifest.json); run that stage first")
+
+
+@pytest.mark.slow
+def test_short_ppo_run_with_the_embedded_model(embedded_pm, tmp_path):
+    """SmolLM2-135M as policy, reference, PM backbone and value model on CPU, against the PM that pm_finetune
+    trained on the embedded labeler's labels: a few PPO steps, every metric finite, KL bounded."""
+    run_dir = copy_stages(embedded_pm, tmp_path / "run", ["pm_finetune"])
+    result = run_module("cai.stages.ppo", f"run_dir={run_dir}", "progress=false", "ppo.steps=2", "ppo.batch_size=4",
+                        "ppo.ppo_epochs=1", "ppo.max_new_tokens=16", "ppo.num_prompts=8", "ppo.lr=1e-6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir / "ppo")
+    assert len(metrics) == 2 and all(PPO_KEYS <= m.keys() for m in metrics)
+    assert all(torch.isfinite(torch.tensor([m[k] for k in PPO_KEYS])).all() for m in metrics)
+    assert metrics[0]["kl"] == 0.0 and all(abs(m["kl"]) < 5.0 for m in metrics)
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "model") is not None

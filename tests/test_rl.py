@@ -1,0 +1,98 @@
+"""PPO maths (cai.rl) against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai import rl
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_gae_by_hand():
+    # one row, reward only at the end: deltas (0, 0, 0.5); A = (0.95^2 * 0.5, 0.95 * 0.5, 0.5)
+    adv, ret = rl.gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.5, 0.5]]), t([[1, 1, 1]]), gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, t([[0.45125, 0.475, 0.5]]))
+    torch.testing.assert_close(ret, t([[0.95125, 0.975, 1.0]]))
+    # padding: the value after the last real token counts as 0 and padded positions stay 0
+    adv, ret = rl.gae(t([[0.0, 2.0, 0.0]]), t([[1.0, 1.0, 9.0]]), t([[1, 1, 0]]), gamma=1.0, lam=0.95)
+    torch.testing.assert_close(adv, t([[0.95, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, t([[1.95, 2.0, 0.0]]))
+    # lambda = 1: A_t = discounted return - V_t (gamma 0.5: G = 0.25, 0.5, 1)
+    adv, _ = rl.gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.5, 0.5]]), t([[1, 1, 1]]), gamma=0.5, lam=1.0)
+    torch.testing.assert_close(adv, t([[-0.25, 0.0, 0.5]]))
+
+
+def test_whiten_uses_only_real_tokens():
+    out = rl.whiten(t([[1.0, 2.0, 3.0, 100.0]]), t([[1, 1, 1, 0]]))
+    s = math.sqrt(2 / 3)
+    torch.testing.assert_close(out, t([[-1 / s, 0.0, 1 / s, 0.0]]), rtol=1e-6, atol=1e-6)
+    kept_mean = rl.whiten(t([[1.0, 2.0, 3.0]]), t([[1, 1, 1]]), shift_mean=False)
+    torch.testing.assert_close(kept_mean, t([[2 - 1 / s, 2.0, 2 + 1 / s]]), rtol=1e-6, atol=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = t([[math.log(0.5)]]), t([[math.log(0.25)]])
+    assert rl.kl_per_token(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert rl.kl_per_token(logp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))  # (r - 1) - log r, r = 0.5
+    assert rl.kl_per_token(ref, logp, "k3").item() == pytest.approx(1.0 - math.log(2))   # r = 2: never negative
+    with pytest.raises(ValueError, match="k1 or k3"):
+        rl.kl_per_token(logp, ref, "k2")
+
+
+def test_clipped_policy_loss_by_hand():
+    old = t([[0.0, 0.0, 0.0, 0.0]])
+    new = t([[math.log(1.5), math.log(0.5), math.log(1.1), 5.0]])  # last position is padding
+    adv = t([[1.0, -1.0, 2.0, 100.0]])
+    loss, clip_frac, approx_kl = rl.policy_loss(new, old, adv, t([[1, 1, 1, 0]]), clip_range=0.2)
+    # max(-A r, -A clip(r)): (-1.2), (0.8), (-2.2) -> mean -0.8667; the first two were clipped
+    assert loss.item() == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert clip_frac.item() == pytest.approx(2 / 3)
+    expected_kl = ((0.5 - math.log(1.5)) + (-0.5 - math.log(0.5)) + (0.1 - math.log(1.1))) / 3
+    assert approx_kl.item() == pytest.approx(expected_kl)
+
+
+def test_clipped_value_loss_by_hand():
+    loss, clip_frac = rl.value_loss(t([[2.0, 0.0, 7.0]]), t([[1.0, 1.0, 0.0]]), t([[3.0, 0.5, 0.0]]), t([[1, 1, 0]]),
+                                    clip_range=0.5)
+    # token 1: clipped V 1.5 -> (1.5 - 3)^2 = 2.25 > (2 - 3)^2; token 2: clipped 0.5 -> 0 < (0 - 0.5)^2 = 0.25
+    assert loss.item() == pytest.approx(0.5 * (2.25 + 0.25) / 2)
+    assert clip_frac.item() == pytest.approx(0.5)
+
+
+def test_reward_goes_to_the_last_real_token_with_kl_everywhere():
+    rewards = rl.token_rewards(t([2.0, -1.0]), t([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]]), t([[1, 1, 1], [1, 1, 0]]), kl_coef=0.1)
+    torch.testing.assert_close(rewards, t([[-0.01, -0.02, 1.97], [-0.05, -1.05, 0.0]]))
+    assert rl.last_index(torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])).tolist() == [1, 3, 0]
+
+
+def test_truncation_after_the_first_eos_and_the_missing_eos_penalty():
+    ids, mask, has_eos = rl.truncate_after_eos(torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]]), eos_id=2, pad_id=0)
+    assert ids.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+    scores = rl.apply_missing_eos_penalty(t([1.0, 1.0, 0.2]), has_eos, penalty=0.5)
+    torch.testing.assert_close(scores, t([1.0, 0.5, 0.2]))
+
+
+def test_logprobs_and_entropy_use_the_sampling_temperature():
+    logits = t([[[2.0, 0.0]]])
+    assert rl.logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0).item() == pytest.approx(1 - math.log(math.e + 1))
+    p = math.e / (math.e + 1)
+    assert rl.entropy_from_logits(logits, temperature=2.0).item() == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+
+
+def test_adaptive_kl_controller():
+    ctl = rl.AdaptiveKL(0.1, target=6.0, horizon=100)
+    assert ctl.update(kl=12.0, n_samples=10) == pytest.approx(0.1 * 1.02)      # error clipped to +0.2
+    assert ctl.update(kl=3.0, n_samples=10) == pytest.approx(0.1 * 1.02 * 0.98)  # error clipped to -0.2
+    restored = rl.AdaptiveKL(0.5)
+    restored.load(ctl.state())
+    assert restored.value == ctl.value
+    fixed = rl.AdaptiveKL(0.05)
+    assert fixed.update(kl=100.0, n_samples=64) == 0.05
