@@ -35,11 +35,15 @@ def tiny_cfg() -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """One tiny run with every stage before ppo finished, shared by the test modules (copy what you change)."""
-    run_dir = tmp_path_factory.mktemp("tiny-run")
-    result = run_module("cai.pipeline", "debug=tiny", "progress=false", f"run_dir={run_dir}",
-                        "stages=[sl_generate,sl_train,ai_feedback,pm_pretrain,pm_finetune]")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    """One tiny run of the whole pipeline, shared by the test modules (copy the stages you change).
+    The pipeline's own output is kept beside it for the tests of the pipeline itself."""
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = run_module("cai.pipeline", "debug=tiny", "progress=false", f"run_dir={run_dir}")
+    (run_dir.parent / "pipeline.out").write_text(result.stdout)
+    (run_dir.parent / "pipeline.err").write_text(result.stderr)
+    (run_dir.parent / "pipeline.rc").write_text(str(result.returncode))
+    for stage in ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo"):
+        assert (run_dir / stage / "manifest.json").exists(), result.stdout[-2000:] + result.stderr[-2000:]
     return run_dir
 
 

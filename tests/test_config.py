@@ -92,13 +92,13 @@ def test_pipeline_routes_stage_overrides():
     assert overrides_for("sl_train", given) == ["model=tiny_random", "sl_train.lr=1e-4", "run_dir=R"]
 
 
-def test_pipeline_runs_built_stages_and_stops_at_the_first_unbuilt(tmp_path):
-    result = run_module("cai.pipeline", "debug=tiny", f"run_dir={tmp_path}",
-                        "stages=[sl_generate,sl_train,ai_feedback,pm_pretrain,pm_finetune,ppo,evaluate]")
-    assert result.returncode == 1
+def test_pipeline_runs_built_stages_and_stops_at_the_first_unbuilt(tiny_run):
+    rc = int((tiny_run.parent / "pipeline.rc").read_text())
+    stdout, stderr = (tiny_run.parent / "pipeline.out").read_text(), (tiny_run.parent / "pipeline.err").read_text()
+    assert rc == 1
     for built in ("sl_generate/dataset", "sl_train/model", "ai_feedback/dataset", "pm_pretrain/model", "pm_finetune/model",
                   "ppo/model"):
-        assert (tmp_path / built).is_dir()
-    assert "stage 'evaluate' is not implemented yet" in result.stderr
-    assert "cai.pipeline: stage 'evaluate' failed" in result.stderr
-    assert re.search(r"^ppo\s+ok", result.stdout, re.M)
+        assert (tiny_run / built).is_dir()
+    assert "stage 'evaluate' is not implemented yet" in stderr
+    assert "cai.pipeline: stage 'evaluate' failed" in stderr
+    assert re.search(r"^ppo\s+ok", stdout, re.M)
