@@ -76,6 +76,29 @@ def copy_stages(run_dir: Path, target: Path, stages) -> Path:
     return target
 
 
+def kill_then_rerun(args: list[str], latest: Path, at_step: int, timeout: int = 300, after_kill=None):
+    """Start ``args``, SIGKILL its process group once ``latest`` (a checkpoint's latest.json) names a step
+    >= ``at_step``, call ``after_kill()`` (checks on what the kill left), then run the same command to the
+    end; returns that rerun's CompletedProcess."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= at_step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    if after_kill is not None:
+        after_kill()
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 600):
     """Run ``python -m module args`` in the project's interpreter; returns the CompletedProcess."""
     import subprocess

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cai.preference import SHIFT_KEY, score_conversations
 from cai.runio import read_manifest, read_metrics
-from conftest import ROOT, copy_stages, run_module, tree_bytes
+from conftest import ROOT, kill_then_rerun, copy_stages, run_module, tree_bytes
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -106,16 +104,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path):
     args = [sys.executable, "-m", "cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", "pm_pretrain.epochs=12",
             "pm_pretrain.micro_batch_size=2", "pm_pretrain.save_every=5"]
     latest = run_dir / "pm_pretrain" / "checkpoints" / "latest.json"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    again = kill_then_rerun(args, latest, at_step=10)
     assert again.returncode == 0, again.stderr
     assert "resuming at step" in again.stdout
     rows = read_metrics(run_dir / "pm_pretrain")

@@ -3,13 +3,10 @@ direct RLAIF, and a short run on the embedded SmolLM2 model."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
-from conftest import ROOT, copy_stages, TINY, run_module, tree_bytes
+from conftest import ROOT, kill_then_rerun, copy_stages, TINY, run_module, tree_bytes
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 PPO_KEYS = {"score", "reward", "kl", "kl_coef", "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac",
@@ -109,16 +106,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path):
     args = [sys.executable, "-m", "cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.steps=10", "ppo.save_every=3",
             "ppo.target_kl=0.5"]
     latest = run_dir / "ppo" / "checkpoints" / "latest.json"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 3:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    again = kill_then_rerun(args, latest, at_step=3)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming at step" in again.stdout
     assert [m["step"] for m in read_metrics(run_dir / "ppo")] == list(range(1, 11))

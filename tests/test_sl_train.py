@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
 from cai.stages.sl_train import IGNORE, collate, tokenize_sft
 from cai.training import epoch_order
-from conftest import ROOT, TINY, run_module, tree_bytes
+from conftest import ROOT, kill_then_rerun, TINY, run_module, tree_bytes
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -104,19 +102,10 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(upstream, tmp_path):
     args = [sys.executable, "-m", "cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.epochs=16",
             "sl_train.micro_batch_size=1", "sl_train.save_every=5"]
     latest = run_dir / "sl_train" / "checkpoints" / "latest.json"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= 10:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    killed_at = json.loads(latest.read_text())["step"]
-    assert killed_at < 128 and read_manifest(run_dir / "sl_train")["status"] == "running"
+    def left_running():
+        assert json.loads(latest.read_text())["step"] < 128 and read_manifest(run_dir / "sl_train")["status"] == "running"
 
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    again = kill_then_rerun(args, latest, at_step=10, after_kill=left_running)
     assert again.returncode == 0, again.stderr
     assert "resuming at step" in again.stdout
     steps = [m["step"] for m in read_metrics(run_dir / "sl_train")]
