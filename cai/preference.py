@@ -34,7 +34,7 @@ from cai.data import DataError, parse_hh_transcript, read_table
 from cai.models import preference_scores
 from cai.runio import atomic_write_bytes, atomic_write_json, tree_hash
 from cai.stages import StageInputError
-from cai.training import check_train_settings, encode_chat, keep_left, right_pad
+from cai.training import check_train_settings, encode_chat, keep_left, pad_batch
 
 BUILTIN = Path(__file__).parent / "prompts"
 BUILTIN_PRETRAIN = BUILTIN / "stack_comparisons.jsonl"   # Stack-Exchange-style questions with voted answers
@@ -232,7 +232,7 @@ def pair_batch_loss(model, pairs: list[EncodedPair], pad_id: int, hard_margin: f
     """Mean ``preference_loss`` of a micro-batch (chosen and rejected sides scored in one forward pass),
     with the batch's accuracy, mean margin and token count as stats."""
     device = next(model.parameters()).device
-    ids, mask = right_pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    ids, mask = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     scores = preference_scores(model, ids.to(device), mask.to(device))  # (2B,)
     d = scores[:len(pairs)] - scores[len(pairs):]
     target = torch.tensor([p.p_chosen for p in pairs], device=device)
@@ -382,7 +382,7 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, batch_size: 
     scores = [0.0] * len(sequences)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        ids, mask = right_pad([sequences[i] for i in chunk], pad_id)
+        ids, mask = pad_batch([sequences[i] for i in chunk], pad_id)
         for i, s in zip(chunk, preference_scores(model, ids.to(device), mask.to(device)).tolist()):
             scores[i] = s
     return scores

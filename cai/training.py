@@ -65,14 +65,15 @@ def keep_left(prompt_ids: list[int], reply_len: int, max_length: int) -> tuple[l
     return (prompt_ids[len(prompt_ids) - keep:] if keep else []), True
 
 
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids (B, T) right-padded with PAD, attention_mask (B, T))."""
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (B, T) padded with PAD on ``side`` ("right" or "left"), attention_mask (B, T))."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, :len(seq)] = 1
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        mask[row, span] = 1
     return ids, mask
 
 
@@ -200,14 +201,17 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
     bar.close()
 
 
-def previous_run(out: Path, fingerprint: str, world: int, inputs: dict) -> tuple[bool, bool]:
+def previous_run(out: Path, fingerprint: str, world: int, inputs: dict, *, stage: str, announce: bool) -> tuple[bool, bool]:
     """(same, done) for a stage folder: whether its manifest was written with this config hash, these input
     fingerprints and this many ranks (the schedule and ZeRO partitions depend on it), and whether that run
-    finished (status complete and a ``model/`` folder)."""
+    finished (status complete and a ``model/`` folder) — said on stdout when ``announce``."""
     previous = read_manifest(out)
     same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("counts", {}).get("world_size") == world
             and all(previous.get(k) == v for k, v in inputs.items()))
-    return same, same and previous["status"] == "complete" and (out / "model").exists()
+    done = same and previous["status"] == "complete" and (out / "model").exists()
+    if done and announce:
+        print(f"cai {stage}: already complete in {out} (same config and inputs); nothing to do")
+    return same, done
 
 
 def resume_or_restart(engines, out: Path, resume: bool, *, stage: str, total_steps: int, rank: int,

@@ -115,6 +115,19 @@ def compose_cfg(name: str, overrides: list[str] | None = None):
         return compose(config_name=name, overrides=overrides or [])
 
 
+def assert_one_line_error(result, text: str) -> None:
+    """A stage refused its input: exit 1 and ``text`` on the last line of stderr."""
+    assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-1000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert text in last, last
+
+
+def outputs(run_dir: Path) -> dict:
+    """``tree_bytes`` of a run directory without Hydra's own log folders (every run, even a refused one,
+    writes its log there)."""
+    return {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+
+
 def tree_bytes(folder: Path) -> dict:
     """Every file below ``folder`` with its bytes: to prove a failed run left earlier outputs untouched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cai.preference import SHIFT_KEY, score_conversations
 from cai.runio import read_manifest, read_metrics
-from conftest import ROOT, kill_then_rerun, copy_stages, run_module, tree_bytes
+from conftest import ROOT, kill_then_rerun, copy_stages, run_module, assert_one_line_error, outputs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -133,35 +133,29 @@ def test_two_rank_zero3_run(tiny_run, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _one_line_error(result, text):
-    assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-1000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert text in last, last
-
-
 def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path):
     run_dir = _copy(tiny_run, tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "p_chosen": 2.0}) + "\n")
-    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
-    _one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={bad}"),
+    before = outputs(run_dir)
+    assert_one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={bad}"),
                     f"{bad}: row 0 'p_chosen' must be a number in [0, 1], got 2.0")
-    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", f"pm_finetune.human_source={bad}"),
+    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", f"pm_finetune.human_source={bad}"),
                     f"{bad}: row 0 'p_chosen'")
-    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=1.0"),
+    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=1.0"),
                     "pm_finetune.human_fraction must be in [0, 1), got 1.0")
-    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=0.95"),
+    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=0.95"),
                     "pm_finetune.human_fraction=0.95 needs 76 human comparisons for 4 AI-labeled ones")
-    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.eval_fraction=0.9"),
+    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.eval_fraction=0.9"),
                     "pm_finetune.eval_fraction=0.9: 4 ai comparison(s) leave an empty training split")
-    _one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", "pm_pretrain.margin=-1"),
+    assert_one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", "pm_pretrain.margin=-1"),
                     "pm_pretrain.margin must be >= 0")
     same = tmp_path / "same.jsonl"
     same.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "a"}) + "\n")
-    _one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={same}"),
+    assert_one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={same}"),
                     "no usable comparisons")
-    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
-    _one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
+    assert outputs(run_dir) == before
+    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
                     "ai_feedback: no ai_feedback here (no manifest.json); run that stage first")
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
-from conftest import ROOT, kill_then_rerun, copy_stages, TINY, run_module, tree_bytes
+from conftest import ROOT, kill_then_rerun, copy_stages, TINY, run_module, assert_one_line_error, outputs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 PPO_KEYS = {"score", "reward", "kl", "kl_coef", "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac",
@@ -142,12 +142,6 @@ def test_direct_rlaif_needs_no_pm(tmp_path):
     assert all(-1.0 <= m["score"] <= 1.0 for m in read_metrics(tmp_path / "ppo"))
 
 
-def _one_line_error(result, text):
-    assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-1000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert text in last, last
-
-
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coef=-0.1", "ppo.kl_coef (beta) must be >= 0, got -0.1"),
     ("ppo.batch_size=3", "ppo.batch_size=3 must be divisible by ppo.num_minibatches=2"),
@@ -167,12 +161,12 @@ def test_bad_settings_are_named(override, message):
 
 def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path):
     run_dir = _copy(tiny_run, tmp_path)
-    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
-    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.kl_coef=-0.1"),
+    before = outputs(run_dir)
+    assert_one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.kl_coef=-0.1"),
                     "ppo.kl_coef (beta) must be >= 0, got -0.1")
-    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_prompt_length=5"),
+    assert_one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_prompt_length=5"),
                     "every prompt is longer than ppo.max_prompt_length=5 tokens")
-    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_prompt_length=2040"),
+    assert_one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_prompt_length=2040"),
                     "exceeds the policy's context of 2048 tokens")
     # a PM on another tokenizer (a different vocabulary) is refused
     from cai.models import load_preference_model
@@ -180,10 +174,10 @@ def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path
     pm, pm_tok = load_preference_model({**TINY, "tiny": {**TINY["tiny"], "vocab_size": 600}})
     pm.save_pretrained(tmp_path / "other-pm")
     pm_tok.save_pretrained(tmp_path / "other-pm")
-    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", f"ppo.reward_model={tmp_path / 'other-pm'}"),
+    assert_one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", f"ppo.reward_model={tmp_path / 'other-pm'}"),
                     "the PM's tokenizer differs from the policy's")
-    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
-    _one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
+    assert outputs(run_dir) == before
+    assert_one_line_error(run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
                     "pm_finetune: no pm_finetune here (no manifest.json); run that stage first")
 
 

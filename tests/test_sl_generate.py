@@ -15,7 +15,7 @@ from datasets import load_from_disk
 from cai.constitution import load_constitution
 from cai.runio import read_manifest
 from cai.stages.sl_generate import run
-from conftest import ROOT, compose_cfg, run_module, tree_bytes
+from conftest import ROOT, compose_cfg, run_module, tree_bytes, outputs
 
 TINY = ["debug=tiny", "progress=false"]
 
@@ -93,13 +93,13 @@ def test_bad_input_is_one_line_and_leaves_outputs(tmp_path, extra, message):
     run_dir = tmp_path / "run"
     good = _run_cli(run_dir, "data.num_red_team=2", "data.num_helpful=1", "n_revisions=1")
     assert good.returncode == 0, good.stderr
-    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+    before = outputs(run_dir)
     extra = [e.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("NOCOL", str(tmp_path / "nocol.jsonl")) for e in extra]
     bad = _run_cli(run_dir, "data.num_red_team=2", "data.num_helpful=1", "n_revisions=1", *extra)
     assert bad.returncode == 1
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("cai sl_generate: ") and message in last, bad.stderr
-    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
+    assert outputs(run_dir) == before
 
 
 def test_sigkill_then_rerun_resumes(tmp_path):

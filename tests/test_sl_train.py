@@ -17,7 +17,7 @@ from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
 from cai.stages.sl_train import IGNORE, collate, tokenize_sft
 from cai.training import epoch_order
-from conftest import ROOT, kill_then_rerun, TINY, run_module, tree_bytes
+from conftest import ROOT, kill_then_rerun, TINY, run_module, outputs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -163,9 +163,9 @@ def test_refuses_incomplete_upstream_and_bad_settings(upstream, tmp_path):
     manifest = json.loads((run_dir / "sl_generate" / "manifest.json").read_text())
     manifest["status"] = "running"
     (run_dir / "sl_generate" / "manifest.json").write_text(json.dumps(manifest))
-    before = {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k}
+    before = outputs(run_dir)
     result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}")
     assert result.returncode == 1 and "is not complete" in result.stderr
-    assert {k: v for k, v in tree_bytes(run_dir).items() if "/hydra/" not in k} == before
+    assert outputs(run_dir) == before
     result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.lr=-1")
     assert result.returncode == 1 and "sl_train.lr must be > 0" in result.stderr

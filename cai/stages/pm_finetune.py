@@ -77,10 +77,8 @@ def run(cfg: DictConfig) -> Path:
               "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or P.source_fingerprint(str(ai_path), ai_path),
               "human_fingerprint": P.source_fingerprint(s.human_source, P.BUILTIN_HUMAN) if human else None,
               "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
-    same, done = T.previous_run(out, fingerprint, world, inputs)
+    same, done = T.previous_run(out, fingerprint, world, inputs, stage=STAGE, announce=main_rank)
     if done:
-        if main_rank:
-            print(f"cai {STAGE}: already complete in {out} (same config and inputs); nothing to do")
         return out / "model"
 
     # Step 2: the starting PM and the tokenised pairs (held-out: AI pairs first, then human ones).

@@ -60,10 +60,9 @@ def run(cfg: DictConfig) -> Path:
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = P.source_fingerprint(s.source, P.BUILTIN_PRETRAIN)
-    same, done = T.previous_run(out, fingerprint, world, {"data_fingerprint": data_fingerprint})
+    same, done = T.previous_run(out, fingerprint, world, {"data_fingerprint": data_fingerprint},
+                                stage=STAGE, announce=main_rank)
     if done:
-        if main_rank:
-            print(f"cai {STAGE}: already complete in {out} (same config and data); nothing to do")
         return out / "model"
 
     # Step 2: the PM (backbone + fresh scalar head) and the tokenised pairs.

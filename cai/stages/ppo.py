@@ -84,10 +84,8 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
                           cfg.data.hh_context, key=f"{STAGE}.num_helpful")
     out = stage_dir(cfg.run_dir, STAGE)
     inputs = {"policy_fingerprint": policy_fingerprint, "reward_fingerprint": reward_fingerprint}
-    same, done = T.previous_run(out, config_hash(cfg, HASH_KEYS), world, inputs)
+    same, done = T.previous_run(out, config_hash(cfg, HASH_KEYS), world, inputs, stage=STAGE, announce=main_rank)
     if done:
-        if main_rank:
-            print(f"cai {STAGE}: already complete in {out} (same config and inputs); nothing to do")
         return out / "model"
 
     # Step 2: the four models. Policy and value train in engines; reference and reward are frozen.
@@ -157,8 +155,8 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
             completions = generate(policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
                                    temperature=s.temperature, top_p=1.0, seed=derive_seed(cfg.seed, STAGE, step, rank),
                                    batch_size=cfg.generation.batch_size, progress=False)
-        query, query_mask = _left_pad([queries[i] for i in rows], tok.pad_token_id)
-        sampled, _ = T.right_pad([c.token_ids for c in completions], tok.pad_token_id)
+        query, query_mask = T.pad_batch([queries[i] for i in rows], tok.pad_token_id, side="left")
+        sampled, _ = T.pad_batch([c.token_ids for c in completions], tok.pad_token_id)
         response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
         batch = _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device))
 
@@ -290,24 +288,17 @@ def _token_values(value_model, b: _Batch) -> torch.Tensor:
     return value_model.score(hidden[:, -r - 1:-1]).squeeze(-1).float()
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(q) for q in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, q in enumerate(sequences):
-        ids[row, width - len(q):] = torch.tensor(q, dtype=torch.long)
-        mask[row, width - len(q):] = 1
-    return ids, mask
-
-
 def _step_prompts(pool: list[int], step: int, count: int, seed: int) -> list[int]:
     """The ``count`` prompts of ``step``: positions step*count ... in a seeded order of the pool that is
     reshuffled each time it has been used up."""
     n = len(pool)
+    orders: dict[int, list[int]] = {}
     picked = []
     for position in range(step * count, (step + 1) * count):
         cycle, k = divmod(position, n)
-        picked.append(pool[T.epoch_order(n, n, f"cai-ppo-prompts:{seed}", cycle)[k]])
+        if cycle not in orders:
+            orders[cycle] = T.epoch_order(n, n, f"cai-ppo-prompts:{seed}", cycle)
+        picked.append(pool[orders[cycle][k]])
     return picked
 
 

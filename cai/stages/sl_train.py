@@ -56,10 +56,9 @@ def run(cfg: DictConfig) -> Path:
     rows = _load_rows(data_path)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = _dataset_fingerprint(data_path)
-    same, done = T.previous_run(out, fingerprint, world, {"dataset_fingerprint": data_fingerprint})
+    same, done = T.previous_run(out, fingerprint, world, {"dataset_fingerprint": data_fingerprint},
+                                stage=STAGE, announce=main_rank)
     if done:
-        if main_rank:
-            print(f"cai {STAGE}: already complete in {out} (same config and data); nothing to do")
         return out / "model"
 
     from cai.models import load_policy
@@ -126,8 +125,8 @@ def tokenize_sft(tok, messages: list[dict], max_length: int, add_eos: bool = Tru
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch: input_ids (B, T) with PAD, labels (B, T) with IGNORE, attention_mask (B, T)."""
-    input_ids, mask = T.right_pad([ids for ids, _ in examples], pad_id)
-    labels, _ = T.right_pad([lab for _, lab in examples], IGNORE)
+    input_ids, mask = T.pad_batch([ids for ids, _ in examples], pad_id)
+    labels, _ = T.pad_batch([lab for _, lab in examples], IGNORE)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
