@@ -50,8 +50,9 @@ def parse_hh_transcript(text: str) -> list[dict]:
 
 
 def load_prompts(source: str | None, column: str, kind: str, count: int, seed: int,
-                 hh_context: str = "first_turn", key: str = "data") -> list[PromptItem]:
-    """``count`` prompts of ``kind`` from ``source``, in a seeded random order.
+                 hh_context: str = "first_turn", key: str = "data", held_out: bool = False) -> list[PromptItem]:
+    """``count`` prompts of ``kind`` from ``source``, in a seeded random order: the first ``count`` of it,
+    or with ``held_out`` the last ``count`` (evaluation prompts, away from the ones training stages take).
 
     ``key`` is the config key prefix used in error messages (e.g. ``data.red_team_path``).
     """
@@ -59,6 +60,15 @@ def load_prompts(source: str | None, column: str, kind: str, count: int, seed: i
         raise DataError(f"{key}: the number of {kind} prompts must be >= 0, got {count}")
     if count == 0:
         return []
+    items = prompt_order(source, column, kind, seed, hh_context)
+    if count > len(items):
+        where = str(source) if source else str(BUILTIN / f"{kind}.jsonl")
+        raise DataError(f"{key}: asked for {count} {kind} prompts but {where} has {len(items)}")
+    return items[len(items) - count:] if held_out else items[:count]
+
+
+def prompt_order(source: str | None, column: str, kind: str, seed: int, hh_context: str = "first_turn") -> list[PromptItem]:
+    """Every prompt of ``source`` in the seeded order that all stages draw from."""
     if hh_context not in ("first_turn", "dialogue"):
         raise DataError(f"data.hh_context must be first_turn or dialogue, got {hh_context!r}")
     where = str(source) if source else str(BUILTIN / f"{kind}.jsonl")
@@ -81,10 +91,8 @@ def load_prompts(source: str | None, column: str, kind: str, count: int, seed: i
         items.append(PromptItem(id=f"{kind}-{i}", kind=kind, conversation=conversation))
     if not items:
         raise DataError(f"{where}: no prompts (empty file or empty {column!r} column)")
-    if count > len(items):
-        raise DataError(f"{key}: asked for {count} {kind} prompts but {where} has {len(items)}")
     random.Random(f"cai-prompts:{seed}:{kind}").shuffle(items)
-    return items[:count]
+    return items
 
 
 def _read_column(source: str | Path, column: str, where: str) -> list:

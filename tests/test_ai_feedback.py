@@ -10,7 +10,7 @@ from datasets import load_from_disk
 from cai.constitution import load_constitution
 from cai.runio import read_manifest
 from cai.stages.ai_feedback import run as run_feedback
-from cai.stages.label_alignment import read_human_pairs
+from cai.feedback import read_human_pairs
 from cai.stages.label_alignment import run as run_alignment
 from conftest import ROOT, compose_cfg, run_module
 

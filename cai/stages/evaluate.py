@@ -1,17 +1,318 @@
-"""Evaluation: PM score, AI-judge win rates, harmlessness and Elo across checkpoints (DESIGN.md §1.7).
+"""Evaluation: checkpoints compared on held-out prompts (DESIGN.md §1.7).
 
-Not implemented yet: issue #7. The configuration (conf/evaluate.yaml) already composes.
+    python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,sl_train,ppo]] [evaluate.pairs=hh.jsonl]
+
+Each checkpoint (``base`` = ``model``; ``sl_train``/``ppo`` = that stage's ``model/`` in ``run_dir``; or a
+folder) answers the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful``
+helpful prompts of the data sources' seeded order (training stages take the first ones; any overlap is
+counted in the manifest and said on stdout). Then:
+
+- PM score: mean reward of each checkpoint's replies under the PM of ``pm_finetune`` (or
+  ``evaluate.reward_model``), per prompt kind;
+- AI-judge win rates: the labeler (``model``) compares the replies of every pair of checkpoints to each
+  prompt, under sampled comparison principles and in both orders (``cai.feedback.judge_pairs``);
+  identical replies count as a tie without asking;
+- Elo: a Bradley-Terry fit of all those soft outcomes on the Elo scale (``cai.ratings``);
+- harmlessness rate: share of red-team replies the judge rates above ``harmless_threshold`` (1..10 under a
+  sampled comparison principle, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
+- mean reply length (tokens) and the share that ended with EOS;
+- with ``evaluate.pairs``: the judge's agreement with human-labeled pairs (as ``label_alignment``).
+
+Each checkpoint also answers the first ``num_examples`` red-team prompts of ``sl_generate`` (training
+prompts, not scored): ``examples.jsonl`` puts them beside that stage's initial answer, critiques,
+revisions and principles, for the report's side-by-side examples.
+
+Writes ``${run_dir}/evaluate/``: ``responses/<checkpoint>.jsonl`` (kept as each checkpoint finishes, so a
+rerun after a crash does not generate them again), ``dataset/`` (one row per prompt and checkpoint:
+reply, PM score, judge rating), ``results.json`` (every figure above), ``examples.jsonl`` and
+``manifest.json``.
 """
 
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from cai.stages import CONFIG_PATH, not_implemented
+from cai.constitution import load_constitution, resolve_constitution_dir
+from cai.data import load_prompts, prompt_order
+from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, read_human_pairs
+from cai.generation import derive_seed, generate
+from cai.ratings import elo_ratings, win_rates
+from cai.runio import (atomic_write_json, atomic_write_text, config_hash, is_complete, lineage, read_manifest,
+                       save_dataset, stage_dir, write_manifest)
+from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_stage
+
+STAGE = "evaluate"
+HASH_KEYS = ("seed", "model", "constitution", "data", STAGE)
+STAGE_CHECKPOINTS = ("sl_train", "ppo")
 
 
-@hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base=None)
+def run(cfg: DictConfig) -> dict:
+    start = time.time()
+    s = cfg[STAGE]
+
+    # Step 1: check settings and find every input before touching the run directory.
+    if not s.checkpoints:
+        raise StageInputError(f"{STAGE}.checkpoints is empty: name at least one (base, sl_train, ppo or a folder)")
+    if len(set(s.checkpoints)) != len(s.checkpoints):
+        raise StageInputError(f"{STAGE}.checkpoints names a checkpoint twice: {list(s.checkpoints)}")
+    if s.n_principles < 1 or s.num_prompts < 0 or s.num_helpful < 0 or s.num_prompts + s.num_helpful < 1:
+        raise StageInputError(f"{STAGE}.n_principles must be >= 1 and {STAGE}.num_prompts + {STAGE}.num_helpful >= 1")
+    if s.num_examples < 0:
+        raise StageInputError(f"{STAGE}.num_examples must be >= 0, got {s.num_examples}")
+    check_generation(OmegaConf.merge(cfg.generation, {"max_new_tokens": s.max_new_tokens}), temperature=s.temperature)
+    checkpoints = {name: _checkpoint(cfg, name) for name in s.checkpoints}
+    pm_path, pm_fingerprint = _reward_model(cfg, s)
+    constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+    comparison = constitution.select("comparison", None, f"{STAGE}.n_principles")
+    harmless = constitution.select("comparison", s.harmless_principle_ids, f"{STAGE}.harmless_principle_ids")
+    items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
+                         cfg.data.hh_context, key=f"{STAGE}.num_prompts", held_out=True)
+    items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
+                          cfg.data.hh_context, key=f"{STAGE}.num_helpful", held_out=True)
+    overlap = _overlap_with_training(cfg, items)
+    examples, examples_fingerprint = _sl_examples(cfg, s.num_examples)
+    human_pairs, human_skipped = read_human_pairs(Path(s.pairs), s.pairs_limit) if s.pairs else ([], {})
+    if s.pairs and not human_pairs:
+        raise StageInputError(f"{STAGE}.pairs={s.pairs}: no usable pairs ({human_skipped or 'empty file'})")
+
+    out = stage_dir(cfg.run_dir, STAGE)
+    inputs = {"checkpoint_fingerprints": {k: v[1] for k, v in checkpoints.items()}, "reward_fingerprint": pm_fingerprint,
+              "examples_fingerprint": examples_fingerprint}
+    fingerprint = config_hash(cfg, HASH_KEYS)
+    previous = read_manifest(out)
+    same = bool(previous) and previous.get("config_hash") == fingerprint and previous.get("constitution_hash") == constitution.hash \
+        and all(previous.get(k) == v for k, v in inputs.items())
+    if same and previous["status"] == "complete" and (out / "results.json").exists():
+        print(f"cai {STAGE}: already complete in {out} (same config and checkpoints); nothing to do")
+        return json.loads((out / "results.json").read_text())
+    if overlap:
+        print(f"cai {STAGE}: warning: {overlap} of the {len(items)} held-out prompts were also used by training stages "
+              f"(lower {STAGE}.num_prompts/num_helpful or the training counts)")
+    responses_dir = out / "responses"
+    if not same:  # another config's replies must not be reused
+        for old in responses_dir.glob("*.jsonl"):
+            old.unlink()
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash, **inputs)
+    counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
+              "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
+    write_manifest(out, status="running", counts=counts, **manifest)
+
+    # Step 2: every checkpoint answers every prompt (kept on disk as each one finishes).
+    from cai.models import load_policy
+
+    conversations = [it.messages() for it in items]
+    asked = conversations + [row["messages"][:-1] for row in examples]  # the examples are answered, not scored
+    replies: dict[str, list[dict]] = {}
+    for k, (name, (model_cfg, _)) in enumerate(checkpoints.items()):
+        path = responses_dir / f"{_file_name(name)}.jsonl"
+        if path.exists():
+            replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
+            continue
+        model, tok = load_policy(model_cfg)
+        outs = generate(model, tok, asked, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                        top_p=cfg.generation.top_p, seed=derive_seed(cfg.seed, STAGE, name),
+                        batch_size=cfg.generation.batch_size, progress=cfg.progress, desc=f"replies: {name}")
+        ids = [it.id for it in items] + [row["id"] for row in examples]
+        replies[name] = [{"id": i, "text": o.text, "tokens": len(o.token_ids), "finished": o.finished} for i, o in zip(ids, outs)]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in replies[name]))
+        del model
+    example_replies = {name: rows[len(items):] for name, rows in replies.items()}
+    replies = {name: rows[:len(items)] for name, rows in replies.items()}
+
+    # Step 3: the PM's scores.
+    pm_scores: dict[str, list[float]] = {}
+    if pm_path is not None:
+        from cai.models import load_preference_model
+        from cai.preference import score_conversations
+
+        pm, pm_tok = load_preference_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)})
+        for name, rows in replies.items():
+            convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, rows)]
+            pm_scores[name] = score_conversations(pm, pm_tok, convs, batch_size=cfg.generation.batch_size).tolist()
+        del pm
+
+    # Step 4: the AI judge: pairwise comparisons, harmlessness ratings, agreement with humans.
+    judge, judge_tok = load_policy(cfg.model)
+    names = list(checkpoints)
+    games, to_judge = [], []
+    for a, b in itertools.combinations(names, 2):
+        for it, conv, ra, rb in zip(items, conversations, replies[a], replies[b]):
+            if ra["text"].strip() == rb["text"].strip():
+                games.append((a, b, 0.5))  # the same reply: a tie, nothing to ask
+            else:
+                to_judge.append((a, b, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
+    judgements = judge_pairs(judge, judge_tok, constitution, [p for _, _, p in to_judge], n_principles=s.n_principles,
+                             seed=cfg.seed, few_shot=s.few_shot, batch_size=cfg.generation.batch_size,
+                             progress=cfg.progress, principles=comparison)
+    games += [(a, b, j.p_a) for (a, b, _), j in zip(to_judge, judgements)]
+    red = [i for i, it in enumerate(items) if it.kind == "red_team"]
+    ratings: dict[str, list[float | None]] = {}
+    for name, rows in replies.items():
+        scored = direct_scores(judge, judge_tok, constitution,
+                               [(f"{items[i].id}:harmless", conversations[i], rows[i]["text"]) for i in red],
+                               seed=cfg.seed, principles=harmless, batch_size=cfg.generation.batch_size) if red else []
+        ratings[name] = [None] * len(items)
+        for i, v in zip(red, scored):
+            ratings[name][i] = v
+    alignment = None
+    if human_pairs:
+        human = judge_pairs(judge, judge_tok, constitution, human_pairs, n_principles=s.n_principles, seed=cfg.seed,
+                            few_shot=s.few_shot, batch_size=cfg.generation.batch_size, progress=cfg.progress,
+                            principles=comparison)
+        alignment = {**alignment_metrics(human), "n": len(human_pairs), "skipped": human_skipped, "pairs_file": str(s.pairs)}
+
+    # Step 5: the figures, the per-reply dataset, then the manifest (last).
+    elo = elo_ratings(games, names)
+    rates = win_rates(games)
+    results = {"checkpoints": {}, "win_rate": {a: {b: round(rates[(a, b)], 4) for b in names if (a, b) in rates} for a in names},
+               "games": len(games), "judged": len(to_judge), "alignment": alignment,
+               "prompts": {"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap}}
+    for name in names:
+        rows = replies[name]
+        entry = {"elo": round(elo[name], 1),
+                 "harmless_rate": _mean([float(v > s.harmless_threshold) for v in ratings[name] if v is not None]),
+                 "judge_rating": _mean([v for v in ratings[name] if v is not None]),
+                 "response_tokens": _mean([r["tokens"] for r in rows]),
+                 "eos_rate": _mean([float(r["finished"]) for r in rows]),
+                 "source": checkpoints[name][0]["path"]}
+        if name in pm_scores:
+            entry["pm_score"] = _mean(pm_scores[name])
+            for kind in ("red_team", "helpful"):
+                entry[f"pm_score_{kind}"] = _mean([v for v, it in zip(pm_scores[name], items) if it.kind == kind])
+        results["checkpoints"][name] = entry
+    from datasets import Dataset
+
+    save_dataset(Dataset.from_list([
+        {"id": it.id, "kind": it.kind, "prompt": conv, "checkpoint": name, "response": replies[name][i]["text"],
+         "finished": replies[name][i]["finished"], "pm_score": pm_scores[name][i] if name in pm_scores else None,
+         "judge_rating": ratings[name][i]}
+        for name in names for i, (it, conv) in enumerate(zip(items, conversations))]), out / "dataset")
+    atomic_write_text(out / "examples.jsonl", "".join(json.dumps({
+        "id": row["id"], "prompt": row["prompt"], "initial_response": row["initial_response"], "critiques": row["critiques"],
+        "revisions": row["revisions"], "principle_ids": row["principle_ids"],
+        "replies": {name: example_replies[name][k]["text"] for name in names}}) + "\n" for k, row in enumerate(examples)))
+    atomic_write_json(out / "results.json", results)
+    last = names[-1]
+    write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": len(to_judge)},
+                   timings={"total_s": round(time.time() - start, 2)},
+                   summary={"elo": {n: results["checkpoints"][n]["elo"] for n in names},
+                            f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])},
+                   **manifest)
+    print(format_table(results))
+    print(f"cai {STAGE}: results -> {out / 'results.json'}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The per-checkpoint figures and the win-rate matrix as text."""
+    names = list(results["checkpoints"])
+    head = f"{'checkpoint':<14} {'elo':>7} {'pm score':>9} {'harmless':>9} {'judge':>7} {'tokens':>7} {'eos':>5}"
+    lines = [head, "-" * len(head)]
+    for name, m in results["checkpoints"].items():
+        pm = f"{m['pm_score']:>9.3f}" if "pm_score" in m else f"{'-':>9}"
+        lines.append(f"{name[:14]:<14} {m['elo']:>7.1f} {pm} {_fmt(m['harmless_rate'], 9)} {_fmt(m['judge_rating'], 7)} "
+                     f"{m['response_tokens']:>7.1f} {m['eos_rate']:>5.2f}")
+    if len(names) > 1:
+        lines += ["", "win rate (row beats column, AI judge, both orders):", " " * 14 + "".join(f"{n[:10]:>11}" for n in names)]
+        for a in names:
+            lines.append(f"{a[:14]:<14}" + "".join(f"{results['win_rate'][a].get(b, float('nan')):>11.3f}" if a != b
+                                                    else f"{'-':>11}" for b in names))
+    if results.get("alignment"):
+        al = results["alignment"]
+        lines.append(f"\njudge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs "
+                     f"(position bias {al['position_bias_rate']:.3f}, flip rate {al['flip_rate']:.3f})")
+    return "\n".join(lines)
+
+
+def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
+    """(model config, fingerprint) of a checkpoint named in ``evaluate.checkpoints``."""
+    base = OmegaConf.to_container(cfg.model, resolve=True)
+    if name == "base":
+        return base, f"base:{cfg.model.path}"
+    if name in STAGE_CHECKPOINTS:
+        folder = stage_dir(cfg.run_dir, name)
+        if not is_complete(folder) or not (folder / "model").is_dir():
+            raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {folder} holds no complete {name} run; run that "
+                                  f"stage first or drop it from {STAGE}.checkpoints")
+        return {**base, "path": str(folder / "model")}, lineage(read_manifest(folder))
+    folder = Path(name).expanduser()
+    if not (folder / "config.json").exists():
+        raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
+    return {**base, "path": str(folder)}, f"path:{folder.resolve()}:{(folder / 'config.json').stat().st_mtime_ns}"
+
+
+def _sl_examples(cfg: DictConfig, count: int) -> tuple[list[dict], str | None]:
+    """The first ``count`` red-team rows of ``sl_generate`` (prompt, initial answer, critiques, revisions,
+    principles) when that stage is complete; none otherwise."""
+    folder = stage_dir(cfg.run_dir, "sl_generate")
+    if count <= 0 or not is_complete(folder) or not (folder / "dataset").is_dir():
+        return [], None
+    from datasets import load_from_disk
+
+    rows = [row for row in load_from_disk(str(folder / "dataset")) if row["kind"] == "red_team"][:count]
+    return rows, lineage(read_manifest(folder))
+
+
+def _reward_model(cfg: DictConfig, s: DictConfig) -> tuple[Path | None, str | None]:
+    if s.reward_model:
+        path = Path(s.reward_model).expanduser()
+        if not (path / "config.json").exists():
+            raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
+        return path, f"path:{path.resolve()}:{(path / 'config.json').stat().st_mtime_ns}"
+    folder = stage_dir(cfg.run_dir, "pm_finetune")
+    if is_complete(folder) and (folder / "model").is_dir():
+        return folder / "model", lineage(read_manifest(folder))
+    print(f"cai {STAGE}: no complete pm_finetune in {cfg.run_dir}: reporting no PM score (set {STAGE}.reward_model= for one)")
+    return None, None
+
+
+def _overlap_with_training(cfg: DictConfig, items) -> int:
+    """How many held-out prompts the training stages of this run drew: they take the first prompts of the same
+    seeded order (sl_generate, then ai_feedback after it; ppo from the start), as their manifests record."""
+    def used(stage: str, *keys: str) -> int:
+        config = (read_manifest(stage_dir(cfg.run_dir, stage)) or {}).get("config")
+        return int(_dig(config, *keys) or 0) if config else 0
+
+    sl_red = used("sl_generate", "data", "num_red_team")
+    first = {"red_team": max(sl_red + used("ai_feedback", "ai_feedback", "num_prompts"), used("ppo", "ppo", "num_prompts")),
+             "helpful": max(used("sl_generate", "data", "num_helpful"), used("ppo", "ppo", "num_helpful"))}
+    overlap = 0
+    for kind, source, column in (("red_team", cfg.data.red_team_path, cfg.data.red_team_column),
+                                 ("helpful", cfg.data.helpful_path, cfg.data.helpful_column)):
+        if first[kind]:
+            taken = {it.id for it in prompt_order(source, column, kind, cfg.seed, cfg.data.hh_context)[:first[kind]]}
+            overlap += sum(it.id in taken for it in items)
+    return overlap
+
+
+def _dig(config: dict, *keys: str):
+    for key in keys:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def _file_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "checkpoint"
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _fmt(value, width: int) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    not_implemented("evaluate", issue=7)
+    run_stage(STAGE, run, cfg)
 
 
 if __name__ == "__main__":

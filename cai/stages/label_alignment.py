@@ -22,17 +22,15 @@ Writes ``${run_dir}/label_alignment/metrics.json`` (and ``manifest.json``) with
 
 from __future__ import annotations
 
-import json
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from cai.constitution import load_constitution, resolve_constitution_dir
-from cai.data import DataError, parse_hh_transcript
-from cai.feedback import Pair, judge_pairs
+from cai.data import DataError
+from cai.feedback import alignment_metrics, judge_pairs, read_human_pairs
 from cai.runio import atomic_write_json, stage_dir, write_manifest
 from cai.stages import CONFIG_PATH, StageInputError, run_stage
 
@@ -76,86 +74,6 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], dict]:
-    """Pairs with ``response_a`` = the human's choice, and counts of skipped rows by reason."""
-    if not path.exists():
-        raise DataError(f"{path}: file does not exist")
-    pairs, skipped = [], defaultdict(int)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
-            raise DataError(f"{path}:{n}: needs 'chosen' and 'rejected' (hh-rlhf transcripts or ai_feedback rows)")
-        if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
-            raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be transcripts or both be chats")
-        if isinstance(row["chosen"], str):
-            context, chosen, rejected, reason = _split_transcripts(row["chosen"], row["rejected"])
-        else:
-            context, chosen, rejected, reason = _split_conversational(row, path, n)
-        if reason:
-            skipped[reason] += 1
-            continue
-        pairs.append(Pair(f"{path.name}:{n}", context, chosen, rejected))
-        if limit and len(pairs) >= limit:
-            break
-    return pairs, dict(skipped)
-
-
-def _split_transcripts(chosen: str, rejected: str):
-    a, b = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
-    if not a or not b or a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant":
-        return None, None, None, "no_assistant_turn"
-    if a[:-1] != b[:-1]:
-        return None, None, None, "different_contexts"
-    if not a[:-1] or a[-2]["role"] != "user":
-        return None, None, None, "no_human_turn"
-    if a[-1]["content"].strip() == b[-1]["content"].strip():
-        return None, None, None, "identical_responses"
-    return a[:-1], a[-1]["content"], b[-1]["content"], None
-
-
-def _split_conversational(row: dict, path: Path, n: int):
-    prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
-    if not isinstance(prompt, list) or not isinstance(chosen, list) or not isinstance(rejected, list):
-        raise DataError(f"{path}:{n}: conversational rows need list-valued 'prompt', 'chosen' and 'rejected'")
-    if not chosen or not rejected or chosen[-1].get("role") != "assistant" or rejected[-1].get("role") != "assistant":
-        return None, None, None, "no_assistant_turn"
-    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
-        return None, None, None, "identical_responses"
-    return prompt, chosen[-1]["content"], rejected[-1]["content"], None
-
-
-def alignment_metrics(judgements) -> dict:
-    """Agreement and bias figures from judgements whose response_a is the human's choice."""
-    def agree(p: float) -> float:
-        return 1.0 if p > 0.5 else 0.5 if p == 0.5 else 0.0
-
-    def summarise(js) -> dict:
-        singles = [(ab, ba) for j in js for ab, ba in zip(j.p_order_ab, j.p_order_ba)]
-        first_wins = [ab > 0.5 for ab, _ in singles] + [ba < 0.5 for _, ba in singles]  # (A) won in each order
-        return {
-            "alignment": _mean([agree(j.p_a) for j in js]),
-            "mean_confidence": _mean([max(j.p_a, 1 - j.p_a) for j in js]),
-            "position_bias_rate": _mean(first_wins),
-            "flip_rate": _mean([(ab > 0.5) != (ba > 0.5) for ab, ba in singles]),
-            "single_order_alignment": _mean([agree(ab) for ab, _ in singles]),
-            "judgements": len(singles),
-        }
-
-    metrics = summarise(judgements)
-    by_principle = defaultdict(list)
-    for j in judgements:
-        for pid, ab, ba in zip(j.principle_ids, j.p_order_ab, j.p_order_ba):
-            by_principle[pid].append(type(j)((ab + ba) / 2, [ab], [ba], [pid]))
-    metrics["per_principle"] = {pid: summarise(js) for pid, js in sorted(by_principle.items())}
-    return metrics
-
-
 def format_table(metrics: dict) -> str:
     head = f"{'principle':<28} {'n':>5} {'align':>6} {'conf':>6} {'pos.bias':>8} {'flip':>6}"
     lines = [head, "-" * len(head)]
@@ -167,11 +85,6 @@ def format_table(metrics: dict) -> str:
                  f"{metrics['position_bias_rate']:>8.3f} {metrics['flip_rate']:>6.3f}")
     lines.append(f"single-order alignment (no swap): {metrics['single_order_alignment']:.3f}; skipped rows: {metrics['skipped']}")
     return "\n".join(lines)
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return round(sum(values) / len(values), 4) if values else float("nan")
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)

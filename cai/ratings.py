@@ -1,0 +1,66 @@
+"""Win rates and Elo ratings from soft pairwise outcomes (the evaluate stage's maths).
+
+A *game* is ``(a, b, p)``: players ``a`` and ``b`` and the probability ``p`` in [0, 1] that ``a`` is better
+(an AI judge's swap-averaged verdict; 1, 0 or 0.5 for hard outcomes). Elo here is the Bradley-Terry
+model on the Elo scale, fitted by maximum likelihood over all games at once, so it does not depend on
+the order in which games were played (sequential Elo updates do):
+
+    P(a beats b) = 1 / (1 + 10 ** ((R_b - R_a) / 400))
+
+With two players, the fitted gap is exactly 400·log10(p̄ / (1 − p̄)) for the mean outcome p̄.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Sequence
+
+ELO_SCALE = 400.0 / math.log(10.0)  # rating points per unit of log-odds
+ELO_MEAN = 1000.0
+
+
+def win_rates(games: Sequence[tuple[str, str, float]]) -> dict[tuple[str, str], float]:
+    """Mean P(a beats b) for every ordered pair that met (both directions are filled in)."""
+    totals: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for a, b, p in games:
+        totals[(a, b)].append(p)
+        totals[(b, a)].append(1.0 - p)
+    return {pair: sum(ps) / len(ps) for pair, ps in totals.items()}
+
+
+def elo_ratings(games: Sequence[tuple[str, str, float]], players: Sequence[str] | None = None,
+                clip: float = 1e-3, iterations: int = 2000, tol: float = 1e-10) -> dict[str, float]:
+    """Bradley-Terry maximum-likelihood ratings on the Elo scale, mean ``ELO_MEAN``.
+
+    Outcomes are clipped to [clip, 1 − clip] so that a player who won every game still gets a finite
+    rating. Fitted by Newton steps on the log-likelihood (a connected set of players is needed for the
+    gaps to be defined; players that never played stay at the mean).
+    """
+    import torch
+
+    names = list(players) if players is not None else sorted({x for a, b, _ in games for x in (a, b)})
+    if not games:
+        return {n: ELO_MEAN for n in names}
+    index = {n: i for i, n in enumerate(names)}
+    a = torch.tensor([index[g[0]] for g in games])
+    b = torch.tensor([index[g[1]] for g in games])
+    p = torch.tensor([min(max(float(g[2]), clip), 1.0 - clip) for g in games], dtype=torch.float64)
+    n = len(names)
+    theta = torch.zeros(n, dtype=torch.float64)  # log-odds strengths
+    for _ in range(iterations):
+        q = torch.sigmoid(theta[a] - theta[b])
+        grad = torch.zeros(n, dtype=torch.float64).index_add_(0, a, p - q).index_add_(0, b, q - p)
+        w = q * (1 - q)
+        hess = torch.zeros(n, n, dtype=torch.float64)
+        hess.index_put_((a, a), w, accumulate=True)
+        hess.index_put_((b, b), w, accumulate=True)
+        hess.index_put_((a, b), -w, accumulate=True)
+        hess.index_put_((b, a), -w, accumulate=True)
+        # the likelihood is flat along "everyone + c": pin the mean at 0 with a ones-row penalty
+        step = torch.linalg.solve(hess + torch.ones(n, n, dtype=torch.float64) / n, grad)
+        theta = theta + step
+        theta = theta - theta.mean()
+        if step.abs().max().item() < tol:
+            break
+    return {name: ELO_MEAN + ELO_SCALE * theta[i].item() for name, i in index.items()}
