@@ -150,19 +150,20 @@ def build_engine(model, cfg: DictConfig, s: DictConfig, total_steps: int):
 
 def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int, resume: bool, rank: int,
         loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict]],
-        after_epoch: Callable[[int], dict] | None = None, progress: bool = True) -> None:
+        after_epoch: Callable[[int], dict] | None = None, progress: bool = True, logger: DictConfig | None = None) -> None:
     """Train ``plan.total_steps`` optimizer steps, resuming from ``out/checkpoints`` when ``resume``.
 
     ``loss_fn(rows)`` -> (loss, stats) for this rank's micro-batch of example indices; ``stats`` values
     are averaged over micro-batches and ranks, except ``tokens`` (summed, logged as tokens_per_s).
     ``after_epoch(epoch)`` runs on every rank after an epoch's last step and returns metrics logged as a
     row with ``split: "eval"`` (before that step's checkpoint, so a resume never loses or repeats it).
+    ``logger`` (``cfg.logger``) mirrors the rows to TensorBoard or W&B (see ``MetricsWriter``).
     """
     main_rank = rank == 0
     checkpoints = out / "checkpoints"
     state = resume_or_restart(engine, out, resume, stage=stage, total_steps=plan.total_steps, rank=rank)
     first_step = state["step"] if state else 0
-    metrics = MetricsWriter(out, enabled=main_rank)
+    metrics = MetricsWriter(out, enabled=main_rank, logger=logger, run_name=stage)
 
     bar = tqdm(total=plan.total_steps, initial=first_step, desc=stage, unit="step", disable=not (progress and main_rank))
     order: list[int] = []
@@ -199,6 +200,7 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
         if (step + 1) % save_every == 0 and step + 1 < plan.total_steps:
             D.save_checkpoint(engine, checkpoints, step + 1, {"step": step + 1, "rng": D.rng_state()})
     bar.close()
+    metrics.close()
 
 
 def previous_run(out: Path, fingerprint: str, world: int, inputs: dict, *, stage: str, announce: bool) -> tuple[bool, bool]:

@@ -7,14 +7,6 @@ from pathlib import Path
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def not_implemented(stage: str, issue: int) -> None:
-    """Stop with an honest one-line message for a stage whose code has not landed yet."""
-    raise SystemExit(
-        f"cai: stage '{stage}' is not implemented yet (tracked in issue #{issue}); "
-        f"its configuration composes: python -m cai.stages.{stage} --cfg job"
-    )
-
-
 def run_stage(stage: str, fn, cfg) -> None:
     """Run a stage body; turn the expected kinds of bad input into one-line errors and exit 1.
 
@@ -26,6 +18,7 @@ def run_stage(stage: str, fn, cfg) -> None:
     from cai.models import ModelLoadError
 
     try:
+        check_logger(cfg.get("logger"))
         fn(cfg)
     except (ConstitutionError, DataError, LabelerError, ModelLoadError, StageInputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
@@ -38,6 +31,18 @@ def check_generation(gen, temperature: float | None = None) -> None:
     try:
         check_sampling(gen.batch_size, gen.max_new_tokens, gen.temperature if temperature is None else temperature, gen.top_p)
     except ValueError as e:
+        raise StageInputError(str(e)) from None
+
+
+def check_logger(logger) -> None:
+    """Refuse an unknown ``logger.name`` or a missing TensorBoard/W&B package before a stage touches its folder."""
+    from cai.runio import logger_backend
+
+    if logger is None:
+        return
+    try:
+        logger_backend(logger)
+    except (ValueError, ImportError) as e:
         raise StageInputError(str(e)) from None
 
 

@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> Path:
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
                     policy=policy_path or f"model.path={cfg.model.path}", policy_fingerprint=policy_fingerprint)
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
-    metrics = MetricsWriter(out)
+    metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)
 
     # Step 5: shard by shard: sample pairs, judge them, save.
     from datasets import Dataset, concatenate_datasets, load_from_disk
@@ -116,6 +116,7 @@ def run(cfg: DictConfig) -> Path:
         seconds = time.time() - t0
         metrics.log(shard=k, pairs=len(rows), skipped_identical=skipped, seconds=round(seconds, 3),
                     comparisons_per_s=round(2 * s.n_principles * len(rows) / max(seconds, 1e-9), 3))
+    metrics.close()
 
     # Step 6: join the shards; the manifest is written last.
     records = [json.loads(_record(path).read_text()) for path in paths]

@@ -106,7 +106,7 @@ def run(cfg: DictConfig) -> Path:
                                     groups={"ai": list(range(n_ai)), "human": list(range(n_ai, len(eval_pairs)))})
     T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
           loss_fn=lambda rows: P.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
-          after_epoch=evaluate, progress=cfg.progress)
+          after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: reward normalisation: the shift that centres the scores of the SL-CAI samples on 0.
     shift = 0.0

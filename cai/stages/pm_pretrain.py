@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> Path:
                                   main_rank=main_rank)
     T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
           loss_fn=lambda rows: P.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
-          after_epoch=evaluate, progress=cfg.progress)
+          after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: the final checkpoint, then the manifest (last).
     D.save_final_model(engine, tok, out / "model")

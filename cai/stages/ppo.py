@@ -136,8 +136,8 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
     first_step = state["step"] if state else 0
     if state:
         kl_ctl.load(state["kl"])
-    metrics = MetricsWriter(out, enabled=main_rank)
-    samples = MetricsWriter(out, name="samples.jsonl", enabled=main_rank)
+    metrics = MetricsWriter(out, enabled=main_rank, logger=cfg.logger, run_name=STAGE)
+    samples = MetricsWriter(out, name="samples.jsonl", enabled=main_rank)  # text: not mirrored
 
     # Step 5: the PPO loop.
     device = policy_engine.device
@@ -240,6 +240,7 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
         if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
             D.save_checkpoint(engines, checkpoints, step + 1, {"step": step + 1, "rng": D.rng_state(), "kl": kl_ctl.state()})
     bar.close()
+    metrics.close()
 
     # Step 6: the final policy, then the manifest (last).
     D.save_final_model(policy_engine, tok, out / "model")

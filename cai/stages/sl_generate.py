@@ -88,7 +88,7 @@ def run(cfg: DictConfig) -> Path:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS)
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
-    metrics = MetricsWriter(out)
+    metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)
 
     # Step 5: generate shard by shard; each shard is saved atomically the moment it is done.
     from datasets import Dataset, concatenate_datasets, load_from_disk
@@ -107,6 +107,7 @@ def run(cfg: DictConfig) -> Path:
         seconds = time.time() - t0
         metrics.log(shard=k, rows=len(rows), seconds=round(seconds, 3), generated_tokens=n_tokens,
                     tokens_per_s=round(n_tokens / max(seconds, 1e-9), 2))
+    metrics.close()
 
     # Step 6: join the shards into one dataset; the manifest is written last.
     dataset = concatenate_datasets([load_from_disk(str(shards_dir / _shard_name(k))) for k in range(len(shards))])

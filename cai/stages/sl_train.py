@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> Path:
         return engine(**batch).loss, {"tokens": int(batch["attention_mask"].sum())}
 
     T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
-          loss_fn=loss_fn, progress=cfg.progress)
+          loss_fn=loss_fn, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: the final checkpoint, then the manifest (last).
     D.save_final_model(engine, tok, out / "model", merge_lora=bool(s.lora))
