@@ -3,6 +3,8 @@
     cai constitution lint DIR
     cai constitution render DIR --kind critique|revision|comparison|cot|score [--principle ID] [--model PATH]
     cai constitution import PATH --format anthropic|hf -o DIR
+    cai report RUN_DIR
+    cai report --compare RUN_DIR RUN_DIR ... [-o FILE]
 """
 
 from __future__ import annotations
@@ -48,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--format", required=True, choices=("anthropic", "hf"))
     imp.add_argument("-o", "--output", required=True, help="new constitution folder to write")
 
+    report = groups.add_parser("report", help="write RUN_DIR/report.html, or with --compare one page for several runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--compare", action="store_true", help="put several runs (e.g. a sweep's jobs) side by side")
+    report.add_argument("-o", "--output", help="--compare: the page to write (default: compare.html beside the first run)")
+
     args = parser.parse_args(argv)
+    if args.group == "report":
+        return _report(args)
     if args.command == "lint":
         return _lint(args.dir)
     if args.command == "render":
@@ -117,6 +126,22 @@ def _import(args) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.output}")
+    return 0
+
+
+
+def _report(args) -> int:
+    from cai.report import write_comparison, write_report
+
+    if not args.compare and (len(args.run_dirs) > 1 or args.output):
+        print("cai report: one RUN_DIR writes RUN_DIR/report.html; use --compare for several runs (and -o)", file=sys.stderr)
+        return 2
+    try:
+        path = write_comparison(args.run_dirs, args.output) if args.compare else write_report(args.run_dirs[0])
+    except FileNotFoundError as e:
+        print(f"cai report: {e}", file=sys.stderr)
+        return 1
+    print(path)
     return 0
 
 

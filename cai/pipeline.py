@@ -1,38 +1,150 @@
 """The whole recipe as one command: ``python -m cai.pipeline [key=value ...]``.
 
-Runs the stages listed in ``stages`` in order, each as its own process (``python -m cai.stages.<stage>``)
-on the same ``run_dir``, so a training stage can later be started under a multi-process launcher and a
-crash in one stage never takes the pipeline's state with it. Command-line overrides are passed on:
-shared keys (``model=``, ``run_dir=``, ``debug=tiny``, ...) to every stage, ``<stage>.KEY=...`` only to
-that stage. The pipeline stops at the first stage that fails and says which.
+Runs the stages listed in ``stages`` in order, each as its own process (``python -m cai.stages.<stage>``,
+or under the ``deepspeed`` launcher for training stages with ``launcher=deepspeed``) on the same
+``run_dir``, so a crash in one stage never takes the pipeline's state with it. Command-line overrides
+are passed on: shared keys (``model=``, ``seed=``, ``debug=tiny``, ...) to every stage, ``<stage>.KEY=...``
+only to that stage. The pipeline stops at the first stage that fails and says which.
+
+Skipping. A stage is skipped without starting a process when its manifest says complete with the
+config hash this command gives it and the same constitution content, and neither its upstream stages'
+manifests (``UPSTREAM``) nor the local files and folders its settings name (data files, model folders)
+changed since the pipeline last saw it complete (recorded in ``pipeline.json``). Otherwise the stage
+runs, and its own checks decide between doing nothing, resuming and starting over. So a changed ``ppo.kl_coef``
+reruns ppo, then evaluate (its upstream finished later); an edited constitution reruns every stage that
+reads it and everything downstream.
+
+Sweeps. Under ``-m`` (Hydra multirun) every job gets its own run directory,
+``${run_dir}/jobs/<its overrides>``, and each stage's folder there is a link into ``${run_dir}/shared/``,
+named by a key over the stage's config hash, constitution, launcher and its upstream stages' keys: jobs
+whose settings agree up to a stage share that stage's folder, so it is computed once. A file lock per
+shared folder makes parallel launchers (joblib, submitit) wait for a stage another job is computing.
+
+At the end: a summary table (status, rows or steps, wall time, key metric per stage),
+``${run_dir}/pipeline.json`` and the HTML report ``${run_dir}/report.html`` (``cai report``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
+import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
+from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config
 from cai.stages import CONFIG_PATH
 
 STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
+# the stages whose outputs each stage reads (in the same run_dir)
+UPSTREAM = {
+    "sl_generate": (),
+    "sl_train": ("sl_generate",),
+    "ai_feedback": ("sl_train",),
+    "pm_pretrain": (),
+    "pm_finetune": ("pm_pretrain", "ai_feedback", "sl_generate"),
+    "ppo": ("sl_train", "pm_finetune"),
+    "evaluate": ("sl_train", "ppo", "pm_finetune"),
+}
+TRAINING = ("sl_train", "pm_pretrain", "pm_finetune", "ppo")  # the stages a multi-process launcher runs
+PIPELINE_KEYS = ("stages", "launcher")  # the pipeline's own settings: not passed to stages
+RECORD = "pipeline.json"
 
 
 def overrides_for(stage: str, overrides: list[str]) -> list[str]:
     """The command-line overrides that apply to ``stage``: drop the ones addressed to other stages
-    and the pipeline's own ``stages=`` list."""
+    and the pipeline's own settings (``stages=``, ``launcher=``)."""
     kept = []
     for override in overrides:
         key = override.lstrip("~+").split("=", 1)[0]
         head = key.split(".", 1)[0]
-        if head == "stages" or (head in STAGES and head != stage):
+        if head in PIPELINE_KEYS or (head in STAGES and head != stage):
             continue
         kept.append(override)
     return kept
+
+
+def launch_command(stage: str, args: list[str], launcher: DictConfig | dict) -> list[str]:
+    """The command that runs ``stage``: one Python process, or for training stages under
+    ``launcher.name=deepspeed`` the DeepSpeed launcher with ``num_gpus`` ranks per node on ``num_nodes``
+    nodes (``hostfile`` for several)."""
+    if launcher["name"] == "deepspeed" and stage in TRAINING:
+        command = [str(Path(sys.executable).with_name("deepspeed")), "--no_local_rank",
+                   "--num_gpus", str(launcher["num_gpus"]), "--num_nodes", str(launcher["num_nodes"])]
+        if launcher.get("hostfile"):
+            command += ["--hostfile", str(launcher["hostfile"])]
+        return [*command, "--module", f"cai.stages.{stage}", *args]
+    return [sys.executable, "-m", f"cai.stages.{stage}", *args]
+
+
+def stage_keys(cfg: DictConfig, stages, constitution_hash: str) -> dict[str, dict]:
+    """Per stage: the config hash the stage will compute for itself, the constitution hash it records
+    (None when it reads no constitution), and a key over those, the launcher and its upstream keys."""
+    plan: dict[str, dict] = {}
+    for stage in STAGES:
+        hash_keys = importlib.import_module(f"cai.stages.{stage}").HASH_KEYS
+        own = config_hash(cfg, hash_keys)
+        constitution = constitution_hash if "constitution" in hash_keys else None
+        launcher = resolved_config(cfg.launcher) if stage in TRAINING else None
+        upstream = [plan[u]["key"] for u in UPSTREAM[stage]]
+        blob = json.dumps([stage, own, constitution, launcher, upstream], sort_keys=True).encode("utf-8")
+        plan[stage] = {"config_hash": own, "constitution_hash": constitution, "key": hashlib.sha256(blob).hexdigest()}
+    return {s: plan[s] for s in stages}
+
+
+def input_stamps(cfg: DictConfig, stage: str) -> dict[str, list]:
+    """(size, mtime) of every local file, and of every file inside every local folder, that the stage's
+    hashed settings name — how the pipeline notices an edited data file or a replaced model folder."""
+    hash_keys = importlib.import_module(f"cai.stages.{stage}").HASH_KEYS
+    stamps: dict[str, list] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value and len(value) < 4096:
+            path = Path(value).expanduser()
+            with contextlib.suppress(OSError):
+                files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+                for f in files:
+                    st = f.stat()
+                    stamps[str(f)] = [st.st_size, st.st_mtime_ns]
+
+    config = resolved_config(cfg)
+    visit({k: v for k, v in config.items() if k in hash_keys and k != "constitution"})  # the constitution is hashed by content
+    return stamps
+
+
+def up_to_date(folder: Path, stage: str, plan: dict, state: dict, seen: dict | None) -> bool:
+    """Whether ``stage`` can be skipped without starting it: its manifest says complete with the config and
+    constitution hashes of ``plan``, and ``state`` (``stage_state``) is what the pipeline recorded when it last
+    saw the stage complete."""
+    manifest = read_manifest(folder) if (folder / MANIFEST).exists() else None
+    if not manifest or manifest.get("status") != "complete" or manifest.get("config_hash") != plan["config_hash"]:
+        return False
+    recorded = manifest.get("constitution_hash")  # None: this run of the stage read no constitution
+    if recorded is not None and recorded != plan["constitution_hash"]:
+        return False
+    return seen == state
+
+
+def stage_state(cfg: DictConfig, folder: Path, stage: str) -> dict:
+    """What must not have changed since a stage was last seen complete: its input files (``input_stamps``),
+    and the manifests of the stage and of its upstream stages (a rerun of any rewrites its manifest)."""
+    return {"stamps": input_stamps(cfg, stage), "manifest_mtime": _mtime(folder / MANIFEST),
+            "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in UPSTREAM[stage]}}
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="pipeline", version_base=None)
@@ -40,27 +152,126 @@ def main(cfg: DictConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"cai.pipeline: stages= names unknown stage(s) {unknown} (known: {', '.join(STAGES)})")
-    overrides = list(HydraConfig.get().overrides.task)
-    if not any(o.startswith("run_dir=") for o in overrides):
-        overrides.append(f"run_dir={cfg.run_dir}")  # every stage must agree on the run directory
+    if cfg.launcher.name not in ("python", "deepspeed"):
+        raise SystemExit(f"cai.pipeline: launcher.name must be python or deepspeed, got {cfg.launcher.name!r}")
+    from cai.constitution import ConstitutionError, load_constitution, resolve_constitution_dir
+
+    try:
+        constitution_hash = load_constitution(resolve_constitution_dir(cfg.constitution.path)).hash
+    except ConstitutionError as e:
+        raise SystemExit(f"cai.pipeline: {e}") from None
+    hc = HydraConfig.get()
+    overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
+    sweep = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(cfg.run_dir) / "jobs" / _job_name(hc.job.override_dirname) if sweep else Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = stage_keys(cfg, cfg.stages, constitution_hash)
+    record_path = run_dir / RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    seen = record.get("seen", {})
     summary = []
+    failed = None
     for stage in cfg.stages:
-        command = [sys.executable, "-m", f"cai.stages.{stage}", *overrides_for(stage, overrides)]
-        print(f"\n=== cai.pipeline: {stage} ===", flush=True)
+        folder = run_dir / stage
+        lock, shared_seen = _share(folder, Path(cfg.run_dir) / "shared", stage, plan[stage]["key"]) if sweep \
+            else (contextlib.nullcontext(), None)
         start = time.time()
-        code = subprocess.call(command)
-        summary.append((stage, "ok" if code == 0 else f"failed (exit {code})", time.time() - start))
+        with lock:
+            if shared_seen is not None and stage not in seen and shared_seen.exists():
+                seen[stage] = json.loads(shared_seen.read_text())  # another job of the sweep ran it
+            if up_to_date(folder, stage, plan[stage], stage_state(cfg, folder, stage), seen.get(stage)):
+                summary.append(_summary_row(stage, folder, "skipped", time.time() - start))
+                continue
+            print(f"\n=== cai.pipeline: {stage} ===", flush=True)
+            before = _mtime(folder / MANIFEST)
+            seen.pop(stage, None)
+            command = launch_command(stage, [*overrides_for(stage, overrides), f"run_dir={run_dir}"], cfg.launcher)
+            code = subprocess.call(command)
+            if code == 0:
+                seen[stage] = stage_state(cfg, folder, stage)
+                if shared_seen is not None:
+                    atomic_write_json(shared_seen, seen[stage])
         if code != 0:
-            _print_summary(summary)
-            raise SystemExit(f"cai.pipeline: stage '{stage}' failed (exit {code}); see the message above. "
-                             f"Finished stages are kept in {cfg.run_dir}.")
-    _print_summary(summary)
+            summary.append(_summary_row(stage, folder, f"failed ({code})", time.time() - start))
+            failed = (stage, code)
+            break
+        after = _mtime(folder / MANIFEST)  # a stage that found itself complete leaves its manifest alone
+        summary.append(_summary_row(stage, folder, "ran" if after != before else "up to date", time.time() - start))
+    atomic_write_json(record_path, {"stages": summary, "seen": seen, "overrides": overrides,
+                                    "job_num": hc.job.num if sweep else None,
+                                    "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    print(format_summary(summary))
+    if failed:
+        raise SystemExit(f"cai.pipeline: stage '{failed[0]}' failed (exit {failed[1]}); see the message above. "
+                         f"Finished stages are kept in {run_dir}.")
+    from cai.report import write_report
+
+    print(f"cai.pipeline: report -> {write_report(run_dir)}")
 
 
-def _print_summary(rows: list[tuple[str, str, float]]) -> None:
-    print("\nstage           status              wall")
-    for stage, status, seconds in rows:
-        print(f"{stage:<15} {status:<19} {seconds:7.1f}s")
+def _share(folder: Path, shared: Path, stage: str, key: str):
+    """Make ``folder`` a link to the shared folder of this stage key. Returns the lock to hold while the
+    stage runs there, and the file where the pipeline records what it saw when the stage last completed
+    there (``stage_state``), so the sweep's other jobs skip it without starting a process."""
+    from filelock import FileLock
+
+    target = shared / f"{stage}-{key[:16]}"
+    target.mkdir(parents=True, exist_ok=True)
+    if folder.is_symlink() and folder.resolve() != target.resolve():
+        folder.unlink()  # the job's settings changed since it last ran: point it at the matching folder
+    if not folder.exists():
+        folder.symlink_to(os.path.relpath(target, folder.parent), target_is_directory=True)
+    return FileLock(str(target) + ".lock"), Path(str(target) + ".seen.json")
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _job_name(override_dirname: str) -> str:
+    # "ppo.kl_coef=0.01,seed=1" -> "ppo.kl_coef-0.01_seed-1": no "=" or "," (they would break the run_dir= override)
+    name = override_dirname.replace("=", "-").replace(",", "_")
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
+    return name or "default"
+
+
+def _summary_row(stage: str, folder: Path, status: str, seconds: float) -> dict:
+    manifest = read_manifest(folder) if (folder / MANIFEST).exists() else None
+    amount, metric = key_figures(stage, manifest or {})
+    return {"stage": stage, "status": status, "amount": amount, "seconds": round(seconds, 1),
+            "stage_seconds": (manifest or {}).get("timings", {}).get("total_s"), "metric": metric}
+
+
+def key_figures(stage: str, manifest: dict) -> tuple[str, str]:
+    """(rows or steps, the stage's key metric) from its manifest, as short text."""
+    counts, summary = manifest.get("counts", {}), manifest.get("summary", {})
+    if not manifest:
+        return "", ""
+    if stage == "sl_generate":
+        return f"{counts.get('rows')} rows", f"{counts.get('n_revisions')} revision rounds"
+    if stage == "sl_train":
+        return f"{counts.get('steps')} steps", f"final loss {manifest.get('final_loss')}"
+    if stage == "ai_feedback":
+        return f"{counts.get('pairs')} pairs", f"mean confidence {summary.get('mean_confidence')}"
+    if stage == "pm_pretrain":
+        return f"{counts.get('steps')} steps", f"held-out accuracy {manifest.get('eval_accuracy')}"
+    if stage == "pm_finetune":
+        ev = manifest.get("eval") or {}
+        return f"{counts.get('steps')} steps", f"held-out accuracy {ev.get('accuracy')}, ECE {ev.get('ece')}"
+    if stage == "ppo":
+        return (f"{counts.get('steps')} steps",
+                f"score {summary.get('score_first', 0):+.3f} -> {summary.get('score_last', 0):+.3f}, KL {summary.get('kl_last', 0):.3f}")
+    if stage == "evaluate":
+        elo = summary.get("elo", {})
+        return f"{counts.get('prompts')} prompts", "Elo " + ", ".join(f"{k} {v:.0f}" for k, v in elo.items())
+    return "", ""
+
+
+def format_summary(rows: list[dict]) -> str:
+    lines = [f"\n{'stage':<13} {'status':<11} {'amount':<13} {'wall':>8}  key metric"]
+    for r in rows:
+        lines.append(f"{r['stage']:<13} {r['status']:<11} {r['amount']:<13} {r['seconds']:>7.1f}s  {r['metric']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

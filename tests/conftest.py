@@ -33,18 +33,34 @@ def tiny_cfg() -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
 
 
+TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.kl_coef=0.05,0.1")
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """One tiny run of the whole pipeline, shared by the test modules (copy the stages you change).
-    The pipeline's own output is kept beside it for the tests of the pipeline itself."""
-    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
-    result = run_module("cai.pipeline", "debug=tiny", "progress=false", f"run_dir={run_dir}")
-    (run_dir.parent / "pipeline.out").write_text(result.stdout)
-    (run_dir.parent / "pipeline.err").write_text(result.stderr)
-    (run_dir.parent / "pipeline.rc").write_text(str(result.returncode))
-    for stage in ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo"):
-        assert (run_dir / stage / "manifest.json").exists(), result.stdout[-2000:] + result.stderr[-2000:]
-    return run_dir
+def tiny_sweep(tmp_path_factory) -> Path:
+    """One tiny 2-job sweep of the whole pipeline (``TINY_SWEEP``), shared by the test modules: its first
+    job is ``tiny_run``. The pipeline's own output is kept beside it for the tests of the pipeline itself."""
+    root = tmp_path_factory.mktemp("tiny-sweep")
+    result = run_module("cai.pipeline", "-m", *TINY_SWEEP, f"run_dir={root / 'sweep'}")
+    (root / "pipeline.out").write_text(result.stdout)
+    (root / "pipeline.err").write_text(result.stderr)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "sweep"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_sweep) -> Path:
+    """The first job of ``tiny_sweep``: every stage on tiny models, ``ppo.kl_coef=0.05`` (copy the stages
+    you change; its stage folders are links into the sweep's shared folder)."""
+    return sweep_jobs(tiny_sweep)[0]
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """A sweep's job folders in the order Hydra ran them (its job number is in pipeline.json)."""
+    import json
+
+    jobs = [d for d in (sweep / "jobs").iterdir() if (d / "pipeline.json").exists()]
+    return sorted(jobs, key=lambda d: json.loads((d / "pipeline.json").read_text())["job_num"])
 
 
 @pytest.fixture(scope="session")

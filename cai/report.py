@@ -1,0 +1,314 @@
+"""The run report: one self-contained HTML page per run directory, and a side-by-side page for sweeps.
+
+    cai report RUN_DIR                       # -> RUN_DIR/report.html
+    cai report --compare DIR DIR ... [-o F]  # -> F (default: compare.html beside the first DIR)
+
+Everything comes from what the stages wrote (manifests, ``metrics.jsonl``, datasets, ``results.json``,
+``examples.jsonl``); nothing is recomputed and no model is loaded. Plots are PNGs made with matplotlib
+and inlined as data URIs, so the page opens offline and can be mailed as one file. Text written by
+models is HTML-escaped. Stages that did not run are listed as such, never faked.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+from cai.runio import atomic_write_text, read_manifest, read_metrics
+
+STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
+PPO_CURVES = (("score", "mean PM score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
+              ("response_length", "response length (tokens)"))
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#1d2733;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:2px solid #d9e2ec;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #d9e2ec;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f0f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.muted{color:#6b7c93} .plots img{max-width:48%;margin:.3em;border:1px solid #e4e9ef}
+.example{border:1px solid #d9e2ec;border-radius:6px;padding:.6em 1em;margin:1em 0;background:#fbfcfd}
+.example .step{margin:.4em 0} .example .label{font-weight:600;color:#334e68;display:block;font-size:.85em}
+.example pre{white-space:pre-wrap;margin:.1em 0;font-family:inherit;background:#fff;border-left:3px solid #9fb3c8;padding:.2em .6em}
+.replies{display:flex;gap:.6em} .replies>div{flex:1;min-width:0}
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` and return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    manifests = {s: read_manifest(run_dir / s) for s in STAGES}
+    parts = [f"<h1>cai run report</h1><p class=muted>{_e(str(run_dir.resolve()))} &middot; written "
+             f"{time.strftime('%Y-%m-%d %H:%M')}</p>", _stage_table(run_dir, manifests)]
+    parts.append(_section_sl(run_dir, manifests))
+    parts.append(_section_feedback(run_dir, manifests))
+    parts.append(_section_pm(run_dir, manifests))
+    parts.append(_section_ppo(run_dir, manifests))
+    parts.append(_section_evaluate(run_dir, manifests))
+    parts.append(_section_examples(run_dir))
+    path = run_dir / "report.html"
+    atomic_write_text(path, _page("cai run report", "".join(parts)))
+    return path
+
+
+def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    """Write one page that puts several runs (e.g. the jobs of a sweep) side by side."""
+    dirs = [Path(d) for d in run_dirs]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no such run directory: {', '.join(missing)}")
+    out = Path(out) if out else dirs[0].parent / "compare.html"
+    rows = []
+    for d in dirs:
+        record = _read_json(d / "pipeline.json") or {}
+        m = {s: read_manifest(d / s) or {} for s in STAGES}
+        results = _read_json(d / "evaluate" / "results.json") or {}
+        ppo = m["ppo"].get("summary", {})
+        pmf = m["pm_finetune"].get("eval") or {}
+        elo = ", ".join(f"{k} {v['elo']:.0f}" for k, v in results.get("checkpoints", {}).items())
+        names = list(results.get("checkpoints", {}))
+        win = results.get("win_rate", {}).get(names[-1], {}).get(names[0]) if len(names) > 1 else None
+        rows.append([d.name, " ".join(record.get("overrides", [])) or "-", _fmt(m["sl_train"].get("final_loss")),
+                     _fmt(m["ai_feedback"].get("summary", {}).get("mean_confidence")), _fmt(pmf.get("accuracy")),
+                     _fmt(ppo.get("score_first")), _fmt(ppo.get("score_last")), _fmt(ppo.get("kl_last")),
+                     elo or "-", _fmt(win), f"{m['ppo'].get('config', {}).get('ppo', {}).get('kl_coef', '-')}"])
+    head = ["run", "overrides", "SL final loss", "AI label confidence", "PM held-out acc.", "PPO score first",
+            "PPO score last", "PPO KL last", "Elo", f"win rate last vs first", "kl_coef"]
+    body = "<h1>cai runs side by side</h1>" + _table(head, rows)
+    curves = {d.name: [m for m in read_metrics(d / "ppo") if "score" in m] for d in dirs}
+    if any(curves.values()):
+        body += "<h2>PPO</h2><div class=plots>" + "".join(
+            _img(_line_plot({name: ([r["step"] for r in rs], [r[key] for r in rs]) for name, rs in curves.items() if rs},
+                            title, "PPO step")) for key, title in PPO_CURVES) + "</div>"
+    atomic_write_text(out, _page("cai runs side by side", body))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections of the run report
+# ---------------------------------------------------------------------------------------------
+
+def _stage_table(run_dir: Path, manifests: dict) -> str:
+    from cai.pipeline import key_figures
+
+    record = {r["stage"]: r for r in (_read_json(run_dir / "pipeline.json") or {}).get("stages", [])}
+    rows = []
+    for stage, m in manifests.items():
+        if not m:
+            rows.append([stage, "not run", "", "", ""])
+            continue
+        amount, metric = key_figures(stage, m)
+        seconds = m.get("timings", {}).get("total_s")
+        last = record.get(stage, {}).get("status", "")
+        rows.append([stage, m.get("status", "") + (f" ({last} in the last pipeline run)" if last else ""), amount,
+                     f"{seconds:.0f} s" if seconds is not None else "", metric])
+    return "<h2>Stages</h2>" + _table(["stage", "status", "amount", "stage time", "key metric"], rows)
+
+
+def _section_sl(run_dir: Path, manifests: dict) -> str:
+    if not manifests["sl_train"]:
+        return "<h2>SL-CAI</h2><p class=muted>sl_train has not run.</p>"
+    rows = [m for m in read_metrics(run_dir / "sl_train") if "loss" in m and m.get("split") is None]
+    plot = _img(_line_plot({"train loss": ([r["step"] for r in rows], [r["loss"] for r in rows])}, "SL-CAI loss", "step"))
+    return f"<h2>SL-CAI</h2><div class=plots>{plot}</div>"
+
+
+def _section_feedback(run_dir: Path, manifests: dict) -> str:
+    m = manifests["ai_feedback"]
+    if not m:
+        return "<h2>AI feedback</h2><p class=muted>ai_feedback has not run.</p>"
+    rows = _dataset_rows(run_dir / "ai_feedback" / "dataset", 3)
+    probs = [r["p_chosen"] for r in _dataset_rows(run_dir / "ai_feedback" / "dataset", None)]
+    hist = _img(_histogram(probs, "soft labels: P(chosen is better)", "p_chosen")) if probs else ""
+    table = _table(["prompt", "chosen", "rejected", "p_chosen", "principles"],
+                   [[r["prompt"][-1]["content"], r["chosen"][-1]["content"], r["rejected"][-1]["content"],
+                     f"{r['p_chosen']:.3f}", ", ".join(r["principle_ids"])] for r in rows])
+    return f"<h2>AI feedback</h2><p>{_e(str(m.get('counts', {}).get('pairs')))} labeled pairs.</p><div class=plots>{hist}</div>{table}"
+
+
+def _section_pm(run_dir: Path, manifests: dict) -> str:
+    out = ["<h2>Preference model</h2>"]
+    for stage in ("pm_pretrain", "pm_finetune"):
+        if not manifests[stage]:
+            out.append(f"<p class=muted>{stage} has not run.</p>")
+            continue
+        metrics = read_metrics(run_dir / stage)
+        train = [m for m in metrics if "loss" in m and m.get("split") is None]
+        evals = [m for m in metrics if m.get("split") == "eval"]
+        plots = [_line_plot({"train loss": ([r["step"] for r in train], [r["loss"] for r in train])}, f"{stage}: loss", "step")]
+        if evals:
+            plots.append(_line_plot({"held-out accuracy": ([r["step"] for r in evals], [r["accuracy"] for r in evals])},
+                                    f"{stage}: held-out accuracy", "step", ylim=(0, 1), marker="o"))
+        images = "".join(_img(p) for p in plots)
+        reliability = run_dir / stage / "reliability.png"
+        if reliability.exists():
+            images += _img(reliability.read_bytes())
+        out.append(f"<h3>{stage}</h3><div class=plots>{images}</div>")
+    return "".join(out)
+
+
+def _section_ppo(run_dir: Path, manifests: dict) -> str:
+    if not manifests["ppo"]:
+        return "<h2>RL-CAI (PPO)</h2><p class=muted>ppo has not run.</p>"
+    rows = [m for m in read_metrics(run_dir / "ppo") if "score" in m]
+    steps = [r["step"] for r in rows]
+    plots = "".join(_img(_line_plot({label: (steps, [r[key] for r in rows])}, label, "PPO step", marker="o"))
+                    for key, label in PPO_CURVES)
+    samples = [json.loads(line) for line in _lines(run_dir / "ppo" / "samples.jsonl")][-4:]
+    table = _table(["step", "prompt", "response", "PM score", "EOS"],
+                   [[s["step"], s["prompt"], s["response"], f"{s['score']:.3f}", "yes" if s["eos"] else "no"] for s in samples])
+    return f"<h2>RL-CAI (PPO)</h2><div class=plots>{plots}</div><h3>Samples</h3>{table}"
+
+
+def _section_evaluate(run_dir: Path, manifests: dict) -> str:
+    results = _read_json(run_dir / "evaluate" / "results.json")
+    if not results:
+        return "<h2>Evaluation</h2><p class=muted>evaluate has not run.</p>"
+    names = list(results["checkpoints"])
+    rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("pm_score")), _fmt(c["harmless_rate"]), _fmt(c["judge_rating"]),
+             _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)] for n, c in results["checkpoints"].items()]
+    table = _table(["checkpoint", "Elo", "PM score", "harmless rate", "judge rating [-1, 1]", "reply tokens", "EOS rate"], rows)
+    wins = _table(["row beats column"] + names,
+                  [[a] + [("-" if a == b else _fmt(results["win_rate"][a].get(b))) for b in names] for a in names])
+    p = results["prompts"]
+    note = (f"<p>{p['red_team']} held-out red-team and {p['helpful']} helpful prompts; {results['judged']} pairs judged by the "
+            f"AI labeler in both orders ({results['games'] - results['judged']} identical pairs counted as ties).</p>")
+    alignment = ""
+    if results.get("alignment"):
+        al = results["alignment"]
+        alignment = (f"<p>Judge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs, position bias "
+                     f"{al['position_bias_rate']:.3f}, flip rate {al['flip_rate']:.3f}.</p>")
+    elo = _img(_bar_plot({n: c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
+    held_out = _held_out_examples(run_dir, names)
+    return (f"<h2>Evaluation</h2>{note}{table}<h3>AI-judge win rates</h3>{wins}{alignment}<div class=plots>{elo}</div>"
+            f"{held_out}")
+
+
+def _held_out_examples(run_dir: Path, names: list[str], count: int = 3) -> str:
+    rows = _dataset_rows(run_dir / "evaluate" / "dataset", None)
+    by_prompt: dict[str, dict] = {}
+    for r in rows:
+        by_prompt.setdefault(r["id"], {"prompt": r["prompt"][-1]["content"], "kind": r["kind"]})[r["checkpoint"]] = r
+    shown = list(by_prompt.values())[:count]
+    if not shown:
+        return ""
+    table = _table(["prompt"] + names, [[f"[{p['kind']}] {p['prompt']}"] + [
+        f"{p[n]['response']}\n(PM {_fmt(p[n]['pm_score'])})" if n in p else "" for n in names] for p in shown])
+    return f"<h3>Held-out replies</h3>{table}"
+
+
+def _section_examples(run_dir: Path) -> str:
+    examples = [json.loads(line) for line in _lines(run_dir / "evaluate" / "examples.jsonl")]
+    if not examples:
+        return ("<h2>Examples</h2><p class=muted>No examples: they are written by evaluate "
+                "(evaluate.num_examples) when sl_generate has run.</p>")
+    out = ["<h2>Examples: from red-team prompt to RL answer</h2>"]
+    for ex in examples:
+        steps = [("red-team prompt", ex["prompt"]), ("initial answer", ex["initial_response"])]
+        for k, (pid, critique, revision) in enumerate(zip(ex["principle_ids"], ex["critiques"], ex["revisions"]), 1):
+            steps += [(f"critique {k} (principle {pid})", critique), (f"revision {k}", revision)]
+        body = "".join(f"<div class=step><span class=label>{_e(label)}</span><pre>{_e(text)}</pre></div>" for label, text in steps)
+        replies = "".join(f"<div><span class=label>{_e(name)} answers</span><pre>{_e(text)}</pre></div>"
+                          for name, text in ex["replies"].items())
+        out.append(f"<div class=example>{body}<div class=replies>{replies}</div></div>")
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers: plots, tables, reading
+# ---------------------------------------------------------------------------------------------
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.2), dpi=100)
+    return plt, fig, ax
+
+
+def _png(plt, fig, ax, title: str, xlabel: str | None) -> bytes:
+    ax.set_title(title, fontsize=10)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylim=None, marker=None) -> bytes:
+    plt, fig, ax = _figure()
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label, marker=marker, markersize=3)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    return _png(plt, fig, ax, title, xlabel)
+
+
+def _bar_plot(values: dict[str, float], title: str) -> bytes:
+    plt, fig, ax = _figure()
+    ax.bar(list(values), list(values.values()), color="#4c78a8")
+    low = min(values.values())
+    ax.set_ylim(min(low - 50, 950), max(max(values.values()) + 50, 1050))
+    return _png(plt, fig, ax, title, None)
+
+
+def _histogram(values: list[float], title: str, xlabel: str) -> bytes:
+    plt, fig, ax = _figure()
+    ax.hist(values, bins=10, range=(0.5, 1.0), color="#4c78a8", edgecolor="white")
+    return _png(plt, fig, ax, title, xlabel)
+
+
+def _img(png: bytes) -> str:
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _table(head: list, rows: list[list]) -> str:
+    def cell(v) -> str:
+        text = "" if v is None else str(v)
+        numeric = text.replace(".", "", 1).replace("-", "", 1).replace("+", "", 1).isdigit()
+        return f"<td class=num>{_e(text)}</td>" if numeric else f"<td>{_e(text)}</td>"
+
+    return ("<table><tr>" + "".join(f"<th>{_e(str(h))}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows) + "</table>")
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True).replace("\n", "<br>")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+
+
+def _dataset_rows(folder: Path, count: int | None) -> list[dict]:
+    if not folder.is_dir():
+        return []
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(folder))
+    return [ds[i] for i in range(len(ds) if count is None else min(count, len(ds)))]

@@ -1,0 +1,187 @@
+"""The whole pipeline: every stage on tiny models, the summary, skipping what is up to date, rerunning what
+changed and its downstream, sweeps that share upstream stages, evaluate's results and the run report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cai.pipeline import STAGES, stage_keys, up_to_date
+from cai.runio import read_manifest
+from conftest import TINY_SWEEP, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
+
+TINY_ARGS = ["debug=tiny", "progress=false"]
+
+
+def _statuses(run_dir) -> dict[str, str]:
+    return {row["stage"]: row["status"] for row in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
+
+
+def test_sweep_runs_every_stage_per_job_and_shares_upstream_stages(tiny_sweep):
+    jobs = sweep_jobs(tiny_sweep)
+    assert len(jobs) == 2
+    out = (tiny_sweep.parent / "pipeline.out").read_text()
+    for stage in STAGES:
+        assert f"=== cai.pipeline: {stage} ===" in out
+    first, second = (_statuses(job) for job in jobs)
+    assert set(first.values()) == {"ran"}, first
+    # the second job differs only in ppo.kl_coef: everything upstream of ppo is the first job's folder
+    assert first.keys() == second.keys() == set(STAGES)
+    for stage in ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune"):
+        assert second[stage] == "skipped", (stage, second)  # no process started: the first job recorded it
+        assert (jobs[0] / stage).resolve() == (jobs[1] / stage).resolve()
+    for stage in ("ppo", "evaluate"):
+        assert second[stage] == "ran"
+        assert (jobs[0] / stage).resolve() != (jobs[1] / stage).resolve()
+    coefs = [read_manifest(job / "ppo")["config"]["ppo"]["kl_coef"] for job in jobs]
+    assert coefs == [0.05, 0.1]
+    for job in jobs:
+        assert (job / "report.html").exists() and (job / "ppo" / "model" / "model.safetensors").exists()
+
+
+def test_summary_table_names_every_stage_with_its_key_figures(tiny_sweep):
+    out = (tiny_sweep.parent / "pipeline.out").read_text()
+    table = out[out.rindex("stage         status"):]
+    for stage in STAGES:
+        assert f"\n{stage} " in table
+    assert "rows" in table and "steps" in table and "held-out accuracy" in table and "Elo base" in table
+    assert "cai.pipeline: report -> " in table
+
+
+def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
+    results = json.loads((tiny_run / "evaluate" / "results.json").read_text())
+    names = ["base", "sl_train", "ppo"]
+    assert list(results["checkpoints"]) == names
+    for name, entry in results["checkpoints"].items():
+        assert {"elo", "pm_score", "harmless_rate", "judge_rating", "response_tokens", "eos_rate"} <= set(entry), name
+        assert 0 <= entry["harmless_rate"] <= 1 and -1 <= entry["judge_rating"] <= 1
+    for a in names:
+        for b in names:
+            if a != b:
+                assert results["win_rate"][a][b] + results["win_rate"][b][a] == pytest.approx(1, abs=1e-3)
+    assert sum(c["elo"] for c in results["checkpoints"].values()) / 3 == pytest.approx(1000, abs=0.5)
+    assert results["games"] == 3 * (results["prompts"]["red_team"] + results["prompts"]["helpful"])
+    manifest = read_manifest(tiny_run / "evaluate")
+    assert manifest["status"] == "complete" and manifest["counts"]["held_out_overlap"] == 0
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(tiny_run / "evaluate" / "dataset"))
+    assert len(rows) == 3 * manifest["counts"]["prompts"] and set(rows["checkpoint"]) == set(names)
+    examples = [json.loads(line) for line in (tiny_run / "evaluate" / "examples.jsonl").read_text().splitlines()]
+    sl_rows = load_from_disk(str(tiny_run / "sl_generate" / "dataset"))
+    assert examples and all(set(ex["replies"]) == set(names) for ex in examples)
+    first = [r for r in sl_rows if r["kind"] == "red_team"][0]
+    assert examples[0]["critiques"] == first["critiques"] and examples[0]["principle_ids"] == first["principle_ids"]
+
+
+def test_report_shows_every_stage_with_plots_and_examples(tiny_run):
+    page = (tiny_run / "report.html").read_text()
+    for section in ("<h2>Stages</h2>", "<h2>SL-CAI</h2>", "<h2>AI feedback</h2>", "<h2>Preference model</h2>",
+                    "<h2>RL-CAI (PPO)</h2>", "<h2>Evaluation</h2>", "Examples: from red-team prompt to RL answer"):
+        assert section in page, section
+    assert "has not run" not in page and "not run" not in page
+    assert page.count('src="data:image/png;base64,') >= 10  # SL loss, labels, PM curves + reliability, PPO x4, Elo
+    assert "critique 1 (principle " in page and "ppo answers" in page and "<script" not in page
+
+
+def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
+    jobs = sweep_jobs(tiny_sweep)
+    result = run_module("cai.cli", "report", "--compare", *map(str, jobs), "-o", str(tmp_path / "compare.html"))
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "compare.html").read_text()
+    for job in jobs:
+        assert f"<td>{job.name}</td>" in page
+    assert "ppo.kl_coef=0.05" in page and "ppo.kl_coef=0.1" in page and "<h2>PPO</h2>" in page
+    copy = copy_stages(jobs[0], tmp_path / "copy", ["sl_generate", "sl_train"])
+    result = run_module("cai.cli", "report", str(copy))
+    assert result.returncode == 0 and (copy / "report.html").exists()
+    assert "ppo has not run" in (copy / "report.html").read_text()
+    result = run_module("cai.cli", "report", str(tmp_path / "missing"))
+    assert result.returncode == 1 and "no such run directory" in result.stderr
+
+
+def test_rerun_skips_everything_and_a_changed_kl_coef_reruns_only_ppo_and_evaluate(tiny_run, tmp_path):
+    run_dir = copy_stages(tiny_run, tmp_path / "run", STAGES)  # copies keep their files' times
+    record = json.loads((tiny_run / "pipeline.json").read_text())
+    del record["seen"]["sl_generate"]  # as if the pipeline had not seen it finish: it must check itself
+    (run_dir / "pipeline.json").write_text(json.dumps(record))
+    args = [*TINY_ARGS, "ppo.kl_coef=0.05", f"run_dir={run_dir}"]
+    first = run_module("cai.pipeline", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert _statuses(run_dir) == {**{s: "skipped" for s in STAGES}, "sl_generate": "up to date"}, _statuses(run_dir)
+    before = outputs(run_dir)
+    again = run_module("cai.pipeline", *args)
+    assert again.returncode == 0 and set(_statuses(run_dir).values()) == {"skipped"}, _statuses(run_dir)
+    assert "=== cai.pipeline:" not in again.stdout  # no stage process was started
+    after = outputs(run_dir)
+    assert {k: v for k, v in after.items() if k != "pipeline.json" and k != "report.html"} == \
+        {k: v for k, v in before.items() if k != "pipeline.json" and k != "report.html"}
+    changed = run_module("cai.pipeline", *TINY_ARGS, "ppo.kl_coef=0.02", f"run_dir={run_dir}")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    statuses = _statuses(run_dir)
+    assert statuses == {**{s: "skipped" for s in STAGES}, "ppo": "ran", "evaluate": "ran"}, statuses
+    assert read_manifest(run_dir / "ppo")["config"]["ppo"]["kl_coef"] == 0.02
+
+
+def test_stage_keys_follow_the_config_and_the_constitution_downstream():
+    base = compose_cfg("pipeline", TINY_ARGS)
+    keys = stage_keys(base, STAGES, "constitution-a")
+    kl = stage_keys(compose_cfg("pipeline", [*TINY_ARGS, "ppo.kl_coef=0.5"]), STAGES, "constitution-a")
+    changed = {s for s in STAGES if keys[s]["key"] != kl[s]["key"]}
+    assert changed == {"ppo", "evaluate"}
+    edited = stage_keys(base, STAGES, "constitution-b")
+    # pm_pretrain reads no constitution; everything else reads it or is downstream of a stage that does
+    assert {s for s in STAGES if keys[s]["key"] != edited[s]["key"]} == set(STAGES) - {"pm_pretrain"}
+    assert keys["pm_pretrain"]["constitution_hash"] is None
+
+
+def test_up_to_date_needs_a_complete_manifest_with_the_same_hashes(tmp_path):
+    plan = {"config_hash": "c1", "constitution_hash": "k1"}
+    folder = tmp_path / "ppo"
+    folder.mkdir()
+    assert not up_to_date(folder, "ppo", plan, {}, {})  # no manifest
+    for manifest, expected in [({"status": "complete", "config_hash": "c1", "constitution_hash": "k1"}, True),
+                               ({"status": "running", "config_hash": "c1", "constitution_hash": "k1"}, False),
+                               ({"status": "complete", "config_hash": "c2", "constitution_hash": "k1"}, False),
+                               ({"status": "complete", "config_hash": "c1", "constitution_hash": "k2"}, False)]:
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        assert up_to_date(folder, "ppo", plan, {"stamps": {}}, {"stamps": {}}) is expected, manifest
+    # what the pipeline saw last time (input files, upstream manifests) must match too
+    assert not up_to_date(folder, "ppo", plan, {"stamps": {"a": [1, 2]}}, {"stamps": {"a": [1, 3]}})
+    assert not up_to_date(folder, "ppo", plan, {"stamps": {}}, None)
+
+
+def test_bad_pipeline_input_is_one_line_and_writes_nothing(tmp_path):
+    result = run_module("cai.pipeline", *TINY_ARGS, f"run_dir={tmp_path / 'r'}", "stages=[sl_generate,rlhf]")
+    assert result.returncode == 1 and "stages= names unknown stage(s) ['rlhf']" in result.stderr.strip().splitlines()[-1]
+    result = run_module("cai.pipeline", *TINY_ARGS, f"run_dir={tmp_path / 'r'}", "launcher.name=slurm")
+    assert result.returncode == 1 and "launcher.name must be python or deepspeed" in result.stderr
+    assert not (tmp_path / "r" / "pipeline.json").exists()
+
+
+def test_evaluate_refuses_bad_checkpoints_and_keeps_earlier_outputs(tiny_run, tmp_path):
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate", "sl_train", "evaluate"])
+    before = outputs(run_dir)
+    for override, text in [("evaluate.checkpoints=[]", "evaluate.checkpoints is empty"),
+                           ("evaluate.checkpoints=[base,base]", "names a checkpoint twice"),
+                           ("evaluate.checkpoints=[base,ppo]", "holds no complete ppo run"),
+                           (f"evaluate.checkpoints=[{tmp_path / 'nowhere'}]", "is not base, sl_train, ppo or a checkpoint"),
+                           ("evaluate.num_examples=-1", "evaluate.num_examples must be >= 0")]:
+        assert_one_line_error(run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", override), text)
+    assert outputs(run_dir) == before
+
+
+def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate", "sl_train", "pm_finetune"])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: A helpful answer {i}.",
+                                         "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}) + "\n" for i in range(3)))
+    result = run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", "evaluate.checkpoints=[base,sl_train]",
+                        f"evaluate.pairs={pairs}", "evaluate.num_examples=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
+    assert "judge vs human labels" in result.stdout
+    assert not (run_dir / "evaluate" / "examples.jsonl").read_text()

@@ -1,0 +1,51 @@
+"""Win rates and Bradley-Terry Elo against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cai.ratings import ELO_MEAN, elo_ratings, win_rates
+
+
+def logistic(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_two_players_gap_is_the_log_odds_of_the_mean_outcome():
+    r = elo_ratings([("a", "b", 0.9), ("a", "b", 0.6)])  # mean outcome 0.75
+    assert r["a"] - r["b"] == pytest.approx(400 * math.log10(3), abs=1e-6)  # 190.85 points
+    assert (r["a"] + r["b"]) / 2 == pytest.approx(ELO_MEAN)
+
+
+def test_consistent_three_players_recover_their_strengths():
+    # log-odds strengths 1, 0, -1: P(a>b) = P(b>c) = sigmoid(1), P(a>c) = sigmoid(2)
+    games = [("a", "b", logistic(1)), ("b", "c", logistic(1)), ("c", "a", 1 - logistic(2))]
+    r = elo_ratings(games)
+    per_unit = 400 / math.log(10)  # Elo points per unit of log-odds: 173.7
+    assert r["a"] - ELO_MEAN == pytest.approx(per_unit, abs=1e-6)
+    assert r["b"] == pytest.approx(ELO_MEAN, abs=1e-6)
+    assert r["c"] - ELO_MEAN == pytest.approx(-per_unit, abs=1e-6)
+
+
+def test_order_of_games_does_not_matter_and_ties_are_equal():
+    games = [("a", "b", 0.8), ("b", "c", 0.3), ("a", "c", 0.9), ("b", "a", 0.4)]
+    assert elo_ratings(games) == pytest.approx(elo_ratings(list(reversed(games))))
+    tied = elo_ratings([("x", "y", 0.5), ("y", "x", 0.5)])
+    assert tied["x"] == pytest.approx(tied["y"])
+
+
+def test_a_clean_sweep_stays_finite_through_clipping():
+    r = elo_ratings([("a", "b", 1.0)] * 3, clip=0.01)
+    assert r["a"] - r["b"] == pytest.approx(400 * math.log10(0.99 / 0.01), abs=1e-6)
+
+
+def test_players_without_games_stay_at_the_mean():
+    assert elo_ratings([], ["a", "b"]) == {"a": ELO_MEAN, "b": ELO_MEAN}
+
+
+def test_win_rates_fill_both_directions():
+    rates = win_rates([("a", "b", 0.75), ("b", "a", 0.5), ("a", "c", 0.2)])
+    assert rates[("a", "b")] == pytest.approx(0.625) and rates[("b", "a")] == pytest.approx(0.375)
+    assert rates[("c", "a")] == pytest.approx(0.8)
