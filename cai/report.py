@@ -198,7 +198,7 @@ def _held_out_examples(run_dir: Path, names: list[str], count: int = 3) -> str:
     if not shown:
         return ""
     table = _table(["prompt"] + names, [[f"[{p['kind']}] {p['prompt']}"] + [
-        f"{p[n]['response']}\n(PM {_fmt(p[n]['pm_score'])})" if n in p else "" for n in names] for p in shown])
+        f"{_said(p[n]['response'])}\n(PM {_fmt(p[n]['pm_score'])})" if n in p else "" for n in names] for p in shown])
     return f"<h3>Held-out replies</h3>{table}"
 
 
@@ -212,8 +212,8 @@ def _section_examples(run_dir: Path) -> str:
         steps = [("red-team prompt", ex["prompt"]), ("initial answer", ex["initial_response"])]
         for k, (pid, critique, revision) in enumerate(zip(ex["principle_ids"], ex["critiques"], ex["revisions"]), 1):
             steps += [(f"critique {k} (principle {pid})", critique), (f"revision {k}", revision)]
-        body = "".join(f"<div class=step><span class=label>{_e(label)}</span><pre>{_e(text)}</pre></div>" for label, text in steps)
-        replies = "".join(f"<div><span class=label>{_e(name)} answers</span><pre>{_e(text)}</pre></div>"
+        body = "".join(f"<div class=step><span class=label>{_e(label)}</span><pre>{_e(_said(text))}</pre></div>" for label, text in steps)
+        replies = "".join(f"<div><span class=label>{_e(name)} answers</span><pre>{_e(_said(text))}</pre></div>"
                           for name, text in ex["replies"].items())
         out.append(f"<div class=example>{body}<div class=replies>{replies}</div></div>")
     return "".join(out)
@@ -291,6 +291,11 @@ def _page(title: str, body: str) -> str:
 
 def _e(text: str) -> str:
     return html.escape(text, quote=True).replace("\n", "<br>")
+
+
+def _said(text: str) -> str:
+    """A model's text as shown: an empty reply says so instead of leaving a blank box."""
+    return text if text.strip() else "(empty reply)"
 
 
 def _fmt(value, digits: int = 3) -> str:

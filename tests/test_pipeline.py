@@ -10,7 +10,7 @@ import pytest
 
 from cai.pipeline import STAGES, stage_keys, up_to_date
 from cai.runio import read_manifest
-from conftest import TINY_SWEEP, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
+from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -185,3 +185,20 @@ def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
     assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
     assert "judge vs human labels" in result.stdout
     assert not (run_dir / "evaluate" / "examples.jsonl").read_text()
+
+
+def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
+    """What a person sees: Chromium renders the page offline, and its plots are real images, not blanks."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from screenshot_report import find_chromium, screenshot
+
+    if find_chromium() is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    pages = screenshot(tiny_run / "report.html", tmp_path, page_height=1600)
+    assert len(pages) >= 3  # stages, curves, evaluation and examples take several screens
+    from PIL import Image
+
+    colours = {len(Image.open(p).convert("RGB").getcolors(1 << 20) or []) for p in pages}
+    assert min(colours) > 50, colours  # text, tables and anti-aliased plot lines, not an empty page
