@@ -53,7 +53,7 @@ UPSTREAM = {
     "pm_pretrain": (),
     "pm_finetune": ("pm_pretrain", "ai_feedback", "sl_generate"),
     "ppo": ("sl_train", "pm_finetune"),
-    "evaluate": ("sl_train", "ppo", "pm_finetune"),
+    "evaluate": ("sl_generate", "sl_train", "ppo", "pm_finetune"),  # sl_generate: the report's examples
 }
 TRAINING = ("sl_train", "pm_pretrain", "pm_finetune", "ppo")  # the stages a multi-process launcher runs
 PIPELINE_KEYS = ("stages", "launcher")  # the pipeline's own settings: not passed to stages
@@ -86,7 +86,7 @@ def launch_command(stage: str, args: list[str], launcher: DictConfig | dict) -> 
     return [sys.executable, "-m", f"cai.stages.{stage}", *args]
 
 
-def stage_keys(cfg: DictConfig, stages, constitution_hash: str) -> dict[str, dict]:
+def stage_keys(cfg: DictConfig, constitution_hash: str) -> dict[str, dict]:
     """Per stage: the config hash the stage will compute for itself, the constitution hash it records
     (None when it reads no constitution), and a key over those, the launcher and its upstream keys."""
     plan: dict[str, dict] = {}
@@ -98,40 +98,14 @@ def stage_keys(cfg: DictConfig, stages, constitution_hash: str) -> dict[str, dic
         upstream = [plan[u]["key"] for u in UPSTREAM[stage]]
         blob = json.dumps([stage, own, constitution, launcher, upstream], sort_keys=True).encode("utf-8")
         plan[stage] = {"config_hash": own, "constitution_hash": constitution, "key": hashlib.sha256(blob).hexdigest()}
-    return {s: plan[s] for s in stages}
-
-
-def input_stamps(cfg: DictConfig, stage: str) -> dict[str, list]:
-    """(size, mtime) of every local file, and of every file inside every local folder, that the stage's
-    hashed settings name — how the pipeline notices an edited data file or a replaced model folder."""
-    hash_keys = importlib.import_module(f"cai.stages.{stage}").HASH_KEYS
-    stamps: dict[str, list] = {}
-
-    def visit(value) -> None:
-        if isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, list):
-            for v in value:
-                visit(v)
-        elif isinstance(value, str) and value and len(value) < 4096:
-            path = Path(value).expanduser()
-            with contextlib.suppress(OSError):
-                files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
-                for f in files:
-                    st = f.stat()
-                    stamps[str(f)] = [st.st_size, st.st_mtime_ns]
-
-    config = resolved_config(cfg)
-    visit({k: v for k, v in config.items() if k in hash_keys and k != "constitution"})  # the constitution is hashed by content
-    return stamps
+    return plan
 
 
 def up_to_date(folder: Path, stage: str, plan: dict, state: dict, seen: dict | None) -> bool:
     """Whether ``stage`` can be skipped without starting it: its manifest says complete with the config and
     constitution hashes of ``plan``, and ``state`` (``stage_state``) is what the pipeline recorded when it last
     saw the stage complete."""
-    manifest = read_manifest(folder) if (folder / MANIFEST).exists() else None
+    manifest = read_manifest(folder)
     if not manifest or manifest.get("status") != "complete" or manifest.get("config_hash") != plan["config_hash"]:
         return False
     recorded = manifest.get("constitution_hash")  # None: this run of the stage read no constitution
@@ -141,10 +115,12 @@ def up_to_date(folder: Path, stage: str, plan: dict, state: dict, seen: dict | N
 
 
 def stage_state(cfg: DictConfig, folder: Path, stage: str) -> dict:
-    """What must not have changed since a stage was last seen complete: its input files (``input_stamps``),
-    and the manifests of the stage and of its upstream stages (a rerun of any rewrites its manifest)."""
-    return {"stamps": input_stamps(cfg, stage), "manifest_mtime": _mtime(folder / MANIFEST),
-            "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in UPSTREAM[stage]}}
+    """What must not have changed since a stage was last seen complete: the manifests of the stage and of its
+    upstream stages (a rerun of any rewrites its manifest), and for training stages the launcher (the number
+    of ranks is part of a training run). Edited input files change the config hash itself (``config_hash``)."""
+    return {"manifest_mtime": _mtime(folder / MANIFEST),
+            "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in UPSTREAM[stage]},
+            "launcher": resolved_config(cfg.launcher) if stage in TRAINING else None}
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="pipeline", version_base=None)
@@ -165,20 +141,22 @@ def main(cfg: DictConfig) -> None:
     sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(cfg.run_dir) / "jobs" / _job_name(hc.job.override_dirname) if sweep else Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = stage_keys(cfg, cfg.stages, constitution_hash)
+    plan = stage_keys(cfg, constitution_hash)
+    # a sweep job links every stage, not only the ones it runs: a stage reads its upstream through these links
+    shares = {stage: _share(run_dir / stage, Path(cfg.run_dir) / "shared", stage, plan[stage]["key"])
+              for stage in STAGES} if sweep else {}
     record_path = run_dir / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    seen = record.get("seen", {})
+    seen = record.get("seen", {})  # stage -> stage_state when the pipeline last saw it complete
     summary = []
     failed = None
     for stage in cfg.stages:
         folder = run_dir / stage
-        lock, shared_seen = _share(folder, Path(cfg.run_dir) / "shared", stage, plan[stage]["key"]) if sweep \
-            else (contextlib.nullcontext(), None)
+        lock, seen_file = shares.get(stage, (contextlib.nullcontext(), None))
         start = time.time()
         with lock:
-            if shared_seen is not None and stage not in seen and shared_seen.exists():
-                seen[stage] = json.loads(shared_seen.read_text())  # another job of the sweep ran it
+            if seen_file is not None:  # in a sweep, whichever job last completed the shared folder recorded it
+                seen[stage] = json.loads(seen_file.read_text()) if seen_file.exists() else None
             if up_to_date(folder, stage, plan[stage], stage_state(cfg, folder, stage), seen.get(stage)):
                 summary.append(_summary_row(stage, folder, "skipped", time.time() - start))
                 continue
@@ -189,8 +167,8 @@ def main(cfg: DictConfig) -> None:
             code = subprocess.call(command)
             if code == 0:
                 seen[stage] = stage_state(cfg, folder, stage)
-                if shared_seen is not None:
-                    atomic_write_json(shared_seen, seen[stage])
+                if seen_file is not None:
+                    atomic_write_json(seen_file, seen[stage])
         if code != 0:
             summary.append(_summary_row(stage, folder, f"failed ({code})", time.time() - start))
             failed = (stage, code)
@@ -229,23 +207,25 @@ def _mtime(path: Path) -> int | None:
 
 
 def _job_name(override_dirname: str) -> str:
-    # "ppo.kl_coef=0.01,seed=1" -> "ppo.kl_coef-0.01_seed-1": no "=" or "," (they would break the run_dir= override)
+    # "ppo.kl_coef=0.01,seed=1" -> "ppo.kl_coef-0.01_seed-1": no "=" or "," (they would break the run_dir= override);
+    # a long name is cut and keeps a hash of the whole, so two jobs never share a folder
     name = override_dirname.replace("=", "-").replace(",", "_")
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:120]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    if len(name) > 120:
+        name = f"{name[:103]}_{hashlib.sha256(override_dirname.encode()).hexdigest()[:16]}"
     return name or "default"
 
 
 def _summary_row(stage: str, folder: Path, status: str, seconds: float) -> dict:
-    manifest = read_manifest(folder) if (folder / MANIFEST).exists() else None
+    manifest = read_manifest(folder)
     amount, metric = key_figures(stage, manifest or {})
-    return {"stage": stage, "status": status, "amount": amount, "seconds": round(seconds, 1),
-            "stage_seconds": (manifest or {}).get("timings", {}).get("total_s"), "metric": metric}
+    return {"stage": stage, "status": status, "amount": amount, "seconds": round(seconds, 1), "metric": metric}
 
 
 def key_figures(stage: str, manifest: dict) -> tuple[str, str]:
     """(rows or steps, the stage's key metric) from its manifest, as short text."""
     counts, summary = manifest.get("counts", {}), manifest.get("summary", {})
-    if not manifest:
+    if manifest.get("status") != "complete":  # a running or failed stage has no final figures yet
         return "", ""
     if stage == "sl_generate":
         return f"{counts.get('rows')} rows", f"{counts.get('n_revisions')} revision rounds"

@@ -34,8 +34,9 @@ def elo_ratings(games: Sequence[tuple[str, str, float]], players: Sequence[str] 
     """Bradley-Terry maximum-likelihood ratings on the Elo scale, mean ``ELO_MEAN``.
 
     Outcomes are clipped to [clip, 1 − clip] so that a player who won every game still gets a finite
-    rating. Fitted by Newton steps on the log-likelihood (a connected set of players is needed for the
-    gaps to be defined; players that never played stay at the mean).
+    rating. Fitted by Newton steps on the log-likelihood. The gaps are defined only when every player is
+    connected to every other through games (evaluate's round robin always is); with no games at all,
+    everyone is at the mean.
     """
     import torch
 

@@ -1,7 +1,7 @@
 """The run report: one self-contained HTML page per run directory, and a side-by-side page for sweeps.
 
     cai report RUN_DIR                       # -> RUN_DIR/report.html
-    cai report --compare DIR DIR ... [-o F]  # -> F (default: compare.html beside the first DIR)
+    cai report --compare DIR DIR ... [-o F]  # -> F (default: compare.html beside the runs, or above their jobs/ folder)
 
 Everything comes from what the stages wrote (manifests, ``metrics.jsonl``, datasets, ``results.json``,
 ``examples.jsonl``); nothing is recomputed and no model is loaded. Plots are PNGs made with matplotlib
@@ -18,9 +18,9 @@ import json
 import time
 from pathlib import Path
 
+from cai.pipeline import STAGES, key_figures
 from cai.runio import atomic_write_text, read_manifest, read_metrics
 
-STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
 PPO_CURVES = (("score", "mean PM score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
               ("response_length", "response length (tokens)"))
 
@@ -50,7 +50,7 @@ def write_report(run_dir: str | Path) -> Path:
     parts.append(_section_pm(run_dir, manifests))
     parts.append(_section_ppo(run_dir, manifests))
     parts.append(_section_evaluate(run_dir, manifests))
-    parts.append(_section_examples(run_dir))
+    parts.append(_section_examples(run_dir, manifests))
     path = run_dir / "report.html"
     atomic_write_text(path, _page("cai run report", "".join(parts)))
     return path
@@ -62,7 +62,10 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"no such run directory: {', '.join(missing)}")
-    out = Path(out) if out else dirs[0].parent / "compare.html"
+    if out is None:  # a sweep's jobs sit in R/jobs/: the page goes to R, where a jobs/* glob does not pick it up
+        parent = dirs[0].resolve().parent
+        out = (parent.parent if parent.name == "jobs" else parent) / "compare.html"
+    out = Path(out)
     rows = []
     for d in dirs:
         record = _read_json(d / "pipeline.json") or {}
@@ -94,8 +97,6 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
 # ---------------------------------------------------------------------------------------------
 
 def _stage_table(run_dir: Path, manifests: dict) -> str:
-    from cai.pipeline import key_figures
-
     record = {r["stage"]: r for r in (_read_json(run_dir / "pipeline.json") or {}).get("stages", [])}
     rows = []
     for stage, m in manifests.items():
@@ -159,16 +160,16 @@ def _section_ppo(run_dir: Path, manifests: dict) -> str:
     steps = [r["step"] for r in rows]
     plots = "".join(_img(_line_plot({label: (steps, [r[key] for r in rows])}, label, "PPO step", marker="o"))
                     for key, label in PPO_CURVES)
-    samples = [json.loads(line) for line in _lines(run_dir / "ppo" / "samples.jsonl")][-4:]
+    samples = read_metrics(run_dir / "ppo", "samples.jsonl")[-4:]
     table = _table(["step", "prompt", "response", "PM score", "EOS"],
                    [[s["step"], s["prompt"], s["response"], f"{s['score']:.3f}", "yes" if s["eos"] else "no"] for s in samples])
     return f"<h2>RL-CAI (PPO)</h2><div class=plots>{plots}</div><h3>Samples</h3>{table}"
 
 
 def _section_evaluate(run_dir: Path, manifests: dict) -> str:
+    if not _complete(manifests["evaluate"]):  # a results.json left by an earlier config is not this run's
+        return "<h2>Evaluation</h2><p class=muted>evaluate has not run to completion.</p>"
     results = _read_json(run_dir / "evaluate" / "results.json")
-    if not results:
-        return "<h2>Evaluation</h2><p class=muted>evaluate has not run.</p>"
     names = list(results["checkpoints"])
     rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("pm_score")), _fmt(c["harmless_rate"]), _fmt(c["judge_rating"]),
              _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)] for n, c in results["checkpoints"].items()]
@@ -202,8 +203,8 @@ def _held_out_examples(run_dir: Path, names: list[str], count: int = 3) -> str:
     return f"<h3>Held-out replies</h3>{table}"
 
 
-def _section_examples(run_dir: Path) -> str:
-    examples = [json.loads(line) for line in _lines(run_dir / "evaluate" / "examples.jsonl")]
+def _section_examples(run_dir: Path, manifests: dict) -> str:
+    examples = read_metrics(run_dir / "evaluate", "examples.jsonl") if _complete(manifests["evaluate"]) else []
     if not examples:
         return ("<h2>Examples</h2><p class=muted>No examples: they are written by evaluate "
                 "(evaluate.num_examples) when sl_generate has run.</p>")
@@ -302,12 +303,12 @@ def _fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
 
 
+def _complete(manifest: dict | None) -> bool:
+    return bool(manifest) and manifest.get("status") == "complete"
+
+
 def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _lines(path: Path) -> list[str]:
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
 def _dataset_rows(folder: Path, count: int | None) -> list[dict]:

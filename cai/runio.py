@@ -108,15 +108,40 @@ def resolved_config(cfg: DictConfig | dict) -> dict:
 
 
 def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> str:
-    """sha256 of the resolved config (minus location keys), stable across key order.
+    """sha256 of the resolved config (minus location keys), stable across key order, and of the size and
+    modification time of every local file, and every file inside every local folder, that a hashed value
+    names (a prompt file, a dataset folder, a model folder): editing an input in place is a change too,
+    so a stage and the pipeline both see it. The constitution is left to its own content hash.
 
     ``keys`` limits the hash to the top-level keys a stage actually reads, so e.g. a DeepSpeed
     setting does not invalidate a generation stage.
     """
     data = {k: v for k, v in resolved_config(cfg).items()
             if k not in _HASH_EXCLUDED_KEYS and (keys is None or k in keys)}
-    blob = json.dumps(data, sort_keys=True, default=_json_default).encode("utf-8")
+    inputs = input_stamps({k: v for k, v in data.items() if k != "constitution"})
+    blob = json.dumps([data, inputs] if inputs else data, sort_keys=True, default=_json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
+
+
+def input_stamps(value: Any) -> dict[str, list[int]]:
+    """{path: [size, mtime_ns]} for every existing local file named by a string in ``value`` (nested dicts
+    and lists), and for every file inside a named folder. Names that are not local paths (hub ids,
+    ``embedded``) contribute nothing."""
+    stamps: dict[str, list[int]] = {}
+    if isinstance(value, dict):
+        for v in value.values():
+            stamps.update(input_stamps(v))
+    elif isinstance(value, list):
+        for v in value:
+            stamps.update(input_stamps(v))
+    elif isinstance(value, str) and value and len(value) < 4096:
+        path = Path(value).expanduser()
+        with contextlib.suppress(OSError):
+            files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+            for f in files:
+                st = f.stat()
+                stamps[str(f)] = [st.st_size, st.st_mtime_ns]
+    return stamps
 
 
 def tree_hash(folder: str | os.PathLike) -> str:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from cai.pipeline import STAGES, stage_keys, up_to_date
-from cai.runio import read_manifest
+from cai.runio import config_hash, read_manifest
 from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
@@ -88,9 +88,9 @@ def test_report_shows_every_stage_with_plots_and_examples(tiny_run):
 
 def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
     jobs = sweep_jobs(tiny_sweep)
-    result = run_module("cai.cli", "report", "--compare", *map(str, jobs), "-o", str(tmp_path / "compare.html"))
+    result = run_module("cai.cli", "report", "--compare", *map(str, jobs))
     assert result.returncode == 0, result.stderr
-    page = (tmp_path / "compare.html").read_text()
+    page = (tiny_sweep / "compare.html").read_text()  # above jobs/, so a later jobs/* glob does not pick it up
     for job in jobs:
         assert f"<td>{job.name}</td>" in page
     assert "ppo.kl_coef=0.05" in page and "ppo.kl_coef=0.1" in page and "<h2>PPO</h2>" in page
@@ -127,11 +127,11 @@ def test_rerun_skips_everything_and_a_changed_kl_coef_reruns_only_ppo_and_evalua
 
 def test_stage_keys_follow_the_config_and_the_constitution_downstream():
     base = compose_cfg("pipeline", TINY_ARGS)
-    keys = stage_keys(base, STAGES, "constitution-a")
-    kl = stage_keys(compose_cfg("pipeline", [*TINY_ARGS, "ppo.kl_coef=0.5"]), STAGES, "constitution-a")
+    keys = stage_keys(base, "constitution-a")
+    kl = stage_keys(compose_cfg("pipeline", [*TINY_ARGS, "ppo.kl_coef=0.5"]), "constitution-a")
     changed = {s for s in STAGES if keys[s]["key"] != kl[s]["key"]}
     assert changed == {"ppo", "evaluate"}
-    edited = stage_keys(base, STAGES, "constitution-b")
+    edited = stage_keys(base, "constitution-b")
     # pm_pretrain reads no constitution; everything else reads it or is downstream of a stage that does
     assert {s for s in STAGES if keys[s]["key"] != edited[s]["key"]} == set(STAGES) - {"pm_pretrain"}
     assert keys["pm_pretrain"]["constitution_hash"] is None
@@ -147,10 +147,21 @@ def test_up_to_date_needs_a_complete_manifest_with_the_same_hashes(tmp_path):
                                ({"status": "complete", "config_hash": "c2", "constitution_hash": "k1"}, False),
                                ({"status": "complete", "config_hash": "c1", "constitution_hash": "k2"}, False)]:
         (folder / "manifest.json").write_text(json.dumps(manifest))
-        assert up_to_date(folder, "ppo", plan, {"stamps": {}}, {"stamps": {}}) is expected, manifest
-    # what the pipeline saw last time (input files, upstream manifests) must match too
-    assert not up_to_date(folder, "ppo", plan, {"stamps": {"a": [1, 2]}}, {"stamps": {"a": [1, 3]}})
-    assert not up_to_date(folder, "ppo", plan, {"stamps": {}}, None)
+        assert up_to_date(folder, "ppo", plan, {"upstream": {"sl_train": 1}}, {"upstream": {"sl_train": 1}}) is expected, manifest
+    # what the pipeline saw last time (upstream manifests, launcher) must match too
+    assert not up_to_date(folder, "ppo", plan, {"upstream": {"sl_train": 2}}, {"upstream": {"sl_train": 1}})
+    assert not up_to_date(folder, "ppo", plan, {"upstream": {}}, None)
+
+
+def test_an_input_file_edited_in_place_changes_the_config_hash(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    cfg = compose_cfg("sl_generate", [*TINY_ARGS, f"data.red_team_path={prompts}"])
+    before = config_hash(cfg, ("data",))
+    assert config_hash(cfg, ("data",)) == before
+    prompts.write_text('{"prompt": "Hello there"}\n')
+    assert config_hash(cfg, ("data",)) != before
+    assert config_hash(cfg, ("model",)) == config_hash(cfg, ("model",))  # model.path=tiny-random names no file
 
 
 def test_bad_pipeline_input_is_one_line_and_writes_nothing(tmp_path):

@@ -22,7 +22,7 @@ Each checkpoint also answers the first ``num_examples`` red-team prompts of ``sl
 prompts, not scored): ``examples.jsonl`` puts them beside that stage's initial answer, critiques,
 revisions and principles, for the report's side-by-side examples.
 
-Writes ``${run_dir}/evaluate/``: ``responses/<checkpoint>.jsonl`` (kept as each checkpoint finishes, so a
+Writes ``${run_dir}/evaluate/``: ``responses/<n>-<checkpoint>.jsonl`` (kept as each checkpoint finishes, so a
 rerun after a crash does not generate them again), ``dataset/`` (one row per prompt and checkpoint:
 reply, PM score, judge rating), ``results.json`` (every figure above), ``examples.jsonl`` and
 ``manifest.json``.
@@ -48,7 +48,7 @@ from cai.runio import (atomic_write_json, atomic_write_text, config_hash, is_com
 from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_stage
 
 STAGE = "evaluate"
-HASH_KEYS = ("seed", "model", "constitution", "data", STAGE)
+HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)  # generation: top_p, batch size
 STAGE_CHECKPOINTS = ("sl_train", "ppo")
 
 
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
     asked = conversations + [row["messages"][:-1] for row in examples]  # the examples are answered, not scored
     replies: dict[str, list[dict]] = {}
     for k, (name, (model_cfg, _)) in enumerate(checkpoints.items()):
-        path = responses_dir / f"{_file_name(name)}.jsonl"
+        path = responses_dir / f"{k}-{_file_name(name)}.jsonl"  # k: two folders may have the same file name
         if path.exists():
             replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
             continue
