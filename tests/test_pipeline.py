@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cai.pipeline import STAGES, stage_keys, up_to_date
+from cai.pipeline import STAGES, launch_command, stage_keys, up_to_date
 from cai.runio import config_hash, read_manifest
 from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
@@ -213,3 +213,16 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
 
     colours = {len(Image.open(p).convert("RGB").getcolors(1 << 20) or []) for p in pages}
     assert min(colours) > 50, colours  # text, tables and anti-aliased plot lines, not an empty page
+
+
+def test_launcher_deepspeed_runs_training_stages_on_two_ranks(tiny_run, tmp_path):
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate"])
+    result = run_module("cai.pipeline", *TINY_ARGS, f"run_dir={run_dir}", "stages=[sl_generate,sl_train]",
+                        "launcher=deepspeed", "launcher.num_gpus=2", "deepspeed=zero3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "--no_local_rank --num_gpus 2 --num_nodes 1 --module cai.stages.sl_train" in " ".join(
+        launch_command("sl_train", [], {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1, "hostfile": None}))
+    assert launch_command("sl_generate", [], {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1})[1:3] == ["-m", "cai.stages.sl_generate"]
+    manifest = read_manifest(run_dir / "sl_train")
+    assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
+    assert _statuses(run_dir) == {"sl_generate": "up to date", "sl_train": "ran"}
