@@ -22,6 +22,20 @@ def run_stage(stage: str, fn, cfg) -> None:
         fn(cfg)
     except (ConstitutionError, DataError, LabelerError, ModelLoadError, StageInputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Shut a multi-process group down before the interpreter exits: a gloo group left open can abort a
+    rank on its way out ("terminate called without an active exception") after the stage has finished."""
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def check_generation(gen, temperature: float | None = None) -> None:
