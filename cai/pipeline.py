@@ -7,9 +7,9 @@ are passed on: shared keys (``model=``, ``seed=``, ``debug=tiny``, ...) to every
 only to that stage. The pipeline stops at the first stage that fails and says which.
 
 Skipping. A stage is skipped without starting a process when its manifest says complete with the
-config hash this command gives it and the same constitution content, and neither its upstream stages'
-manifests (``UPSTREAM``) nor the local files and folders its settings name (data files, model folders)
-changed since the pipeline last saw it complete (recorded in ``pipeline.json``). Otherwise the stage
+config hash this command gives it (which covers the local files its settings name: ``config_hash``) and
+the same constitution content, and neither its own nor its upstream stages' manifests (``UPSTREAM``) nor,
+for training stages, the launcher changed since the pipeline last saw it complete (``pipeline.json``). Otherwise the stage
 runs, and its own checks decide between doing nothing, resuming and starting over. So a changed ``ppo.kl_coef``
 reruns ppo, then evaluate (its upstream finished later); an edited constitution reruns every stage that
 reads it and everything downstream.
@@ -39,7 +39,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config
 from cai.stages import CONFIG_PATH

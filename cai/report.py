@@ -81,7 +81,7 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
                      _fmt(ppo.get("score_first")), _fmt(ppo.get("score_last")), _fmt(ppo.get("kl_last")),
                      elo or "-", _fmt(win), f"{m['ppo'].get('config', {}).get('ppo', {}).get('kl_coef', '-')}"])
     head = ["run", "overrides", "SL final loss", "AI label confidence", "PM held-out acc.", "PPO score first",
-            "PPO score last", "PPO KL last", "Elo", f"win rate last vs first", "kl_coef"]
+            "PPO score last", "PPO KL last", "Elo", "win rate last vs first", "kl_coef"]
     body = "<h1>cai runs side by side</h1>" + _table(head, rows)
     curves = {d.name: [m for m in read_metrics(d / "ppo") if "score" in m] for d in dirs}
     if any(curves.values()):
@@ -123,8 +123,9 @@ def _section_feedback(run_dir: Path, manifests: dict) -> str:
     m = manifests["ai_feedback"]
     if not m:
         return "<h2>AI feedback</h2><p class=muted>ai_feedback has not run.</p>"
-    rows = _dataset_rows(run_dir / "ai_feedback" / "dataset", 3)
-    probs = [r["p_chosen"] for r in _dataset_rows(run_dir / "ai_feedback" / "dataset", None)]
+    ds = _dataset(run_dir / "ai_feedback" / "dataset")  # loaded once: the histogram's column, the table's first rows
+    probs = ds["p_chosen"] if ds is not None else []
+    rows = [ds[i] for i in range(min(3, len(ds)))] if ds is not None else []
     hist = _img(_histogram(probs, "soft labels: P(chosen is better)", "p_chosen")) if probs else ""
     table = _table(["prompt", "chosen", "rejected", "p_chosen", "principles"],
                    [[r["prompt"][-1]["content"], r["chosen"][-1]["content"], r["rejected"][-1]["content"],
@@ -191,7 +192,8 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
 
 
 def _held_out_examples(run_dir: Path, names: list[str], count: int = 3) -> str:
-    rows = _dataset_rows(run_dir / "evaluate" / "dataset", None)
+    ds = _dataset(run_dir / "evaluate" / "dataset")
+    rows = list(ds) if ds is not None else []
     by_prompt: dict[str, dict] = {}
     for r in rows:
         by_prompt.setdefault(r["id"], {"prompt": r["prompt"][-1]["content"], "kind": r["kind"]})[r["checkpoint"]] = r
@@ -311,10 +313,9 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _dataset_rows(folder: Path, count: int | None) -> list[dict]:
+def _dataset(folder: Path):
     if not folder.is_dir():
-        return []
+        return None
     from datasets import load_from_disk
 
-    ds = load_from_disk(str(folder))
-    return [ds[i] for i in range(len(ds) if count is None else min(count, len(ds)))]
+    return load_from_disk(str(folder))

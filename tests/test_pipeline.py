@@ -4,7 +4,6 @@ changed and its downstream, sweeps that share upstream stages, evaluate's result
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
