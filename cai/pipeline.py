@@ -42,7 +42,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config
-from cai.stages import CONFIG_PATH
+from cai.stages import CONFIG_PATH, run_app
 
 STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
 # the stages whose outputs each stage reads (in the same run_dir)
@@ -255,4 +255,4 @@ def format_summary(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, "cai.pipeline")

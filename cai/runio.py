@@ -175,6 +175,10 @@ def git_sha() -> str | None:
         return None
 
 
+class ManifestError(ValueError):
+    """A ``manifest.json`` that cannot be read (edited or damaged by hand); the message names the file and line."""
+
+
 def read_manifest(folder: str | os.PathLike) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.exists():
@@ -182,7 +186,7 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise ManifestError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def lineage(manifest: dict | None) -> str | None:

@@ -1,6 +1,7 @@
 """One file per stage; each is a Hydra app (``python -m cai.stages.<stage> key=value ...``) that reads
 its upstream stage's folder in ``run_dir`` and writes only its own (see ``cai.runio``)."""
 
+import os
 from pathlib import Path
 
 # The repository's conf/ folder, as an absolute path so every entry point (stages, pipeline) finds it.
@@ -16,14 +17,83 @@ def run_stage(stage: str, fn, cfg) -> None:
     from cai.data import DataError
     from cai.feedback import LabelerError
     from cai.models import ModelLoadError
+    from cai.runio import ManifestError
 
     try:
+        check_types(cfg)
         check_logger(cfg.get("logger"))
         fn(cfg)
-    except (ConstitutionError, DataError, LabelerError, ModelLoadError, StageInputError, StageError) as e:
+    except (ConstitutionError, DataError, LabelerError, ManifestError, ModelLoadError, StageInputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
     finally:
         _close_process_group()
+
+
+def run_app(main, who: str) -> None:
+    """Call a ``hydra.main`` function (``who``: the name its messages start with). A bad command-line
+    override (an unknown key, an unknown group option, a syntax error) ends in one line naming it and
+    exit 1, like the stages' own input errors, instead of Hydra's several lines. Other errors keep their traceback."""
+    from hydra.errors import CompactHydraException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its composition errors instead of printing them
+    try:
+        main()
+    except CompactHydraException as e:
+        raise SystemExit(f"{who}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """A Hydra composition error in one line: its first line, its cause's and the options it lists, e.g.
+    "Could not override 'sl_generate.num_promptz': Key 'num_promptz' is not in struct"."""
+    def first(x) -> str:
+        return str(x).strip().splitlines()[0].rstrip(".") if str(x).strip() else type(x).__name__
+
+    text = first(e) + (f": {first(e.__cause__)}" if e.__cause__ is not None else "")
+    if getattr(e, "override", None):  # a syntax error: name the override it is in
+        text = f"{e.override}: {text}"
+    if getattr(e, "options", None):  # an unknown group option: say which exist
+        text += f" (options: {', '.join(e.options)})"
+    return text
+
+
+def check_types(cfg) -> None:
+    """Refuse a setting whose value is not of its default's type (``ai_feedback.num_prompts=abc``), naming
+    the key. The defaults are the same primary config composed again with the run's config groups and none
+    of its values. An integer must stay an integer, a float may be given as an integer, and null (as a
+    default or a value) goes with anything; text takes any single value."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():  # called outside a Hydra app: nothing to compose the defaults from
+        return
+    hc = HydraConfig.get()
+    groups = [f"{group}={choice}" for group, choice in hc.runtime.choices.items()
+              if choice is not None and not group.startswith("hydra/")]
+    defaults = compose(config_name=hc.job.config_name, overrides=groups)
+    _check_like(OmegaConf.to_container(defaults, resolve=True), OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def _check_like(default: dict, given: dict, prefix: str) -> None:
+    for key, value in given.items():
+        if key not in default or default[key] is None or value is None:
+            continue
+        want = default[key]
+        if isinstance(want, dict) and isinstance(value, dict):
+            _check_like(want, value, f"{prefix}{key}.")
+            continue
+        if isinstance(want, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(want, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(want, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(want, (list, dict)):
+            ok, kind = isinstance(value, type(want)), "a list" if isinstance(want, list) else "a mapping"
+        else:
+            ok, kind = not isinstance(value, (list, dict)), "a single value"
+        if not ok:
+            raise StageInputError(f"{prefix}{key} must be {kind}, got {value!r}")
 
 
 def _close_process_group() -> None:

@@ -34,7 +34,7 @@ from cai.data import load_prompts
 from cai.feedback import Pair, judge_pairs
 from cai.generation import derive_seed, generate
 from cai.runio import MetricsWriter, atomic_write_json, config_hash, is_complete, read_manifest, save_dataset, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_stage
+from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_app, run_stage
 
 STAGE = "ai_feedback"
 HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
@@ -180,4 +180,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")

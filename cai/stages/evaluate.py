@@ -45,7 +45,7 @@ from cai.generation import derive_seed, generate
 from cai.ratings import elo_ratings, win_rates
 from cai.runio import (atomic_write_json, atomic_write_text, config_hash, is_complete, lineage, read_manifest,
                        save_dataset, stage_dir, write_manifest)
-from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_app, run_stage
 
 STAGE = "evaluate"
 HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)  # generation: top_p, batch size
@@ -316,4 +316,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")

@@ -32,7 +32,7 @@ from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import DataError
 from cai.feedback import alignment_metrics, judge_pairs, read_human_pairs
 from cai.runio import atomic_write_json, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
 
 STAGE = "label_alignment"
 
@@ -93,4 +93,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")

@@ -33,7 +33,7 @@ from cai import preference as P
 from cai import training as T
 from cai.data import DataError, read_table
 from cai.runio import config_hash, lineage, read_manifest, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
 
 STAGE = "pm_finetune"
 HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
@@ -188,4 +188,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")

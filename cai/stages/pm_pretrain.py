@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from cai import preference as P
 from cai import training as T
 from cai.runio import config_hash, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
 
 STAGE = "pm_pretrain"
 HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
@@ -107,4 +107,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")

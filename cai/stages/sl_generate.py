@@ -41,7 +41,7 @@ from cai.constitution import (
 from cai.data import PromptItem, load_prompts
 from cai.generation import derive_seed, generate
 from cai.runio import MetricsWriter, config_hash, read_manifest, save_dataset, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_app, run_stage
 
 STAGE = "sl_generate"
 # The config keys this stage reads: its config hash (and so resume/skip decisions) covers only these.
@@ -194,4 +194,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")

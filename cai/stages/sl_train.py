@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cai import training as T
 from cai.runio import config_hash, read_manifest, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_stage
+from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
 
 STAGE = "sl_train"
 UPSTREAM = "sl_generate"
@@ -171,4 +171,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")
