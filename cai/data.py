@@ -127,6 +127,24 @@ def read_table(source: str | Path, where: str):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types; keep the message to one line
+        if path.suffix == ".jsonl":
+            _check_jsonl_lines(path, where)  # name the line when one is not a JSON object
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{where}: could not be read as a dataset ({first})") from None
     return ds
+
+
+def _check_jsonl_lines(path: Path, where: str) -> None:
+    """Raise a DataError naming the first line of a JSONL file that is not one JSON object."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}:{n}: each line must be a JSON object, got {type(row).__name__}")
