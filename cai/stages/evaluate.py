@@ -68,6 +68,7 @@ def run(cfg: DictConfig) -> dict:
     check_generation(OmegaConf.merge(cfg.generation, {"max_new_tokens": s.max_new_tokens}), temperature=s.temperature)
     checkpoints = {name: _checkpoint(cfg, name) for name in s.checkpoints}
     pm_path, pm_fingerprint = _reward_model(cfg, s)
+    _check_tokenizers([model_cfg for model_cfg, _ in checkpoints.values()], cfg, pm_path)
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     comparison = constitution.select("comparison", None, f"{STAGE}.n_principles")
     harmless = constitution.select("comparison", s.harmless_principle_ids, f"{STAGE}.harmless_principle_ids")
@@ -245,6 +246,16 @@ def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
     if not (folder / "config.json").exists():
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
     return {**base, "path": str(folder)}, f"path:{folder.resolve()}:{(folder / 'config.json').stat().st_mtime_ns}"
+
+
+def _check_tokenizers(model_cfgs: list[dict], cfg: DictConfig, pm_path: Path | None) -> None:
+    """Load every checkpoint's tokenizer and the PM's now: one that cannot load (no folder, no chat template)
+    is refused before the run directory changes, not after the replies of the checkpoints before it."""
+    from cai.models import load_tokenizer
+
+    base = OmegaConf.to_container(cfg.model, resolve=True)
+    for model_cfg in [*model_cfgs, *([{**base, "path": str(pm_path)}] if pm_path else [])]:
+        load_tokenizer(model_cfg)
 
 
 def _sl_examples(cfg: DictConfig, count: int) -> tuple[list[dict], str | None]:
