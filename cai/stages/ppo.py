@@ -43,7 +43,7 @@ from cai import training as T
 from cai.data import load_prompts
 from cai.generation import derive_seed, generate, render_chat
 from cai.runio import MetricsWriter, config_hash, is_complete, lineage, read_manifest, read_metrics, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_stage
+from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_app, run_stage
 
 STAGE = "ppo"
 HASH_KEYS = ("seed", "model", "constitution", "data", "deepspeed", STAGE)
@@ -358,4 +358,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main, f"cai {STAGE}")
