@@ -132,15 +132,19 @@ def build_engine(model, cfg: DictConfig, s: DictConfig, total_steps: int):
 
     model.train()
     warmup = int(s.warmup_ratio * total_steps)
-    ds_config = D.deepspeed_config(OmegaConf.to_container(cfg.deepspeed, resolve=True), micro_batch_size=s.micro_batch_size,
-                                   grad_accum=s.grad_accum, lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip,
-                                   dtype=next(model.parameters()).dtype)
+    world, dtype = D.world_size(), next(model.parameters()).dtype
+    zero = D.zero_for_world(OmegaConf.to_container(cfg.deepspeed, resolve=True), world, dtype)
+    ds_config = D.deepspeed_config(zero, micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum, lr=s.lr,
+                                   weight_decay=s.weight_decay, grad_clip=s.grad_clip, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     # DeepSpeed builds the optimizer from ds_config and hands it to this; the scheduler's state is in every checkpoint.
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: D.warmup_linear_decay(i, warmup, total_steps)),
     )
+    if world == 1 and dtype == torch.float32 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False  # one rank: the gradients are already the average
+    D.weights_only_checkpoints(engine)
     return engine, scheduler
 
 
