@@ -207,6 +207,15 @@ def is_complete(folder: str | os.PathLike, expected_config_hash: str | None = No
     return expected_config_hash is None or manifest.get("config_hash") == expected_config_hash
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def write_manifest(
     folder: str | os.PathLike,
     *,
@@ -222,6 +231,7 @@ def write_manifest(
     """Write ``manifest.json`` atomically and return what was written (``hash_keys``: see config_hash)."""
     if status not in ("running", "complete", "failed"):
         raise ValueError(f"manifest status must be running|complete|failed, got {status!r}")
+    config = resolved_config(cfg)
     manifest = {
         "stage": stage,
         "status": status,
@@ -230,9 +240,12 @@ def write_manifest(
         "git_sha": git_sha(),
         "counts": counts or {},
         "timings": timings or {},
+        "resources": {"peak_rss_mb": peak_rss_mb()},
+        # model code from the hub runs only when the config turned this on; said here, not only in the config
+        "trust_remote_code": bool((config.get("model") or {}).get("trust_remote_code", False)),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
-        "config": resolved_config(cfg),
+        "config": config,
     }
     atomic_write_json(Path(folder) / MANIFEST, manifest)
     return manifest

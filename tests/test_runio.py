@@ -64,6 +64,9 @@ def test_manifest_records_status_and_config(tmp_path):
     assert is_complete(tmp_path) and is_complete(tmp_path, m["config_hash"]) and not is_complete(tmp_path, "other")
     saved = read_manifest(tmp_path)
     assert saved["config"]["x"] == 3 and saved["counts"] == {"rows": 4} and "git_sha" in saved
+    assert saved["resources"]["peak_rss_mb"] > 10 and saved["trust_remote_code"] is False  # a Python process with torch
+    cfg.model = {"path": "x", "trust_remote_code": True}
+    assert write_manifest(tmp_path, stage="s", cfg=cfg, status="complete")["trust_remote_code"] is True
     with pytest.raises(ValueError):
         write_manifest(tmp_path, stage="s", cfg=cfg, status="done")
 
