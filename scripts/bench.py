@@ -1,26 +1,37 @@
-"""Side-by-side benchmarks on the embedded SmolLM2-135M-Instruct model (or any `--model` path).
+"""Side-by-side benchmarks: cai's PPO against TRL's, AI-feedback labeling, batched generation, the pipeline.
 
-    .venv/bin/python scripts/bench.py --quick            # a few minutes on a 2-core CPU
+    .venv/bin/python scripts/bench.py --quick            # under 10 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
+    .venv/bin/python scripts/bench.py --only ppo         # or generation, labeling, pipeline (repeatable)
 
-What is compared (each pair alternates A and B in one process; figures are medians over the repeats, and
-the ratio of those medians is the result — this machine is shared and noisy, absolute numbers are context):
+Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
+of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
+``runs/bench/bench.json`` (``-o``) after every part, and a table is printed as each part ends.
 
-- generation: `cai.generation.generate` on the same prompts at batch 4 and 16 against one prompt at a time
+- ppo: the real stage (``python -m cai.stages.ppo``, PM reward) against TRL 1.12.0's ``PPOTrainer`` (the
+  last TRL with PPO; installed on first use with ``pip install --no-deps --target runs/bench/trl-1.12.0``, so
+  the project's environment is untouched, and run in a child process with that folder first on its path).
+  Both get the same four models from one folder (policy = reference; reward = value start = the same
+  backbone with a seeded scalar head), the same prompts, batch, response length, PPO epochs, minibatches,
+  temperature, KL coefficient and learning rate, fp32 on the CPU, and the same thread count; each run's
+  step time is the median after its first step. First on the tiny random model of the tests, then on
+  ``--model`` (the embedded SmolLM2-135M-Instruct by default). samples/s = prompts per step / step time.
+- generation: ``cai.generation.generate`` on the same prompts at batch 4 and 16 against one prompt at a time
   (greedy, so all three produce the same tokens); tokens/s.
-- labeling: `cai.feedback.judge_pairs` — one prefill per (pair, principle, order) reading the next-token
+- labeling: ``cai.feedback.judge_pairs`` — one prefill per (pair, principle, order) reading the next-token
   log-probabilities of the two option labels, with the shared-prefix KV cache — against a naive labeler that
   generates a few tokens after the same answer cue and parses "A" or "B"; both orders, 2 principles;
   comparisons/s (a comparison = one pair under one principle in one order).
-
-Not here yet (issue #8): PPO against TRL's PPOTrainer, and per-stage pipeline times (the README's demo table has
-those from `/usr/bin/time`).
+- pipeline: each stage's wall time and its process's peak RSS, read from a pipeline run dir (``make demo``'s
+  ``runs/default`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -106,53 +117,308 @@ def bench_labeling(model, tok, constitution, pairs, n_principles: int, batch_siz
             "repeats": repeats}
 
 
+# ---------------------------------------------------------------------------------------------
+# PPO: the cai stage against TRL 1.12's PPOTrainer
+# ---------------------------------------------------------------------------------------------
+
+TRL_VERSION = "1.12.0"  # the last TRL release with PPO (trl.experimental.ppo)
+
+
+def trl_side_folder(folder: Path) -> Path:
+    """TRL 1.12 installed with --no-deps into ``folder`` (once), away from the project's environment; the
+    TRL worker puts it first on its path. Its dependencies (accelerate, datasets, transformers) are ours."""
+    import subprocess
+
+    if not (folder / "trl" / "experimental" / "ppo" / "ppo_trainer.py").exists():
+        print(f"installing trl=={TRL_VERSION} into {folder} (--no-deps; the project's environment is untouched)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--target", str(folder), f"trl=={TRL_VERSION}"], check=True)
+    return folder
+
+
+def ppo_models(model_path: str, folder: Path) -> Path:
+    """The four PPO roles from one model: ``policy/`` (policy and reference) and ``pm/`` (reward and the
+    value model's start: the same backbone with a seeded scalar head), both with the tokenizer. Built once."""
+    import torch
+
+    from cai.models import load_policy, load_preference_model
+
+    if not (folder / "pm" / "config.json").exists():
+        spec = {"path": model_path, "device": "cpu", "dtype": "float32", "trust_remote_code": False}
+        policy, tok = load_policy(spec)
+        policy.save_pretrained(folder / "policy")
+        tok.save_pretrained(folder / "policy")
+        torch.manual_seed(0)
+        pm, _ = load_preference_model(spec)
+        pm.save_pretrained(folder / "pm")
+        tok.save_pretrained(folder / "pm")
+    return folder
+
+
+def ppo_queries(tok, n_prompts: int, max_prompt_length: int) -> list[list[int]]:
+    """The prompts exactly as cai's PPO stage builds its pool (built-in red-team prompts, seed 0, chat
+    template, too-long ones left out)."""
+    from cai.data import load_prompts
+    from cai.generation import render_chat
+
+    items = load_prompts(None, "prompt", "red_team", n_prompts, 0)
+    queries = [tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"] for it in items]
+    return [q for q in queries if len(q) <= max_prompt_length]
+
+
+def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
+    """The real stage, as a user runs it: ``python -m cai.stages.ppo`` with the PM as reward; per-step
+    seconds from its metrics.jsonl."""
+    import shutil
+    import subprocess
+
+    run_dir = work / "cai-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"run_dir={run_dir}", "progress=false", f"model.path={models / 'policy'}", "model.device=cpu",
+                 "model.dtype=float32", f"ppo.policy={models / 'policy'}", f"ppo.reward_model={models / 'pm'}",
+                 f"ppo.num_prompts={s['num_prompts']}", f"ppo.steps={s['steps']}", f"ppo.batch_size={s['batch_size']}",
+                 f"ppo.num_minibatches={s['num_minibatches']}", f"ppo.ppo_epochs={s['ppo_epochs']}",
+                 f"ppo.max_new_tokens={s['response_length']}", f"ppo.temperature={s['temperature']}",
+                 f"ppo.kl_coef={s['kl_coef']}", f"ppo.lr={s['lr']}", f"ppo.value_lr={s['lr']}",
+                 f"ppo.max_prompt_length={s['max_prompt_length']}", f"ppo.save_every={s['steps']}",
+                 f"ppo.log_samples_every={s['steps']}", f"generation.batch_size={s['batch_size']}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "cai.stages.ppo", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cai ppo failed: {done.stderr.strip()[-2000:]}")
+    from cai.runio import read_metrics
+
+    rows = [m for m in read_metrics(run_dir / "ppo") if "seconds" in m]
+    return {"step_seconds": [m["seconds"] for m in rows], "response_length": [m["response_length"] for m in rows]}
+
+
+def run_trl_ppo(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict:
+    """TRL's PPOTrainer in a child process (TRL 1.12 first on its path) with the same four models, prompts,
+    batch, response length, epochs and minibatches; per-step seconds from a step-end callback."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(side),
+           "TOKENIZERS_PARALLELISM": "false"}
+    spec = json.dumps({"models": str(models), "work": str(work), **s})
+    done = subprocess.run([sys.executable, __file__, "--trl-worker", spec], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"TRL ppo failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def trl_worker(spec_json: str) -> None:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    if trl.__version__ != TRL_VERSION:
+        raise SystemExit(f"the TRL worker needs trl=={TRL_VERSION} first on PYTHONPATH, found {trl.__version__}")
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    s = json.loads(spec_json)
+    models = Path(s["models"])
+    tok = AutoTokenizer.from_pretrained(models / "policy")
+    tok.padding_side = "left"
+    policy = AutoModelForCausalLM.from_pretrained(models / "policy", dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(models / "policy", dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(models / "pm", dtype=torch.float32, num_labels=1)
+    reward = AutoModelForSequenceClassification.from_pretrained(models / "pm", dtype=torch.float32, num_labels=1)
+    queries = ppo_queries(tok, s["num_prompts"], s["max_prompt_length"])
+    data = Dataset.from_dict({"input_ids": queries})
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.last, self.seconds = None, []
+
+        def on_train_begin(self, *args, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(round(now - self.last, 3))
+            self.last = now
+
+    timer = StepTimer()
+    args = PPOConfig(
+        output_dir=str(Path(s["work"]) / "trl-run"), seed=0, use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
+        per_device_train_batch_size=s["batch_size"], gradient_accumulation_steps=1,
+        num_mini_batches=s["num_minibatches"], num_ppo_epochs=s["ppo_epochs"],
+        local_rollout_forward_batch_size=s["batch_size"], total_episodes=s["steps"] * s["batch_size"],
+        response_length=s["response_length"], temperature=s["temperature"], stop_token="eos",
+        missing_eos_penalty=1.0, kl_coef=s["kl_coef"], learning_rate=s["lr"], num_sample_generations=0,
+        dataloader_num_workers=0,
+    )
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=reward,
+                         value_model=value, train_dataset=data, eval_dataset=data.select(range(s["batch_size"])),
+                         callbacks=[timer])
+    trainer.train()
+    print(json.dumps({"step_seconds": timer.seconds}))
+
+
+# Same settings on both sides. response_length = cai's ppo.max_new_tokens; lr is both the policy's and the
+# value model's (TRL has one optimizer over both); TRL's micro-batch is its minibatch (gradient_accumulation_steps=1),
+# cai's is batch_size / num_minibatches: one optimizer step per minibatch on both sides.
+PPO_TINY = dict(num_prompts=64, steps=6, batch_size=8, num_minibatches=2, ppo_epochs=2, response_length=32,
+                temperature=0.7, kl_coef=0.05, lr=1e-5, max_prompt_length=256)
+PPO_EMBEDDED = {**PPO_TINY, "steps": 5, "response_length": 48}
+PPO_EMBEDDED_QUICK = {**PPO_TINY, "steps": 3}
+
+
+def bench_ppo(model_path: str, s: dict, work: Path, threads: int, repeats: int, side: Path) -> dict:
+    """Alternate cai and TRL runs; per run, the median step time after the first (warm-up) step; the
+    figures are medians over runs."""
+    models = ppo_models(model_path, work / "models")
+    runs = {"cai": [], "trl": []}
+    for _ in range(repeats):
+        runs["cai"].append(run_cai_ppo(models, s, work, threads))
+        runs["trl"].append(run_trl_ppo(models, s, work, threads, side))
+    step = {k: statistics.median(statistics.median(r["step_seconds"][1:]) for r in v) for k, v in runs.items()}
+    per_s = {k: s["batch_size"] / t for k, t in step.items()}
+    return {"model": model_path, "settings": s, "repeats": repeats, "step_seconds": step, "samples_per_s": per_s,
+            "ratio": per_s["cai"] / per_s["trl"], "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline: each stage's wall time and peak memory from a run dir (make demo's by default)
+# ---------------------------------------------------------------------------------------------
+
+def run_pipeline(run_dir: Path, threads: int) -> None:
+    """``python -m cai.pipeline run_dir=...`` as make demo runs it (complete stages there are skipped: point
+    ``--pipeline-run`` at a new folder to time every stage)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-m", "cai.pipeline", f"run_dir={run_dir}"], cwd=ROOT, env=env, check=True)
+
+
+def pipeline_table(run_dir: Path) -> dict | None:
+    """Per stage: status, amount, wall seconds of the run that computed it and that process's peak RSS (from
+    its manifest), or None when ``run_dir`` holds no pipeline run."""
+    from cai.runio import read_manifest
+
+    record = run_dir / "pipeline.json"
+    if not record.exists():
+        return None
+    rows = []
+    for row in json.loads(record.read_text())["stages"]:
+        manifest = read_manifest(run_dir / row["stage"]) or {}
+        rows.append({"stage": row["stage"], "amount": row.get("amount"), "seconds": row.get("stage_seconds"),
+                     "peak_rss_mb": manifest.get("resources", {}).get("peak_rss_mb"), "status": manifest.get("status")})
+    return {"run_dir": str(run_dir), "stages": rows, "total_s": round(sum(r["seconds"] or 0 for r in rows), 1),
+            "peak_rss_mb": max((r["peak_rss_mb"] or 0 for r in rows), default=None) or None}
+
+
+def print_pipeline(table: dict | None, run_dir: Path) -> None:
+    if table is None:
+        print(f"pipeline: no run in {run_dir}; run `make demo` first (or add --run-pipeline) for each stage's time and memory")
+        return
+    print(f"pipeline ({run_dir}): wall time of the run that computed each stage, peak RSS of its process")
+    for r in table["stages"]:
+        memory = f"{r['peak_rss_mb'] / 1024:6.2f} GB" if r["peak_rss_mb"] else "     n/a"
+        seconds = f"{r['seconds']:7.1f} s" if r["seconds"] is not None else "    n/a"
+        print(f"  {r['stage']:<12} {seconds} {memory}   {r['amount'] or ''}  ({r['status']})")
+    peak = f"{table['peak_rss_mb'] / 1024:.2f} GB" if table["peak_rss_mb"] else "n/a"
+    print(f"  {'all stages':<12} {table['total_s']:7.1f} s, largest stage peak {peak}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="cai benchmarks, side by side (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="fewer prompts, pairs and repeats: a few minutes on a CPU")
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--only", choices=("ppo", "generation", "labeling", "pipeline"), action="append",
+                        help="run only these parts (repeatable); default: all")
+    parser.add_argument("--trl-side", type=Path, default=ROOT / "runs" / "bench" / f"trl-{TRL_VERSION}",
+                        help="where TRL 1.12 is installed with --no-deps (done on first use)")
+    parser.add_argument("--pipeline-run", type=Path, default=ROOT / "runs" / "default",
+                        help="the run dir whose per-stage wall time and peak memory are reported (default: make demo's)")
+    parser.add_argument("--run-pipeline", action="store_true",
+                        help="first run the demo pipeline (python -m cai.pipeline) into --pipeline-run, from scratch")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "runs" / "bench" / "bench.json")
+    parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run in a child process
     args = parser.parse_args(argv)
+    if args.trl_worker:
+        trl_worker(args.trl_worker)
+        return 0
 
     import torch
 
-    from cai.constitution import load_constitution, resolve_constitution_dir
-    from cai.data import load_prompts
-    from cai.feedback import Pair
-    from cai.models import load_policy
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    parts = args.only or ["ppo", "generation", "labeling", "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
-    n_prompts, max_new_tokens, n_pairs = (16, 32, 8) if args.quick else (32, 64, 24)
-    model, tok = load_policy({"path": args.model, "device": "auto", "dtype": "auto", "trust_remote_code": False})
-    constitution = load_constitution(resolve_constitution_dir("constitutions/default"))
-    prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", n_prompts, 0)]
-    rows = [json.loads(line) for line in (ROOT / "cai" / "prompts" / "helpful_pairs.jsonl").read_text().splitlines()][:n_pairs]
-    pairs = [Pair(f"bench-{i}", [{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for i, r in enumerate(rows)]
-
-    results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": torch.get_num_threads(),
-               "device": str(next(model.parameters()).device), "quick": args.quick}
-    results["generation"] = bench_generation(model, tok, prompts, max_new_tokens, repeats)
-    results["labeling"] = bench_labeling(model, tok, constitution, pairs, 2, 16, repeats)
+    results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
+               "repeats": repeats}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
 
-    g, lab = results["generation"], results["labeling"]
-    print(f"cai benchmarks: {args.model} on {results['device']}, {results['threads']} threads, median of {repeats}")
-    print(f"generation ({g['prompts']} prompts x up to {g['max_new_tokens']} greedy tokens, {g['tokens']} tokens, "
-          f"same tokens at every batch size: {g['same_tokens']}):")
-    for name, rate in g["tokens_per_s"].items():
-        print(f"  {name:<9} {rate:8.1f} tokens/s   {g['speedup_vs_batch_1'][name]:.2f}x one-at-a-time")
-    print(f"labeling ({lab['pairs']} pairs x {lab['n_principles']} principles x 2 orders = {lab['comparisons']} comparisons):")
-    for name, rate in lab["comparisons_per_s"].items():
-        print(f"  {name:<19} {rate:7.2f} comparisons/s")
-    print(f"  one-prefill labeling vs generate-and-parse: {lab['speedup']:.2f}x "
-          f"(the naive labeler's answer could not be read in {lab['naive_unparsed']} of {lab['comparisons']}; "
-          f"cai reads a probability every time)")
+    def save() -> None:  # after every part: a later failure loses nothing measured
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"cai benchmarks on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs), {threads} torch threads, "
+          f"medians of {repeats} alternated runs")
+    if "ppo" in parts:
+        side = trl_side_folder(args.trl_side)
+        sizes = {"tiny": ("tiny-random", PPO_TINY), args.model: (args.model, PPO_EMBEDDED_QUICK if args.quick else PPO_EMBEDDED)}
+        for name, (path, settings) in sizes.items():
+            # the embedded model's steps take tens of seconds: one alternated pair of runs in --quick
+            n = repeats if name == "tiny" or not args.quick else 1
+            r = results.setdefault("ppo", {})[name] = bench_ppo(path, settings, ROOT / "runs" / "bench" / f"ppo-{_slug(name)}",
+                                                               threads, n, side)
+            save()
+            print(f"PPO on {name} models ({settings['batch_size']} prompts x up to {settings['response_length']} tokens, "
+                  f"{settings['ppo_epochs']} epochs x {settings['num_minibatches']} minibatches, median step after the first, "
+                  f"{n} run(s) each): cai {r['samples_per_s']['cai']:.2f} samples/s, TRL {TRL_VERSION} PPOTrainer "
+                  f"{r['samples_per_s']['trl']:.2f} samples/s: cai/TRL {r['ratio']:.2f}x")
+    if {"generation", "labeling"} & set(parts):
+        from cai.constitution import load_constitution, resolve_constitution_dir
+        from cai.data import load_prompts
+        from cai.feedback import Pair
+        from cai.models import load_policy
+
+        model, tok = load_policy({"path": args.model, "device": "auto", "dtype": "auto", "trust_remote_code": False})
+        results["device"] = str(next(model.parameters()).device)
+    if "generation" in parts:
+        n_prompts, max_new_tokens = (16, 32) if args.quick else (32, 64)
+        prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", n_prompts, 0)]
+        g = results["generation"] = bench_generation(model, tok, prompts, max_new_tokens, repeats)
+        save()
+        print(f"generation on {args.model} ({g['prompts']} prompts x up to {g['max_new_tokens']} greedy tokens, "
+              f"{g['tokens']} tokens, same tokens at every batch size: {g['same_tokens']}):")
+        for name, rate in g["tokens_per_s"].items():
+            print(f"  {name:<9} {rate:8.1f} tokens/s   {g['speedup_vs_batch_1'][name]:.2f}x one-at-a-time")
+    if "labeling" in parts:
+        n_pairs = 8 if args.quick else 24
+        constitution = load_constitution(resolve_constitution_dir("constitutions/default"))
+        lines = (ROOT / "cai" / "prompts" / "helpful_pairs.jsonl").read_text().splitlines()[:n_pairs]
+        pairs = [Pair(f"bench-{i}", [{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"])
+                 for i, r in enumerate(map(json.loads, lines))]
+        lab = results["labeling"] = bench_labeling(model, tok, constitution, pairs, 2, 16, repeats)
+        save()
+        print(f"labeling on {args.model} ({lab['pairs']} pairs x {lab['n_principles']} principles x 2 orders = "
+              f"{lab['comparisons']} comparisons):")
+        for name, rate in lab["comparisons_per_s"].items():
+            print(f"  {name:<19} {rate:7.2f} comparisons/s")
+        print(f"  one-prefill labeling vs generate-and-parse: {lab['speedup']:.2f}x "
+              f"(the naive labeler's answer could not be read in {lab['naive_unparsed']} of {lab['comparisons']}; "
+              f"cai reads a probability every time)")
+    if "pipeline" in parts:
+        if args.run_pipeline:
+            run_pipeline(args.pipeline_run, threads)
+        table = results["pipeline"] = pipeline_table(args.pipeline_run)
+        save()
+        print_pipeline(table, args.pipeline_run)
     print(f"results -> {args.output}")
     return 0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 if __name__ == "__main__":
