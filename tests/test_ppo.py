@@ -66,6 +66,33 @@ def test_ppo_learns_to_prefer_a_token(tmp_path):
     assert last > first + 0.1, scores  # about 0.12 of the tokens at the start
 
 
+NAN_REWARD = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import compose_cfg
+from cai.stages import run_stage
+from cai.stages.ppo import run
+
+calls = []
+
+def nan_on_step_3(conversations, completions):
+    calls.append(1)
+    return [float("nan") if len(calls) == 3 else 0.5] * len(completions)
+
+run_stage("ppo", lambda cfg: run(cfg, reward_fn=nan_on_step_3), compose_cfg("ppo", sys.argv[1:]))
+"""
+
+
+def test_a_non_finite_reward_stops_the_run_and_names_the_step_and_checkpoint(tmp_path):
+    script = NAN_REWARD.format(tests=str(ROOT / "tests"))
+    result = subprocess.run([sys.executable, "-c", script, *TINY_ARGS, f"run_dir={tmp_path}", "ppo.steps=4",
+                             "ppo.save_every=2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_one_line_error(result, "a non-finite reward (score) at step 3; stopping before any update on it. "
+                                  "Last good checkpoint: step-00000002")
+    assert [m["step"] for m in read_metrics(tmp_path / "ppo")] == [1, 2]  # nothing logged or trained on the NaN
+    assert read_manifest(tmp_path / "ppo")["status"] == "running"  # not complete: a rerun resumes at step 2
+
+
 def test_ppo_against_the_tiny_pm(tiny_run, tmp_path):
     run_dir = _copy(tiny_run, tmp_path)
     result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,3 +170,19 @@ def test_refuses_incomplete_upstream_and_bad_settings(upstream, tmp_path):
     assert outputs(run_dir) == before
     result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.lr=-1")
     assert result.returncode == 1 and "sl_train.lr must be > 0" in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_and_names_the_step_and_checkpoint(upstream, tmp_path):
+    """An absurd learning rate blows the weights up within a few steps: the shared training loop stops on the
+    first non-finite loss, before stepping on it, and names the step and the checkpoint a rerun would resume from."""
+    run_dir = _fresh_run_dir(upstream, tmp_path)
+    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.lr=1e30", "sl_train.epochs=4",
+                        "sl_train.micro_batch_size=1", "sl_train.save_every=1", "sl_train.warmup_ratio=0")
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"cai sl_train: a non-finite loss at step (\d+); stopping\. Last good checkpoint: step-(\d+) in .*", last)
+    assert match, last
+    step, checkpoint = int(match[1]), int(match[2])
+    assert checkpoint == step - 1  # saved every step: the one before the bad loss
+    assert [m["step"] for m in read_metrics(run_dir / "sl_train") if "loss" in m] == list(range(1, step))
+    assert read_manifest(run_dir / "sl_train")["status"] == "running"

@@ -177,6 +177,9 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
                                                  [(k, conv, c.text) for k, conv, c in zip(keys, conversations, completions)],
                                                  seed=cfg.seed, batch_size=cfg.generation.batch_size))
             raw = raw.to(device).float()
+            if D.sum_over_ranks(int(not torch.isfinite(raw).all())) > 0:
+                raise StageError(f"a non-finite reward (score) at step {step + 1}; stopping before any update on it. "
+                                 f"Last good checkpoint: {T.latest_tag(checkpoints)} in {checkpoints}")
             scores = rl.apply_missing_eos_penalty(raw, has_eos.to(device), s.missing_eos_penalty)
             logits = _response_logits(policy_engine.module, batch)
             old_logp = rl.logprobs_from_logits(logits, batch.response, s.temperature)
