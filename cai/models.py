@@ -347,7 +347,9 @@ def _from_pretrained(cls, cfg: dict, dtype: torch.dtype, **kwargs: Any):
     transformers.utils.logging.disable_progress_bar()  # a bar per 0.2 s load is noise
     source = resolve_model_source(cfg)
     try:
-        return cls.from_pretrained(source, dtype=dtype, trust_remote_code=bool(cfg.get("trust_remote_code", False)), **kwargs)
+        # safetensors only: a pickled pytorch_model.bin is never unpickled from a user path
+        return cls.from_pretrained(source, dtype=dtype, trust_remote_code=bool(cfg.get("trust_remote_code", False)),
+                                   use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         where = "the folder" if Path(source).is_dir() else "the Hugging Face hub (is there a network? HF_HUB_OFFLINE?)"
         raise ModelLoadError(f"model.path={cfg['path']!r}: loading from {where} failed: {_first_line(e)}") from None

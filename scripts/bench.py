@@ -23,7 +23,7 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   generates a few tokens after the same answer cue and parses "A" or "B"; both orders, 2 principles;
   comparisons/s (a comparison = one pair under one principle in one order).
 - pipeline: each stage's wall time and its process's peak RSS, read from a pipeline run dir (``make demo``'s
-  ``runs/default`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
+  ``runs/demo`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
 """
 
 from __future__ import annotations
@@ -335,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--trl-side", type=Path, default=ROOT / "runs" / "bench" / f"trl-{TRL_VERSION}",
                         help="where TRL 1.12 is installed with --no-deps (done on first use)")
-    parser.add_argument("--pipeline-run", type=Path, default=ROOT / "runs" / "default",
-                        help="the run dir whose per-stage wall time and peak memory are reported (default: make demo's)")
+    parser.add_argument("--pipeline-run", type=Path, default=ROOT / "runs" / "demo",
+                        help="the run dir whose per-stage wall time and peak memory are reported (default: make demo's, runs/demo)")
     parser.add_argument("--run-pipeline", action="store_true",
-                        help="first run the demo pipeline (python -m cai.pipeline) into --pipeline-run, from scratch")
+                        help="first run the demo pipeline (python -m cai.pipeline) into --pipeline-run; complete stages there are skipped")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "runs" / "bench" / "bench.json")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run in a child process
     args = parser.parse_args(argv)

@@ -123,3 +123,19 @@ def test_embedded_model_offline_generation_and_cached_reload(monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", no_conversion)
     again, _ = load_policy({"path": "embedded"})
     assert again.config.num_hidden_layers == 30
+
+
+def test_a_pickled_checkpoint_is_refused_not_unpickled(tiny_cfg, tmp_path, monkeypatch):
+    """Models load from safetensors only: a folder holding just pytorch_model.bin is a one-line error naming
+    model.path, and the pickle is never opened."""
+    model, tok = models.load_policy(tiny_cfg)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    opened = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a) or real_load(*a, **k))
+    with pytest.raises(models.ModelLoadError, match=r"model.path=.*model.safetensors"):
+        models.load_policy({**tiny_cfg, "path": str(tmp_path)})
+    assert opened == []
