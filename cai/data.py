@@ -134,17 +134,22 @@ def read_table(source: str | Path, where: str):
     return ds
 
 
-def _check_jsonl_lines(path: Path, where: str) -> None:
-    """Raise a DataError naming the first line of a JSONL file that is not one JSON object."""
+def jsonl_rows(path: Path, where: str | None = None):
+    """``(line number, value)`` for each non-blank line of a JSONL file; a line that is not JSON is a
+    DataError naming ``where`` (default: the path) and the line."""
     import json
 
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}:{n}: each line must be a JSON object, got {type(row).__name__}")
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where or path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def _check_jsonl_lines(path: Path, where: str) -> None:
+    """Raise a DataError naming the first line of a JSONL file that is not one JSON object."""
+    for n, row in jsonl_rows(path, where):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}:{n}: each line must be a JSON object, got {type(row).__name__}")

@@ -9,7 +9,6 @@ option's token. One forward pass over the context gives every option's log-proba
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from typing import Sequence
 import torch
 
 from cai.constitution import OPTION_LABELS
-from cai.data import DataError, parse_hh_transcript
+from cai.data import DataError, jsonl_rows, parse_hh_transcript
 from cai.models import position_ids_from_mask
 
 
@@ -304,14 +303,7 @@ def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], 
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
     pairs, skipped = [], defaultdict(int)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    for n, row in jsonl_rows(path):
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             raise DataError(f"{path}:{n}: needs 'chosen' and 'rejected' (hh-rlhf transcripts or ai_feedback rows)")
         if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
