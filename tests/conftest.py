@@ -92,11 +92,9 @@ def copy_stages(run_dir: Path, target: Path, stages) -> Path:
     return target
 
 
-def kill_then_rerun(args: list[str], latest: Path, at_step: int, timeout: int = 300, after_kill=None):
-    """Start ``args``, SIGKILL its process group once ``latest`` (a checkpoint's latest.json) names a step
-    >= ``at_step``, call ``after_kill()`` (checks on what the kill left), then run the same command to the
-    end; returns that rerun's CompletedProcess."""
-    import json
+def kill_when(args: list[str], ready, timeout: int = 300) -> None:
+    """Start ``args`` and SIGKILL its process group as soon as ``ready()`` (polled every 10 ms) is true;
+    fails when the command ended before that."""
     import signal
     import subprocess
     import time
@@ -104,15 +102,32 @@ def kill_then_rerun(args: list[str], latest: Path, at_step: int, timeout: int = 
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= at_step:
+        if ready():
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def kill_then_rerun(args: list[str], latest: Path, at_step: int, timeout: int = 300, after_kill=None):
+    """Start ``args``, SIGKILL its process group once ``latest`` (a checkpoint's latest.json) names a step
+    >= ``at_step``, call ``after_kill()`` (checks on what the kill left), then run the same command to the
+    end; returns that rerun's CompletedProcess."""
+    import json
+    import subprocess
+
+    kill_when(args, lambda: latest.exists() and json.loads(latest.read_text())["step"] >= at_step, timeout)
     if after_kill is not None:
         after_kill()
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def file_stamps(folder: Path, pattern: str = "*") -> dict:
+    """(inode, mtime_ns, bytes) of every file matching ``pattern`` below ``folder``: equal stamps mean
+    the files were kept, not written again (even with the same bytes)."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob(pattern)) if p.is_file()}
 
 
 def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 600):

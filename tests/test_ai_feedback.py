@@ -1,18 +1,21 @@
-"""ai_feedback and label_alignment end to end on tiny models; TRL can train on the output unchanged."""
+"""ai_feedback and label_alignment end to end on tiny models; TRL can train on the output unchanged; a killed
+ai_feedback resumes to the rows of an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
-from cai.runio import read_manifest
+from cai.runio import read_manifest, read_metrics
 from cai.stages.ai_feedback import run as run_feedback
 from cai.feedback import read_human_pairs
 from cai.stages.label_alignment import run as run_alignment
-from conftest import ROOT, compose_cfg, run_module
+from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when, run_module
 
 TINY = ["debug=tiny", "progress=false"]
 COMPARISON_IDS = {p.id for p in load_constitution(ROOT / "constitutions" / "default").comparison}
@@ -82,6 +85,54 @@ def test_uses_the_sl_model_when_it_exists(tmp_path):
     result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", "ai_feedback.num_prompts=2")
     assert result.returncode == 0, result.stderr
     assert read_manifest(tmp_path / "ai_feedback")["policy"] == str(tmp_path / "sl_train" / "model")
+
+
+# 16 prompts in 8 shards of 2, sampled by tiny_run's SL model
+RESUMABLE = ["ai_feedback.num_prompts=16", "ai_feedback.shard_size=2"]
+
+
+def _feedback_args(run_dir) -> list[str]:
+    return [sys.executable, "-m", "cai.stages.ai_feedback", *TINY, f"run_dir={run_dir}", *RESUMABLE]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_feedback(tiny_run, tmp_path_factory) -> list[dict]:
+    run_dir = copy_stages(tiny_run, tmp_path_factory.mktemp("uninterrupted"), ["sl_train"])
+    result = subprocess.run(_feedback_args(run_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_from_disk(str(run_dir / "ai_feedback" / "dataset")).to_list()
+
+
+@pytest.mark.parametrize("at_shard", [1, 6])
+def test_sigkill_then_rerun_resumes(tiny_run, tmp_path, uninterrupted_feedback, at_shard):
+    """Killed once ``at_shard`` of the 8 shards are finished (early, late), the same command finishes the rest:
+    finished shards kept as they were, and the rows of an uninterrupted run: none lost, none twice."""
+    run_dir = copy_stages(tiny_run, tmp_path, ["sl_train"])
+    out = run_dir / "ai_feedback"
+    shards = out / "shards"
+
+    def finished() -> list[str]:  # a shard is finished once its record (shard-K.json) is written, after its rows
+        return sorted(p.stem for p in shards.glob("shard-*.json"))
+
+    kill_when(_feedback_args(run_dir), lambda: len(finished()) >= at_shard)
+    done = finished()
+    assert at_shard <= len(done) < 8 and read_manifest(out)["status"] == "running"
+    kept = {k: v for k, v in file_stamps(shards).items() if k.split("/")[0].removesuffix(".json") in done}
+    assert len(kept) > len(done)  # each finished shard: its record and its dataset's files
+
+    again = subprocess.run(_feedback_args(run_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming, {len(done)}/8 shards already done" in again.stdout
+    after = file_stamps(shards)
+    assert {k: after.get(k) for k in kept} == kept  # not labeled again
+    ds = load_from_disk(str(out / "dataset"))
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["counts"]["shards"] == 8
+    assert len(set(ds["id"])) == len(ds) == 16 - manifest["counts"]["skipped_identical_responses"]
+    assert ds.to_list() == uninterrupted_feedback
+    # a shard's metrics row is written after its record: the rerun logs each shard it labels, once
+    logged = [m["shard"] for m in read_metrics(out)]
+    assert logged == sorted(set(logged)) and {k for k in range(8) if f"shard-{k:05d}" not in done} <= set(logged)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,4 +1,4 @@
-"""pm_pretrain and pm_finetune end to end: tiny models (PMP -> fine-tuning, a separable toy set, resume,
+"""pm_pretrain and pm_finetune end to end: tiny models (PMP -> fine-tuning, a separable toy set, resume of each,
 2 ranks, bad input) and one run of pm_finetune on the embedded SmolLM2 backbone."""
 
 from __future__ import annotations
@@ -117,6 +117,39 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path):
     for key in resumed:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
+
+def test_finetune_sigkill_then_rerun_resumes_to_the_uninterrupted_weights(tiny_run, tmp_path):
+    """pm_finetune killed after its first checkpoint; the same command resumes and ends where tiny_run's own
+    (uninterrupted) pm_finetune of the same config and inputs ended: same steps, loss curve and weights."""
+    run_dir = _copy(tiny_run, tmp_path, stages=("sl_generate", "ai_feedback", "pm_pretrain"))
+    out = run_dir / "pm_finetune"
+    args = [sys.executable, "-m", "cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}"]
+    latest = out / "checkpoints" / "latest.json"
+
+    def left_running():
+        manifest = read_manifest(out)
+        assert manifest["status"] == "running" and json.loads(latest.read_text())["step"] < manifest["counts"]["total_steps"]
+
+    again = kill_then_rerun(args, latest, at_step=2, after_kill=left_running)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step" in again.stdout
+    clean = tiny_run / "pm_finetune"
+    ours, theirs = read_manifest(out), read_manifest(clean)
+    for key in ("config_hash", "init_fingerprint", "ai_fingerprint", "human_fingerprint", "reference_fingerprint"):
+        assert ours[key] == theirs[key], key  # the very run the pipeline made, uninterrupted
+    assert ours["counts"] == theirs["counts"] and ours["counts"]["steps"] == 6
+    rows, clean_rows = read_metrics(out), read_metrics(clean)
+    assert [m["step"] for m in rows if "split" not in m] == list(range(1, 7))  # 3 steps x 2 epochs, no gap or repeat
+    assert [m["step"] for m in rows if m.get("split") == "eval"] == [3, 6]
+    for key, split in (("loss", None), ("accuracy", "eval"), ("mean_margin", "eval")):
+        assert [m[key] for m in rows if m.get("split") == split] == pytest.approx(
+            [m[key] for m in clean_rows if m.get("split") == split], rel=1e-4, abs=1e-5), key
+    assert ours["reward_shift"] == pytest.approx(theirs["reward_shift"], rel=1e-4, abs=1e-6)
+    resumed = load_file(str(out / "model" / "model.safetensors"))
+    uninterrupted = load_file(str(clean / "model" / "model.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=1e-5, atol=1e-6)
 
 def test_two_rank_zero3_run(tiny_run, tmp_path):
     run_dir = _copy(tiny_run, tmp_path)

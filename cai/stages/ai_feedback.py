@@ -95,6 +95,9 @@ def run(cfg: DictConfig) -> Path:
 
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
     paths = [shards_dir / f"shard-{k:05d}" for k in range(len(shards))]
+    done = sum(_record(path).exists() for path in paths)
+    if done:
+        print(f"cai {STAGE}: resuming, {done}/{len(shards)} shards already done")
     for k, (shard, path) in enumerate(zip(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress), paths)):
         if _record(path).exists():  # written after the shard's rows: the shard is complete
             continue

@@ -110,6 +110,9 @@ def run(cfg: DictConfig) -> dict:
     conversations = [it.messages() for it in items]
     asked = conversations + [row["messages"][:-1] for row in examples]  # the examples are answered, not scored
     replies: dict[str, list[dict]] = {}
+    saved = sum((responses_dir / f"{k}-{_file_name(name)}.jsonl").exists() for k, name in enumerate(checkpoints))
+    if saved:
+        print(f"cai {STAGE}: resuming, the replies of {saved}/{len(checkpoints)} checkpoints already saved")
     for k, (name, (model_cfg, _)) in enumerate(checkpoints.items()):
         path = responses_dir / f"{k}-{_file_name(name)}.jsonl"  # k: two folders may have the same file name
         if path.exists():

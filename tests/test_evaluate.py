@@ -1,0 +1,45 @@
+"""evaluate killed mid-run: the rerun keeps the replies already saved and ends with the results of an
+uninterrupted run (tiny_run's own evaluate, same config and inputs). The stage's figures are tested in
+test_pipeline.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from datasets import load_from_disk
+
+from cai.runio import read_manifest
+from conftest import ROOT, copy_stages, file_stamps, kill_when
+
+TINY = ["debug=tiny", "progress=false"]
+UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")  # checkpoints, PM, examples, overlap
+
+
+def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_results(tiny_run, tmp_path):
+    run_dir = copy_stages(tiny_run, tmp_path / "run", UPSTREAM)
+    out = run_dir / "evaluate"
+    args = [sys.executable, "-m", "cai.stages.evaluate", *TINY, f"run_dir={run_dir}"]
+    kill_when(args, lambda: any((out / "responses").glob("*.jsonl")))  # the first checkpoint's replies are saved
+    assert read_manifest(out)["status"] == "running" and not (out / "results.json").exists()
+    saved = file_stamps(out / "responses", "*.jsonl")
+    assert 1 <= len(saved) < 3  # of base, sl_train, ppo
+
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming, the replies of {len(saved)}/3 checkpoints already saved" in again.stdout
+    replies = file_stamps(out / "responses", "*.jsonl")
+    assert {k: replies[k] for k in saved} == saved  # kept, not generated again
+
+    clean = tiny_run / "evaluate"
+    ours, theirs = read_manifest(out), read_manifest(clean)
+    for key in ("config_hash", "constitution_hash", "checkpoint_fingerprints", "reward_fingerprint", "examples_fingerprint"):
+        assert ours[key] == theirs[key], key  # the very evaluation the pipeline ran, uninterrupted
+    assert ours["status"] == "complete" and ours["counts"] == theirs["counts"]
+    # results.json names the checkpoint folders, which are in each run's own folder
+    results = (out / "results.json").read_text().replace(str(run_dir), "RUN")
+    assert json.loads(results) == json.loads((clean / "results.json").read_text().replace(str(tiny_run), "RUN"))
+    assert {k: v[2] for k, v in replies.items()} == {k: v[2] for k, v in file_stamps(clean / "responses", "*.jsonl").items()}
+    assert (out / "examples.jsonl").read_bytes() == (clean / "examples.jsonl").read_bytes()
+    assert load_from_disk(str(out / "dataset")).to_list() == load_from_disk(str(clean / "dataset")).to_list()
