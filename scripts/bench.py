@@ -306,7 +306,9 @@ def pipeline_table(run_dir: Path) -> dict | None:
     rows = []
     for row in json.loads(record.read_text())["stages"]:
         manifest = read_manifest(run_dir / row["stage"]) or {}
-        rows.append({"stage": row["stage"], "amount": row.get("amount"), "seconds": row.get("stage_seconds"),
+        # a stage the pipeline ran: its process's wall time; one it skipped: the stage's own time from its manifest
+        seconds = row["seconds"] if row["status"] == "ran" else manifest.get("timings", {}).get("total_s")
+        rows.append({"stage": row["stage"], "amount": row.get("amount"), "seconds": seconds,
                      "peak_rss_mb": manifest.get("resources", {}).get("peak_rss_mb"), "status": manifest.get("status")})
     return {"run_dir": str(run_dir), "stages": rows, "total_s": round(sum(r["seconds"] or 0 for r in rows), 1),
             "peak_rss_mb": max((r["peak_rss_mb"] or 0 for r in rows), default=None) or None}
@@ -318,10 +320,10 @@ def print_pipeline(table: dict | None, run_dir: Path) -> None:
         return
     print(f"pipeline ({run_dir}): wall time of the run that computed each stage, peak RSS of its process")
     for r in table["stages"]:
-        memory = f"{r['peak_rss_mb'] / 1024:6.2f} GB" if r["peak_rss_mb"] else "     n/a"
+        memory = f"{r['peak_rss_mb'] / 1024:6.2f} GiB" if r["peak_rss_mb"] else "      n/a"
         seconds = f"{r['seconds']:7.1f} s" if r["seconds"] is not None else "    n/a"
         print(f"  {r['stage']:<12} {seconds} {memory}   {r['amount'] or ''}  ({r['status']})")
-    peak = f"{table['peak_rss_mb'] / 1024:.2f} GB" if table["peak_rss_mb"] else "n/a"
+    peak = f"{table['peak_rss_mb'] / 1024:.2f} GiB" if table["peak_rss_mb"] else "n/a"
     print(f"  {'all stages':<12} {table['total_s']:7.1f} s, largest stage peak {peak}")
 
 
