@@ -81,7 +81,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual permissions
+    # mkdtemp makes 0700 and writers that stage files through mkstemp (safetensors via transformers) leave
+    # them 0600: give the folder and its files the usual permissions
+    tmp.chmod(0o777 & ~_umask())
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~_umask())
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -43,6 +43,25 @@ def test_atomic_dir_keeps_previous_version_on_crash(tmp_path):
     assert oct(target.stat().st_mode & 0o777) != oct(0o700)
 
 
+def test_atomic_dir_gives_files_the_usual_permissions(tmp_path):
+    """A file staged through mkstemp (0600, as transformers writes model.safetensors) ends up readable like any other."""
+    import os
+    import tempfile
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "model") as tmp:
+            fd, name = tempfile.mkstemp(dir=tmp)
+            os.close(fd)
+            os.replace(name, tmp / "model.safetensors")
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "x").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model" / "sub" / "x").stat().st_mode & 0o777 == 0o644
+
+
 def test_save_dataset_round_trips(tmp_path):
     ds = Dataset.from_list([{"prompt": "p", "messages": [{"role": "user", "content": "p"}]}])
     save_dataset(ds, tmp_path / "data")
