@@ -29,10 +29,23 @@ def test_other_zero_blocks_are_kept(zero, world, dtype):
     assert D.zero_for_world(zero, world, dtype) == zero
 
 
+@pytest.fixture(scope="module")
+def process_group():
+    """A process group of one in this (pytest) process. It stays up (DeepSpeed caches its groups, so it cannot
+    be torn down and made again), but the environment it set is restored: stages started later as subprocesses
+    must not inherit its RANK/WORLD_SIZE/MASTER_PORT, whose port this process holds."""
+    import os
+
+    saved = dict(os.environ)
+    D.init_distributed()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _engine(zero_file: str, seed: int = 0):
     from cai.models import load_policy
 
-    D.init_distributed()
     torch.manual_seed(seed)
     model, _ = load_policy({"path": "tiny-random", "device": "cpu", "dtype": "float32", "trust_remote_code": False})
     cfg = OmegaConf.create({"deepspeed": OmegaConf.load(f"conf/deepspeed/{zero_file}.yaml")})
@@ -48,7 +61,7 @@ def _train_step(engine):
 
 
 @pytest.mark.parametrize("zero_file, stage", [("zero2", 0), ("zero3", 3)])
-def test_checkpoint_round_trip_reads_weights_only(zero_file, stage, tmp_path, monkeypatch):
+def test_checkpoint_round_trip_reads_weights_only(zero_file, stage, tmp_path, monkeypatch, process_group):
     monkeypatch.chdir(T.Path(__file__).resolve().parents[1])
     engine = _engine(zero_file)
     assert engine.zero_optimization_stage() == stage
