@@ -78,13 +78,11 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path):
     assert [json.loads(x)["skipped_identical"] for x in (tmp_path / "ai_feedback" / "metrics.jsonl").read_text().splitlines()] == [2, 1]
 
 
-def test_uses_the_sl_model_when_it_exists(tmp_path):
-    for stage in ("sl_generate", "sl_train"):
-        result = run_module(f"cai.stages.{stage}", *TINY, f"run_dir={tmp_path}", "n_revisions=1")
-        assert result.returncode == 0, result.stderr
-    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", "ai_feedback.num_prompts=2")
+def test_uses_the_sl_model_when_it_exists(tiny_run, tmp_path):
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_train"])  # a complete SL-CAI model, nothing else
+    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={run_dir}", "ai_feedback.num_prompts=2")
     assert result.returncode == 0, result.stderr
-    assert read_manifest(tmp_path / "ai_feedback")["policy"] == str(tmp_path / "sl_train" / "model")
+    assert read_manifest(run_dir / "ai_feedback")["policy"] == str(run_dir / "sl_train" / "model")
 
 
 # 16 prompts in 8 shards of 2, sampled by tiny_run's SL model
