@@ -31,6 +31,8 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cai.runio import atomic_dir, first_line
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -83,7 +85,7 @@ def load_tokenizer(model_cfg: DictConfig | dict):
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.path={cfg['path']!r}: could not load a tokenizer ({_first_line(e)})") from None
+        raise ModelLoadError(f"model.path={cfg['path']!r}: could not load a tokenizer ({first_line(e)})") from None
     if not getattr(tok, "chat_template", None):
         raise ModelLoadError(f"model.path={cfg['path']!r}: the tokenizer has no chat template; cai formats every prompt as a chat")
     ensure_distinct_pad(tok)
@@ -216,8 +218,6 @@ def embedded_model_dir() -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cai.runio import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -352,7 +352,7 @@ def _from_pretrained(cls, cfg: dict, dtype: torch.dtype, **kwargs: Any):
                                    use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         where = "the folder" if Path(source).is_dir() else "the Hugging Face hub (is there a network? HF_HUB_OFFLINE?)"
-        raise ModelLoadError(f"model.path={cfg['path']!r}: loading from {where} failed: {_first_line(e)}") from None
+        raise ModelLoadError(f"model.path={cfg['path']!r}: loading from {where} failed: {first_line(e)}") from None
 
 
 def _finish(model, tok, device: torch.device, dtype: torch.dtype):
@@ -384,8 +384,3 @@ def _installed(dist: str) -> bool:
         return True
     except importlib.metadata.PackageNotFoundError:
         return False
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

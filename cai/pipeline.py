@@ -41,7 +41,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config
+from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config, safe_name
 from cai.stages import CONFIG_PATH, run_app
 
 STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
@@ -209,8 +209,7 @@ def _mtime(path: Path) -> int | None:
 def _job_name(override_dirname: str) -> str:
     # "ppo.kl_coef=0.01,seed=1" -> "ppo.kl_coef-0.01_seed-1": no "=" or "," (they would break the run_dir= override);
     # a long name is cut and keeps a hash of the whole, so two jobs never share a folder
-    name = override_dirname.replace("=", "-").replace(",", "_")
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    name = safe_name(override_dirname.replace("=", "-").replace(",", "_"))
     if len(name) > 120:
         name = f"{name[:103]}_{hashlib.sha256(override_dirname.encode()).hexdigest()[:16]}"
     return name or "default"

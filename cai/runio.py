@@ -180,6 +180,17 @@ def git_sha() -> str | None:
         return None
 
 
+def safe_name(text: str) -> str:
+    """``text`` as a file or folder name: letters, digits, "-", "_" and "." kept, anything else "_"."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line for a one-line error message: its message's first line, or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ManifestError(ValueError):
     """A ``manifest.json`` that cannot be read (edited or damaged by hand); the message names the file and line."""
 

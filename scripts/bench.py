@@ -365,12 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cai benchmarks on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs), {threads} torch threads, "
           f"medians of {repeats} alternated runs")
     if "ppo" in parts:
+        from cai.runio import safe_name
+
         side = trl_side_folder(args.trl_side)
         sizes = {"tiny": ("tiny-random", PPO_TINY), args.model: (args.model, PPO_EMBEDDED_QUICK if args.quick else PPO_EMBEDDED)}
         for name, (path, settings) in sizes.items():
             # the embedded model's steps take tens of seconds: one alternated pair of runs in --quick
             n = repeats if name == "tiny" or not args.quick else 1
-            r = results.setdefault("ppo", {})[name] = bench_ppo(path, settings, ROOT / "runs" / "bench" / f"ppo-{_slug(name)}",
+            r = results.setdefault("ppo", {})[name] = bench_ppo(path, settings, ROOT / "runs" / "bench" / f"ppo-{safe_name(name)}",
                                                                threads, n, side)
             save()
             print(f"PPO on {name} models ({settings['batch_size']} prompts x up to {settings['response_length']} tokens, "
@@ -417,10 +419,6 @@ def main(argv: list[str] | None = None) -> int:
         print_pipeline(table, args.pipeline_run)
     print(f"results -> {args.output}")
     return 0
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 if __name__ == "__main__":

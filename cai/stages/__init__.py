@@ -45,8 +45,10 @@ def run_app(main, who: str) -> None:
 def _one_line(e: Exception) -> str:
     """A Hydra composition error in one line: its first line, its cause's and the options it lists, e.g.
     "Could not override 'sl_generate.num_promptz': Key 'num_promptz' is not in struct"."""
+    from cai.runio import first_line
+
     def first(x) -> str:
-        return str(x).strip().splitlines()[0].rstrip(".") if str(x).strip() else type(x).__name__
+        return first_line(x).rstrip(".")
 
     text = first(e) + (f": {first(e.__cause__)}" if e.__cause__ is not None else "")
     if getattr(e, "override", None):  # a syntax error: name the override it is in

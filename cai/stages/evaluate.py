@@ -44,7 +44,7 @@ from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, re
 from cai.generation import derive_seed, generate
 from cai.ratings import elo_ratings, win_rates
 from cai.runio import (atomic_write_json, atomic_write_text, config_hash, is_complete, lineage, read_manifest,
-                       save_dataset, stage_dir, write_manifest)
+                       safe_name, save_dataset, stage_dir, write_manifest)
 from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_app, run_stage
 
 STAGE = "evaluate"
@@ -110,11 +110,13 @@ def run(cfg: DictConfig) -> dict:
     conversations = [it.messages() for it in items]
     asked = conversations + [row["messages"][:-1] for row in examples]  # the examples are answered, not scored
     replies: dict[str, list[dict]] = {}
-    saved = sum((responses_dir / f"{k}-{_file_name(name)}.jsonl").exists() for k, name in enumerate(checkpoints))
+    # the k- prefix: two checkpoint folders may have the same file name
+    paths = {name: responses_dir / f"{k}-{_file_name(name)}.jsonl" for k, name in enumerate(checkpoints)}
+    saved = sum(path.exists() for path in paths.values())
     if saved:
         print(f"cai {STAGE}: resuming, the replies of {saved}/{len(checkpoints)} checkpoints already saved")
-    for k, (name, (model_cfg, _)) in enumerate(checkpoints.items()):
-        path = responses_dir / f"{k}-{_file_name(name)}.jsonl"  # k: two folders may have the same file name
+    for name, (model_cfg, _) in checkpoints.items():
+        path = paths[name]
         if path.exists():
             replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
             continue
@@ -312,7 +314,7 @@ def _dig(config: dict, *keys: str):
 
 
 def _file_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "checkpoint"
+    return safe_name(name).strip("._") or "checkpoint"
 
 
 def _mean(values) -> float | None:
