@@ -22,11 +22,23 @@ def run_stage(stage: str, fn, cfg) -> None:
     try:
         check_types(cfg)
         check_logger(cfg.get("logger"))
+        if cfg.get("deterministic"):
+            deterministic_kernels()
         fn(cfg)
     except (ConstitutionError, DataError, LabelerError, ManifestError, ModelLoadError, StageInputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
     finally:
         _close_process_group()
+
+
+def deterministic_kernels() -> None:
+    """Make CUDA runs repeat bit for bit: torch's deterministic kernels (where an op has none, torch warns and
+    runs the usual one) and the fixed cuBLAS workspace they need, set before CUDA starts. GPU kernels that
+    accumulate with atomics (attention backward, scatter-adds) otherwise round differently from run to run."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def run_app(main, who: str) -> None:

@@ -21,7 +21,8 @@ One step (DESIGN.md §1.6; the maths is in ``cai.rl``):
    padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
 
 Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
-eos_rate, policy_loss, value_loss, clip_frac, value_clip_frac, entropy, approx_kl, samples_per_s),
+eos_rate, policy_loss, value_loss, clip_frac, value_clip_frac, entropy, approx_kl, samples_per_s, and the step's
+seconds split into rollout_s (generation), score_s (reward, log-probs, values, advantages) and update_s),
 ``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
 (the final policy, ``save_pretrained``) and ``manifest.json``.
 """
@@ -126,8 +127,10 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
 
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
+    roles = {"policy": policy, "reference": reference, "value": value_model, "reward": reward_model, "labeler": labeler}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash if constitution else None,
-                    policy=policy_cfg["path"], reward=s.reward if reward_fn is None else "reward_fn", **inputs)
+                    policy=policy_cfg["path"], reward=s.reward if reward_fn is None else "reward_fn", **inputs,
+                    devices={name: str(next(m.parameters()).device) for name, m in roles.items() if m is not None})
     counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps}
     if main_rank:
         write_manifest(out, status="running", counts=counts, **manifest)
@@ -145,7 +148,7 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
     bar = tqdm(total=s.steps, initial=first_step, desc=STAGE, unit="step", disable=not (cfg.progress and main_rank))
     warned = False
     for step in range(first_step, s.steps):
-        t0 = time.time()
+        t0 = _clock(device)
         rows = _step_prompts(pool, step, world * s.batch_size, cfg.seed)[rank * s.batch_size:(rank + 1) * s.batch_size]
         conversations = [items[i].messages() for i in rows]
 
@@ -159,6 +162,7 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
         sampled, _ = T.pad_batch([c.token_ids for c in completions], tok.pad_token_id)
         response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
         batch = _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device))
+        t_rollout = _clock(device)
 
         # scores, log-probs, values (no gradient)
         with torch.no_grad():
@@ -194,6 +198,7 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
                 rewards = rl.whiten(rewards, batch.mask, shift_mean=False)
             advantages, returns = rl.gae(rewards, old_values, batch.mask, s.gamma, s.lam)
             advantages = rl.whiten(advantages, batch.mask)
+        t_scored = _clock(device)
 
         # PPO epochs over minibatches
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
@@ -219,6 +224,8 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
                                    ("value_clip_frac", v_clip), ("approx_kl", approx_kl)):
                     stats[key].append(value.item())
 
+        t_updated = _clock(device)
+
         # metrics (means over ranks), KL controller, samples, checkpoint
         seq_kl = kl.sum(dim=1)
         row = {"step": step + 1, "score": raw.mean().item(), "reward": (scores - beta * seq_kl).mean().item(),
@@ -227,8 +234,10 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
                **{k: sum(v) / len(v) for k, v in stats.items()}}
         row = {k: (v if k in ("step", "kl_coef") else round(D.mean_over_ranks(v), 6)) for k, v in row.items()}
         kl_ctl.update(row["kl"], world * s.batch_size)
-        seconds = time.time() - t0
-        row.update(lr=lr, samples_per_s=round(world * s.batch_size / max(seconds, 1e-9), 3), seconds=round(seconds, 3))
+        seconds = time.perf_counter() - t0
+        row.update(lr=lr, samples_per_s=round(world * s.batch_size / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
+                   rollout_s=round(t_rollout - t0, 3), score_s=round(t_scored - t_rollout, 3),
+                   update_s=round(t_updated - t_scored, 3))
         if row["eos_rate"] == 0 and main_rank and not warned:
             warned = True
             tqdm.write(f"cai {STAGE}: step {step + 1}: no response ended within {STAGE}.max_new_tokens={s.max_new_tokens}; "
@@ -290,6 +299,14 @@ def _token_values(value_model, b: _Batch) -> torch.Tensor:
     hidden = value_model.base_model(input_ids=b.ids, attention_mask=b.attention,
                                     position_ids=position_ids_from_mask(b.attention)).last_hidden_state
     return value_model.score(hidden[:, -r - 1:-1]).squeeze(-1).float()
+
+
+def _clock(device: torch.device) -> float:
+    """A wall-clock reading after the GPU has finished the work queued so far (CUDA runs asynchronously, so
+    the per-phase times in metrics.jsonl would otherwise land on whichever phase waits first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _step_prompts(pool: list[int], step: int, count: int, seed: int) -> list[int]:
