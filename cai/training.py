@@ -144,6 +144,8 @@ def build_engine(model, cfg: DictConfig, s: DictConfig, total_steps: int):
     )
     if world == 1 and dtype == torch.float32 and engine.zero_optimization_stage() == 0:
         engine.enable_backward_allreduce = False  # one rank: the gradients are already the average
+    if s.get("compile"):
+        engine.compile()  # torch.compile of the model's forward and backward (DeepSpeed's default backend: inductor)
     D.weights_only_checkpoints(engine)
     return engine, scheduler
 

@@ -18,7 +18,9 @@ figures, one failure never stopping the next:
   ``weights_only`` allowlist, and the final weights are compared bit for bit.
 - ``zero3``: one PPO step under ZeRO-3.
 - ``throughput``: a Llama-shaped model of about 1.1B parameters (TinyLlama's shape) in cai's own training loop
-  (``cai.training.build_engine`` and ``fit``), bf16, ZeRO-0 and ZeRO-2: tokens/s and MFU, model FLOPs per
+  (``cai.training.build_engine`` and ``fit``), bf16, ZeRO-0 and ZeRO-2 with one micro-batch of 8 × 2048 tokens
+  per optimizer step, and ZeRO-2 with four, eager and compiled (``sl_train.compile``): tokens/s, peak memory,
+  and the GPU time of a profiled step split into matrix products, attention, optimizer and the rest; MFU, model FLOPs per
   token counted as 6N + 12·L·d·T (PaLM, appendix B; N the parameters of every matrix product, the input
   embedding excluded), against the card's dense bf16 peak from its datasheet (``PEAK_BF16_TFLOPS``, by device
   name; ``--peak-tflops`` for another card) and against a measured 8192³ bf16 matrix product.
@@ -337,28 +339,56 @@ def part_zero3(c: Check) -> dict:
 
 
 def part_throughput(c: Check) -> dict:
-    """Tokens/s and MFU of a ~1.1B Llama in cai's training loop under ZeRO-0 and ZeRO-2."""
+    """Tokens/s, memory, GPU-time shares and MFU of a ~1.1B Llama in cai's training loop (``THROUGHPUT_RUNS``)."""
     import torch
 
     figures = {"params_b": None, "flops_per_token_g": round(flops_per_token(c.sizes.llama, c.sizes.seq_len) / 1e9, 3)}
     if c.sizes.device == "cuda":
         figures["matmul_tflops"] = round(measured_matmul_tflops(), 1)
-    for zero in (0, 2):
-        tokens_per_s, params, peak_gib = train_llama(c, zero)
+    for name, zero, grad_accum, compiled in THROUGHPUT_RUNS:
+        if compiled and c.sizes.device != "cuda":
+            continue
+        tokens_per_s, params, peak_gib, shares = train_llama(c, zero, grad_accum, compiled, profile=name in ("zero0", "zero2_accum4_compiled"))
         figures["params_b"] = round(params / 1e9, 3)
-        figures[f"zero{zero}_tokens_per_s"] = round(tokens_per_s)
-        figures[f"zero{zero}_peak_gib"] = peak_gib
+        figures[f"{name}_tokens_per_s"] = round(tokens_per_s)
+        figures[f"{name}_peak_gib"] = peak_gib
         if c.peak_tflops:
-            figures[f"zero{zero}_mfu"] = round(mfu(tokens_per_s, c.sizes.llama, c.sizes.seq_len, c.peak_tflops), 4)
+            figures[f"{name}_mfu"] = round(mfu(tokens_per_s, c.sizes.llama, c.sizes.seq_len, c.peak_tflops), 4)
         if "matmul_tflops" in figures:
             achieved = tokens_per_s * flops_per_token(c.sizes.llama, c.sizes.seq_len) / 1e12
-            figures[f"zero{zero}_of_matmul"] = round(achieved / figures["matmul_tflops"], 4)
+            figures[f"{name}_of_matmul"] = round(achieved / figures["matmul_tflops"], 4)
+        figures.update({f"{name}_gpu_time_{kind}": share for kind, share in shares.items()})
     return figures
 
 
-def train_llama(c: Check, zero: int) -> tuple[float, int, float | None]:
-    """(median tokens/s after two warm-up steps, parameters, peak GPU memory in GiB) of ``train_steps`` optimizer
-    steps on random tokens, through ``cai.training.build_engine`` and ``fit``."""
+# name, ZeRO stage, micro-batches per optimizer step, torch.compile (on a GPU only: inductor's CPU compile is slow)
+THROUGHPUT_RUNS = (("zero0", 0, 1, False), ("zero2", 2, 1, False), ("zero2_accum4", 2, 4, False),
+                   ("zero2_accum4_compiled", 2, 4, True))
+
+KERNEL_KINDS = (  # the first pattern a kernel's (lower-case) name matches names its kind; "other" otherwise
+    ("fused", ("triton",)),  # inductor's generated kernels (torch.compile); named after the ops they fuse, attention's too
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("communication", ("nccl",)),
+)
+
+
+def kernel_shares(kernels: list[tuple[str, float]]) -> dict[str, float]:
+    """(kernel name, GPU time) pairs -> each kind's share of the GPU time (``KERNEL_KINDS``; "other" is eager
+    elementwise work, norms, the loss, copies; "fused" the same work compiled), rounded to 3 places."""
+    totals = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for name, time_ in kernels:
+        kind = next((k for k, pieces in KERNEL_KINDS if any(p in name.lower() for p in pieces)), "other")
+        totals[kind] += time_
+    whole = sum(totals.values()) or 1.0
+    return {kind: round(t / whole, 3) for kind, t in totals.items()}
+
+
+def train_llama(c: Check, zero: int, grad_accum: int, compiled: bool, profile: bool) -> tuple[float, int, float | None, dict]:
+    """(median tokens/s after two warm-up steps, parameters, peak GPU memory in GiB, GPU-time shares) of
+    ``train_steps`` optimizer steps on random tokens, through ``cai.training.build_engine`` and ``fit``; with
+    ``profile`` on a GPU, one more step runs under the profiler and its kernels' time is split by kind."""
     import gc
 
     import torch
@@ -375,10 +405,10 @@ def train_llama(c: Check, zero: int) -> tuple[float, int, float | None]:
         model = AutoModelForCausalLM.from_config(LlamaConfig(**c.sizes.llama, tie_word_embeddings=False), dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
     s = OmegaConf.create({"lr": 1e-4, "warmup_ratio": 0.0, "weight_decay": 0.0, "grad_clip": 1.0,
-                          "micro_batch_size": c.sizes.micro_batch, "grad_accum": 1})
+                          "micro_batch_size": c.sizes.micro_batch, "grad_accum": grad_accum, "compile": compiled})
     cfg = OmegaConf.create({"deepspeed": {"zero_optimization": {"stage": zero}}})
-    plan = training.Plan(rows=c.sizes.train_steps * c.sizes.micro_batch, world=1, micro_batch_size=c.sizes.micro_batch,
-                         grad_accum=1, epochs=1, seed=0, name="gpu-check")
+    plan = training.Plan(rows=c.sizes.train_steps * c.sizes.micro_batch * grad_accum, world=1,
+                         micro_batch_size=c.sizes.micro_batch, grad_accum=grad_accum, epochs=1, seed=0, name="gpu-check")
     engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -386,22 +416,31 @@ def train_llama(c: Check, zero: int) -> tuple[float, int, float | None]:
         ids = torch.randint(c.sizes.llama["vocab_size"], (len(rows), c.sizes.seq_len), device=device, generator=generator)
         return engine(input_ids=ids, labels=ids).loss, {"tokens": ids.numel()}
 
-    out = c.work / f"throughput-zero{zero}"
+    out = c.work / f"throughput-zero{zero}-accum{grad_accum}{'-compiled' if compiled else ''}"
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    training.fit(engine, scheduler, plan, stage=f"throughput-zero{zero}", out=out, save_every=10**9, resume=False, rank=0,
+    training.fit(engine, scheduler, plan, stage=out.name, out=out, save_every=10**9, resume=False, rank=0,
                  loss_fn=loss_fn, progress=False)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None
     tokens_per_s = median_after(read_metrics(out), "tokens_per_s", skip=2)
+    shares = {}
+    if profile and device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(grad_accum):
+                engine.backward(loss_fn(list(range(c.sizes.micro_batch)))[0])
+                engine.step()
+            torch.cuda.synchronize()
+        shares = kernel_shares([(e.key, e.self_device_time_total) for e in prof.key_averages()
+                                if e.device_type == torch.autograd.DeviceType.CUDA])
     engine.destroy()
     del engine, model, scheduler
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return tokens_per_s, params, peak
+    return tokens_per_s, params, peak, shares
 
 
 def measured_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:

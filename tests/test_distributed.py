@@ -43,15 +43,22 @@ def process_group():
     os.environ.update(saved)
 
 
-def _engine(zero_file: str, seed: int = 0):
+def _engine(zero_file: str, seed: int = 0, compile: bool = False):
     from cai.models import load_policy
 
     torch.manual_seed(seed)
     model, _ = load_policy({"path": "tiny-random", "device": "cpu", "dtype": "float32", "trust_remote_code": False})
     cfg = OmegaConf.create({"deepspeed": OmegaConf.load(f"conf/deepspeed/{zero_file}.yaml")})
     s = OmegaConf.create({"micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0, "weight_decay": 0.0,
-                          "grad_clip": 1.0})
+                          "grad_clip": 1.0, "compile": compile})
     return T.build_engine(model, cfg, s, total_steps=10)[0]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_compile_is_handed_to_the_engine(compile, process_group):
+    """``compile: true`` (sl_train.compile) compiles the engine's module; compilation itself waits for the first
+    forward, so nothing is compiled here (scripts/gpu_check.py measures what it gives on a GPU)."""
+    assert _engine("zero0", compile=compile).is_compiled is compile
 
 
 def _train_step(engine):

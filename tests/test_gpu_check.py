@@ -91,3 +91,14 @@ def test_the_parts_run_on_the_cpu(tiny_run, tmp_path):
     assert ppo["rollout_s"] > 0 and ppo["score_s"] > 0 and ppo["update_s"] > 0
     assert ppo["rollout_s"] + ppo["score_s"] + ppo["update_s"] <= ppo["seconds"] + 2e-3
     assert "| resume | passed |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_kernel_time_is_split_by_kind():
+    kernels = [("nvjet_tst_128x256_64x4_sm90", 50.0), ("sm90_xmma_gemm_bf16bf16", 10.0),
+               ("pytorch_flash::flash_bwd_kernel", 15.0), ("cudnn_generated_fort_native_sdpa_sm90", 5.0),
+               ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 8.0),
+               ("ncclDevKernel_AllReduce_Sum_bf16", 2.0), ("void at::native::vectorized_elementwise_kernel<mul>", 6.0),
+               ("triton_poi_fused__scaled_dot_product_attention_transpose_0", 4.0)]
+    assert gpu_check.kernel_shares(kernels) == {"fused": 0.04, "attention": 0.2, "matmul": 0.6, "optimizer": 0.08,
+                                                "communication": 0.02, "other": 0.06}
+
