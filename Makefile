@@ -1,5 +1,6 @@
 # `make demo` — set up .venv and run the whole pipeline on the embedded SmolLM2-135M-Instruct model.
 # `make test` — set up .venv and run the test suite.
+# `make lint` — ruff over the tree (configured in pyproject.toml); CI runs it before the tests.
 # `make gpu-wheels` — wheels for scripts/gpu_check.py on a GPU machine without a package index, into .whl/.
 # `make setup` — set up only. The environment is refreshed whenever pyproject.toml or this file changes.
 
@@ -10,7 +11,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.cai-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test gpu-wheels clean-venv
+.PHONY: setup demo test lint gpu-wheels clean-venv
 
 setup: $(STAMP)
 
@@ -33,8 +34,11 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+lint: setup
+	$(VENV)/bin/ruff check .
+
 # The packages cai needs beyond torch and transformers, at this environment's versions, for Python 3.12 on x86-64
-# (README: GPU check).
+# (docs/performance.md: GPU check).
 gpu-wheels: setup
 	$(PY) scripts/gpu_check.py --wheels .whl
 

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     report = groups.add_parser("report", help="write RUN_DIR/report.html, or with --compare one page for several runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--compare", action="store_true", help="put several runs (e.g. a sweep's jobs) side by side")
-    report.add_argument("-o", "--output", help="--compare: the page to write (default: compare.html beside the runs; for a sweep's jobs/*, in the sweep's folder)")
+    report.add_argument("-o", "--output", help="--compare: the page to write (default: compare.html beside the runs; "
+                                                "for a sweep's jobs/*, in the sweep's folder)")
 
     args = parser.parse_args(argv)
     if args.group == "report":

@@ -27,6 +27,7 @@ import jinja2.meta
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from cai.errors import InputError
 from cai.runio import tree_hash
 
 PRINCIPLES_FILE = "principles.yaml"
@@ -71,7 +72,7 @@ class Problem:
         return f"{self.file}:{self.line}: {self.message}"
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(InputError):
     """A problem with a constitution folder; the message is one line, ``file:line: message``."""
 
     def __init__(self, problem: Problem | str):

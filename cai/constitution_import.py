@@ -83,7 +83,8 @@ def _from_anthropic(folder: Path, notes: list[str]) -> dict:
     critique_revision = []
     for key, entry in instructions.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), list) or not isinstance(entry.get("edit_request"), str):
-            raise ImportFormatError(f"{folder / 'CritiqueRevisionInstructions.json'}: entry {key!r} needs 'prompt' (list) and 'edit_request'")
+            raise ImportFormatError(f"{folder / 'CritiqueRevisionInstructions.json'}: entry {key!r} needs 'prompt' (list) "
+                                    f"and 'edit_request'")
         revision = _strip_label(entry["edit_request"], "RevisionRequest", "Revision")
         for i, prompt in enumerate(entry["prompt"]):
             pid = key if len(entry["prompt"]) == 1 else f"{key}-{i}"

@@ -19,12 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai.errors import DataError
+
 BUILTIN = Path(__file__).parent / "prompts"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]*")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (or config key) and what is wrong."""
 
 
 @dataclass(frozen=True)

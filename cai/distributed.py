@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cai.errors import StageInputError
 from cai.runio import atomic_dir, atomic_write_json, read_manifest
 
 LATEST = "latest.json"
@@ -34,8 +35,10 @@ def init_distributed() -> tuple[int, int]:
     if "WORLD_SIZE" not in os.environ:  # a plain `python -m ...`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
-    # DeepSpeed JIT-compiles a few C++ ops on first use (about 40 s on this CPU); keep them between runs.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ.get("CAI_CACHE_DIR", "~/.cache/cai")).expanduser() / "torch_extensions"))
+    # DeepSpeed JIT-compiles a few C++ ops on first use (docs/stages.md); keep them between runs.
+    from cai.models import cache_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if torch.cuda.is_available():
@@ -82,10 +85,9 @@ def _all_reduce_sum(value: float, dtype: torch.dtype) -> float:
 
 def zero_for_world(zero: dict, world: int, dtype: torch.dtype) -> dict:
     """The ZeRO block to run with ``world`` ranks. ZeRO-1 and -2 partition optimizer state and gradients
-    across ranks; with one rank there is nothing to partition and their bookkeeping only costs time (for
-    SmolLM2-135M on a 2-core CPU one update takes 4.2 s under ZeRO-2 against 2.6 s as plain data parallel
-    without the one-rank all-reduce, measured side by side), so a single fp32 process runs them as stage 0 —
-    the same maths. ZeRO-3, offloading and bf16/fp16 (DeepSpeed's mixed-precision optimizers) are kept as asked."""
+    across ranks; with one rank there is nothing to partition and their bookkeeping only costs time
+    (docs/performance.md), so a single fp32 process runs them as stage 0 — the same maths. ZeRO-3, offloading
+    and bf16/fp16 (DeepSpeed's mixed-precision optimizers) are kept as asked."""
     block = dict(zero.get("zero_optimization", {}))
     if world == 1 and dtype == torch.float32 and block.get("stage", 0) in (1, 2) and not block.get("offload_optimizer"):
         return {**zero, "zero_optimization": {"stage": 0}}
@@ -96,9 +98,9 @@ def deepspeed_config(zero: dict, *, micro_batch_size: int, grad_accum: int, lr: 
                      grad_clip: float, dtype: torch.dtype) -> dict:
     """The engine config: the ``deepspeed/`` group's ZeRO block plus the stage's optimisation settings.
 
-    Adam is PyTorch's own (``torch_adam``) and fused: one kernel per step, nothing to compile (for 135M
-    parameters on a 2-core CPU 0.73 s against 3.7 s for torch's default per-tensor loop, measured side by
-    side). ZeRO-Offload needs DeepSpeed's CPU Adam, which is compiled on first use.
+    Adam is PyTorch's own (``torch_adam``) and fused: one kernel per step, nothing to compile, several times
+    faster than torch's default per-tensor loop (docs/performance.md). ZeRO-Offload needs DeepSpeed's CPU Adam,
+    which is compiled on first use.
     """
     offload = bool(zero.get("zero_optimization", {}).get("offload_optimizer"))
     adam = {"lr": lr, "weight_decay": weight_decay} | ({} if offload else {"torch_adam": True, "fused": True})
@@ -222,8 +224,6 @@ def save_final_model(engine, tokenizer, folder: Path, merge_lora: bool = False) 
 
 def upstream_complete(folder: Path, what: str) -> None:
     """Refuse to read an upstream stage folder whose manifest does not say complete."""
-    from cai.stages import StageInputError
-
     manifest = read_manifest(folder)
     if manifest is None:
         raise StageInputError(f"{folder}: no {what} here (no manifest.json); run that stage first")

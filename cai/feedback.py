@@ -18,12 +18,9 @@ from typing import Sequence
 import torch
 
 from cai.constitution import OPTION_LABELS
-from cai.data import DataError, jsonl_rows, parse_hh_transcript
+from cai.data import jsonl_rows, parse_hh_transcript
+from cai.errors import DataError, LabelerError
 from cai.models import position_ids_from_mask
-
-
-class LabelerError(ValueError):
-    """The labeler cannot read options from this tokenizer/prompt; the message says why."""
 
 
 def option_tokens(tok, text: str, options: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -216,7 +213,7 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
         p_first = [clamp(p, cot_clamp[0], cot_clamp[1]) for p in p_first]
 
     judgements, k = [], 0
-    for pair, chosen_principles in zip(pairs, drawn):
+    for chosen_principles in drawn:  # one entry per pair
         ab, ba, why = [], [], []
         for _ in chosen_principles:
             ab.append(p_first[k])            # a shown first: P(a better) = P(A)

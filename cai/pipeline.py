@@ -8,7 +8,7 @@ only to that stage. The pipeline stops at the first stage that fails and says wh
 
 Skipping. A stage is skipped without starting a process when its manifest says complete with the
 config hash this command gives it (which covers the local files its settings name: ``config_hash``) and
-the same constitution content, and neither its own nor its upstream stages' manifests (``UPSTREAM``) nor,
+the same constitution content, and neither its own nor its upstream stages' manifests (the stage's ``UPSTREAM``) nor,
 for training stages, the launcher changed since the pipeline last saw it complete (``pipeline.json``). Otherwise the stage
 runs, and its own checks decide between doing nothing, resuming and starting over. So a changed ``ppo.kl_coef``
 reruns ppo, then evaluate (its upstream finished later); an edited constitution reruns every stage that
@@ -27,6 +27,7 @@ At the end: a summary table (status, rows or steps, wall time, key metric per st
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -41,21 +42,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cai.report import key_figures, write_report
 from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config, safe_name
-from cai.stages import CONFIG_PATH, run_app
+from cai.stages import CONFIG_PATH, STAGES, run_app
 
-STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
-# the stages whose outputs each stage reads (in the same run_dir)
-UPSTREAM = {
-    "sl_generate": (),
-    "sl_train": ("sl_generate",),
-    "ai_feedback": ("sl_train",),
-    "pm_pretrain": (),
-    "pm_finetune": ("pm_pretrain", "ai_feedback", "sl_generate"),
-    "ppo": ("sl_train", "pm_finetune"),
-    "evaluate": ("sl_generate", "sl_train", "ppo", "pm_finetune"),  # sl_generate: the report's examples
-}
-TRAINING = ("sl_train", "pm_pretrain", "pm_finetune", "ppo")  # the stages a multi-process launcher runs
+
+@functools.cache
+def facts(stage: str):
+    """The stage's module, for the facts it states at its top (``UPSTREAM``, ``HASH_KEYS``, ``MULTI_RANK``)."""
+    return importlib.import_module(f"cai.stages.{stage}")
+
 PIPELINE_KEYS = ("stages", "launcher")  # the pipeline's own settings: not passed to stages
 RECORD = "pipeline.json"
 
@@ -77,7 +73,7 @@ def launch_command(stage: str, args: list[str], launcher: DictConfig | dict) -> 
     """The command that runs ``stage``: one Python process, or for training stages under
     ``launcher.name=deepspeed`` the DeepSpeed launcher with ``num_gpus`` ranks per node on ``num_nodes``
     nodes (``hostfile`` for several)."""
-    if launcher["name"] == "deepspeed" and stage in TRAINING:
+    if launcher["name"] == "deepspeed" and facts(stage).MULTI_RANK:
         command = [str(Path(sys.executable).with_name("deepspeed")), "--no_local_rank",
                    "--num_gpus", str(launcher["num_gpus"]), "--num_nodes", str(launcher["num_nodes"])]
         if launcher.get("hostfile"):
@@ -91,11 +87,11 @@ def stage_keys(cfg: DictConfig, constitution_hash: str) -> dict[str, dict]:
     (None when it reads no constitution), and a key over those, the launcher and its upstream keys."""
     plan: dict[str, dict] = {}
     for stage in STAGES:
-        hash_keys = importlib.import_module(f"cai.stages.{stage}").HASH_KEYS
+        hash_keys = facts(stage).HASH_KEYS
         own = config_hash(cfg, hash_keys)
         constitution = constitution_hash if "constitution" in hash_keys else None
-        launcher = resolved_config(cfg.launcher) if stage in TRAINING else None
-        upstream = [plan[u]["key"] for u in UPSTREAM[stage]]
+        launcher = resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None
+        upstream = [plan[u]["key"] for u in facts(stage).UPSTREAM]
         blob = json.dumps([stage, own, constitution, launcher, upstream], sort_keys=True).encode("utf-8")
         plan[stage] = {"config_hash": own, "constitution_hash": constitution, "key": hashlib.sha256(blob).hexdigest()}
     return plan
@@ -119,8 +115,8 @@ def stage_state(cfg: DictConfig, folder: Path, stage: str) -> dict:
     upstream stages (a rerun of any rewrites its manifest), and for training stages the launcher (the number
     of ranks is part of a training run). Edited input files change the config hash itself (``config_hash``)."""
     return {"manifest_mtime": _mtime(folder / MANIFEST),
-            "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in UPSTREAM[stage]},
-            "launcher": resolved_config(cfg.launcher) if stage in TRAINING else None}
+            "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in facts(stage).UPSTREAM},
+            "launcher": resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None}
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="pipeline", version_base=None)
@@ -182,8 +178,6 @@ def main(cfg: DictConfig) -> None:
     if failed:
         raise SystemExit(f"cai.pipeline: stage '{failed[0]}' failed (exit {failed[1]}); see the message above. "
                          f"Finished stages are kept in {run_dir}.")
-    from cai.report import write_report
-
     print(f"cai.pipeline: report -> {write_report(run_dir)}")
 
 
@@ -219,31 +213,6 @@ def _summary_row(stage: str, folder: Path, status: str, seconds: float) -> dict:
     manifest = read_manifest(folder)
     amount, metric = key_figures(stage, manifest or {})
     return {"stage": stage, "status": status, "amount": amount, "seconds": round(seconds, 1), "metric": metric}
-
-
-def key_figures(stage: str, manifest: dict) -> tuple[str, str]:
-    """(rows or steps, the stage's key metric) from its manifest, as short text."""
-    counts, summary = manifest.get("counts", {}), manifest.get("summary", {})
-    if manifest.get("status") != "complete":  # a running or failed stage has no final figures yet
-        return "", ""
-    if stage == "sl_generate":
-        return f"{counts.get('rows')} rows", f"{counts.get('n_revisions')} revision rounds"
-    if stage == "sl_train":
-        return f"{counts.get('steps')} steps", f"final loss {manifest.get('final_loss')}"
-    if stage == "ai_feedback":
-        return f"{counts.get('pairs')} pairs", f"mean confidence {summary.get('mean_confidence')}"
-    if stage == "pm_pretrain":
-        return f"{counts.get('steps')} steps", f"held-out accuracy {manifest.get('eval_accuracy')}"
-    if stage == "pm_finetune":
-        ev = manifest.get("eval") or {}
-        return f"{counts.get('steps')} steps", f"held-out accuracy {ev.get('accuracy')}, ECE {ev.get('ece')}"
-    if stage == "ppo":
-        return (f"{counts.get('steps')} steps",
-                f"score {summary.get('score_first', 0):+.3f} -> {summary.get('score_last', 0):+.3f}, KL {summary.get('kl_last', 0):.3f}")
-    if stage == "evaluate":
-        elo = summary.get("elo", {})
-        return f"{counts.get('prompts')} prompts", "Elo " + ", ".join(f"{k} {v:.0f}" for k, v in elo.items())
-    return "", ""
 
 
 def format_summary(rows: list[dict]) -> str:

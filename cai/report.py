@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from cai.pipeline import STAGES, key_figures
 from cai.runio import atomic_write_text, read_manifest, read_metrics
+from cai.stages import STAGES
 
 PPO_CURVES = (("score", "mean PM score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
               ("response_length", "response length (tokens)"))
@@ -27,7 +27,8 @@ PPO_CURVES = (("score", "mean PM score"), ("reward", "reward (score - beta KL)")
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#1d2733;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:2px solid #d9e2ec;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px solid #d9e2ec;padding:.3em .6em;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #d9e2ec;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f0f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#6b7c93} .plots img{max-width:48%;margin:.3em;border:1px solid #e4e9ef}
 .example{border:1px solid #d9e2ec;border-radius:6px;padding:.6em 1em;margin:1em 0;background:#fbfcfd}
@@ -319,3 +320,28 @@ def _dataset(folder: Path):
     from datasets import load_from_disk
 
     return load_from_disk(str(folder))
+
+
+def key_figures(stage: str, manifest: dict) -> tuple[str, str]:
+    """(rows or steps, the stage's key metric) from its manifest, as short text."""
+    counts, summary = manifest.get("counts", {}), manifest.get("summary", {})
+    if manifest.get("status") != "complete":  # a running or failed stage has no final figures yet
+        return "", ""
+    if stage == "sl_generate":
+        return f"{counts.get('rows')} rows", f"{counts.get('n_revisions')} revision rounds"
+    if stage == "sl_train":
+        return f"{counts.get('steps')} steps", f"final loss {manifest.get('final_loss')}"
+    if stage == "ai_feedback":
+        return f"{counts.get('pairs')} pairs", f"mean confidence {summary.get('mean_confidence')}"
+    if stage == "pm_pretrain":
+        return f"{counts.get('steps')} steps", f"held-out accuracy {manifest.get('eval_accuracy')}"
+    if stage == "pm_finetune":
+        ev = manifest.get("eval") or {}
+        return f"{counts.get('steps')} steps", f"held-out accuracy {ev.get('accuracy')}, ECE {ev.get('ece')}"
+    if stage == "ppo":
+        return (f"{counts.get('steps')} steps",
+                f"score {summary.get('score_first', 0):+.3f} -> {summary.get('score_last', 0):+.3f}, KL {summary.get('kl_last', 0):.3f}")
+    if stage == "evaluate":
+        elo = summary.get("elo", {})
+        return f"{counts.get('prompts')} prompts", "Elo " + ", ".join(f"{k} {v:.0f}" for k, v in elo.items())
+    return "", ""

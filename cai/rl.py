@@ -1,4 +1,5 @@
-"""PPO maths as pure functions (DESIGN.md §1.6 and its list of implementation details).
+"""PPO maths as pure functions, with the implementation details of Huang et al. 2024 ("The N+ implementation
+details of RLHF with PPO"): GAE, whitening, the KL estimators, the clipped losses, reward placement, EOS handling.
 
 Shapes: B rows (responses), T response positions. Response tensors are right-padded: ``mask[b, t] = 1``
 for the response's real tokens (up to and including its first EOS), 0 after. Log-probabilities are of

@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from cai.errors import ManifestError
+
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 
@@ -189,10 +191,6 @@ def first_line(e: BaseException) -> str:
     """An exception as one line for a one-line error message: its message's first line, or its type's name."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-class ManifestError(ValueError):
-    """A ``manifest.json`` that cannot be read (edited or damaged by hand); the message names the file and line."""
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:

@@ -27,9 +27,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai import distributed as D
+from cai import distributed
+from cai.errors import StageError, StageInputError
 from cai.runio import MetricsWriter, atomic_write_text, read_manifest, read_metrics
-from cai.stages import StageError, StageInputError
 
 TRAIN_KEYS = ("lr", "epochs", "micro_batch_size", "grad_accum", "save_every")
 
@@ -132,21 +132,21 @@ def build_engine(model, cfg: DictConfig, s: DictConfig, total_steps: int):
 
     model.train()
     warmup = int(s.warmup_ratio * total_steps)
-    world, dtype = D.world_size(), next(model.parameters()).dtype
-    zero = D.zero_for_world(OmegaConf.to_container(cfg.deepspeed, resolve=True), world, dtype)
-    ds_config = D.deepspeed_config(zero, micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum, lr=s.lr,
-                                   weight_decay=s.weight_decay, grad_clip=s.grad_clip, dtype=dtype)
+    world, dtype = distributed.world_size(), next(model.parameters()).dtype
+    zero = distributed.zero_for_world(OmegaConf.to_container(cfg.deepspeed, resolve=True), world, dtype)
+    ds_config = distributed.deepspeed_config(zero, micro_batch_size=s.micro_batch_size, grad_accum=s.grad_accum, lr=s.lr,
+                                             weight_decay=s.weight_decay, grad_clip=s.grad_clip, dtype=dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     # DeepSpeed builds the optimizer from ds_config and hands it to this; the scheduler's state is in every checkpoint.
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: D.warmup_linear_decay(i, warmup, total_steps)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: distributed.warmup_linear_decay(i, warmup, total_steps)),
     )
     if world == 1 and dtype == torch.float32 and engine.zero_optimization_stage() == 0:
         engine.enable_backward_allreduce = False  # one rank: the gradients are already the average
     if s.get("compile"):
         engine.compile()  # torch.compile of the model's forward and backward (DeepSpeed's default backend: inductor)
-    D.weights_only_checkpoints(engine)
+    distributed.weights_only_checkpoints(engine)
     return engine, scheduler
 
 
@@ -183,7 +183,7 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
         for micro in range(plan.grad_accum):
             loss, stats = loss_fn(plan.my_rows(order, k, micro, rank))
             # every rank must agree to stop: a rank that stopped alone would leave the others in an all-reduce
-            if D.sum_over_ranks(int(not torch.isfinite(loss))) > 0:
+            if distributed.sum_over_ranks(int(not torch.isfinite(loss))) > 0:
                 raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
                                  f"{latest_tag(checkpoints)} in {checkpoints}")
             engine.backward(loss)
@@ -194,9 +194,9 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
         row = {"step": step + 1, "epoch": epoch, "lr": lr}
         for key, value in sums.items():
             if key == "tokens":
-                row["tokens_per_s"] = round(D.sum_over_ranks(int(value)) / max(seconds, 1e-9), 1)
+                row["tokens_per_s"] = round(distributed.sum_over_ranks(int(value)) / max(seconds, 1e-9), 1)
             else:
-                row[key] = round(D.mean_over_ranks(value / plan.grad_accum), 6)
+                row[key] = round(distributed.mean_over_ranks(value / plan.grad_accum), 6)
         row["seconds"] = round(seconds, 3)
         metrics.log(**row)
         bar.update(1)
@@ -204,7 +204,7 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
         if after_epoch is not None and k == plan.steps_per_epoch - 1:
             metrics.log(step=step + 1, epoch=epoch, split="eval", **after_epoch(epoch))
         if (step + 1) % save_every == 0 and step + 1 < plan.total_steps:
-            D.save_checkpoint(engine, checkpoints, step + 1, {"step": step + 1, "rng": D.rng_state()})
+            distributed.save_checkpoint(engine, checkpoints, step + 1, {"step": step + 1, "rng": distributed.rng_state()})
     bar.close()
     metrics.close()
 
@@ -230,10 +230,10 @@ def resume_or_restart(engines, out: Path, resume: bool, *, stage: str, total_ste
     checkpoints = out / "checkpoints"
     if rank == 0 and not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)  # another config's checkpoints must not be resumed
-    D.barrier()
-    state = D.load_latest_checkpoint(engines, checkpoints) if resume else None
+    distributed.barrier()
+    state = distributed.load_latest_checkpoint(engines, checkpoints) if resume else None
     if state:
-        D.set_rng_state(state["rng"])
+        distributed.set_rng_state(state["rng"])
         if rank == 0:
             print(f"cai {stage}: resuming at step {state['step']}/{total_steps}")
     if rank == 0:

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/embedded_load_time.py [--repeats 3]
 
-Prints one line per measurement; the README's figures come from here.
+Prints one line per measurement; the figures in docs/configuration.md come from here.
 """
 
 from __future__ import annotations

@@ -340,6 +340,8 @@ def part_zero3(c: Check) -> dict:
 
 def part_throughput(c: Check) -> dict:
     """Tokens/s, memory, GPU-time shares and MFU of a ~1.1B Llama in cai's training loop (``THROUGHPUT_RUNS``)."""
+    import gc
+
     import torch
 
     figures = {"params_b": None, "flops_per_token_g": round(flops_per_token(c.sizes.llama, c.sizes.seq_len) / 1e9, 3)}
@@ -348,7 +350,11 @@ def part_throughput(c: Check) -> dict:
     for name, zero, grad_accum, compiled in THROUGHPUT_RUNS:
         if compiled and c.sizes.device != "cuda":
             continue
-        tokens_per_s, params, peak_gib, shares = train_llama(c, zero, grad_accum, compiled, profile=name in ("zero0", "zero2_accum4_compiled"))
+        profile = name in ("zero0", "zero2_accum4_compiled")
+        tokens_per_s, params, peak_gib, shares = train_llama(c, zero, grad_accum, compiled, profile)
+        gc.collect()  # the run's engine and model go before the next run's are built
+        if c.sizes.device == "cuda":
+            torch.cuda.empty_cache()
         figures["params_b"] = round(params / 1e9, 3)
         figures[f"{name}_tokens_per_s"] = round(tokens_per_s)
         figures[f"{name}_peak_gib"] = peak_gib
@@ -389,7 +395,6 @@ def train_llama(c: Check, zero: int, grad_accum: int, compiled: bool, profile: b
     """(median tokens/s after two warm-up steps, parameters, peak GPU memory in GiB, GPU-time shares) of
     ``train_steps`` optimizer steps on random tokens, through ``cai.training.build_engine`` and ``fit``; with
     ``profile`` on a GPU, one more step runs under the profiler and its kernels' time is split by kind."""
-    import gc
 
     import torch
     from omegaconf import OmegaConf
@@ -436,10 +441,6 @@ def train_llama(c: Check, zero: int, grad_accum: int, compiled: bool, profile: b
         shares = kernel_shares([(e.key, e.self_device_time_total) for e in prof.key_averages()
                                 if e.device_type == torch.autograd.DeviceType.CUDA])
     engine.destroy()
-    del engine, model, scheduler
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return tokens_per_s, params, peak, shares
 
 

@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when, run_module
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
+from cai.feedback import read_human_pairs
 from cai.runio import read_manifest, read_metrics
 from cai.stages.ai_feedback import run as run_feedback
-from cai.feedback import read_human_pairs
 from cai.stages.label_alignment import run as run_alignment
-from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when, run_module
 
 TINY = ["debug=tiny", "progress=false"]
 COMPARISON_IDS = {p.id for p in load_constitution(ROOT / "constitutions" / "default").comparison}
@@ -54,10 +54,10 @@ def test_prompts_differ_from_the_sl_ones(feedback, tmp_path):
 
 
 def test_trl_reward_trainer_takes_the_output_unchanged(feedback, tmp_path):
+    from conftest import TINY as TINY_MODEL
     from trl import RewardConfig, RewardTrainer
 
     from cai.models import load_preference_model
-    from conftest import TINY as TINY_MODEL
 
     _, ds = feedback
     model, tok = load_preference_model(TINY_MODEL)
@@ -163,7 +163,8 @@ def test_reads_hh_and_own_format_and_counts_skips(tmp_path):
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
         {"chosen": "\n\nHuman: only a question", "rejected": "\n\nHuman: only a question"},
         {"chosen": "\n\nHuman: q\n\nAssistant: same", "rejected": "\n\nHuman: q\n\nAssistant: same"},
-        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good", "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: good",
+         "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: bad"},
     ])
     pairs, skipped = read_human_pairs(hh)
     assert [(p.response_a, p.response_b) for p in pairs] == [("hello there", "go away"), ("good", "bad")]

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-
-from cai.pipeline import STAGES, UPSTREAM
 from conftest import ROOT, TINY, assert_one_line_error, copy_stages, outputs, run_module
+
+from cai.pipeline import STAGES, facts
 
 TINY_ARGS = ("debug=tiny", "progress=false")
 DEFAULT = ROOT / "constitutions" / "default"
@@ -196,9 +196,9 @@ CASES = [
 
 def _with_upstream(stage: str) -> list[str]:
     """``stage`` and every stage upstream of it, upstream first."""
-    if stage not in UPSTREAM:
+    if stage not in STAGES:
         return []
-    found = [s for u in UPSTREAM[stage] for s in _with_upstream(u)]
+    found = [s for u in facts(stage).UPSTREAM for s in _with_upstream(u)]
     return list(dict.fromkeys([*found, stage]))
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import ROOT, run_module
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cai.pipeline import STAGES, overrides_for
-from conftest import ROOT, run_module
 
 PRIMARY = [*STAGES, "label_alignment", "pipeline"]
 GROUP_OPTIONS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import ROOT
 
 from cai.cli import main as cli
 from cai.constitution import (
@@ -20,7 +21,6 @@ from cai.constitution import (
     score_messages,
 )
 from cai.constitution_import import import_constitution
-from conftest import ROOT
 
 DEFAULT = ROOT / "constitutions" / "default"
 
@@ -195,7 +195,8 @@ def test_import_hf(shared_data, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     assert cli(["constitution", "import", str(shared_data / "hf-llm-swarm-constitutions" / "constitution_grok.json"),
                 "--format", "hf", "-o", str(tmp_path / "a_file")]) == 1
-    assert cli(["constitution", "import", str(shared_data / "hf-llm-swarm-constitutions"), "--format", "hf", "-o", str(tmp_path / "x")]) == 1
+    folder = str(shared_data / "hf-llm-swarm-constitutions")
+    assert cli(["constitution", "import", folder, "--format", "hf", "-o", str(tmp_path / "x")]) == 1
     # refuses to overwrite
     assert cli(["constitution", "import", str(shared_data / "hf-llm-swarm-constitutions" / "constitution_grok.json"),
                 "--format", "hf", "-o", str(out)]) == 1

@@ -8,15 +8,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cai import distributed as D
-from cai import training as T
+from cai import distributed, training
 
 ZERO2 = {"zero_optimization": {"stage": 2, "contiguous_gradients": True}}
 
 
 def test_one_fp32_process_runs_zero_1_and_2_as_stage_0():
-    assert D.zero_for_world(ZERO2, 1, torch.float32) == {"zero_optimization": {"stage": 0}}
-    assert D.zero_for_world({"zero_optimization": {"stage": 1}}, 1, torch.float32)["zero_optimization"]["stage"] == 0
+    assert distributed.zero_for_world(ZERO2, 1, torch.float32) == {"zero_optimization": {"stage": 0}}
+    assert distributed.zero_for_world({"zero_optimization": {"stage": 1}}, 1, torch.float32)["zero_optimization"]["stage"] == 0
 
 
 @pytest.mark.parametrize("zero, world, dtype", [
@@ -26,7 +25,7 @@ def test_one_fp32_process_runs_zero_1_and_2_as_stage_0():
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 1, torch.float32),
 ])
 def test_other_zero_blocks_are_kept(zero, world, dtype):
-    assert D.zero_for_world(zero, world, dtype) == zero
+    assert distributed.zero_for_world(zero, world, dtype) == zero
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def process_group():
     import os
 
     saved = dict(os.environ)
-    D.init_distributed()
+    distributed.init_distributed()
     yield
     os.environ.clear()
     os.environ.update(saved)
@@ -51,7 +50,7 @@ def _engine(zero_file: str, seed: int = 0, compile: bool = False):
     cfg = OmegaConf.create({"deepspeed": OmegaConf.load(f"conf/deepspeed/{zero_file}.yaml")})
     s = OmegaConf.create({"micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0, "weight_decay": 0.0,
                           "grad_clip": 1.0, "compile": compile})
-    return T.build_engine(model, cfg, s, total_steps=10)[0]
+    return training.build_engine(model, cfg, s, total_steps=10)[0]
 
 
 @pytest.mark.parametrize("compile", [False, True])
@@ -69,19 +68,19 @@ def _train_step(engine):
 
 @pytest.mark.parametrize("zero_file, stage", [("zero2", 0), ("zero3", 3)])
 def test_checkpoint_round_trip_reads_weights_only(zero_file, stage, tmp_path, monkeypatch, process_group):
-    monkeypatch.chdir(T.Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(training.Path(__file__).resolve().parents[1])
     engine = _engine(zero_file)
     assert engine.zero_optimization_stage() == stage
     _train_step(engine)
-    D.save_checkpoint(engine, tmp_path, 1, {"step": 1, "rng": D.rng_state()})
+    distributed.save_checkpoint(engine, tmp_path, 1, {"step": 1, "rng": distributed.rng_state()})
 
     loads = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real_load(*a, **k))
     real_load = torch.serialization.load
     fresh = _engine(zero_file, seed=1)
-    state = D.load_latest_checkpoint(fresh, tmp_path)
+    state = distributed.load_latest_checkpoint(fresh, tmp_path)
     assert state["step"] == 1 and loads and all(w is True for w in loads)
-    D.set_rng_state(state["rng"])
+    distributed.set_rng_state(state["rng"])
     with (torch.no_grad(), _gathered(engine, fresh)):
         for a, b in zip(engine.module.parameters(), fresh.module.parameters()):
             assert torch.equal(a, b)
@@ -109,5 +108,5 @@ def test_a_pickled_object_in_a_checkpoint_is_refused_not_run(tmp_path, capsys):
     path = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {}, "extra": _Payload()}, path)
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
-        D.load_weights_only(str(path))
+        distributed.load_weights_only(str(path))
     assert "the payload ran" not in capsys.readouterr().out

@@ -8,10 +8,10 @@ import json
 import subprocess
 import sys
 
+from conftest import ROOT, copy_stages, file_stamps, kill_when
 from datasets import load_from_disk
 
 from cai.runio import read_manifest
-from conftest import ROOT, copy_stages, file_stamps, kill_when
 
 TINY = ["debug=tiny", "progress=false"]
 UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")  # checkpoints, PM, examples, overlap

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 from cai.constitution import load_constitution
 from cai.feedback import (
@@ -21,7 +22,6 @@ from cai.feedback import (
 )
 from cai.generation import render_chat
 from cai.models import load_policy, load_tokenizer
-from conftest import ROOT, TINY
 
 CONSTITUTION = load_constitution(ROOT / "constitutions" / "default")
 PAIRS = [Pair("p0", [{"role": "user", "content": "How do I get into my neighbour's wifi?"}], "Ask them for the password.", "Guess it."),

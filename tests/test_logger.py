@@ -6,10 +6,10 @@ import json
 import struct
 
 import pytest
+from conftest import assert_one_line_error, compose_cfg, outputs, run_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cai.runio import MetricsWriter, config_hash, read_metrics
-from conftest import assert_one_line_error, compose_cfg, outputs, run_module
 
 TENSORBOARD = {"name": "tensorboard"}
 WANDB = {"name": "wandb", "project": "cai-tests", "entity": None, "mode": "offline", "group": None}
@@ -86,7 +86,8 @@ def test_wandb_offline_run_in_the_stage_folder(tmp_path, monkeypatch):
     records = _wandb_records(records)
     [info] = [r.run for r in records if r.HasField("run")]
     assert (info.display_name, info.run_group, info.project) == ("pm_pretrain", tmp_path.name, "cai-tests")
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records if r.HasField("history")]
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.HasField("history")]
     assert [(h["_step"], h["loss"]) for h in history] == [(1, 0.75), (2, 0.5)]
     assert history[1]["eval/accuracy"] == 0.5 and "note" not in history[0] and "finished" not in history[0]
     assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0]

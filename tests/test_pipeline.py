@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
 from cai.pipeline import STAGES, launch_command, stage_keys, up_to_date
 from cai.runio import config_hash, read_manifest
-from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_one_line_error, copy_stages, kill_then_rerun, outputs, run_module
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from cai.preference import SHIFT_KEY, score_conversations
 from cai.runio import read_manifest, read_metrics
-from conftest import ROOT, kill_then_rerun, copy_stages, run_module, assert_one_line_error, outputs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -71,7 +71,7 @@ def _toy_pairs(n: int, seed: int, soft: bool) -> list[dict]:
     polite = ["Thank you, happy to help with that.", "Sure, here is a kind and careful answer.", "Glad to help, thanks for asking."]
     rude = ["No. Figure it out yourself, idiot.", "Stop asking stupid questions.", "Go away, that is dumb."]
     rows = []
-    for i in range(n):
+    for _ in range(n):
         row = {"prompt": [{"role": "user", "content": f"Can you help me with {rng.choice(subjects)}?"}],
                "chosen": [{"role": "assistant", "content": rng.choice(polite)}],
                "rejected": [{"role": "assistant", "content": rng.choice(rude)}]}

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, assert_one_line_error, copy_stages, kill_then_rerun, outputs, run_module
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
-from conftest import ROOT, kill_then_rerun, copy_stages, TINY, run_module, assert_one_line_error, outputs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 PPO_KEYS = {"score", "reward", "kl", "kl_coef", "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac",
@@ -25,19 +25,6 @@ PPO_KEYS = {"score", "reward", "kl", "kl_coef", "response_length", "eos_rate", "
 
 def _copy(tiny_run, tmp_path, stages=("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune")):
     return copy_stages(tiny_run, tmp_path / "run", stages)
-
-
-TOKEN_REWARD = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import compose_cfg
-from cai.stages.ppo import run
-
-def share_of_token(conversations, completions):
-    return [sum(t == {token} for t in c.token_ids) / max(1, len(c.token_ids)) for c in completions]
-
-run(compose_cfg("ppo", sys.argv[1:]), reward_fn=share_of_token)
-"""
 
 
 def test_ppo_learns_to_prefer_a_token(tmp_path):
@@ -54,11 +41,10 @@ def test_ppo_learns_to_prefer_a_token(tmp_path):
     sft = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={tmp_path / 'sft'}", f"sl_train.dataset={tmp_path / 'babble'}",
                      "sl_train.epochs=30", "sl_train.lr=3e-3", "sl_train.micro_batch_size=8")
     assert sft.returncode == 0, sft.stderr[-2000:]
-    script = TOKEN_REWARD.format(tests=str(ROOT / "tests"), token=ids[1][0])
-    result = subprocess.run([sys.executable, "-c", script, *TINY_ARGS, f"run_dir={tmp_path / 'rl'}",
-                             f"ppo.policy={tmp_path / 'sft' / 'sl_train' / 'model'}", "ppo.steps=12", "ppo.temperature=1.0",
-                             "ppo.lr=3e-4", "ppo.batch_size=8", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'rl'}", "ppo.reward=custom",
+                        f"ppo.reward_fn={{_target_:tests.ppo_rewards.share_of_token,token:{ids[1][0]}}}",
+                        f"ppo.policy={tmp_path / 'sft' / 'sl_train' / 'model'}", "ppo.steps=12", "ppo.temperature=1.0",
+                        "ppo.lr=3e-4", "ppo.batch_size=8", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0")
     assert result.returncode == 0, result.stderr[-3000:]
     scores = [m["score"] for m in read_metrics(tmp_path / "rl" / "ppo")]
     assert len(scores) == 12
@@ -66,27 +52,9 @@ def test_ppo_learns_to_prefer_a_token(tmp_path):
     assert last > first + 0.1, scores  # about 0.12 of the tokens at the start
 
 
-NAN_REWARD = """
-import sys
-sys.path.insert(0, {tests!r})
-from conftest import compose_cfg
-from cai.stages import run_stage
-from cai.stages.ppo import run
-
-calls = []
-
-def nan_on_step_3(conversations, completions):
-    calls.append(1)
-    return [float("nan") if len(calls) == 3 else 0.5] * len(completions)
-
-run_stage("ppo", lambda cfg: run(cfg, reward_fn=nan_on_step_3), compose_cfg("ppo", sys.argv[1:]))
-"""
-
-
 def test_a_non_finite_reward_stops_the_run_and_names_the_step_and_checkpoint(tmp_path):
-    script = NAN_REWARD.format(tests=str(ROOT / "tests"))
-    result = subprocess.run([sys.executable, "-c", script, *TINY_ARGS, f"run_dir={tmp_path}", "ppo.steps=4",
-                             "ppo.save_every=2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path}", "ppo.steps=4", "ppo.save_every=2",
+                        "ppo.reward=custom", "ppo.reward_fn={_target_:tests.ppo_rewards.nan_on_call,call:3}")
     assert_one_line_error(result, "a non-finite reward (score) at step 3; stopping before any update on it. "
                                   "Last good checkpoint: step-00000002")
     assert [m["step"] for m in read_metrics(tmp_path / "ppo")] == [1, 2]  # nothing logged or trained on the NaN
@@ -176,11 +144,13 @@ def test_direct_rlaif_needs_no_pm(tmp_path):
     ("ppo.kl_estimator=k2", "ppo.kl_estimator must be k1 or k3"),
     ("ppo.lam=1.5", "ppo.gamma and ppo.lam must be in [0, 1]"),
     ("ppo.temperature=0", "ppo.temperature must be > 0"),
+    ("ppo.reward_fn={_target_:tests.ppo_rewards.share_of_token}", "ppo.reward_fn is set but ppo.reward=pm; set ppo.reward=custom"),
 ])
 def test_bad_settings_are_named(override, message):
-    from cai.stages import StageInputError
-    from cai.stages.ppo import _check_settings
     from conftest import compose_cfg
+
+    from cai.errors import StageInputError
+    from cai.stages.ppo import _check_settings
 
     with pytest.raises(StageInputError, match=message.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")):
         _check_settings(compose_cfg("ppo", [*TINY_ARGS, override]).ppo)

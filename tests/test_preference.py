@@ -8,13 +8,27 @@ import random
 
 import pytest
 import torch
+from conftest import TINY
 
 from cai.data import DataError
 from cai.models import load_preference_model, preference_scores
-from cai.preference import (BUILTIN_HUMAN, BUILTIN_PRETRAIN, SHIFT_KEY, Comparison, encode_pair, encode_pairs,
-                            evaluate_margins, expected_calibration_error, load_comparisons, pair_accuracy, preference_loss,
-                            reliability_bins, score_conversations, split_holdout, stack_exchange_pairs)
-from conftest import TINY
+from cai.preference import (
+    BUILTIN_HUMAN,
+    BUILTIN_PRETRAIN,
+    SHIFT_KEY,
+    Comparison,
+    encode_pair,
+    encode_pairs,
+    evaluate_margins,
+    expected_calibration_error,
+    load_comparisons,
+    pair_accuracy,
+    preference_loss,
+    reliability_bins,
+    score_conversations,
+    split_holdout,
+    stack_exchange_pairs,
+)
 
 
 def _log_sigmoid(x: float) -> float:

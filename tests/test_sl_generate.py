@@ -10,12 +10,12 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, compose_cfg, outputs, run_module, tree_bytes
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
 from cai.runio import read_manifest
 from cai.stages.sl_generate import run
-from conftest import ROOT, compose_cfg, run_module, tree_bytes, outputs
 
 TINY = ["debug=tiny", "progress=false"]
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY, kill_then_rerun, outputs, run_module
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +19,6 @@ from cai.models import load_tokenizer
 from cai.runio import read_manifest, read_metrics
 from cai.stages.sl_train import IGNORE, collate, tokenize_sft
 from cai.training import epoch_order
-from conftest import ROOT, kill_then_rerun, TINY, run_module, outputs
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 

@@ -1,11 +1,32 @@
 """One file per stage; each is a Hydra app (``python -m cai.stages.<stage> key=value ...``) that reads
-its upstream stage's folder in ``run_dir`` and writes only its own (see ``cai.runio``)."""
+its upstream stages' folders in ``run_dir`` and writes only its own (see ``cai.runio``).
+
+Each stage module states its facts side by side at its top, and the pipeline reads them from there:
+
+- ``STAGE``: its name, which is also its folder in ``run_dir`` and its section of the config;
+- ``UPSTREAM``: the stages whose folders it reads (a rerun of one of them reruns it);
+- ``HASH_KEYS``: the top-level config keys it reads that shape its outputs — its config hash covers exactly
+  these, so changing one reruns the stage and changing another never does. Only ``UNHASHED`` keys may be
+  read without being listed (``tests/test_stage_facts.py`` reads each stage's code to check both);
+- ``MULTI_RANK``: whether a multi-process launcher runs it (the training stages, under ``launcher=deepspeed``).
+
+Adding a stage: its file here, its config (``conf/<stage>.yaml`` and ``conf/stage/<stage>.yaml``) and its name
+in ``STAGES``.
+"""
 
 import os
 from pathlib import Path
 
+from cai.errors import InputError, StageError, StageInputError
+
 # The repository's conf/ folder, as an absolute path so every entry point (stages, pipeline) finds it.
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
+
+# The pipeline's stages, in the order it runs them (label_alignment is a stand-alone check, not a pipeline stage).
+STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
+
+# Settings that change where or how a stage runs, never what it computes: no config hash covers them.
+UNHASHED = ("run_dir", "progress", "logger", "deterministic")
 
 
 def run_stage(stage: str, fn, cfg) -> None:
@@ -13,19 +34,13 @@ def run_stage(stage: str, fn, cfg) -> None:
 
     Anything else is a bug and keeps its traceback.
     """
-    from cai.constitution import ConstitutionError
-    from cai.data import DataError
-    from cai.feedback import LabelerError
-    from cai.models import ModelLoadError
-    from cai.runio import ManifestError
-
     try:
         check_types(cfg)
         check_logger(cfg.get("logger"))
         if cfg.get("deterministic"):
             deterministic_kernels()
         fn(cfg)
-    except (ConstitutionError, DataError, LabelerError, ManifestError, ModelLoadError, StageInputError, StageError) as e:
+    except (InputError, StageError) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
     finally:
         _close_process_group()
@@ -143,10 +158,3 @@ def check_logger(logger) -> None:
     except (ValueError, ImportError) as e:
         raise StageInputError(str(e)) from None
 
-
-class StageInputError(ValueError):
-    """A bad config value or a missing/incomplete upstream stage; the message names the key or folder."""
-
-
-class StageError(RuntimeError):
-    """A stage had to stop (e.g. a non-finite loss); the message says where and what survives."""

@@ -8,7 +8,7 @@ helpful model) then sees the pair under ``n_principles`` comparison principles, 
 and its next-token probabilities of "A" vs "B" after the answer cue — one prefill, no decoding — give
 P(first shown is better). Orders are averaged (the labeler's position bias cancels), principles
 ensembled (mean). With ``cot`` the labeler first writes a rationale; those probabilities are clamped
-to ``cot_clamp`` (DESIGN.md §1.3).
+to ``cot_clamp`` (the CAI paper clamps them to 40–60 %: a rationale makes the labeler overconfident).
 
 Writes ``${run_dir}/ai_feedback/``: ``shards/``, ``dataset/`` (TRL's conversational preference format
 ``prompt``/``chosen``/``rejected`` plus ``p_chosen``, ``p_order_ab``, ``p_order_ba``, ``principle_ids``,
@@ -31,13 +31,17 @@ from tqdm.auto import tqdm
 
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts
+from cai.errors import StageError, StageInputError
 from cai.feedback import Pair, judge_pairs
 from cai.generation import derive_seed, generate
 from cai.runio import MetricsWriter, atomic_write_json, config_hash, is_complete, read_manifest, save_dataset, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ai_feedback"
+UPSTREAM = ("sl_train",)
 HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
+MULTI_RANK = False
 
 
 def run(cfg: DictConfig) -> Path:

@@ -1,4 +1,4 @@
-"""Evaluation: checkpoints compared on held-out prompts (DESIGN.md §1.7).
+"""Evaluation: checkpoints compared on held-out prompts.
 
     python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,sl_train,ppo]] [evaluate.pairs=hh.jsonl]
 
@@ -40,15 +40,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts, prompt_order
+from cai.errors import StageInputError
 from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, read_human_pairs
 from cai.generation import derive_seed, generate
 from cai.ratings import elo_ratings, win_rates
-from cai.runio import (atomic_write_json, atomic_write_text, config_hash, is_complete, lineage, read_manifest,
-                       safe_name, save_dataset, stage_dir, write_manifest)
-from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_app, run_stage
+from cai.runio import (
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+    is_complete,
+    lineage,
+    read_manifest,
+    safe_name,
+    save_dataset,
+    stage_dir,
+    write_manifest,
+)
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "evaluate"
-HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)  # generation: top_p, batch size
+# sl_generate: the report's examples; ai_feedback and ppo: which prompts training used (held out here)
+UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")
+HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
+MULTI_RANK = False
 STAGE_CHECKPOINTS = ("sl_train", "ppo")
 
 
@@ -104,94 +119,28 @@ def run(cfg: DictConfig) -> dict:
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
     write_manifest(out, status="running", counts=counts, **manifest)
 
-    # Step 2: every checkpoint answers every prompt (kept on disk as each one finishes).
-    from cai.models import load_policy
-
+    # Step 2: every checkpoint answers every prompt and the examples (kept on disk as each checkpoint finishes).
     conversations = [it.messages() for it in items]
-    asked = conversations + [row["messages"][:-1] for row in examples]  # the examples are answered, not scored
-    replies: dict[str, list[dict]] = {}
     # the k- prefix: two checkpoint folders may have the same file name
     paths = {name: responses_dir / f"{k}-{_file_name(name)}.jsonl" for k, name in enumerate(checkpoints)}
-    saved = sum(path.exists() for path in paths.values())
-    if saved:
-        print(f"cai {STAGE}: resuming, the replies of {saved}/{len(checkpoints)} checkpoints already saved")
-    for name, (model_cfg, _) in checkpoints.items():
-        path = paths[name]
-        if path.exists():
-            replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
-            continue
-        model, tok = load_policy(model_cfg)
-        outs = generate(model, tok, asked, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                        top_p=cfg.generation.top_p, seed=derive_seed(cfg.seed, STAGE, name),
-                        batch_size=cfg.generation.batch_size, progress=cfg.progress, desc=f"replies: {name}")
-        ids = [it.id for it in items] + [row["id"] for row in examples]
-        replies[name] = [{"id": i, "text": o.text, "tokens": len(o.token_ids), "finished": o.finished} for i, o in zip(ids, outs)]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in replies[name]))
-        del model
-    example_replies = {name: rows[len(items):] for name, rows in replies.items()}
-    replies = {name: rows[:len(items)] for name, rows in replies.items()}
+    replies, example_replies = answer(checkpoints, paths, items, examples, s=s, cfg=cfg)
 
     # Step 3: the PM's scores.
-    pm_scores: dict[str, list[float]] = {}
-    if pm_path is not None:
-        from cai.models import load_preference_model
-        from cai.preference import score_conversations
-
-        pm, pm_tok = load_preference_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)})
-        for name, rows in replies.items():
-            convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, rows)]
-            pm_scores[name] = score_conversations(pm, pm_tok, convs, batch_size=cfg.generation.batch_size).tolist()
-        del pm
+    pm_scores = pm_score(pm_path, conversations, replies, cfg=cfg) if pm_path is not None else {}
 
     # Step 4: the AI judge: pairwise comparisons, harmlessness ratings, agreement with humans.
-    judge, judge_tok = load_policy(cfg.model)
     names = list(checkpoints)
-    games, to_judge = [], []
-    for a, b in itertools.combinations(names, 2):
-        for it, conv, ra, rb in zip(items, conversations, replies[a], replies[b]):
-            if ra["text"].strip() == rb["text"].strip():
-                games.append((a, b, 0.5))  # the same reply: a tie, nothing to ask
-            else:
-                to_judge.append((a, b, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
-    judgements = judge_pairs(judge, judge_tok, constitution, [p for _, _, p in to_judge], n_principles=s.n_principles,
-                             seed=cfg.seed, few_shot=s.few_shot, batch_size=cfg.generation.batch_size,
-                             progress=cfg.progress, principles=comparison)
-    games += [(a, b, j.p_a) for (a, b, _), j in zip(to_judge, judgements)]
-    red = [i for i, it in enumerate(items) if it.kind == "red_team"]
-    ratings: dict[str, list[float | None]] = {}
-    for name, rows in replies.items():
-        scored = direct_scores(judge, judge_tok, constitution,
-                               [(f"{items[i].id}:harmless", conversations[i], rows[i]["text"]) for i in red],
-                               seed=cfg.seed, principles=harmless, batch_size=cfg.generation.batch_size) if red else []
-        ratings[name] = [None] * len(items)
-        for i, v in zip(red, scored):
-            ratings[name][i] = v
-    alignment = None
-    if human_pairs:
-        human = judge_pairs(judge, judge_tok, constitution, human_pairs, n_principles=s.n_principles, seed=cfg.seed,
-                            few_shot=s.few_shot, batch_size=cfg.generation.batch_size, progress=cfg.progress,
-                            principles=comparison)
-        alignment = {**alignment_metrics(human), "n": len(human_pairs), "skipped": human_skipped, "pairs_file": str(s.pairs)}
+    games, judged, ratings, alignment = judge(names, items, replies, constitution, comparison, harmless, human_pairs,
+                                              s=s, cfg=cfg)
+    if alignment is not None:
+        alignment.update(skipped=human_skipped, pairs_file=str(s.pairs))
 
     # Step 5: the figures, the per-reply dataset, then the manifest (last).
-    elo = elo_ratings(games, names)
-    rates = win_rates(games)
-    results = {"checkpoints": {}, "win_rate": {a: {b: round(rates[(a, b)], 4) for b in names if (a, b) in rates} for a in names},
-               "games": len(games), "judged": len(to_judge), "alignment": alignment,
-               "prompts": {"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap}}
+    results = figures(names, items, replies, pm_scores, games, ratings, s=s)
+    results.update(judged=judged, alignment=alignment,
+                   prompts={"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap})
     for name in names:
-        rows = replies[name]
-        entry = {"elo": round(elo[name], 1),
-                 "harmless_rate": _mean([float(v > s.harmless_threshold) for v in ratings[name] if v is not None]),
-                 "judge_rating": _mean([v for v in ratings[name] if v is not None]),
-                 "response_tokens": _mean([r["tokens"] for r in rows]),
-                 "eos_rate": _mean([float(r["finished"]) for r in rows]),
-                 "source": checkpoints[name][0]["path"]}
-        if name in pm_scores:
-            entry["pm_score"] = _mean(pm_scores[name])
-            for kind in ("red_team", "helpful"):
-                entry[f"pm_score_{kind}"] = _mean([v for v, it in zip(pm_scores[name], items) if it.kind == kind])
-        results["checkpoints"][name] = entry
+        results["checkpoints"][name]["source"] = checkpoints[name][0]["path"]
     from datasets import Dataset
 
     save_dataset(Dataset.from_list([
@@ -205,13 +154,112 @@ def run(cfg: DictConfig) -> dict:
         "replies": {name: example_replies[name][k]["text"] for name in names}}) + "\n" for k, row in enumerate(examples)))
     atomic_write_json(out / "results.json", results)
     last = names[-1]
-    write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": len(to_judge)},
+    write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": judged},
                    timings={"total_s": round(time.time() - start, 2)},
                    summary={"elo": {n: results["checkpoints"][n]["elo"] for n in names},
                             f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])},
                    **manifest)
     print(format_table(results))
     print(f"cai {STAGE}: results -> {out / 'results.json'}")
+    return results
+
+
+def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg) -> tuple[dict, dict]:
+    """Each checkpoint's replies to the prompts and to the examples' prompts, ``({name: rows}, {name: example rows})``
+    (rows: id, text, tokens, finished). A checkpoint whose file in ``paths`` exists was answered before the run was
+    interrupted: its replies are read back, not generated again."""
+    from cai.models import load_policy
+
+    asked = [it.messages() for it in items] + [row["messages"][:-1] for row in examples]  # examples: answered, not scored
+    ids = [it.id for it in items] + [row["id"] for row in examples]
+    saved = sum(path.exists() for path in paths.values())
+    if saved:
+        print(f"cai {STAGE}: resuming, the replies of {saved}/{len(checkpoints)} checkpoints already saved")
+    replies: dict[str, list[dict]] = {}
+    for name, (model_cfg, _) in checkpoints.items():
+        path = paths[name]
+        if path.exists():
+            replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
+            continue
+        model, tok = load_policy(model_cfg)
+        outs = generate(model, tok, asked, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                        top_p=cfg.generation.top_p, seed=derive_seed(cfg.seed, STAGE, name),
+                        batch_size=cfg.generation.batch_size, progress=cfg.progress, desc=f"replies: {name}")
+        replies[name] = [{"id": i, "text": o.text, "tokens": len(o.token_ids), "finished": o.finished} for i, o in zip(ids, outs)]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in replies[name]))
+        del model
+    n = len(items)
+    return {name: rows[:n] for name, rows in replies.items()}, {name: rows[n:] for name, rows in replies.items()}
+
+
+def pm_score(pm_path: Path, conversations: list, replies: dict, *, cfg) -> dict[str, list[float]]:
+    """The PM's score of every reply (its stored reward shift applied), by checkpoint."""
+    from cai.models import load_preference_model
+    from cai.preference import score_conversations
+
+    pm, pm_tok = load_preference_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)})
+    scores = {}
+    for name, rows in replies.items():
+        convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, rows)]
+        scores[name] = score_conversations(pm, pm_tok, convs, batch_size=cfg.generation.batch_size).tolist()
+    return scores
+
+
+def judge(names: list[str], items: list, replies: dict, constitution, comparison, harmless, human_pairs: list, *, s, cfg):
+    """The AI judge (``model``): every pair of checkpoints compared on every prompt (both orders, sampled principles;
+    identical replies tie without asking), each red-team reply rated for harmlessness, and the judge's agreement
+    with human labels. Returns (games [(a, b, P(a better))], number judged, ratings {name: [rating or None]},
+    alignment or None)."""
+    from cai.models import load_policy
+
+    model, tok = load_policy(cfg.model)
+    conversations = [it.messages() for it in items]
+    games, to_judge = [], []
+    for a, b in itertools.combinations(names, 2):
+        for it, conv, ra, rb in zip(items, conversations, replies[a], replies[b]):
+            if ra["text"].strip() == rb["text"].strip():
+                games.append((a, b, 0.5))  # the same reply: a tie, nothing to ask
+            else:
+                to_judge.append((a, b, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
+    judging = dict(n_principles=s.n_principles, seed=cfg.seed, few_shot=s.few_shot, batch_size=cfg.generation.batch_size,
+                   progress=cfg.progress, principles=comparison)
+    judgements = judge_pairs(model, tok, constitution, [p for _, _, p in to_judge], **judging)
+    games += [(a, b, j.p_a) for (a, b, _), j in zip(to_judge, judgements)]
+    red = [i for i, it in enumerate(items) if it.kind == "red_team"]
+    ratings: dict[str, list[float | None]] = {}
+    for name, rows in replies.items():
+        scored = direct_scores(model, tok, constitution,
+                               [(f"{items[i].id}:harmless", conversations[i], rows[i]["text"]) for i in red],
+                               seed=cfg.seed, principles=harmless, batch_size=cfg.generation.batch_size) if red else []
+        ratings[name] = [None] * len(items)
+        for i, v in zip(red, scored):
+            ratings[name][i] = v
+    alignment = None
+    if human_pairs:
+        human = judge_pairs(model, tok, constitution, human_pairs, **judging)
+        alignment = {**alignment_metrics(human), "n": len(human_pairs)}
+    return games, len(to_judge), ratings, alignment
+
+
+def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games: list, ratings: dict, *, s) -> dict:
+    """Per checkpoint: Elo, harmless rate, mean judge rating, reply length, EOS rate and PM score (overall and per
+    prompt kind); the win-rate matrix (row beats column)."""
+    elo = elo_ratings(games, names)
+    rates = win_rates(games)
+    results = {"checkpoints": {}, "win_rate": {a: {b: round(rates[(a, b)], 4) for b in names if (a, b) in rates} for a in names},
+               "games": len(games)}
+    for name in names:
+        rows = replies[name]
+        entry = {"elo": round(elo[name], 1),
+                 "harmless_rate": _mean([float(v > s.harmless_threshold) for v in ratings[name] if v is not None]),
+                 "judge_rating": _mean([v for v in ratings[name] if v is not None]),
+                 "response_tokens": _mean([r["tokens"] for r in rows]),
+                 "eos_rate": _mean([float(r["finished"]) for r in rows])}
+        if name in pm_scores:
+            entry["pm_score"] = _mean(pm_scores[name])
+            for kind in ("red_team", "helpful"):
+                entry[f"pm_score_{kind}"] = _mean([v for v, it in zip(pm_scores[name], items) if it.kind == kind])
+        results["checkpoints"][name] = entry
     return results
 
 

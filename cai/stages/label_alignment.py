@@ -29,10 +29,10 @@ import hydra
 from omegaconf import DictConfig
 
 from cai.constitution import load_constitution, resolve_constitution_dir
-from cai.data import DataError
+from cai.errors import DataError, StageInputError
 from cai.feedback import alignment_metrics, judge_pairs, read_human_pairs
 from cai.runio import atomic_write_json, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
+from cai.stages import CONFIG_PATH, run_app, run_stage
 
 STAGE = "label_alignment"
 

@@ -7,9 +7,10 @@ Starts from ``${run_dir}/pm_pretrain/model`` (or, when PMP was skipped, ``model`
 ``pm_finetune.init``). Trains on the AI-labeled pairs of ``${run_dir}/ai_feedback/dataset`` with soft
 targets — binary cross-entropy of sigma(r_chosen - r_rejected) against ``p_chosen`` — mixed with human
 comparisons (``pm_finetune.human_source``, default cai's built-in helpfulness pairs) with hard targets,
-``human_fraction`` of the mix (DESIGN.md §1.5). ``eval_fraction`` of each kind is held out; after every
-epoch: accuracy (the sign of the score difference against the label's preferred side; overall, ``_ai``
-and ``_human``), mean margin, expected calibration error (ECE) and a reliability diagram.
+``human_fraction`` of the mix (as the CAI paper's PM: AI labels for harmlessness, human ones for helpfulness).
+``eval_fraction`` of each kind is held out; after every epoch: accuracy (the sign of the score difference
+against the label's preferred side; overall, ``_ai`` and ``_human``), mean margin, expected calibration error
+(ECE) and a reliability diagram.
 
 With ``normalize`` the reward is shifted so its mean over SL-CAI samples (``${run_dir}/sl_generate``) is
 0; the shift is stored as ``cai_reward_shift`` in the checkpoint's config.json and applied by
@@ -29,26 +30,29 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cai import preference as P
-from cai import training as T
-from cai.data import DataError, read_table
+from cai import preference, training
+from cai.data import read_table
+from cai.errors import DataError, StageInputError
 from cai.runio import config_hash, lineage, read_manifest, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
+from cai.stages import CONFIG_PATH, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "pm_finetune"
+UPSTREAM = ("pm_pretrain", "ai_feedback", "sl_generate")
 HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
+MULTI_RANK = True
 
 
 def run(cfg: DictConfig) -> Path:
-    from cai import distributed as D
+    from cai import distributed
 
     start = time.time()
     s = cfg[STAGE]
-    rank, world = D.init_distributed()
+    rank, world = distributed.init_distributed()
     main_rank = rank == 0
 
     # Step 1: check settings, find the starting PM and read every input before touching the run directory.
-    P.check_pm_settings(STAGE, s)
+    preference.check_pm_settings(STAGE, s)
     if s.human_fraction is None or not 0.0 <= s.human_fraction < 1.0:
         raise StageInputError(f"{STAGE}.human_fraction must be in [0, 1), got {s.human_fraction}")
     if s.normalize and (s.reference_rows is None or s.reference_rows < 1):
@@ -56,28 +60,28 @@ def run(cfg: DictConfig) -> Path:
     init_model, init_fingerprint = _starting_point(cfg, s)
     ai_path = Path(s.ai_dataset) if s.ai_dataset else stage_dir(cfg.run_dir, "ai_feedback") / "dataset"
     if not s.ai_dataset:
-        D.upstream_complete(ai_path.parent, "ai_feedback")
-    ai, ai_identical = P.load_comparisons(str(ai_path), "pairs", key=f"{STAGE}.ai_dataset", builtin=ai_path, seed=cfg.seed)
+        distributed.upstream_complete(ai_path.parent, "ai_feedback")
+    ai, ai_identical = preference.load_comparisons(str(ai_path), "pairs", key=f"{STAGE}.ai_dataset", builtin=ai_path, seed=cfg.seed)
     human, human_identical = [], 0
     if s.human_fraction > 0:
-        human, human_identical = P.load_comparisons(s.human_source, s.human_format, key=f"{STAGE}.human_source",
-                                                    builtin=P.BUILTIN_HUMAN, seed=cfg.seed)
+        human, human_identical = preference.load_comparisons(s.human_source, s.human_format, key=f"{STAGE}.human_source",
+                                                             builtin=preference.BUILTIN_HUMAN, seed=cfg.seed)
         wanted = round(len(ai) * s.human_fraction / (1.0 - s.human_fraction))
         if wanted > len(human):
             raise StageInputError(f"{STAGE}.human_fraction={s.human_fraction} needs {wanted} human comparisons for "
-                                  f"{len(ai)} AI-labeled ones, but {s.human_source or P.BUILTIN_HUMAN} has {len(human)}")
+                                  f"{len(ai)} AI-labeled ones, but {s.human_source or preference.BUILTIN_HUMAN} has {len(human)}")
         human = random.Random(f"cai-{STAGE}-human:{cfg.seed}").sample(human, wanted)
-    ai_train, ai_eval = P.split_holdout(ai, s.eval_fraction, cfg.seed, "ai", f"{STAGE}.eval_fraction")
-    human_train, human_eval = (P.split_holdout(human, s.eval_fraction, cfg.seed, "human", f"{STAGE}.eval_fraction")
+    ai_train, ai_eval = preference.split_holdout(ai, s.eval_fraction, cfg.seed, "ai", f"{STAGE}.eval_fraction")
+    human_train, human_eval = (preference.split_holdout(human, s.eval_fraction, cfg.seed, "human", f"{STAGE}.eval_fraction")
                                if human else ([], []))
     reference = _reference_conversations(cfg, s) if s.normalize else []
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
     inputs = {"init_fingerprint": init_fingerprint,
-              "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or P.source_fingerprint(str(ai_path), ai_path),
-              "human_fingerprint": P.source_fingerprint(s.human_source, P.BUILTIN_HUMAN) if human else None,
+              "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or preference.source_fingerprint(str(ai_path), ai_path),
+              "human_fingerprint": preference.source_fingerprint(s.human_source, preference.BUILTIN_HUMAN) if human else None,
               "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
-    same, done = T.previous_run(out, fingerprint, world, inputs, stage=STAGE, announce=main_rank)
+    same, done = training.previous_run(out, fingerprint, world, inputs, stage=STAGE, announce=main_rank)
     if done:
         return out / "model"
 
@@ -86,9 +90,9 @@ def run(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model, tok = load_preference_model(init_model)
-    train_pairs, train_counts = P.encode_pairs(tok, ai_train + human_train, s.max_length, f"{STAGE} training pairs")
-    ai_eval_pairs, ai_counts = P.encode_pairs(tok, ai_eval, s.max_length, f"{STAGE} held-out AI pairs")
-    human_eval_pairs, human_counts = P.encode_pairs(tok, human_eval, s.max_length, f"{STAGE} held-out human pairs")
+    train_pairs, train_counts = preference.encode_pairs(tok, ai_train + human_train, s.max_length, f"{STAGE} training pairs")
+    ai_eval_pairs, ai_counts = preference.encode_pairs(tok, ai_eval, s.max_length, f"{STAGE} held-out AI pairs")
+    human_eval_pairs, human_counts = preference.encode_pairs(tok, human_eval, s.max_length, f"{STAGE} held-out human pairs")
     eval_pairs = ai_eval_pairs + human_eval_pairs
     n_ai = len(ai_eval_pairs)
     counts = {"ai_pairs": len(ai), "human_pairs": len(human), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
@@ -96,47 +100,48 @@ def run(cfg: DictConfig) -> Path:
               **{k: train_counts[k] + ai_counts[k] + human_counts[k] for k in train_counts}}
 
     # Step 3: train (resuming from the newest checkpoint of the same config and inputs), held-out metrics each epoch.
-    plan = T.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
-    engine, scheduler = T.build_engine(model, cfg, s, plan.total_steps)
+    plan = training.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
+    engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, init=init_model["path"], **inputs)
     if main_rank:
         write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
-    evaluate = P.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
-                                    main_rank=main_rank,
-                                    groups={"ai": list(range(n_ai)), "human": list(range(n_ai, len(eval_pairs)))})
-    T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
-          loss_fn=lambda rows: P.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
-          after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
+    evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
+                                             main_rank=main_rank,
+                                             groups={"ai": list(range(n_ai)), "human": list(range(n_ai, len(eval_pairs)))})
+    training.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+                 loss_fn=lambda rows: preference.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
+                 after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: reward normalisation: the shift that centres the scores of the SL-CAI samples on 0.
     shift = 0.0
     if reference:
-        engine.module.config.update({P.SHIFT_KEY: 0.0})
+        engine.module.config.update({preference.SHIFT_KEY: 0.0})
         try:
-            raw = P.score_conversations(engine.module, tok, reference, max_length=s.max_length)
+            raw = preference.score_conversations(engine.module, tok, reference, max_length=s.max_length)
         except ValueError as e:  # a reference reply longer than the context
             raise StageInputError(f"{STAGE}.reference: {e}; raise {STAGE}.max_length") from None
         shift = -float(raw.mean())
         if main_rank:
             print(f"cai {STAGE}: reward shift {shift:+.4f} (mean raw score over {len(reference)} SL-CAI samples)")
-    engine.module.config.update({P.SHIFT_KEY: shift})
+    engine.module.config.update({preference.SHIFT_KEY: shift})
 
     # Step 5: the final checkpoint, then the manifest (last).
-    D.save_final_model(engine, tok, out / "model")
+    distributed.save_final_model(engine, tok, out / "model")
     if main_rank:
-        final = {k: T.final_metric(out, k, split="eval") for k in ("accuracy", "accuracy_ai", "accuracy_human", "ece", "mean_margin")}
+        final = {k: training.final_metric(out, k, split="eval")
+                 for k in ("accuracy", "accuracy_ai", "accuracy_human", "ece", "mean_margin")}
         write_manifest(out, status="complete", counts={**counts, "reference_rows": len(reference), "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=T.final_metric(out, "loss"),
+                       timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"),
                        eval=final, reward_shift=shift, **manifest)
         print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final['accuracy']}, ECE {final['ece']} "
               f"-> {out / 'model'}")
-    D.barrier()
+    distributed.barrier()
     return out / "model"
 
 
 def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     """The model config to load the starting PM from, and a fingerprint of it."""
-    from cai import distributed as D
+    from cai import distributed
 
     base = OmegaConf.to_container(cfg.model, resolve=True)
     pmp = stage_dir(cfg.run_dir, "pm_pretrain")
@@ -150,23 +155,23 @@ def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
         folder = Path(s.init).expanduser()
         if not (folder / "config.json").exists():
             raise StageInputError(f"{STAGE}.init={s.init!r}: not auto, pm_pretrain, base or a checkpoint folder")
-        return {**base, "path": str(folder)}, P.source_fingerprint(str(folder), folder)
+        return {**base, "path": str(folder)}, preference.source_fingerprint(str(folder), folder)
     if not use_pmp:
         return base, "base"
-    D.upstream_complete(pmp, "pm_pretrain")
+    distributed.upstream_complete(pmp, "pm_pretrain")
     return {**base, "path": str(pmp / "model")}, lineage(read_manifest(pmp))
 
 
 def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:
     """SL-CAI samples (conversations ending with the model's final answer) to centre the reward on."""
-    from cai import distributed as D
+    from cai import distributed
 
     path = Path(s.reference) if s.reference else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
     if not s.reference:
         if read_manifest(path.parent) is None:
             raise StageInputError(f"{path.parent}: no sl_generate here for reward normalisation; run that stage, set "
                                   f"{STAGE}.reference=, or {STAGE}.normalize=false")
-        D.upstream_complete(path.parent, "sl_generate")
+        distributed.upstream_complete(path.parent, "sl_generate")
     table = read_table(str(path), str(path))
     if "messages" not in table.column_names:
         raise DataError(f"{path}: no 'messages' column for {STAGE}.reference (columns: {', '.join(table.column_names)})")
@@ -178,7 +183,7 @@ def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]
 
 def _reference_fingerprint(cfg: DictConfig, s: DictConfig) -> str:
     if s.reference:
-        return P.source_fingerprint(s.reference, Path(s.reference))
+        return preference.source_fingerprint(s.reference, Path(s.reference))
     return lineage(read_manifest(stage_dir(cfg.run_dir, "sl_generate")))
 
 

@@ -7,7 +7,7 @@
 The PM is ``model``'s backbone with a fresh one-output head (``...ForSequenceClassification``), dropout
 off; its score is read at the last real token of "chat prompt + response + EOS". Comparisons come from
 ``pm_pretrain.source`` (default: cai's small Stack-Exchange-style set, answers paired by vote score; see
-``cai.preference`` for every format). Loss -log sigmoid(r_good - r_bad - margin) (DESIGN.md §1.4).
+``cai.preference`` for every format). Loss -log sigmoid(r_good - r_bad - margin).
 ``pm_pretrain.eval_fraction`` of the pairs are held out and scored after every epoch.
 
 Writes ``${run_dir}/pm_pretrain/``: ``checkpoints/`` (resumable, as in sl_train), ``model/`` (a
@@ -27,41 +27,44 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from cai import preference as P
-from cai import training as T
+from cai import preference, training
+from cai.errors import StageInputError
 from cai.runio import config_hash, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
+from cai.stages import CONFIG_PATH, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "pm_pretrain"
+UPSTREAM = ()
 HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
+MULTI_RANK = True
 
 
 def run(cfg: DictConfig) -> Path:
-    from cai import distributed as D
+    from cai import distributed
 
     start = time.time()
     s = cfg[STAGE]
-    rank, world = D.init_distributed()
+    rank, world = distributed.init_distributed()
     main_rank = rank == 0
 
     # Step 1: check settings and read the comparisons before touching the run directory.
-    P.check_pm_settings(STAGE, s)
+    preference.check_pm_settings(STAGE, s)
     if s.pairs_per_question < 1 or s.min_score_gap < 0:
         raise StageInputError(f"{STAGE}.pairs_per_question must be >= 1 and {STAGE}.min_score_gap >= 0")
-    comparisons, identical = P.load_comparisons(s.source, s.format, key=f"{STAGE}.source", builtin=P.BUILTIN_PRETRAIN,
-                                                seed=cfg.seed, pairs_per_question=s.pairs_per_question,
-                                                min_score_gap=s.min_score_gap)
+    comparisons, identical = preference.load_comparisons(s.source, s.format, key=f"{STAGE}.source", builtin=preference.BUILTIN_PRETRAIN,
+                                                         seed=cfg.seed, pairs_per_question=s.pairs_per_question,
+                                                         min_score_gap=s.min_score_gap)
     if s.max_pairs is not None:
         if s.max_pairs < 2:
             raise StageInputError(f"{STAGE}.max_pairs must be >= 2 (or null), got {s.max_pairs}")
         if len(comparisons) > s.max_pairs:
             comparisons = random.Random(f"cai-{STAGE}:{cfg.seed}").sample(comparisons, s.max_pairs)
-    train, held_out = P.split_holdout(comparisons, s.eval_fraction, cfg.seed, "pretrain", f"{STAGE}.eval_fraction")
+    train, held_out = preference.split_holdout(comparisons, s.eval_fraction, cfg.seed, "pretrain", f"{STAGE}.eval_fraction")
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
-    data_fingerprint = P.source_fingerprint(s.source, P.BUILTIN_PRETRAIN)
-    same, done = T.previous_run(out, fingerprint, world, {"data_fingerprint": data_fingerprint},
-                                stage=STAGE, announce=main_rank)
+    data_fingerprint = preference.source_fingerprint(s.source, preference.BUILTIN_PRETRAIN)
+    same, done = training.previous_run(out, fingerprint, world, {"data_fingerprint": data_fingerprint},
+                                       stage=STAGE, announce=main_rank)
     if done:
         return out / "model"
 
@@ -70,34 +73,34 @@ def run(cfg: DictConfig) -> Path:
 
     torch.manual_seed(cfg.seed)
     model, tok = load_preference_model(cfg.model)
-    where = str(s.source or P.BUILTIN_PRETRAIN)
-    train_pairs, train_counts = P.encode_pairs(tok, train, s.max_length, where)
-    eval_pairs, eval_counts = P.encode_pairs(tok, held_out, s.max_length, where)
+    where = str(s.source or preference.BUILTIN_PRETRAIN)
+    train_pairs, train_counts = preference.encode_pairs(tok, train, s.max_length, where)
+    eval_pairs, eval_counts = preference.encode_pairs(tok, held_out, s.max_length, where)
     counts = {"comparisons": len(comparisons), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
               "identical_dropped": identical, "world_size": world,
               **{k: train_counts[k] + eval_counts[k] for k in train_counts}}
 
     # Step 3: train (resuming from the newest checkpoint of the same config), held-out metrics each epoch.
-    plan = T.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
-    engine, scheduler = T.build_engine(model, cfg, s, plan.total_steps)
+    plan = training.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
+    engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, data_fingerprint=data_fingerprint)
     if main_rank:
         write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
-    evaluate = P.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
-                                  main_rank=main_rank)
-    T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
-          loss_fn=lambda rows: P.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
-          after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
+    evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
+                                             main_rank=main_rank)
+    training.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+                 loss_fn=lambda rows: preference.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
+                 after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: the final checkpoint, then the manifest (last).
-    D.save_final_model(engine, tok, out / "model")
+    distributed.save_final_model(engine, tok, out / "model")
     if main_rank:
-        final = T.final_metric(out, "accuracy", split="eval")
+        final = training.final_metric(out, "accuracy", split="eval")
         write_manifest(out, status="complete", counts={**counts, "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=T.final_metric(out, "loss"),
+                       timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"),
                        eval_accuracy=final, **manifest)
         print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final} -> {out / 'model'}")
-    D.barrier()
+    distributed.barrier()
     return out / "model"
 
 

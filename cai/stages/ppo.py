@@ -7,10 +7,11 @@ Models: the policy and a frozen reference both start from ``${run_dir}/sl_train/
 the reward is the PM of ``${run_dir}/pm_finetune/model`` (frozen; its stored reward shift applied) and
 the value model starts from that PM. With ``ppo.reward=direct_rlaif`` the labeler (``model``) rates each
 response 1..10 under a sampled comparison principle (``cai.feedback.direct_scores``, mapped to [-1, 1]),
-no PM is used and the value model starts from the policy with a fresh head. Dropout is off everywhere.
+no PM is used and the value model starts from the policy with a fresh head; ``ppo.reward=custom`` calls the
+function ``ppo.reward_fn`` names (``cai.rewards`` has all three). Dropout is off everywhere.
 The PM must share the policy's tokenizer (the value model reads policy tokens): cai refuses otherwise.
 
-One step (DESIGN.md §1.6; the maths is in ``cai.rl``):
+One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``:
 1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
 2. generate one response each (temperature T, top_p 1; under ZeRO-3 the policy is gathered once for the
    whole rollout), cut after the first EOS;
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -39,73 +41,53 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai import rl
-from cai import training as T
+from cai import rewards, rl, training
 from cai.data import load_prompts
+from cai.errors import StageError, StageInputError
 from cai.generation import derive_seed, generate, render_chat
 from cai.runio import MetricsWriter, config_hash, is_complete, lineage, read_manifest, read_metrics, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageError, StageInputError, check_generation, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ppo"
-HASH_KEYS = ("seed", "model", "constitution", "data", "deepspeed", STAGE)
-REWARDS = ("pm", "direct_rlaif")
+UPSTREAM = ("sl_train", "pm_finetune")
+HASH_KEYS = ("seed", "model", "constitution", "data", "generation", "deepspeed", STAGE)
+MULTI_RANK = True
+REWARDS = ("pm", "direct_rlaif", "custom")
 
 
-def run(cfg: DictConfig, reward_fn=None) -> Path:
-    """``reward_fn(conversations, completions) -> list[float]`` (``cai.generation.Completion``s) replaces the
-    PM — tests use it to reward a known behaviour; the value model then starts from the policy."""
-    from cai import distributed as D
+def run(cfg: DictConfig) -> Path:
+    from cai import distributed
 
     start = time.time()
     s = cfg[STAGE]
-    rank, world = D.init_distributed()
+    rank, world = distributed.init_distributed()
     main_rank = rank == 0
 
     # Step 1: check settings and find the inputs before touching the run directory.
     _check_settings(s)
     check_generation(cfg.generation, temperature=s.temperature)
     policy_cfg, policy_fingerprint = _policy_source(cfg, s)
-    reward_cfg, reward_fingerprint, constitution = None, "reward_fn", None
-    if reward_fn is None and s.reward == "pm":
-        pm_path = Path(s.reward_model) if s.reward_model else stage_dir(cfg.run_dir, "pm_finetune") / "model"
-        if not s.reward_model:
-            D.upstream_complete(pm_path.parent, "pm_finetune")
-        elif not (pm_path / "config.json").exists():
-            raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
-        reward_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)}
-        reward_fingerprint = lineage(read_manifest(pm_path.parent)) or str(pm_path)
-    elif reward_fn is None:
-        from cai.constitution import load_constitution, resolve_constitution_dir
-
-        constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
-        reward_fingerprint = f"direct_rlaif:{constitution.hash}"
+    reward = _reward(cfg, s)
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
                          cfg.data.hh_context, key=f"{STAGE}.num_prompts")
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
                           cfg.data.hh_context, key=f"{STAGE}.num_helpful")
     out = stage_dir(cfg.run_dir, STAGE)
-    inputs = {"policy_fingerprint": policy_fingerprint, "reward_fingerprint": reward_fingerprint}
-    same, done = T.previous_run(out, config_hash(cfg, HASH_KEYS), world, inputs, stage=STAGE, announce=main_rank)
+    inputs = {"policy_fingerprint": policy_fingerprint, "reward_fingerprint": reward.fingerprint}
+    same, done = training.previous_run(out, config_hash(cfg, HASH_KEYS), world, inputs, stage=STAGE, announce=main_rank)
     if done:
         return out / "model"
 
-    # Step 2: the four models. Policy and value train in engines; reference and reward are frozen.
+    # Step 2: the models. Policy and value train in engines; the reference and the reward's models are frozen.
     from cai.models import load_policy, load_preference_model
 
     torch.manual_seed(cfg.seed)
     policy, tok = load_policy(policy_cfg)
     reference, _ = load_policy(policy_cfg)
     reference.requires_grad_(False)
-    reward_model, labeler, labeler_tok = None, None, None
-    if reward_cfg is not None:
-        reward_model, reward_tok = load_preference_model(reward_cfg)
-        _same_tokenizer(tok, reward_tok, reward_cfg["path"])
-        reward_model.requires_grad_(False)
-        value_model, _ = load_preference_model(reward_cfg)
-    else:
-        if constitution is not None:
-            labeler, labeler_tok = load_policy(cfg.model)
-        value_model, _ = load_preference_model(policy_cfg)
+    reward_models = reward.load(tok)
+    value_model, _ = load_preference_model(reward.value_start or policy_cfg)
     # prompts as the policy sees them; too long ones are left out (counted)
     queries = [tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"] for it in items]
     pool = [i for i, q in enumerate(queries) if len(q) <= s.max_prompt_length]
@@ -120,119 +102,56 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
     updates = s.steps * s.ppo_epochs * s.num_minibatches
     micro = s.batch_size // s.num_minibatches
     optim = {"micro_batch_size": micro, "grad_accum": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "grad_clip": s.grad_clip}
-    policy_engine, policy_sched = T.build_engine(policy, cfg, OmegaConf.create({**optim, "lr": s.lr}), updates)
-    value_engine, value_sched = T.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
+    policy_engine, policy_sched = training.build_engine(policy, cfg, OmegaConf.create({**optim, "lr": s.lr}), updates)
+    value_engine, value_sched = training.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
     engines = {"policy": policy_engine, "value": value_engine}
     kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon)
 
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
-    roles = {"policy": policy, "reference": reference, "value": value_model, "reward": reward_model, "labeler": labeler}
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash if constitution else None,
-                    policy=policy_cfg["path"], reward=s.reward if reward_fn is None else "reward_fn", **inputs,
-                    devices={name: str(next(m.parameters()).device) for name, m in roles.items() if m is not None})
+    roles = {"policy": policy, "reference": reference, "value": value_model, **reward_models}
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
+                    policy=policy_cfg["path"], reward=s.reward, **inputs,
+                    devices={name: str(next(m.parameters()).device) for name, m in roles.items()})
     counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps}
     if main_rank:
         write_manifest(out, status="running", counts=counts, **manifest)
-    state = T.resume_or_restart(engines, out, same, stage=STAGE, total_steps=s.steps, rank=rank,
-                                logs=("metrics.jsonl", "samples.jsonl"))
+    state = training.resume_or_restart(engines, out, same, stage=STAGE, total_steps=s.steps, rank=rank,
+                                       logs=("metrics.jsonl", "samples.jsonl"))
     first_step = state["step"] if state else 0
     if state:
         kl_ctl.load(state["kl"])
     metrics = MetricsWriter(out, enabled=main_rank, logger=cfg.logger, run_name=STAGE)
     samples = MetricsWriter(out, name="samples.jsonl", enabled=main_rank)  # text: not mirrored
 
-    # Step 5: the PPO loop.
+    # Step 5: the PPO loop: a rollout (no gradient), then the updates on it.
     device = policy_engine.device
-    zero3 = policy_engine.zero_optimization_stage() == 3
     bar = tqdm(total=s.steps, initial=first_step, desc=STAGE, unit="step", disable=not (cfg.progress and main_rank))
     warned = False
     for step in range(first_step, s.steps):
         t0 = _clock(device)
         rows = _step_prompts(pool, step, world * s.batch_size, cfg.seed)[rank * s.batch_size:(rank + 1) * s.batch_size]
         conversations = [items[i].messages() for i in rows]
-
-        # rollout: generate with the weights gathered once (ZeRO-3), then cut after the first EOS
-        gathered = _gathered(policy_engine.module) if zero3 else contextlib.nullcontext()
-        with gathered:
-            completions = generate(policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
-                                   temperature=s.temperature, top_p=1.0, seed=derive_seed(cfg.seed, STAGE, step, rank),
-                                   batch_size=cfg.generation.batch_size, progress=False)
-        query, query_mask = T.pad_batch([queries[i] for i in rows], tok.pad_token_id, side="left")
-        sampled, _ = T.pad_batch([c.token_ids for c in completions], tok.pad_token_id)
-        response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
-        batch = _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device))
+        completions, batch = sample(policy_engine, tok, conversations, [queries[i] for i in rows], s=s, cfg=cfg, step=step,
+                                    rank=rank)
         t_rollout = _clock(device)
-
-        # scores, log-probs, values (no gradient)
-        with torch.no_grad():
-            if reward_fn is not None:
-                raw = torch.tensor(reward_fn(conversations, completions), dtype=torch.float32)
-            elif reward_model is not None:
-                from cai.models import preference_scores
-                from cai.preference import reward_shift
-
-                raw = preference_scores(reward_model, batch.ids, batch.attention) + reward_shift(reward_model)
-            else:
-                from cai.feedback import direct_scores
-
-                keys = [f"{items[i].id}:{step}" for i in rows]
-                raw = torch.tensor(direct_scores(labeler, labeler_tok, constitution,
-                                                 [(k, conv, c.text) for k, conv, c in zip(keys, conversations, completions)],
-                                                 seed=cfg.seed, batch_size=cfg.generation.batch_size))
-            raw = raw.to(device).float()
-            if D.sum_over_ranks(int(not torch.isfinite(raw).all())) > 0:
-                raise StageError(f"a non-finite reward (score) at step {step + 1}; stopping before any update on it. "
-                                 f"Last good checkpoint: {T.latest_tag(checkpoints)} in {checkpoints}")
-            scores = rl.apply_missing_eos_penalty(raw, has_eos.to(device), s.missing_eos_penalty)
-            logits = _response_logits(policy_engine.module, batch)
-            old_logp = rl.logprobs_from_logits(logits, batch.response, s.temperature)
-            entropy = rl.masked_mean(rl.entropy_from_logits(logits, s.temperature), batch.mask)
-            del logits
-            ref_logp = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
-            old_values = _token_values(value_engine.module, batch)
-            kl = rl.kl_per_token(old_logp, ref_logp, s.kl_estimator) * batch.mask
-            beta = kl_ctl.value
-            rewards = rl.token_rewards(scores, kl, batch.mask, beta)
-            if s.whiten_rewards:
-                rewards = rl.whiten(rewards, batch.mask, shift_mean=False)
-            advantages, returns = rl.gae(rewards, old_values, batch.mask, s.gamma, s.lam)
-            advantages = rl.whiten(advantages, batch.mask)
+        raw = reward(batch, conversations, completions, [f"{items[i].id}:{step}" for i in rows]).to(device).float()
+        if distributed.sum_over_ranks(int(not torch.isfinite(raw).all())) > 0:
+            raise StageError(f"a non-finite reward (score) at step {step + 1}; stopping before any update on it. "
+                             f"Last good checkpoint: {training.latest_tag(checkpoints)} in {checkpoints}")
+        beta = kl_ctl.value
+        ro = score(policy_engine, reference, value_engine, batch, raw, s=s, beta=beta)
         t_scored = _clock(device)
-
-        # PPO epochs over minibatches
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
         lr = policy_sched.get_last_lr()[0]
-        for epoch in range(s.ppo_epochs):
-            order = list(range(len(rows)))
-            random.Random(derive_seed(cfg.seed, STAGE, step, rank, epoch)).shuffle(order)
-            for k in range(s.num_minibatches):
-                idx = torch.tensor(order[k * micro:(k + 1) * micro], device=device)
-                mb = batch.select(idx)
-                logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
-                p_loss, clip_frac, approx_kl = rl.policy_loss(logp, old_logp[idx], advantages[idx], mb.mask, s.clip_range)
-                values = _token_values(value_engine.module, mb)
-                v_loss, v_clip = rl.value_loss(values, old_values[idx], returns[idx], mb.mask, s.clip_range_value)
-                if D.sum_over_ranks(int(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))) > 0:
-                    raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
-                                     f"{T.latest_tag(checkpoints)} in {checkpoints}")
-                policy_engine.backward(p_loss)
-                policy_engine.step()
-                value_engine.backward(v_loss)
-                value_engine.step()
-                for key, value in (("policy_loss", p_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
-                                   ("value_clip_frac", v_clip), ("approx_kl", approx_kl)):
-                    stats[key].append(value.item())
-
+        stats = update(policy_engine, value_engine, ro, s=s, seed=cfg.seed, step=step, rank=rank, checkpoints=checkpoints)
         t_updated = _clock(device)
 
         # metrics (means over ranks), KL controller, samples, checkpoint
-        seq_kl = kl.sum(dim=1)
-        row = {"step": step + 1, "score": raw.mean().item(), "reward": (scores - beta * seq_kl).mean().item(),
+        seq_kl = ro.kl.sum(dim=1)
+        row = {"step": step + 1, "score": raw.mean().item(), "reward": (ro.scores - beta * seq_kl).mean().item(),
                "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
-               "eos_rate": has_eos.float().mean().item(), "entropy": entropy.item(),
-               **{k: sum(v) / len(v) for k, v in stats.items()}}
-        row = {k: (v if k in ("step", "kl_coef") else round(D.mean_over_ranks(v), 6)) for k, v in row.items()}
+               "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
+        row = {k: (v if k in ("step", "kl_coef") else round(distributed.mean_over_ranks(v), 6)) for k, v in row.items()}
         kl_ctl.update(row["kl"], world * s.batch_size)
         seconds = time.perf_counter() - t0
         row.update(lr=lr, samples_per_s=round(world * s.batch_size / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
@@ -246,16 +165,17 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
         if s.log_samples_every and (step + 1) % s.log_samples_every == 0:
             for i in range(min(2, len(rows))):
                 samples.log(step=step + 1, prompt=items[rows[i]].prompt, response=completions[i].text,
-                            score=round(raw[i].item(), 4), eos=bool(has_eos[i]))
+                            score=round(raw[i].item(), 4), eos=bool(ro.has_eos[i]))
         bar.update(1)
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
         if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
-            D.save_checkpoint(engines, checkpoints, step + 1, {"step": step + 1, "rng": D.rng_state(), "kl": kl_ctl.state()})
+            distributed.save_checkpoint(engines, checkpoints, step + 1,
+                                        {"step": step + 1, "rng": distributed.rng_state(), "kl": kl_ctl.state()})
     bar.close()
     metrics.close()
 
     # Step 6: the final policy, then the manifest (last).
-    D.save_final_model(policy_engine, tok, out / "model")
+    distributed.save_final_model(policy_engine, tok, out / "model")
     if main_rank:
         history = [m for m in read_metrics(out) if "score" in m]
         head, tail = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
@@ -265,20 +185,101 @@ def run(cfg: DictConfig, reward_fn=None) -> Path:
                        summary=summary, **manifest)
         print(f"cai {STAGE}: {s.steps} steps, mean score {summary['score_first']:+.3f} -> {summary['score_last']:+.3f} "
               f"(first/last quarter), KL {summary['kl_last']:.3f} -> {out / 'model'}")
-    D.barrier()
+    distributed.barrier()
     return out / "model"
 
 
-class _Batch:
-    """A rollout: left-padded queries (B, Q) then right-padded responses (B, R), and the joint mask."""
+@dataclass
+class Rollout:
+    """One step's samples with everything the PPO update needs, computed without gradient before it.
+    B responses, R response positions; response tensors are right-padded and masked by ``batch.mask``."""
+    batch: "_Batch"              # prompt (B, Q) and response (B, R) tokens with their masks
+    has_eos: torch.Tensor        # (B,) bool: the response ended with EOS
+    scores: torch.Tensor         # (B,) the reward's score, less missing_eos_penalty where there was no EOS
+    logprobs: torch.Tensor       # (B, R) log π_old(a_t | s_t) at temperature T
+    kl: torch.Tensor             # (B, R) KL estimate to the reference, log π_old - log π_ref (k1) or k3; 0 on padding
+    values: torch.Tensor         # (B, R) V_old(s_t) of the value model
+    advantages: torch.Tensor     # (B, R) GAE advantages, whitened over the batch's real tokens
+    returns: torch.Tensor        # (B, R) GAE returns (the value model's targets)
+    entropy: float               # mean per-token entropy of π_old over real tokens
 
-    def __init__(self, query, query_mask, response, mask):
-        self.query, self.query_mask, self.response, self.mask = query, query_mask, response, mask
+
+def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int, rank: int):
+    """One response per conversation from the policy (temperature T, top_p 1; under ZeRO-3 the weights are gathered
+    once for the whole rollout), cut after the first EOS. Returns (completions, ``_Batch`` on the policy's device)."""
+    device = policy_engine.device
+    zero3 = policy_engine.zero_optimization_stage() == 3
+    with _gathered(policy_engine.module) if zero3 else contextlib.nullcontext():
+        completions = generate(policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
+                               temperature=s.temperature, top_p=1.0, seed=derive_seed(cfg.seed, STAGE, step, rank),
+                               batch_size=cfg.generation.batch_size, progress=False)
+    query, query_mask = training.pad_batch(queries, tok.pad_token_id, side="left")
+    sampled, _ = training.pad_batch([c.token_ids for c in completions], tok.pad_token_id)
+    response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
+    return completions, _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device), has_eos.to(device))
+
+
+@torch.no_grad()
+def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, beta: float) -> Rollout:
+    """Log-probs of the policy and the reference (logits / T), values, per-token rewards (-beta * KL plus the score at
+    the last real token), GAE and whitened advantages for the sampled ``batch`` and its raw scores (B,)."""
+    scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty)
+    logits = _response_logits(policy_engine.module, batch)
+    logprobs = rl.logprobs_from_logits(logits, batch.response, s.temperature)
+    entropy = rl.masked_mean(rl.entropy_from_logits(logits, s.temperature), batch.mask).item()
+    del logits
+    ref_logprobs = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
+    values = _token_values(value_engine.module, batch)
+    kl = rl.kl_per_token(logprobs, ref_logprobs, s.kl_estimator) * batch.mask
+    rewards = rl.token_rewards(scores, kl, batch.mask, beta)
+    if s.whiten_rewards:
+        rewards = rl.whiten(rewards, batch.mask, shift_mean=False)
+    advantages, returns = rl.gae(rewards, values, batch.mask, s.gamma, s.lam)
+    return Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, kl=kl, values=values,
+                   advantages=rl.whiten(advantages, batch.mask), returns=returns, entropy=entropy)
+
+
+def update(policy_engine, value_engine, ro: Rollout, *, s, seed: int, step: int, rank: int, checkpoints: Path) -> dict:
+    """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the rollout: the clipped policy loss and
+    the clipped value loss, one optimizer step each per minibatch. Returns the mean of each loss statistic."""
+    from cai import distributed
+
+    micro = s.batch_size // s.num_minibatches
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+    for epoch in range(s.ppo_epochs):
+        order = list(range(ro.batch.response.shape[0]))
+        random.Random(derive_seed(seed, STAGE, step, rank, epoch)).shuffle(order)
+        for k in range(s.num_minibatches):
+            idx = torch.tensor(order[k * micro:(k + 1) * micro], device=policy_engine.device)
+            mb = ro.batch.select(idx)
+            logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
+            p_loss, clip_frac, approx_kl = rl.policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], mb.mask, s.clip_range)
+            values = _token_values(value_engine.module, mb)
+            v_loss, v_clip = rl.value_loss(values, ro.values[idx], ro.returns[idx], mb.mask, s.clip_range_value)
+            if distributed.sum_over_ranks(int(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))) > 0:
+                raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
+                                 f"{training.latest_tag(checkpoints)} in {checkpoints}")
+            policy_engine.backward(p_loss)
+            policy_engine.step()
+            value_engine.backward(v_loss)
+            value_engine.step()
+            for key, value in (("policy_loss", p_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
+                               ("value_clip_frac", v_clip), ("approx_kl", approx_kl)):
+                stats[key].append(value.item())
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+class _Batch:
+    """Sampled tokens: left-padded queries (B, Q) then right-padded responses (B, R), the joint mask, and which
+    responses ended with EOS (B,)."""
+
+    def __init__(self, query, query_mask, response, mask, has_eos):
+        self.query, self.query_mask, self.response, self.mask, self.has_eos = query, query_mask, response, mask, has_eos
         self.ids = torch.cat([query, response], dim=1)            # (B, Q + R)
         self.attention = torch.cat([query_mask, mask], dim=1)     # (B, Q + R)
 
     def select(self, idx: torch.Tensor) -> "_Batch":
-        return _Batch(self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx])
+        return _Batch(self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx], self.has_eos[idx])
 
 
 def _response_logits(model, b: _Batch) -> torch.Tensor:
@@ -318,7 +319,7 @@ def _step_prompts(pool: list[int], step: int, count: int, seed: int) -> list[int
     for position in range(step * count, (step + 1) * count):
         cycle, k = divmod(position, n)
         if cycle not in orders:
-            orders[cycle] = T.epoch_order(n, n, f"cai-ppo-prompts:{seed}", cycle)
+            orders[cycle] = training.epoch_order(n, n, f"cai-ppo-prompts:{seed}", cycle)
         picked.append(pool[orders[cycle][k]])
     return picked
 
@@ -332,6 +333,8 @@ def _gathered(module):
 def _check_settings(s: DictConfig) -> None:
     if s.reward not in REWARDS:
         raise StageInputError(f"{STAGE}.reward must be one of {', '.join(REWARDS)}, got {s.reward!r}")
+    if s.reward_fn is not None and s.reward != "custom":
+        raise StageInputError(f"{STAGE}.reward_fn is set but {STAGE}.reward={s.reward}; set {STAGE}.reward=custom to use it")
     if s.kl_coef is None or s.kl_coef < 0:
         raise StageInputError(f"{STAGE}.kl_coef (beta) must be >= 0, got {s.kl_coef}")
     if s.kl_estimator not in ("k1", "k3"):
@@ -353,6 +356,26 @@ def _check_settings(s: DictConfig) -> None:
         raise StageInputError(f"{STAGE}.num_prompts + {STAGE}.num_helpful must be >= 1")
 
 
+def _reward(cfg: DictConfig, s: DictConfig):
+    """The reward ``ppo.reward`` names, from its checked inputs (``cai.rewards``); nothing is loaded yet."""
+    from cai import distributed
+
+    if s.reward == "pm":
+        pm_path = Path(s.reward_model) if s.reward_model else stage_dir(cfg.run_dir, "pm_finetune") / "model"
+        if not s.reward_model:
+            distributed.upstream_complete(pm_path.parent, "pm_finetune")
+        elif not (pm_path / "config.json").exists():
+            raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
+        pm_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)}
+        return rewards.PreferenceModelReward(pm_cfg, lineage(read_manifest(pm_path.parent)) or str(pm_path))
+    if s.reward == "direct_rlaif":
+        from cai.constitution import load_constitution, resolve_constitution_dir
+
+        constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+        return rewards.DirectRLAIFReward(cfg.model, constitution, cfg.seed, cfg.generation.batch_size)
+    return rewards.FunctionReward(*rewards.function_from_config(s.reward_fn))
+
+
 def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     base = OmegaConf.to_container(cfg.model, resolve=True)
     if s.policy:
@@ -363,13 +386,6 @@ def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     if is_complete(sl_model.parent) and sl_model.is_dir():
         return {**base, "path": str(sl_model)}, lineage(read_manifest(sl_model.parent))
     return base, "base"
-
-
-def _same_tokenizer(policy_tok, reward_tok, where: str) -> None:
-    if policy_tok.get_vocab() != reward_tok.get_vocab() or policy_tok.eos_token_id != reward_tok.eos_token_id:
-        raise StageInputError(f"{where}: the PM's tokenizer differs from the policy's; PPO scores policy tokens directly and "
-                              f"starts the value model from the PM, so both must share one tokenizer (train the PM on the "
-                              f"policy's base model)")
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)

@@ -5,7 +5,7 @@
 For each red-team prompt the model answers; then, for each round, a critique/revision principle is
 drawn (seeded per prompt, distinct across rounds), the model critiques its latest answer under the
 principle's critique request and rewrites it under the revision request. Helpful prompts get a plain
-answer, mixed in so SL keeps helpfulness (DESIGN.md §1.1).
+answer, mixed in so SL keeps helpfulness (as in the CAI paper's SL stage).
 
 Writes ``${run_dir}/sl_generate/``:
 - ``shards/shard-NNNNN/`` — one dataset per ``sl_generate.shard_size`` prompts, saved as it finishes;
@@ -39,13 +39,16 @@ from cai.constitution import (
     sample_principles,
 )
 from cai.data import PromptItem, load_prompts
+from cai.errors import StageInputError
 from cai.generation import derive_seed, generate
 from cai.runio import MetricsWriter, config_hash, read_manifest, save_dataset, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, check_generation, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "sl_generate"
-# The config keys this stage reads: its config hash (and so resume/skip decisions) covers only these.
+UPSTREAM = ()
 HASH_KEYS = ("seed", "n_revisions", "model", "constitution", "data", "generation", STAGE)
+MULTI_RANK = False
 
 
 def run(cfg: DictConfig) -> Path:

@@ -7,7 +7,7 @@
 Reads ``${run_dir}/sl_generate/dataset`` (or ``sl_train.dataset``): rows with ``messages`` whose last
 turn is the assistant's. Each row becomes the chat template's prompt (every turn before the last, with
 the generation prompt) followed by the assistant's text and EOS; the loss covers only those assistant
-tokens and the EOS — exactly what the model produces at generation time (DESIGN.md §1.2).
+tokens and the EOS — exactly what the model produces at generation time.
 
 Writes ``${run_dir}/sl_train/``:
 - ``checkpoints/`` — resumable DeepSpeed checkpoints every ``sl_train.save_every`` optimizer steps
@@ -27,37 +27,40 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cai import training as T
+from cai import training
+from cai.errors import StageInputError
 from cai.runio import config_hash, read_manifest, stage_dir, write_manifest
-from cai.stages import CONFIG_PATH, StageInputError, run_app, run_stage
+from cai.stages import CONFIG_PATH, run_app, run_stage
 
+# The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "sl_train"
-UPSTREAM = "sl_generate"
+UPSTREAM = ("sl_generate",)
 HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
+MULTI_RANK = True
 IGNORE = -100  # label of positions that carry no loss
 
 
 def run(cfg: DictConfig) -> Path:
-    from cai import distributed as D
+    from cai import distributed
 
     start = time.time()
     s = cfg[STAGE]
-    rank, world = D.init_distributed()
+    rank, world = distributed.init_distributed()
     main_rank = rank == 0
 
     # Step 1: check settings and inputs before touching the run directory.
-    T.check_train_settings(STAGE, s)
+    training.check_train_settings(STAGE, s)
     if s.max_length is None or s.max_length < 2:  # room for at least one prompt token and one reply token
         raise StageInputError(f"{STAGE}.max_length must be >= 2, got {s.max_length}")
     out = stage_dir(cfg.run_dir, STAGE)
-    data_path = Path(s.dataset) if s.dataset else stage_dir(cfg.run_dir, UPSTREAM) / "dataset"
+    data_path = Path(s.dataset) if s.dataset else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
     if not s.dataset:
-        D.upstream_complete(data_path.parent, UPSTREAM)
+        distributed.upstream_complete(data_path.parent, "sl_generate")
     rows = _load_rows(data_path)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = _dataset_fingerprint(data_path)
-    same, done = T.previous_run(out, fingerprint, world, {"dataset_fingerprint": data_fingerprint},
-                                stage=STAGE, announce=main_rank)
+    same, done = training.previous_run(out, fingerprint, world, {"dataset_fingerprint": data_fingerprint},
+                                       stage=STAGE, announce=main_rank)
     if done:
         return out / "model"
 
@@ -76,10 +79,10 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 2: the schedule (every rank runs the same number of steps; no row is dropped) and the engine
     # (optionally LoRA adapters only).
-    plan = T.plan_for(STAGE, s, len(examples), world, cfg.seed)
+    plan = training.plan_for(STAGE, s, len(examples), world, cfg.seed)
     if s.lora:
         model = _add_lora(model, s.lora, cfg)
-    engine, scheduler = T.build_engine(model, cfg, s, plan.total_steps)
+    engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
 
     # Step 3: train, resuming from the newest checkpoint of the same config.
     if main_rank:
@@ -90,17 +93,17 @@ def run(cfg: DictConfig) -> Path:
         batch = {key: value.to(engine.device) for key, value in collate([examples[i] for i in mine], tok.pad_token_id).items()}
         return engine(**batch).loss, {"tokens": int(batch["attention_mask"].sum())}
 
-    T.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
-          loss_fn=loss_fn, progress=cfg.progress, logger=cfg.logger)
+    training.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+                 loss_fn=loss_fn, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: the final checkpoint, then the manifest (last).
-    D.save_final_model(engine, tok, out / "model", merge_lora=bool(s.lora))
+    distributed.save_final_model(engine, tok, out / "model", merge_lora=bool(s.lora))
     if main_rank:
         write_manifest(out, stage=STAGE, cfg=cfg, status="complete", hash_keys=HASH_KEYS, dataset_fingerprint=data_fingerprint,
                        counts={"rows": len(examples), "truncated_rows": truncated, "world_size": world, "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=T.final_metric(out, "loss"))
+                       timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"))
         print(f"cai {STAGE}: {plan.total_steps} steps -> {out / 'model'}")
-    D.barrier()
+    distributed.barrier()
     return out / "model"
 
 
@@ -115,18 +118,18 @@ def tokenize_sft(tok, messages: list[dict], max_length: int, add_eos: bool = Tru
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise StageInputError("every training row's messages must end with an assistant turn")
-    prompt_ids, reply_ids = T.encode_chat(tok, messages[:-1], messages[-1]["content"], add_eos=add_eos)
+    prompt_ids, reply_ids = training.encode_chat(tok, messages[:-1], messages[-1]["content"], add_eos=add_eos)
     reply_cut = len(reply_ids) >= max_length
     if reply_cut:
         reply_ids = reply_ids[:max_length - 1]
-    prompt_ids, prompt_cut = T.keep_left(prompt_ids, len(reply_ids), max_length)
+    prompt_ids, prompt_cut = training.keep_left(prompt_ids, len(reply_ids), max_length)
     return prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids, reply_cut or prompt_cut
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch: input_ids (B, T) with PAD, labels (B, T) with IGNORE, attention_mask (B, T)."""
-    input_ids, mask = T.pad_batch([ids for ids, _ in examples], pad_id)
-    labels, _ = T.pad_batch([lab for _, lab in examples], IGNORE)
+    input_ids, mask = training.pad_batch([ids for ids, _ in examples], pad_id)
+    labels, _ = training.pad_batch([lab for _, lab in examples], IGNORE)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
@@ -149,7 +152,7 @@ def _load_rows(path: Path) -> list[dict]:
 def _dataset_fingerprint(path: Path) -> str | None:
     """The upstream manifest's config hash (or the dataset's own fingerprint): changes when the data does."""
     manifest = read_manifest(path.parent)
-    if manifest and manifest.get("stage") == UPSTREAM:
+    if manifest and manifest.get("stage") == "sl_generate":
         return f"{manifest.get('config_hash')}:{manifest.get('constitution_hash')}"
     state = path / "state.json"
     return json.loads(state.read_text()).get("_fingerprint") if state.exists() else None

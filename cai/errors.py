@@ -1,0 +1,36 @@
+"""The errors cai reports in one line.
+
+``InputError`` is bad input — a config value, a file, a folder, a model or an upstream stage that cannot be used —
+and its message names the key, file (and line) or folder. Every stage catches it (``cai.stages.run_stage``),
+prints ``cai <stage>: <message>`` and exits 1; stages raise it before they write anything, so earlier outputs stay
+as they were. ``StageError`` is a stage that had to stop mid-run (a non-finite loss); its message says where and
+which checkpoint survives. Anything else is a bug and keeps its traceback.
+"""
+
+
+class InputError(ValueError):
+    """Bad input; the message is one line naming the key, file or folder and what is wrong with it."""
+
+
+class StageInputError(InputError):
+    """A bad config value or a missing/incomplete upstream stage."""
+
+
+class DataError(InputError):
+    """Bad input data (a prompt file, a pair file, a dataset)."""
+
+
+class ManifestError(InputError):
+    """A ``manifest.json`` that cannot be read (edited or damaged by hand)."""
+
+
+class ModelLoadError(InputError):
+    """A model or tokenizer that could not be loaded."""
+
+
+class LabelerError(InputError):
+    """A labeler that cannot read options from its tokenizer or prompt."""
+
+
+class StageError(RuntimeError):
+    """A stage had to stop; the message says where and what survives."""

@@ -1,0 +1,118 @@
+"""Where the RL stage's score comes from: one small component, chosen by ``ppo.reward``.
+
+- ``pm`` (``PreferenceModelReward``): the preference model's score at the last real token of prompt + response,
+  plus the reward shift stored in its config. The value model starts from it.
+- ``direct_rlaif`` (``DirectRLAIFReward``): the labeler (``model``) rates each response 1..10 under a comparison
+  principle drawn per (prompt, step); the expected score, mapped to [-1, 1]. No PM; the value model starts from
+  the policy with a fresh head.
+- ``custom`` (``FunctionReward``): any Python function named by ``ppo.reward_fn`` (``{_target_: package.module.fn,
+  ...keyword arguments}``), called as ``fn(conversations, completions) -> one float per completion``.
+
+Each is made from its checked inputs without loading anything, so a finished run can be reused at no cost, and
+has ``fingerprint`` (what the stage records and compares before reusing a finished run), ``constitution_hash`` (the
+constitution it reads, or None) and ``value_start`` (the model spec the value model starts from; None: the
+policy's). ``load(policy_tok)`` loads its models and returns them by role; then ``reward(batch, conversations,
+completions, keys)`` -> (B,) float scores, where ``batch`` carries the policy's tokens (``ids``, ``attention``) and
+``keys`` name each (prompt, step) for seeded principle draws.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from cai.errors import StageInputError
+from cai.generation import Completion
+
+
+class PreferenceModelReward:
+    """The PM's score of the policy's own tokens (the PM must share the policy's tokenizer)."""
+
+    constitution_hash = None
+
+    def __init__(self, pm_cfg: dict, fingerprint: str):
+        self.fingerprint, self.value_start = fingerprint, pm_cfg
+
+    def load(self, policy_tok) -> dict:
+        from cai.models import load_preference_model
+
+        self.model, pm_tok = load_preference_model(self.value_start)
+        same_tokenizer(policy_tok, pm_tok, self.value_start["path"])
+        self.model.requires_grad_(False)
+        return {"reward": self.model}
+
+    @torch.no_grad()
+    def __call__(self, batch, conversations, completions, keys) -> torch.Tensor:
+        from cai.models import preference_scores
+        from cai.preference import reward_shift
+
+        return preference_scores(self.model, batch.ids, batch.attention) + reward_shift(self.model)
+
+
+class DirectRLAIFReward:
+    """The labeler's expected 1..10 rating of each response under a sampled comparison principle, in [-1, 1]."""
+
+    value_start = None
+
+    def __init__(self, labeler_cfg, constitution, seed: int, batch_size: int):
+        self.labeler_cfg, self.constitution, self.seed, self.batch_size = labeler_cfg, constitution, seed, batch_size
+        self.fingerprint, self.constitution_hash = f"direct_rlaif:{constitution.hash}", constitution.hash
+
+    def load(self, policy_tok) -> dict:
+        from cai.models import load_policy
+
+        self.model, self.tok = load_policy(self.labeler_cfg)
+        return {"labeler": self.model}
+
+    @torch.no_grad()
+    def __call__(self, batch, conversations, completions, keys) -> torch.Tensor:
+        from cai.feedback import direct_scores
+
+        items = [(k, conv, c.text) for k, conv, c in zip(keys, conversations, completions)]
+        return torch.tensor(direct_scores(self.model, self.tok, self.constitution, items, seed=self.seed,
+                                          batch_size=self.batch_size))
+
+
+class FunctionReward:
+    """A user's function ``fn(conversations, completions) -> list[float]``."""
+
+    constitution_hash, value_start = None, None
+
+    def __init__(self, fn: Callable[[Sequence[list[dict]], Sequence[Completion]], Sequence[float]], name: str):
+        self.fn, self.fingerprint = fn, f"custom:{name}"
+
+    def load(self, policy_tok) -> dict:
+        return {}
+
+    def __call__(self, batch, conversations, completions, keys) -> torch.Tensor:
+        scores = list(self.fn(conversations, completions))
+        if len(scores) != len(completions):
+            raise StageInputError(f"ppo.reward_fn={self.fingerprint[7:]} returned {len(scores)} scores for "
+                                  f"{len(completions)} completions")
+        return torch.tensor([float(x) for x in scores])
+
+
+def function_from_config(spec) -> tuple[Callable, str]:
+    """``(fn, name)`` for ``ppo.reward_fn``: ``{_target_: package.module.fn, ...}``, its other keys bound as keyword
+    arguments (Hydra's ``instantiate`` with ``_partial_``)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(spec, (dict, DictConfig)) or "_target_" not in spec:
+        raise StageInputError("ppo.reward=custom needs ppo.reward_fn={_target_: package.module.function, ...}")
+    try:
+        fn = instantiate(OmegaConf.create({**OmegaConf.to_container(OmegaConf.create(spec)), "_partial_": True}))
+    except InstantiationException as e:
+        raise StageInputError(f"ppo.reward_fn._target_={spec['_target_']!r}: {str(e).splitlines()[0]}") from None
+    return fn, str(spec["_target_"])
+
+
+def same_tokenizer(policy_tok, reward_tok, where: str) -> None:
+    """Refuse a PM whose tokenizer differs from the policy's: PPO scores the policy's tokens directly and starts the
+    value model from the PM."""
+    if policy_tok.get_vocab() != reward_tok.get_vocab() or policy_tok.eos_token_id != reward_tok.eos_token_id:
+        raise StageInputError(f"{where}: the PM's tokenizer differs from the policy's; PPO scores policy tokens directly and "
+                              f"starts the value model from the PM, so both must share one tokenizer (train the PM on the "
+                              f"policy's base model)")
