@@ -98,6 +98,60 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class StageBusy(RuntimeError):
+    """Another process holds the stage folder; the message names it."""
+
+
+@contextlib.contextmanager
+def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder`` (a stage's) for the duration: an exclusive lock on ``folder/hydra/stage.lock`` (Hydra's own
+    folder, which every invocation writes anyway), released when the holder ends, even by SIGKILL. Raises
+    ``StageBusy`` naming the holder's process id when another process holds it. Once held, the hidden
+    temporary files and folders a killed save left behind (``atomic_dir``, ``atomic_write_bytes``) are removed."""
+    import fcntl
+
+    lock = Path(folder) / "hydra" / "stage.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise StageBusy(f"{folder} is in use by process {holder}, started on the same folder earlier; "
+                            f"wait for it to finish (or stop it), then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        clear_leftovers(folder)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def clear_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted atomic write leaves under ``folder``: ``.NAME.*.tmp`` files and folders and
+    ``.NAME.old-PID`` folders. Returns what was removed. Only safe while the stage is held (``hold_stage``)."""
+    removed = []
+    for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts)):
+        if path.exists() and (path.name.endswith(".tmp") or ".old-" in path.name):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+    return removed
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from, says the disk (or the quota) is full."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):  # pyarrow and torch name it in their own exception types
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def save_dataset(dataset, path: str | os.PathLike) -> Path:
     """``dataset.save_to_disk`` into ``path`` atomically."""
     import datasets

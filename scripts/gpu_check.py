@@ -95,6 +95,7 @@ class Sizes:
     """What the parts run at: a GPU run's sizes, or small CPU ones that exercise the same code."""
     device: str
     dtype: str                   # the pipeline's, the ZeRO-3 step's and the big models' precision
+    resumed: tuple               # the stages the resume part kills and resumes (the CPU run: PPO, the one with two engines)
     resume_dtypes: tuple         # precisions the resume part checkpoints in
     llama: dict                  # the throughput model's shape
     seq_len: int
@@ -103,11 +104,12 @@ class Sizes:
     ppo: tuple                   # overrides of the PPO breakdown run
 
 
-GPU = Sizes(device="cuda", dtype="bfloat16", resume_dtypes=("bfloat16", "float16"), llama=LLAMA_1B, seq_len=2048,
+GPU = Sizes(device="cuda", dtype="bfloat16", resumed=("sl_train", "ppo"), resume_dtypes=("bfloat16", "float16"),
+            llama=LLAMA_1B, seq_len=2048,
             micro_batch=8, train_steps=12,
             ppo=("ppo.steps=4", "ppo.ppo_epochs=2", "ppo.batch_size=32", "ppo.num_minibatches=4", "ppo.max_new_tokens=128",
                  "generation.batch_size=32", "ppo.num_prompts=96", "ppo.num_helpful=0"))
-CPU = Sizes(device="cpu", dtype="float32", resume_dtypes=("float32",), llama=LLAMA_TINY, seq_len=64, micro_batch=2,
+CPU = Sizes(device="cpu", dtype="float32", resumed=("ppo",), resume_dtypes=("float32",), llama=LLAMA_TINY, seq_len=64, micro_batch=2,
             train_steps=4, ppo=("ppo.steps=2", "ppo.ppo_epochs=2", "ppo.batch_size=4", "ppo.num_minibatches=2", "ppo.max_new_tokens=8",
                                 "generation.batch_size=4", "ppo.num_prompts=8", "ppo.num_helpful=0"))
 
@@ -300,7 +302,7 @@ def part_resume(c: Check) -> dict:
     from safetensors.torch import load_file
 
     figures, failures = {}, []
-    for stage, inputs, overrides, at_step in RESUMED:
+    for stage, inputs, overrides, at_step in (r for r in RESUMED if r[0] in c.sizes.resumed):
         for dtype in c.sizes.resume_dtypes if stage == "sl_train" else c.sizes.resume_dtypes[:1]:
             name = f"{stage}_{dtype}"
             killed, clean = c.copy_run(inputs, c.work / f"resume-{name}"), c.copy_run(inputs, c.work / f"clean-{name}")

@@ -84,7 +84,7 @@ def test_the_parts_run_on_the_cpu(tiny_run, tmp_path):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = results["parts"]
     assert list(parts) == ["resume", "zero3", "throughput", "ppo"] and all(p["ok"] for p in parts.values())
-    assert parts["resume"]["figures"] == {"sl_train_float32_max_abs_diff": 0.0, "ppo_float32_max_abs_diff": 0.0}
+    assert parts["resume"]["figures"] == {"ppo_float32_max_abs_diff": 0.0}  # sl_train's resume: tests/test_sl_train.py
     assert parts["throughput"]["figures"]["zero0_tokens_per_s"] > 0 and parts["throughput"]["figures"]["zero2_tokens_per_s"] > 0
     ppo = parts["ppo"]["figures"]
     assert ppo["rollout_s"] > 0 and ppo["score_s"] > 0 and ppo["update_s"] > 0

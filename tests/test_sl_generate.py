@@ -41,7 +41,7 @@ def test_rows_show_every_round(tmp_path):
             assert row["messages"][-1]["content"] == row["initial_response"]
     manifest = read_manifest(tmp_path / "sl_generate")
     assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 8 and manifest["counts"]["red_team"] == 5
-    assert len(list((tmp_path / "sl_generate" / "shards").iterdir())) == 3
+    assert len(list((tmp_path / "sl_generate" / "shards").glob("shard-*.json"))) == 3  # one record per finished shard
     lines = [json.loads(x) for x in (tmp_path / "sl_generate" / "metrics.jsonl").read_text().splitlines()]
     assert [m["shard"] for m in lines] == [0, 1, 2] and all(m["tokens_per_s"] > 0 for m in lines)
     # same command again: nothing to do, same data
@@ -109,13 +109,13 @@ def test_sigkill_then_rerun_resumes(tmp_path):
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if shards.exists() and len([p for p in shards.iterdir() if p.name.startswith("shard-")]) >= 3:
+        if shards.exists() and len(list(shards.glob("shard-*.json"))) >= 3:
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = len([p for p in shards.iterdir() if p.name.startswith("shard-")])
+    done_before = len(list(shards.glob("shard-*.json")))  # a shard is finished once its record is written
     assert 3 <= done_before < 20 and read_manifest(tmp_path / "sl_generate")["status"] == "running"
     first_shard = tree_bytes(shards / "shard-00000")
 

@@ -14,6 +14,7 @@ Adding a stage: its file here, its config (``conf/<stage>.yaml`` and ``conf/stag
 in ``STAGES``.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -32,16 +33,28 @@ UNHASHED = ("run_dir", "progress", "logger", "deterministic")
 def run_stage(stage: str, fn, cfg) -> None:
     """Run a stage body; turn the expected kinds of bad input into one-line errors and exit 1.
 
-    Anything else is a bug and keeps its traceback.
+    The stage's folder is held for the whole run (``runio.hold_stage``): a second command on the same folder
+    is refused in one line naming the process that holds it, and the leftovers of a run killed mid-save are
+    cleared first. A full disk ends the stage in one line too; what was complete before stays readable, since
+    every write is atomic. Anything else is a bug and keeps its traceback.
     """
+    from cai.runio import StageBusy, disk_full, first_line, hold_stage, stage_dir
+
     try:
         check_types(cfg)
         check_logger(cfg.get("logger"))
         if cfg.get("deterministic"):
             deterministic_kernels()
-        fn(cfg)
-    except (InputError, StageError) as e:
+        # one holder per folder: rank 0 of a launch (the other ranks write beside it, inside the same run)
+        with hold_stage(stage_dir(cfg.run_dir, stage)) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+            fn(cfg)
+    except (InputError, StageError, StageBusy) as e:
         raise SystemExit(f"cai {stage}: {e}") from None
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise SystemExit(f"cai {stage}: no space left on the device ({first_line(e)}); the outputs completed before "
+                         f"are intact: free some space and run the same command to go on") from None
     finally:
         _close_process_group()
 

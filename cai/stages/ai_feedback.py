@@ -20,21 +20,20 @@ no preference and are skipped (counted in the manifest). Resumable like sl_gener
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
 from cai.feedback import Pair, judge_pairs
 from cai.generation import derive_seed, generate
-from cai.runio import MetricsWriter, atomic_write_json, config_hash, is_complete, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.runio import config_hash, is_complete, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.shards import join_shards, run_shards
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -92,19 +91,9 @@ def run(cfg: DictConfig) -> Path:
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
                     policy=policy_path or f"model.path={cfg.model.path}", policy_fingerprint=policy_fingerprint)
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
-    metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)
 
-    # Step 5: shard by shard: sample pairs, judge them, save.
-    from datasets import Dataset, concatenate_datasets, load_from_disk
-
-    shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
-    paths = [shards_dir / f"shard-{k:05d}" for k in range(len(shards))]
-    done = sum(_record(path).exists() for path in paths)
-    if done:
-        print(f"cai {STAGE}: resuming, {done}/{len(shards)} shards already done")
-    for k, (shard, path) in enumerate(zip(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress), paths)):
-        if _record(path).exists():  # written after the shard's rows: the shard is complete
-            continue
+    # Step 5: shard by shard (cai.shards): sample pairs, judge them, save.
+    def make_rows(k: int, shard: list) -> tuple[list[dict], dict]:
         t0 = time.time()
         conversations = [it.messages() for it in shard for _ in range(2)]  # each prompt twice: a pair
         outs = generate(policy, policy_tok, conversations, max_new_tokens=cfg.generation.max_new_tokens,
@@ -112,26 +101,21 @@ def run(cfg: DictConfig) -> Path:
                         seed=derive_seed(cfg.seed, STAGE, k), progress=cfg.progress, desc="responses")
         pairs = [Pair(it.id, it.messages(), outs[2 * j].text, outs[2 * j + 1].text) for j, it in enumerate(shard)]
         kept = [p for p in pairs if p.response_a.strip() != p.response_b.strip()]
-        skipped = len(pairs) - len(kept)
         judgements = judge_pairs(labeler, tok, constitution, kept, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot,
                                  cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
                                  batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
         rows = [preference_row(p, j) for p, j in zip(kept, judgements)]
-        if rows:  # (datasets cannot reload an empty save: a shard of identical pairs has only its record)
-            save_dataset(Dataset.from_list(rows, features=_features()), path)
-        atomic_write_json(_record(path), {"pairs": len(rows), "skipped_identical": skipped})
-        seconds = time.time() - t0
-        metrics.log(shard=k, pairs=len(rows), skipped_identical=skipped, seconds=round(seconds, 3),
-                    comparisons_per_s=round(2 * s.n_principles * len(rows) / max(seconds, 1e-9), 3))
-    metrics.close()
+        rate = 2 * s.n_principles * len(rows) / max(time.time() - t0, 1e-9)
+        return rows, {"skipped_identical": len(pairs) - len(kept), "comparisons_per_s": round(rate, 3)}
+
+    shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
+    records = run_shards(out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
 
     # Step 6: join the shards; the manifest is written last.
-    records = [json.loads(_record(path).read_text()) for path in paths]
-    parts = [load_from_disk(str(path)) for path, r in zip(paths, records) if r["pairs"]]
-    if not parts:
+    dataset = join_shards(out, records)
+    if dataset is None:
         raise StageError(f"all {len(items)} response pairs were identical: nothing to label "
                          f"(sample more diversely: {STAGE}.temperature, generation.top_p)")
-    dataset = concatenate_datasets(parts)
     skipped = sum(r["skipped_identical"] for r in records)
     if len(set(dataset["id"])) != len(dataset) or len(dataset) + skipped != len(items):
         raise RuntimeError(f"{shards_dir}: shards do not add up to {len(items)} prompts; delete the folder and rerun")
@@ -163,10 +147,6 @@ def preference_row(pair: Pair, judgement) -> dict:
         "response_a": pair.response_a,
         "response_b": pair.response_b,
     }
-
-
-def _record(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
 
 
 def _features():

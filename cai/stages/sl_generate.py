@@ -27,7 +27,6 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from cai.constitution import (
     Constitution,
@@ -41,7 +40,8 @@ from cai.constitution import (
 from cai.data import PromptItem, load_prompts
 from cai.errors import StageInputError
 from cai.generation import derive_seed, generate
-from cai.runio import MetricsWriter, config_hash, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.runio import config_hash, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.shards import join_shards, run_shards
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -91,29 +91,18 @@ def run(cfg: DictConfig) -> Path:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS)
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
-    metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)
 
-    # Step 5: generate shard by shard; each shard is saved atomically the moment it is done.
-    from datasets import Dataset, concatenate_datasets, load_from_disk
-
-    shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
-    done = sum((shards_dir / _shard_name(k)).exists() for k in range(len(shards)))
-    if done:
-        print(f"cai {STAGE}: resuming, {done}/{len(shards)} shards already done")
-    for k, shard in enumerate(tqdm(shards, desc=STAGE, unit="shard", disable=not cfg.progress)):
-        path = shards_dir / _shard_name(k)
-        if path.exists():
-            continue
+    # Step 5: generate shard by shard; each shard is saved atomically the moment it is done (cai.shards).
+    def make_rows(k: int, shard: list[PromptItem]) -> tuple[list[dict], dict]:
         t0 = time.time()
         rows, n_tokens = generate_rows(shard, model, tok, constitution, principles, cfg, derive_seed(cfg.seed, STAGE, k))
-        save_dataset(Dataset.from_list(rows, features=_features()), path)
-        seconds = time.time() - t0
-        metrics.log(shard=k, rows=len(rows), seconds=round(seconds, 3), generated_tokens=n_tokens,
-                    tokens_per_s=round(n_tokens / max(seconds, 1e-9), 2))
-    metrics.close()
+        return rows, {"generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / max(time.time() - t0, 1e-9), 2)}
+
+    shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
+    records = run_shards(out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
 
     # Step 6: join the shards into one dataset; the manifest is written last.
-    dataset = concatenate_datasets([load_from_disk(str(shards_dir / _shard_name(k))) for k in range(len(shards))])
+    dataset = join_shards(out, records)
     if len(set(dataset["id"])) != len(dataset) or len(dataset) != len(items):
         raise RuntimeError(f"{shards_dir}: shards hold {len(dataset)} rows for {len(items)} prompts; delete the folder and rerun")
     save_dataset(dataset, out / "dataset")
@@ -185,10 +174,6 @@ def _features():
         "id": text, "prompt": text, "messages": List({"role": text, "content": text}), "initial_response": text,
         "critiques": texts, "revisions": texts, "principle_ids": texts, "kind": text, "finished": Value("bool"),
     })
-
-
-def _shard_name(k: int) -> str:
-    return f"shard-{k:05d}"
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)

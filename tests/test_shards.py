@@ -1,0 +1,51 @@
+"""cai.shards: the shard-and-resume loop of sl_generate and ai_feedback, on plain rows (no model)."""
+
+from __future__ import annotations
+
+import json
+
+from datasets import Features, Value
+
+from cai.runio import read_metrics
+from cai.shards import join_shards, run_shards
+
+FEATURES = Features({"id": Value("string"), "n": Value("int64")})
+SHARDS = [["a", "b"], [], ["c"]]  # the middle shard produces no rows
+
+
+def _make(calls):
+    def make_rows(k, shard):
+        calls.append(k)
+        return [{"id": x, "n": k} for x in shard], {"items": len(shard)}
+    return make_rows
+
+
+def test_rows_records_and_metrics_line_up(tmp_path):
+    calls = []
+    records = run_shards(tmp_path, SHARDS, _make(calls), features=FEATURES, stage="test", progress=False)
+    assert calls == [0, 1, 2] and [r["rows"] for r in records] == [2, 0, 1]
+    assert not (tmp_path / "shards" / "shard-00001").exists()  # no rows, no dataset: its record alone
+    assert [m["shard"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert [m["items"] for m in read_metrics(tmp_path)] == [2, 0, 1]
+    assert join_shards(tmp_path, records).to_list() == [{"id": "a", "n": 0}, {"id": "b", "n": 0}, {"id": "c", "n": 2}]
+
+
+def test_a_rerun_does_only_the_unfinished_shards_and_loses_no_metrics_line(tmp_path):
+    run_shards(tmp_path, SHARDS, _make([]), features=FEATURES, stage="test", progress=False)
+    shards = tmp_path / "shards"
+    first = json.loads((shards / "shard-00000.json").read_text())
+    # as if killed after shard 2's rows were saved but before its record, and (earlier) between shard 0's record
+    # and its metrics line: shard 2 is redone, shard 0's line comes back from its record
+    (shards / "shard-00002.json").unlink()
+    (tmp_path / "metrics.jsonl").write_text("")
+    calls = []
+    records = run_shards(tmp_path, SHARDS, _make(calls), features=FEATURES, stage="test", progress=False)
+    assert calls == [2]
+    assert records[0] == first
+    assert [m["shard"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert len(join_shards(tmp_path, records)) == 3
+
+
+def test_no_rows_at_all_joins_to_none(tmp_path):
+    records = run_shards(tmp_path, [[], []], _make([]), features=FEATURES, stage="test", progress=False)
+    assert join_shards(tmp_path, records) is None
