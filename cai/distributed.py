@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cai.errors import StageInputError
-from cai.runio import atomic_dir, atomic_write_json, read_manifest
+from cai.runio import atomic_dir, atomic_write_json
 
 LATEST = "latest.json"
 
@@ -220,15 +219,6 @@ def save_final_model(engine, tokenizer, folder: Path, merge_lora: bool = False) 
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     barrier()
-
-
-def upstream_complete(folder: Path, what: str) -> None:
-    """Refuse to read an upstream stage folder whose manifest does not say complete."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise StageInputError(f"{folder}: no {what} here (no manifest.json); run that stage first")
-    if manifest.get("status") != "complete":
-        raise StageInputError(f"{folder}: the {what} stage is not complete (status {manifest.get('status')!r}); rerun it first")
 
 
 def _free_port() -> int:

@@ -211,7 +211,7 @@ def _job_name(override_dirname: str) -> str:
 
 def _summary_row(stage: str, folder: Path, status: str, seconds: float) -> dict:
     manifest = read_manifest(folder)
-    amount, metric = key_figures(stage, manifest or {})
+    amount, metric = key_figures(manifest or {})
     return {"stage": stage, "status": status, "amount": amount, "seconds": round(seconds, 1), "metric": metric}
 
 

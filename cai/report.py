@@ -104,7 +104,7 @@ def _stage_table(run_dir: Path, manifests: dict) -> str:
         if not m:
             rows.append([stage, "not run", "", "", ""])
             continue
-        amount, metric = key_figures(stage, m)
+        amount, metric = key_figures(m)
         seconds = m.get("timings", {}).get("total_s")
         last = record.get(stage, {}).get("status", "")
         rows.append([stage, m.get("status", "") + (f" ({last} in the last pipeline run)" if last else ""), amount,
@@ -322,26 +322,7 @@ def _dataset(folder: Path):
     return load_from_disk(str(folder))
 
 
-def key_figures(stage: str, manifest: dict) -> tuple[str, str]:
-    """(rows or steps, the stage's key metric) from its manifest, as short text."""
-    counts, summary = manifest.get("counts", {}), manifest.get("summary", {})
-    if manifest.get("status") != "complete":  # a running or failed stage has no final figures yet
-        return "", ""
-    if stage == "sl_generate":
-        return f"{counts.get('rows')} rows", f"{counts.get('n_revisions')} revision rounds"
-    if stage == "sl_train":
-        return f"{counts.get('steps')} steps", f"final loss {manifest.get('final_loss')}"
-    if stage == "ai_feedback":
-        return f"{counts.get('pairs')} pairs", f"mean confidence {summary.get('mean_confidence')}"
-    if stage == "pm_pretrain":
-        return f"{counts.get('steps')} steps", f"held-out accuracy {manifest.get('eval_accuracy')}"
-    if stage == "pm_finetune":
-        ev = manifest.get("eval") or {}
-        return f"{counts.get('steps')} steps", f"held-out accuracy {ev.get('accuracy')}, ECE {ev.get('ece')}"
-    if stage == "ppo":
-        return (f"{counts.get('steps')} steps",
-                f"score {summary.get('score_first', 0):+.3f} -> {summary.get('score_last', 0):+.3f}, KL {summary.get('kl_last', 0):.3f}")
-    if stage == "evaluate":
-        elo = summary.get("elo", {})
-        return f"{counts.get('prompts')} prompts", "Elo " + ", ".join(f"{k} {v:.0f}" for k, v in elo.items())
-    return "", ""
+def key_figures(manifest: dict) -> tuple[str, str]:
+    """(amount, headline) of a complete stage, from its manifest's summary; nothing for a running or failed one."""
+    summary = manifest.get("summary", {}) if manifest.get("status") == "complete" else {}
+    return summary.get("amount", ""), summary.get("headline", "")

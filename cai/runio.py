@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai.errors import ManifestError
+from cai.errors import ManifestError, StageInputError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
@@ -257,6 +257,39 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         raise ManifestError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def upstream_complete(folder: str | os.PathLike, what: str) -> None:
+    """Refuse to read an upstream stage folder whose manifest does not say complete."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise StageInputError(f"{folder}: no {what} here (no manifest.json); run that stage first")
+    if manifest.get("status") != "complete":
+        raise StageInputError(f"{folder}: the {what} stage is not complete (status {manifest.get('status')!r}); rerun it first")
+
+
+def stage_summary(amount: str, headline: str, **metrics: Any) -> dict:
+    """A complete stage's ``summary``, of one shape for every stage: how much it made (``"8 rows"``, ``"20 steps"``),
+    its headline figure as short text, and its key metrics as numbers."""
+    return {"amount": amount, "headline": headline, **metrics}
+
+
+def previous_run(out: str | os.PathLike, *, stage: str, config_hash: str, inputs: dict, product: str,
+                 world_size: int | None = None, announce: bool = True) -> tuple[bool, bool]:
+    """Reuse, resume or start over: ``(same, done)`` for the stage folder ``out``. ``same``: its manifest was written
+    with this config hash, these ``inputs`` (top-level manifest fields: the constitution hash, upstream
+    fingerprints) and, for a training stage, this many ranks (its schedule and partitions depend on them), so
+    the partial work there may be resumed; otherwise the stage starts over. ``done``: that run also finished —
+    status complete and its ``product`` (a file or folder in ``out``) there — so there is nothing to do, which is
+    said on stdout when ``announce``."""
+    out = Path(out)
+    previous = read_manifest(out)
+    same = (bool(previous) and previous.get("config_hash") == config_hash and all(previous.get(k) == v for k, v in inputs.items())
+            and (world_size is None or previous.get("counts", {}).get("world_size") == world_size))
+    done = same and previous["status"] == "complete" and (out / product).exists()
+    if done and announce:
+        print(f"cai {stage}: already complete in {out} (same config and inputs); nothing to do")
+    return same, done
+
+
 def lineage(manifest: dict | None) -> str | None:
     """What a stage's output was made from: a hash of its config hash, constitution hash and every
     ``*_fingerprint`` it recorded of its own inputs. A downstream stage that records this reruns when
@@ -294,11 +327,15 @@ def write_manifest(
     counts: dict | None = None,
     timings: dict | None = None,
     hash_keys: tuple[str, ...] | None = None,
+    summary: dict | None = None,
     **extra: Any,
 ) -> dict:
-    """Write ``manifest.json`` atomically and return what was written (``hash_keys``: see config_hash)."""
+    """Write ``manifest.json`` atomically and return what was written (``hash_keys``: see config_hash). A complete
+    stage gives its ``summary`` (``stage_summary``), which the pipeline's table and the report read."""
     if status not in ("running", "complete", "failed"):
         raise ValueError(f"manifest status must be running|complete|failed, got {status!r}")
+    if status == "complete" and not {"amount", "headline"} <= set(summary or {}):
+        raise ValueError("a complete stage's manifest needs a summary with 'amount' and 'headline' (stage_summary)")
     config = resolved_config(cfg)
     manifest = {
         "stage": stage,
@@ -309,6 +346,7 @@ def write_manifest(
         "counts": counts or {},
         "timings": timings or {},
         "resources": {"peak_rss_mb": peak_rss_mb()},
+        "summary": summary or {},
         # model code from the hub runs only when the config turned this on; said here, not only in the config
         "trust_remote_code": bool((config.get("model") or {}).get("trust_remote_code", False)),
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cai import distributed
 from cai.errors import StageError, StageInputError
-from cai.runio import MetricsWriter, atomic_write_text, read_manifest, read_metrics
+from cai.runio import MetricsWriter, atomic_write_text, read_metrics
 
 TRAIN_KEYS = ("lr", "epochs", "micro_batch_size", "grad_accum", "save_every")
 
@@ -207,19 +207,6 @@ def fit(engine, scheduler, plan: Plan, *, stage: str, out: Path, save_every: int
             distributed.save_checkpoint(engine, checkpoints, step + 1, {"step": step + 1, "rng": distributed.rng_state()})
     bar.close()
     metrics.close()
-
-
-def previous_run(out: Path, fingerprint: str, world: int, inputs: dict, *, stage: str, announce: bool) -> tuple[bool, bool]:
-    """(same, done) for a stage folder: whether its manifest was written with this config hash, these input
-    fingerprints and this many ranks (the schedule and ZeRO partitions depend on it), and whether that run
-    finished (status complete and a ``model/`` folder) — said on stdout when ``announce``."""
-    previous = read_manifest(out)
-    same = (bool(previous) and previous.get("config_hash") == fingerprint and previous.get("counts", {}).get("world_size") == world
-            and all(previous.get(k) == v for k, v in inputs.items()))
-    done = same and previous["status"] == "complete" and (out / "model").exists()
-    if done and announce:
-        print(f"cai {stage}: already complete in {out} (same config and inputs); nothing to do")
-    return same, done
 
 
 def resume_or_restart(engines, out: Path, resume: bool, *, stage: str, total_steps: int, rank: int,

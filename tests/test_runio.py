@@ -17,6 +17,7 @@ from cai.runio import (
     read_manifest,
     read_metrics,
     save_dataset,
+    stage_summary,
     tree_hash,
     write_manifest,
 )
@@ -79,15 +80,20 @@ def test_manifest_records_status_and_config(tmp_path):
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "seed": 3, "x": "${seed}"})
     write_manifest(tmp_path, stage="s", cfg=cfg, status="running", counts={"rows": 0})
     assert not is_complete(tmp_path)
-    m = write_manifest(tmp_path, stage="s", cfg=cfg, status="complete", counts={"rows": 4}, timings={"total_s": 1.5})
+    done = stage_summary("4 rows", "final loss 0.5", final_loss=0.5)
+    m = write_manifest(tmp_path, stage="s", cfg=cfg, status="complete", counts={"rows": 4}, timings={"total_s": 1.5}, summary=done)
     assert is_complete(tmp_path) and is_complete(tmp_path, m["config_hash"]) and not is_complete(tmp_path, "other")
     saved = read_manifest(tmp_path)
     assert saved["config"]["x"] == 3 and saved["counts"] == {"rows": 4} and "git_sha" in saved
     assert saved["resources"]["peak_rss_mb"] > 10 and saved["trust_remote_code"] is False  # a Python process with torch
     cfg.model = {"path": "x", "trust_remote_code": True}
-    assert write_manifest(tmp_path, stage="s", cfg=cfg, status="complete")["trust_remote_code"] is True
+    assert write_manifest(tmp_path, stage="s", cfg=cfg, status="complete", summary=done)["trust_remote_code"] is True
     with pytest.raises(ValueError):
         write_manifest(tmp_path, stage="s", cfg=cfg, status="done")
+    # every complete stage gives a summary of one shape: what the pipeline's table and the report read
+    assert saved["summary"] == {"amount": "4 rows", "headline": "final loss 0.5", "final_loss": 0.5}
+    with pytest.raises(ValueError, match="summary with 'amount' and 'headline'"):
+        write_manifest(tmp_path, stage="s", cfg=cfg, status="complete")
 
 
 def test_metrics_skip_a_torn_last_line(tmp_path):

@@ -32,7 +32,7 @@ from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
 from cai.feedback import Pair, judge_pairs
 from cai.generation import derive_seed, generate
-from cai.runio import config_hash, is_complete, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.runio import config_hash, is_complete, previous_run, read_manifest, save_dataset, stage_dir, stage_summary, write_manifest
 from cai.shards import join_shards, run_shards
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
@@ -67,15 +67,12 @@ def run(cfg: DictConfig) -> Path:
     policy_path = str(sl_model) if is_complete(sl_model.parent) and sl_model.is_dir() else None
     out = stage_dir(cfg.run_dir, STAGE)
     shards_dir = out / "shards"
-    fingerprint = config_hash(cfg, HASH_KEYS)
     upstream = read_manifest(sl_model.parent) if policy_path else None
     # sl_train's config hash does not cover its data; its dataset fingerprint does
     policy_fingerprint = f"{upstream.get('config_hash')}:{upstream.get('dataset_fingerprint')}" if upstream else "base"
-    previous = read_manifest(out)
-    same = bool(previous) and all(previous.get(k) == v for k, v in (
-        ("config_hash", fingerprint), ("constitution_hash", constitution.hash), ("policy_fingerprint", policy_fingerprint)))
-    if same and previous["status"] == "complete" and (out / "dataset").exists():
-        print(f"cai {STAGE}: already complete in {out} (same config, constitution and policy); nothing to do")
+    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="dataset",
+                              inputs={"constitution_hash": constitution.hash, "policy_fingerprint": policy_fingerprint})
+    if done:
         return out / "dataset"
 
     # Step 3: the models (before touching the run directory).
@@ -121,11 +118,12 @@ def run(cfg: DictConfig) -> Path:
         raise RuntimeError(f"{shards_dir}: shards do not add up to {len(items)} prompts; delete the folder and rerun")
     save_dataset(dataset, out / "dataset")
     confident = [max(p, 1 - p) for p in dataset["p_chosen"]]
+    mean_confidence = round(sum(confident) / max(len(confident), 1), 4)
     write_manifest(out, status="complete", **manifest,
                    counts={"pairs": len(dataset), "skipped_identical_responses": skipped, "shards": len(shards)},
                    timings={"total_s": round(time.time() - start, 2)},
-                   summary={"mean_p_chosen": round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4),
-                            "mean_confidence": round(sum(confident) / max(len(confident), 1), 4)})
+                   summary=stage_summary(f"{len(dataset)} pairs", f"mean confidence {mean_confidence}", mean_confidence=mean_confidence,
+                                         mean_p_chosen=round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4)))
     print(f"cai {STAGE}: {len(dataset)} labeled pairs -> {out / 'dataset'}")
     return out / "dataset"
 

@@ -50,10 +50,12 @@ from cai.runio import (
     config_hash,
     is_complete,
     lineage,
+    previous_run,
     read_manifest,
     safe_name,
     save_dataset,
     stage_dir,
+    stage_summary,
     write_manifest,
 )
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
@@ -100,12 +102,9 @@ def run(cfg: DictConfig) -> dict:
     out = stage_dir(cfg.run_dir, STAGE)
     inputs = {"checkpoint_fingerprints": {k: v[1] for k, v in checkpoints.items()}, "reward_fingerprint": pm_fingerprint,
               "examples_fingerprint": examples_fingerprint}
-    fingerprint = config_hash(cfg, HASH_KEYS)
-    previous = read_manifest(out)
-    same = bool(previous) and previous.get("config_hash") == fingerprint and previous.get("constitution_hash") == constitution.hash \
-        and all(previous.get(k) == v for k, v in inputs.items())
-    if same and previous["status"] == "complete" and (out / "results.json").exists():
-        print(f"cai {STAGE}: already complete in {out} (same config and checkpoints); nothing to do")
+    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="results.json",
+                              inputs={"constitution_hash": constitution.hash, **inputs})
+    if done:
         return json.loads((out / "results.json").read_text())
     if overlap:
         print(f"cai {STAGE}: warning: {overlap} of the {len(items)} held-out prompts were also used by training stages "
@@ -154,10 +153,11 @@ def run(cfg: DictConfig) -> dict:
         "replies": {name: example_replies[name][k]["text"] for name in names}}) + "\n" for k, row in enumerate(examples)))
     atomic_write_json(out / "results.json", results)
     last = names[-1]
+    elo = {n: results["checkpoints"][n]["elo"] for n in names}
     write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": judged},
                    timings={"total_s": round(time.time() - start, 2)},
-                   summary={"elo": {n: results["checkpoints"][n]["elo"] for n in names},
-                            f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])},
+                   summary=stage_summary(f"{len(items)} prompts", "Elo " + ", ".join(f"{n} {elo[n]:.0f}" for n in names), elo=elo,
+                                         **{f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])}),
                    **manifest)
     print(format_table(results))
     print(f"cai {STAGE}: results -> {out / 'results.json'}")

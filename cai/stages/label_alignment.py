@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.errors import DataError, StageInputError
 from cai.feedback import alignment_metrics, judge_pairs, read_human_pairs
-from cai.runio import atomic_write_json, stage_dir, write_manifest
+from cai.runio import atomic_write_json, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 STAGE = "label_alignment"
@@ -68,7 +68,9 @@ def run(cfg: DictConfig) -> dict:
     atomic_write_json(out / "metrics.json", metrics)
     write_manifest(out, stage=STAGE, cfg=cfg, status="complete", constitution_hash=constitution.hash,
                    counts={"pairs": len(pairs), **{f"skipped_{k}": v for k, v in skipped.items()}},
-                   timings={"total_s": metrics["seconds"]})
+                   timings={"total_s": metrics["seconds"]},
+                   summary=stage_summary(f"{len(pairs)} pairs", f"alignment {metrics['alignment']:.3f}", **{
+                       k: metrics[k] for k in ("alignment", "position_bias_rate", "flip_rate")}))
     print(format_table(metrics))
     print(f"cai {STAGE}: metrics -> {out / 'metrics.json'}")
     return metrics

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from cai import preference, training
 from cai.data import read_table
 from cai.errors import DataError, StageInputError
-from cai.runio import config_hash, lineage, read_manifest, stage_dir, write_manifest
+from cai.runio import config_hash, lineage, previous_run, read_manifest, stage_dir, stage_summary, upstream_complete, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> Path:
     init_model, init_fingerprint = _starting_point(cfg, s)
     ai_path = Path(s.ai_dataset) if s.ai_dataset else stage_dir(cfg.run_dir, "ai_feedback") / "dataset"
     if not s.ai_dataset:
-        distributed.upstream_complete(ai_path.parent, "ai_feedback")
+        upstream_complete(ai_path.parent, "ai_feedback")
     ai, ai_identical = preference.load_comparisons(str(ai_path), "pairs", key=f"{STAGE}.ai_dataset", builtin=ai_path, seed=cfg.seed)
     human, human_identical = [], 0
     if s.human_fraction > 0:
@@ -81,7 +81,8 @@ def run(cfg: DictConfig) -> Path:
               "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or preference.source_fingerprint(str(ai_path), ai_path),
               "human_fingerprint": preference.source_fingerprint(s.human_source, preference.BUILTIN_HUMAN) if human else None,
               "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
-    same, done = training.previous_run(out, fingerprint, world, inputs, stage=STAGE, announce=main_rank)
+    same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs=inputs, product="model", world_size=world,
+                              announce=main_rank)
     if done:
         return out / "model"
 
@@ -132,7 +133,9 @@ def run(cfg: DictConfig) -> Path:
                  for k in ("accuracy", "accuracy_ai", "accuracy_human", "ece", "mean_margin")}
         write_manifest(out, status="complete", counts={**counts, "reference_rows": len(reference), "steps": plan.total_steps},
                        timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"),
-                       eval=final, reward_shift=shift, **manifest)
+                       eval=final, reward_shift=shift, **manifest,
+                       summary=stage_summary(f"{plan.total_steps} steps",
+                                             f"held-out accuracy {final['accuracy']}, ECE {final['ece']}", **final))
         print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final['accuracy']}, ECE {final['ece']} "
               f"-> {out / 'model'}")
     distributed.barrier()
@@ -141,7 +144,6 @@ def run(cfg: DictConfig) -> Path:
 
 def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     """The model config to load the starting PM from, and a fingerprint of it."""
-    from cai import distributed
 
     base = OmegaConf.to_container(cfg.model, resolve=True)
     pmp = stage_dir(cfg.run_dir, "pm_pretrain")
@@ -158,20 +160,19 @@ def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
         return {**base, "path": str(folder)}, preference.source_fingerprint(str(folder), folder)
     if not use_pmp:
         return base, "base"
-    distributed.upstream_complete(pmp, "pm_pretrain")
+    upstream_complete(pmp, "pm_pretrain")
     return {**base, "path": str(pmp / "model")}, lineage(read_manifest(pmp))
 
 
 def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:
     """SL-CAI samples (conversations ending with the model's final answer) to centre the reward on."""
-    from cai import distributed
 
     path = Path(s.reference) if s.reference else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
     if not s.reference:
         if read_manifest(path.parent) is None:
             raise StageInputError(f"{path.parent}: no sl_generate here for reward normalisation; run that stage, set "
                                   f"{STAGE}.reference=, or {STAGE}.normalize=false")
-        distributed.upstream_complete(path.parent, "sl_generate")
+        upstream_complete(path.parent, "sl_generate")
     table = read_table(str(path), str(path))
     if "messages" not in table.column_names:
         raise DataError(f"{path}: no 'messages' column for {STAGE}.reference (columns: {', '.join(table.column_names)})")

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from cai import preference, training
 from cai.errors import StageInputError
-from cai.runio import config_hash, stage_dir, write_manifest
+from cai.runio import config_hash, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -63,8 +63,8 @@ def run(cfg: DictConfig) -> Path:
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = preference.source_fingerprint(s.source, preference.BUILTIN_PRETRAIN)
-    same, done = training.previous_run(out, fingerprint, world, {"data_fingerprint": data_fingerprint},
-                                       stage=STAGE, announce=main_rank)
+    same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"data_fingerprint": data_fingerprint},
+                              product="model", world_size=world, announce=main_rank)
     if done:
         return out / "model"
 
@@ -98,7 +98,8 @@ def run(cfg: DictConfig) -> Path:
         final = training.final_metric(out, "accuracy", split="eval")
         write_manifest(out, status="complete", counts={**counts, "steps": plan.total_steps},
                        timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"),
-                       eval_accuracy=final, **manifest)
+                       eval_accuracy=final, summary=stage_summary(f"{plan.total_steps} steps", f"held-out accuracy {final}",
+                                                                  eval_accuracy=final), **manifest)
         print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final} -> {out / 'model'}")
     distributed.barrier()
     return out / "model"

@@ -45,7 +45,19 @@ from cai import rewards, rl, training
 from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
 from cai.generation import derive_seed, generate, render_chat
-from cai.runio import MetricsWriter, config_hash, is_complete, lineage, read_manifest, read_metrics, stage_dir, write_manifest
+from cai.runio import (
+    MetricsWriter,
+    config_hash,
+    is_complete,
+    lineage,
+    previous_run,
+    read_manifest,
+    read_metrics,
+    stage_dir,
+    stage_summary,
+    upstream_complete,
+    write_manifest,
+)
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -75,7 +87,8 @@ def run(cfg: DictConfig) -> Path:
                           cfg.data.hh_context, key=f"{STAGE}.num_helpful")
     out = stage_dir(cfg.run_dir, STAGE)
     inputs = {"policy_fingerprint": policy_fingerprint, "reward_fingerprint": reward.fingerprint}
-    same, done = training.previous_run(out, config_hash(cfg, HASH_KEYS), world, inputs, stage=STAGE, announce=main_rank)
+    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), inputs=inputs, product="model",
+                              world_size=world, announce=main_rank)
     if done:
         return out / "model"
 
@@ -179,12 +192,12 @@ def run(cfg: DictConfig) -> Path:
     if main_rank:
         history = [m for m in read_metrics(out) if "score" in m]
         head, tail = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
-        summary = {f"{k}_{where}": round(sum(m[k] for m in part) / len(part), 6)
-                   for k in ("score", "kl") for where, part in (("first", head), ("last", tail))}
+        means = {f"{k}_{where}": round(sum(m[k] for m in part) / len(part), 6)
+                 for k in ("score", "kl") for where, part in (("first", head), ("last", tail))}
+        headline = f"score {means['score_first']:+.3f} -> {means['score_last']:+.3f}, KL {means['kl_last']:.3f}"
         write_manifest(out, status="complete", counts=counts, timings={"total_s": round(time.time() - start, 2)},
-                       summary=summary, **manifest)
-        print(f"cai {STAGE}: {s.steps} steps, mean score {summary['score_first']:+.3f} -> {summary['score_last']:+.3f} "
-              f"(first/last quarter), KL {summary['kl_last']:.3f} -> {out / 'model'}")
+                       summary=stage_summary(f"{s.steps} steps", headline, **means), **manifest)
+        print(f"cai {STAGE}: {s.steps} steps, mean {headline} (first/last quarter) -> {out / 'model'}")
     distributed.barrier()
     return out / "model"
 
@@ -358,12 +371,11 @@ def _check_settings(s: DictConfig) -> None:
 
 def _reward(cfg: DictConfig, s: DictConfig):
     """The reward ``ppo.reward`` names, from its checked inputs (``cai.rewards``); nothing is loaded yet."""
-    from cai import distributed
 
     if s.reward == "pm":
         pm_path = Path(s.reward_model) if s.reward_model else stage_dir(cfg.run_dir, "pm_finetune") / "model"
         if not s.reward_model:
-            distributed.upstream_complete(pm_path.parent, "pm_finetune")
+            upstream_complete(pm_path.parent, "pm_finetune")
         elif not (pm_path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
         pm_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)}

@@ -40,7 +40,7 @@ from cai.constitution import (
 from cai.data import PromptItem, load_prompts
 from cai.errors import StageInputError
 from cai.generation import derive_seed, generate
-from cai.runio import config_hash, read_manifest, save_dataset, stage_dir, write_manifest
+from cai.runio import config_hash, previous_run, save_dataset, stage_dir, stage_summary, write_manifest
 from cai.shards import join_shards, run_shards
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
@@ -73,11 +73,9 @@ def run(cfg: DictConfig) -> Path:
     # Step 2: a finished run with the same config and constitution has nothing left to do.
     out = stage_dir(cfg.run_dir, STAGE)
     shards_dir = out / "shards"
-    fingerprint = config_hash(cfg, HASH_KEYS)
-    previous = read_manifest(out)
-    same = previous and previous.get("config_hash") == fingerprint and previous.get("constitution_hash") == constitution.hash
-    if same and previous["status"] == "complete" and (out / "dataset").exists():
-        print(f"cai {STAGE}: already complete in {out} (same config); nothing to do")
+    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS),
+                              inputs={"constitution_hash": constitution.hash}, product="dataset")
+    if done:
         return out / "dataset"
 
     # Step 3: the model (still before touching the run directory: a bad model.path changes nothing).
@@ -112,7 +110,8 @@ def run(cfg: DictConfig) -> Path:
                            "shards": len(shards), "n_revisions": cfg.n_revisions,
                            # an empty revision keeps the previous answer as the one carried forward
                            "empty_revisions": sum(not r.strip() for revs in dataset["revisions"] for r in revs)},
-                   timings={"total_s": round(time.time() - start, 2)})
+                   timings={"total_s": round(time.time() - start, 2)},
+                   summary=stage_summary(f"{len(dataset)} rows", f"{cfg.n_revisions} revision rounds"))
     print(f"cai {STAGE}: {len(dataset)} rows -> {out / 'dataset'}")
     return out / "dataset"
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cai import training
 from cai.errors import StageInputError
-from cai.runio import config_hash, read_manifest, stage_dir, write_manifest
+from cai.runio import config_hash, previous_run, read_manifest, stage_dir, stage_summary, upstream_complete, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -55,12 +55,12 @@ def run(cfg: DictConfig) -> Path:
     out = stage_dir(cfg.run_dir, STAGE)
     data_path = Path(s.dataset) if s.dataset else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
     if not s.dataset:
-        distributed.upstream_complete(data_path.parent, "sl_generate")
+        upstream_complete(data_path.parent, "sl_generate")
     rows = _load_rows(data_path)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = _dataset_fingerprint(data_path)
-    same, done = training.previous_run(out, fingerprint, world, {"dataset_fingerprint": data_fingerprint},
-                                       stage=STAGE, announce=main_rank)
+    same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"dataset_fingerprint": data_fingerprint},
+                              product="model", world_size=world, announce=main_rank)
     if done:
         return out / "model"
 
@@ -99,9 +99,11 @@ def run(cfg: DictConfig) -> Path:
     # Step 4: the final checkpoint, then the manifest (last).
     distributed.save_final_model(engine, tok, out / "model", merge_lora=bool(s.lora))
     if main_rank:
+        final_loss = training.final_metric(out, "loss")
         write_manifest(out, stage=STAGE, cfg=cfg, status="complete", hash_keys=HASH_KEYS, dataset_fingerprint=data_fingerprint,
                        counts={"rows": len(examples), "truncated_rows": truncated, "world_size": world, "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"))
+                       timings={"total_s": round(time.time() - start, 2)}, final_loss=final_loss,
+                       summary=stage_summary(f"{plan.total_steps} steps", f"final loss {final_loss}", final_loss=final_loss))
         print(f"cai {STAGE}: {plan.total_steps} steps -> {out / 'model'}")
     distributed.barrier()
     return out / "model"
