@@ -102,8 +102,9 @@ def function_from_config(spec) -> tuple[Callable, str]:
 
     if not isinstance(spec, (dict, DictConfig)) or "_target_" not in spec:
         raise StageInputError("ppo.reward=custom needs ppo.reward_fn={_target_: package.module.function, ...}")
+    container = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
     try:
-        fn = instantiate(OmegaConf.create({**OmegaConf.to_container(OmegaConf.create(spec)), "_partial_": True}))
+        fn = instantiate(OmegaConf.create({**container, "_partial_": True}))
     except InstantiationException as e:
         raise StageInputError(f"ppo.reward_fn._target_={spec['_target_']!r}: {str(e).splitlines()[0]}") from None
     return fn, str(spec["_target_"])

@@ -120,6 +120,8 @@ def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise StageBusy(f"{folder} is in use by process {holder}, started on the same folder earlier; "
                             f"wait for it to finish (or stop it), then run again") from None
+        except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some NFS)
+            print(f"cai: warning: cannot lock {lock} ({e.strerror}); a second command on this folder will not be refused")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         clear_leftovers(folder)
@@ -129,14 +131,22 @@ def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
 
 
 def clear_leftovers(folder: str | os.PathLike) -> list[Path]:
-    """Remove what an interrupted atomic write leaves under ``folder``: ``.NAME.*.tmp`` files and folders and
-    ``.NAME.old-PID`` folders. Returns what was removed. Only safe while the stage is held (``hold_stage``)."""
-    removed = []
+    """Tidy what an interrupted atomic write leaves under ``folder``: ``.NAME.*.tmp`` files and folders are removed;
+    a ``.NAME.old-PID`` folder (the previous version ``atomic_dir`` was replacing) is removed when ``NAME`` is there,
+    and put back as ``NAME`` when the kill came between the two renames. Returns what was removed or put back.
+    Only safe while the stage is held (``hold_stage``)."""
+    tidied = []
     for path in sorted(Path(folder).rglob(".*"), key=lambda p: len(p.parts)):
-        if path.exists() and (path.name.endswith(".tmp") or ".old-" in path.name):
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            removed.append(path)
-    return removed
+        if not path.exists() or not (path.name.endswith(".tmp") or ".old-" in path.name):
+            continue
+        if ".old-" in path.name and not (original := path.with_name(path.name[1:path.name.index(".old-")])).exists():
+            os.replace(path, original)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        tidied.append(path)
+    return tidied
 
 
 def disk_full(e: BaseException) -> bool:
@@ -148,7 +158,7 @@ def disk_full(e: BaseException) -> bool:
             return True
         if "No space left on device" in str(e):  # pyarrow and torch name it in their own exception types
             return True
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return False
 
 

@@ -30,6 +30,7 @@ def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], t
     order. ``figures`` are the stage's own numbers for the shard (tokens/s, skipped pairs, ...)."""
     folder = out / "shards"
     records = {k: json.loads(_record(folder, k).read_text()) for k in range(len(shards)) if _record(folder, k).exists()}
+    records = {k: r for k, r in records.items() if "rows" in r}  # a record in an older layout: the shard is redone
     if records:
         print(f"cai {stage}: resuming, {len(records)}/{len(shards)} shards already done")
     atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(records[k]) + "\n" for k in sorted(records)))

@@ -21,6 +21,14 @@ def test_a_function_named_by_target_gets_its_keyword_arguments_bound():
     assert torch.equal(scores, torch.tensor([2 / 3, 0.0]))
 
 
+def test_reward_fn_values_may_interpolate_the_config():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"seed": 5, "ppo": {"reward_fn": {"_target_": "tests.ppo_rewards.share_of_token", "token": "${seed}"}}})
+    fn, _ = function_from_config(cfg.ppo.reward_fn)
+    assert fn([[], []], COMPLETIONS) == [2 / 3, 0.0]
+
+
 @pytest.mark.parametrize("spec, message", [
     (None, "ppo.reward=custom needs ppo.reward_fn={_target_: package.module.function, ...}"),
     ({"token": 5}, "ppo.reward=custom needs ppo.reward_fn="),

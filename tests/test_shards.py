@@ -46,6 +46,15 @@ def test_a_rerun_does_only_the_unfinished_shards_and_loses_no_metrics_line(tmp_p
     assert len(join_shards(tmp_path, records)) == 3
 
 
+def test_a_record_of_the_older_layout_is_redone(tmp_path):
+    """Records written before the shared loop (ai_feedback's ``{"pairs", "skipped_identical"}``) do not count as done."""
+    run_shards(tmp_path, SHARDS, _make([]), features=FEATURES, stage="test", progress=False)
+    (tmp_path / "shards" / "shard-00001.json").write_text(json.dumps({"pairs": 0, "skipped_identical": 0}))
+    calls = []
+    run_shards(tmp_path, SHARDS, _make(calls), features=FEATURES, stage="test", progress=False)
+    assert calls == [1]
+
+
 def test_no_rows_at_all_joins_to_none(tmp_path):
     records = run_shards(tmp_path, [[], []], _make([]), features=FEATURES, stage="test", progress=False)
     assert join_shards(tmp_path, records) is None

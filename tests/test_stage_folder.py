@@ -33,13 +33,17 @@ def test_holding_a_folder_clears_what_a_killed_save_left(tmp_path):
     (folder / ".model.k2j9.tmp" / "model.safetensors").write_bytes(b"half")
     (folder / "shards").mkdir()
     (folder / "shards" / ".shard-00003.json.x81.tmp").write_text("{")  # atomic_write_bytes' file
-    (folder / ".model.old-4242").mkdir()                              # the version atomic_dir was replacing
+    (folder / ".model.old-4242").mkdir()                              # the version atomic_dir was replacing, and
     (folder / "manifest.json").write_text("{}")
     (folder / "shards" / "shard-00000.json").write_text("{}")
+    (folder / "dataset").mkdir()                                       # ... replacing this one: kept
+    (folder / ".dataset.old-4242").mkdir()
+    (folder / ".model.old-4242" / "config.json").write_text("{}")     # killed between atomic_dir's two renames: put back
+    (folder / ".tokenizer.old-7").mkdir()
     with hold_stage(folder):
         pass
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if "hydra" not in p.parts) == \
-        ["manifest.json", "shards", "shards/shard-00000.json"]
+        ["dataset", "manifest.json", "model", "model/config.json", "shards", "shards/shard-00000.json", "tokenizer"]
 
 
 def test_a_second_command_on_the_same_stage_folder_is_refused(tmp_path):

@@ -45,8 +45,9 @@ def run_stage(stage: str, fn, cfg) -> None:
         check_logger(cfg.get("logger"))
         if cfg.get("deterministic"):
             deterministic_kernels()
-        # one holder per folder: rank 0 of a launch (the other ranks write beside it, inside the same run)
-        with hold_stage(stage_dir(cfg.run_dir, stage)) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        # one holder per folder: rank 0 of a multi-process launch holds it (its other ranks write beside it, in the same run)
+        other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+        with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
             fn(cfg)
     except (InputError, StageError, StageBusy) as e:
         raise SystemExit(f"cai {stage}: {e}") from None

@@ -244,10 +244,10 @@ def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Te
     ref_logprobs = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
     values = _token_values(value_engine.module, batch)
     kl = rl.kl_per_token(logprobs, ref_logprobs, s.kl_estimator) * batch.mask
-    rewards = rl.token_rewards(scores, kl, batch.mask, beta)
+    per_token = rl.token_rewards(scores, kl, batch.mask, beta)
     if s.whiten_rewards:
-        rewards = rl.whiten(rewards, batch.mask, shift_mean=False)
-    advantages, returns = rl.gae(rewards, values, batch.mask, s.gamma, s.lam)
+        per_token = rl.whiten(per_token, batch.mask, shift_mean=False)
+    advantages, returns = rl.gae(per_token, values, batch.mask, s.gamma, s.lam)
     return Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, kl=kl, values=values,
                    advantages=rl.whiten(advantages, batch.mask), returns=returns, entropy=entropy)
 
