@@ -20,7 +20,6 @@ Pairs whose two responses are identical carry no preference: they are dropped an
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import random
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from cai.data import DataError, parse_hh_transcript, read_table
 from cai.errors import StageInputError
 from cai.models import preference_scores
-from cai.runio import atomic_write_bytes, atomic_write_json, tree_hash
+from cai.runio import atomic_write_bytes, atomic_write_json
 from cai.training import check_train_settings, encode_chat, keep_left, pad_batch
 
 BUILTIN = Path(__file__).parent / "prompts"
@@ -166,16 +165,6 @@ def _is_chat(value) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def source_fingerprint(source: str | None, builtin: Path) -> str:
-    """Changes when the comparison data does: a file's sha256, a folder's tree hash, or a dataset's name."""
-    path = Path(source).expanduser() if source else builtin
-    if path.is_file():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    if path.is_dir():
-        return tree_hash(path)
-    return f"name:{source}"
 
 
 def split_holdout(items: list, fraction: float, seed: int, what: str, key: str) -> tuple[list, list]:

@@ -300,6 +300,23 @@ def previous_run(out: str | os.PathLike, *, stage: str, config_hash: str, inputs
     return same, done
 
 
+def input_fingerprint(path: str | os.PathLike) -> str:
+    """What an input named by a path was made from — the one fingerprint stages record of their inputs. A stage
+    folder, or an output inside one (``R/sl_train/model``, ``R/sl_generate/dataset``): that stage's ``lineage``,
+    which changes exactly when the stage reran on other settings or inputs. Any other local file or folder: its
+    files' relative paths, sizes and modification times (the rule ``config_hash`` applies to the paths it covers).
+    Not a local path (a hub id, a dataset name): ``name:<path>``."""
+    local = Path(path).expanduser()
+    for folder in (local, local.parent):
+        if (folder / MANIFEST).is_file():
+            return lineage(read_manifest(folder))
+    if local.exists():
+        files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
+        stamps = [[f.relative_to(local).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+        return "files:" + hashlib.sha256(json.dumps(stamps).encode("utf-8")).hexdigest()
+    return f"name:{path}"
+
+
 def lineage(manifest: dict | None) -> str | None:
     """What a stage's output was made from: a hash of its config hash, constitution hash and every
     ``*_fingerprint`` it recorded of its own inputs. A downstream stage that records this reruns when

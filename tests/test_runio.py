@@ -13,7 +13,9 @@ from cai.runio import (
     atomic_dir,
     atomic_write_json,
     config_hash,
+    input_fingerprint,
     is_complete,
+    lineage,
     read_manifest,
     read_metrics,
     save_dataset,
@@ -110,3 +112,19 @@ def test_tree_hash_follows_content(tmp_path):
     h = tree_hash(tmp_path)
     (tmp_path / "a.j2").write_text("y")
     assert tree_hash(tmp_path) != h
+
+
+def test_an_input_is_fingerprinted_by_the_stage_that_made_it_or_by_its_files(tmp_path):
+    stage = tmp_path / "run" / "sl_generate"
+    cfg = OmegaConf.create({"seed": 1})
+    manifest = write_manifest(stage, stage="sl_generate", cfg=cfg, status="running")
+    (stage / "dataset").mkdir()
+    # a stage folder and anything inside it: that stage's lineage, whatever the files' times
+    assert input_fingerprint(stage) == input_fingerprint(stage / "dataset") == lineage(manifest)
+    own = tmp_path / "pairs.jsonl"
+    own.write_text('{"a": 1}\n')
+    first = input_fingerprint(own)
+    assert first.startswith("files:") and input_fingerprint(own) == first
+    own.write_text('{"a": 22}\n')  # edited
+    assert input_fingerprint(own) != first
+    assert input_fingerprint("org/some-dataset") == "name:org/some-dataset"  # not a local path: a hub name

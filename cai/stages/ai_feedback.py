@@ -32,7 +32,16 @@ from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
 from cai.feedback import Pair, judge_pairs
 from cai.generation import derive_seed, generate
-from cai.runio import config_hash, is_complete, previous_run, read_manifest, save_dataset, stage_dir, stage_summary, write_manifest
+from cai.runio import (
+    config_hash,
+    input_fingerprint,
+    is_complete,
+    previous_run,
+    save_dataset,
+    stage_dir,
+    stage_summary,
+    write_manifest,
+)
 from cai.shards import join_shards, run_shards
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
@@ -67,9 +76,7 @@ def run(cfg: DictConfig) -> Path:
     policy_path = str(sl_model) if is_complete(sl_model.parent) and sl_model.is_dir() else None
     out = stage_dir(cfg.run_dir, STAGE)
     shards_dir = out / "shards"
-    upstream = read_manifest(sl_model.parent) if policy_path else None
-    # sl_train's config hash does not cover its data; its dataset fingerprint does
-    policy_fingerprint = f"{upstream.get('config_hash')}:{upstream.get('dataset_fingerprint')}" if upstream else "base"
+    policy_fingerprint = input_fingerprint(sl_model) if policy_path else "base"
     same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="dataset",
                               inputs={"constitution_hash": constitution.hash, "policy_fingerprint": policy_fingerprint})
     if done:

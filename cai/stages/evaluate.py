@@ -48,8 +48,8 @@ from cai.runio import (
     atomic_write_json,
     atomic_write_text,
     config_hash,
+    input_fingerprint,
     is_complete,
-    lineage,
     previous_run,
     read_manifest,
     safe_name,
@@ -294,11 +294,11 @@ def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
         if not is_complete(folder) or not (folder / "model").is_dir():
             raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {folder} holds no complete {name} run; run that "
                                   f"stage first or drop it from {STAGE}.checkpoints")
-        return {**base, "path": str(folder / "model")}, lineage(read_manifest(folder))
+        return {**base, "path": str(folder / "model")}, input_fingerprint(folder)
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
-    return {**base, "path": str(folder)}, f"path:{folder.resolve()}:{(folder / 'config.json').stat().st_mtime_ns}"
+    return {**base, "path": str(folder)}, input_fingerprint(folder)
 
 
 def _check_tokenizers(model_cfgs: list[dict], cfg: DictConfig, pm_path: Path | None) -> None:
@@ -320,7 +320,7 @@ def _sl_examples(cfg: DictConfig, count: int) -> tuple[list[dict], str | None]:
     from datasets import load_from_disk
 
     rows = [row for row in load_from_disk(str(folder / "dataset")) if row["kind"] == "red_team"][:count]
-    return rows, lineage(read_manifest(folder))
+    return rows, input_fingerprint(folder)
 
 
 def _reward_model(cfg: DictConfig, s: DictConfig) -> tuple[Path | None, str | None]:
@@ -328,10 +328,10 @@ def _reward_model(cfg: DictConfig, s: DictConfig) -> tuple[Path | None, str | No
         path = Path(s.reward_model).expanduser()
         if not (path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
-        return path, f"path:{path.resolve()}:{(path / 'config.json').stat().st_mtime_ns}"
+        return path, input_fingerprint(path)
     folder = stage_dir(cfg.run_dir, "pm_finetune")
     if is_complete(folder) and (folder / "model").is_dir():
-        return folder / "model", lineage(read_manifest(folder))
+        return folder / "model", input_fingerprint(folder)
     print(f"cai {STAGE}: no complete pm_finetune in {cfg.run_dir}: reporting no PM score (set {STAGE}.reward_model= for one)")
     return None, None
 

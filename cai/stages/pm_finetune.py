@@ -33,7 +33,16 @@ from omegaconf import DictConfig, OmegaConf
 from cai import preference, training
 from cai.data import read_table
 from cai.errors import DataError, StageInputError
-from cai.runio import config_hash, lineage, previous_run, read_manifest, stage_dir, stage_summary, upstream_complete, write_manifest
+from cai.runio import (
+    config_hash,
+    input_fingerprint,
+    previous_run,
+    read_manifest,
+    stage_dir,
+    stage_summary,
+    upstream_complete,
+    write_manifest,
+)
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -78,8 +87,8 @@ def run(cfg: DictConfig) -> Path:
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
     inputs = {"init_fingerprint": init_fingerprint,
-              "ai_fingerprint": lineage(read_manifest(ai_path.parent)) or preference.source_fingerprint(str(ai_path), ai_path),
-              "human_fingerprint": preference.source_fingerprint(s.human_source, preference.BUILTIN_HUMAN) if human else None,
+              "ai_fingerprint": input_fingerprint(ai_path),
+              "human_fingerprint": input_fingerprint(s.human_source or preference.BUILTIN_HUMAN) if human else None,
               "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
     same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs=inputs, product="model", world_size=world,
                               announce=main_rank)
@@ -157,11 +166,11 @@ def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
         folder = Path(s.init).expanduser()
         if not (folder / "config.json").exists():
             raise StageInputError(f"{STAGE}.init={s.init!r}: not auto, pm_pretrain, base or a checkpoint folder")
-        return {**base, "path": str(folder)}, preference.source_fingerprint(str(folder), folder)
+        return {**base, "path": str(folder)}, input_fingerprint(folder)
     if not use_pmp:
         return base, "base"
     upstream_complete(pmp, "pm_pretrain")
-    return {**base, "path": str(pmp / "model")}, lineage(read_manifest(pmp))
+    return {**base, "path": str(pmp / "model")}, input_fingerprint(pmp)
 
 
 def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:
@@ -183,9 +192,7 @@ def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]
 
 
 def _reference_fingerprint(cfg: DictConfig, s: DictConfig) -> str:
-    if s.reference:
-        return preference.source_fingerprint(s.reference, Path(s.reference))
-    return lineage(read_manifest(stage_dir(cfg.run_dir, "sl_generate")))
+    return input_fingerprint(s.reference or stage_dir(cfg.run_dir, "sl_generate"))
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from cai import preference, training
 from cai.errors import StageInputError
-from cai.runio import config_hash, previous_run, stage_dir, stage_summary, write_manifest
+from cai.runio import config_hash, input_fingerprint, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> Path:
     train, held_out = preference.split_holdout(comparisons, s.eval_fraction, cfg.seed, "pretrain", f"{STAGE}.eval_fraction")
     out = stage_dir(cfg.run_dir, STAGE)
     fingerprint = config_hash(cfg, HASH_KEYS)
-    data_fingerprint = preference.source_fingerprint(s.source, preference.BUILTIN_PRETRAIN)
+    data_fingerprint = input_fingerprint(s.source or preference.BUILTIN_PRETRAIN)
     same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"data_fingerprint": data_fingerprint},
                               product="model", world_size=world, announce=main_rank)
     if done:

@@ -48,10 +48,9 @@ from cai.generation import derive_seed, generate, render_chat
 from cai.runio import (
     MetricsWriter,
     config_hash,
+    input_fingerprint,
     is_complete,
-    lineage,
     previous_run,
-    read_manifest,
     read_metrics,
     stage_dir,
     stage_summary,
@@ -379,7 +378,7 @@ def _reward(cfg: DictConfig, s: DictConfig):
         elif not (pm_path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
         pm_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)}
-        return rewards.PreferenceModelReward(pm_cfg, lineage(read_manifest(pm_path.parent)) or str(pm_path))
+        return rewards.PreferenceModelReward(pm_cfg, input_fingerprint(pm_path))
     if s.reward == "direct_rlaif":
         from cai.constitution import load_constitution, resolve_constitution_dir
 
@@ -393,10 +392,10 @@ def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     if s.policy:
         if not (Path(s.policy).expanduser() / "config.json").exists():
             raise StageInputError(f"{STAGE}.policy={s.policy!r}: no checkpoint (config.json) there")
-        return {**base, "path": str(Path(s.policy).expanduser())}, f"path:{s.policy}"
+        return {**base, "path": str(Path(s.policy).expanduser())}, input_fingerprint(s.policy)
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
     if is_complete(sl_model.parent) and sl_model.is_dir():
-        return {**base, "path": str(sl_model)}, lineage(read_manifest(sl_model.parent))
+        return {**base, "path": str(sl_model)}, input_fingerprint(sl_model)
     return base, "base"
 
 

@@ -19,7 +19,6 @@ Writes ``${run_dir}/sl_train/``:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cai import training
 from cai.errors import StageInputError
-from cai.runio import config_hash, previous_run, read_manifest, stage_dir, stage_summary, upstream_complete, write_manifest
+from cai.runio import config_hash, input_fingerprint, previous_run, stage_dir, stage_summary, upstream_complete, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -58,7 +57,7 @@ def run(cfg: DictConfig) -> Path:
         upstream_complete(data_path.parent, "sl_generate")
     rows = _load_rows(data_path)
     fingerprint = config_hash(cfg, HASH_KEYS)
-    data_fingerprint = _dataset_fingerprint(data_path)
+    data_fingerprint = input_fingerprint(data_path)
     same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"dataset_fingerprint": data_fingerprint},
                               product="model", world_size=world, announce=main_rank)
     if done:
@@ -149,15 +148,6 @@ def _load_rows(path: Path) -> list[dict]:
     if len(ds) == 0:
         raise StageInputError(f"{path}: the dataset is empty")
     return ds.to_list()
-
-
-def _dataset_fingerprint(path: Path) -> str | None:
-    """The upstream manifest's config hash (or the dataset's own fingerprint): changes when the data does."""
-    manifest = read_manifest(path.parent)
-    if manifest and manifest.get("stage") == "sl_generate":
-        return f"{manifest.get('config_hash')}:{manifest.get('constitution_hash')}"
-    state = path / "state.json"
-    return json.loads(state.read_text()).get("_fingerprint") if state.exists() else None
 
 
 def _add_lora(model, lora_cfg, cfg):
