@@ -310,10 +310,9 @@ def input_fingerprint(path: str | os.PathLike) -> str:
     for folder in (local, local.parent):
         if (folder / MANIFEST).is_file():
             return lineage(read_manifest(folder))
-    if local.exists():
-        files = [local] if local.is_file() else sorted(f for f in local.rglob("*") if f.is_file())
-        stamps = [[f.relative_to(local).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-        return "files:" + hashlib.sha256(json.dumps(stamps).encode("utf-8")).hexdigest()
+    if local.exists():  # input_stamps' sizes and times, by path relative to the input: a copied run keeps them
+        stamps = {Path(f).relative_to(local).as_posix(): v for f, v in input_stamps(str(local)).items()}
+        return "files:" + hashlib.sha256(json.dumps(stamps, sort_keys=True).encode("utf-8")).hexdigest()
     return f"name:{path}"
 
 
