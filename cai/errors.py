@@ -34,3 +34,7 @@ class LabelerError(InputError):
 
 class StageError(RuntimeError):
     """A stage had to stop; the message says where and what survives."""
+
+
+class StageBusy(StageError):
+    """Another process holds the stage's folder (``runio.hold_stage``); the message names it."""

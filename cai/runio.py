@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from cai.errors import ManifestError, StageInputError
+from cai.errors import ManifestError, StageBusy, StageInputError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
@@ -96,10 +96,6 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-class StageBusy(RuntimeError):
-    """Another process holds the stage folder; the message names it."""
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ import pytest
 from conftest import ROOT, assert_one_line_error, outputs, run_module
 from datasets import load_from_disk
 
-from cai.runio import StageBusy, hold_stage, read_manifest
+from cai.errors import StageBusy
+from cai.runio import hold_stage, read_manifest
 
 TINY = ["debug=tiny", "progress=false"]
 

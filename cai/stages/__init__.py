@@ -38,7 +38,7 @@ def run_stage(stage: str, fn, cfg) -> None:
     cleared first. A full disk ends the stage in one line too; what was complete before stays readable, since
     every write is atomic. Anything else is a bug and keeps its traceback.
     """
-    from cai.runio import StageBusy, disk_full, first_line, hold_stage, stage_dir
+    from cai.runio import disk_full, first_line, hold_stage, stage_dir
 
     try:
         check_types(cfg)
@@ -49,7 +49,7 @@ def run_stage(stage: str, fn, cfg) -> None:
         other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
         with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
             fn(cfg)
-    except (InputError, StageError, StageBusy) as e:
+    except (InputError, StageError) as e:  # StageBusy is a StageError
         raise SystemExit(f"cai {stage}: {e}") from None
     except Exception as e:
         if not disk_full(e):
