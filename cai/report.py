@@ -30,7 +30,8 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:2px solid #d9e2ec;paddin
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
 th,td{border:1px solid #d9e2ec;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f0f4f8} td.num{text-align:right;font-variant-numeric:tabular-nums}
-.muted{color:#6b7c93} .plots img{max-width:48%;margin:.3em;border:1px solid #e4e9ef}
+.muted{color:#6b7c93} .warn{background:#fff8e1;border-left:4px solid #f0b429;padding:.4em .8em}
+.plots img{max-width:48%;margin:.3em;border:1px solid #e4e9ef}
 .example{border:1px solid #d9e2ec;border-radius:6px;padding:.6em 1em;margin:1em 0;background:#fbfcfd}
 .example .step{margin:.4em 0} .example .label{font-weight:600;color:#334e68;display:block;font-size:.85em}
 .example pre{white-space:pre-wrap;margin:.1em 0;font-family:inherit;background:#fff;border-left:3px solid #9fb3c8;padding:.2em .6em}
@@ -102,14 +103,22 @@ def _stage_table(run_dir: Path, manifests: dict) -> str:
     rows = []
     for stage, m in manifests.items():
         if not m:
-            rows.append([stage, "not run", "", "", ""])
+            rows.append([stage, "not run", "", "", "", ""])
             continue
         amount, metric = key_figures(m)
         seconds = m.get("timings", {}).get("total_s")
         last = record.get(stage, {}).get("status", "")
         rows.append([stage, m.get("status", "") + (f" ({last} in the last pipeline run)" if last else ""), amount,
-                     f"{seconds:.0f} s" if seconds is not None else "", metric])
-    return "<h2>Stages</h2>" + _table(["stage", "status", "amount", "stage time", "key metric"], rows)
+                     f"{seconds:.0f} s" if seconds is not None else "", metric, role_models(m)])
+    return "<h2>Stages</h2>" + _table(["stage", "status", "amount", "stage time", "key metric", "models (role: model)"], rows)
+
+
+def role_models(manifest: dict) -> str:
+    """The model behind each role a stage used, roles that share a model together: "policy, reviser: embedded"."""
+    by_model: dict[str, list[str]] = {}
+    for role, described in (manifest.get("roles") or {}).items():
+        by_model.setdefault(described["model"], []).append(role)
+    return "; ".join(f"{', '.join(names)}: {model}" for model, names in by_model.items())
 
 
 def _section_sl(run_dir: Path, manifests: dict) -> str:
@@ -179,8 +188,11 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
     wins = _table(["row beats column"] + names,
                   [[a] + [("-" if a == b else _fmt(results["win_rate"][a].get(b))) for b in names] for a in names])
     p = results["prompts"]
+    judge = f" ({_e(results['judge'])})" if results.get("judge") else ""
     note = (f"<p>{p['red_team']} held-out red-team and {p['helpful']} helpful prompts; {results['judged']} pairs judged by the "
-            f"AI labeler in both orders ({results['games'] - results['judged']} identical pairs counted as ties).</p>")
+            f"AI judge{judge} in both orders ({results['games'] - results['judged']} identical pairs counted as ties).</p>")
+    # circular readings (evaluate.circular_readings), said next to the figures they qualify
+    note += "".join(f"<p class=warn><b>Read with care:</b> {_e(n)}</p>" for n in results.get("notes", []))
     alignment = ""
     if results.get("alignment"):
         al = results["alignment"]

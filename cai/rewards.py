@@ -2,7 +2,7 @@
 
 - ``pm`` (``PreferenceModelReward``): the preference model's score at the last real token of prompt + response,
   plus the reward shift stored in its config. The value model starts from it.
-- ``direct_rlaif`` (``DirectRLAIFReward``): the labeler (``model``) rates each response 1..10 under a comparison
+- ``direct_rlaif`` (``DirectRLAIFReward``): the ``labeler`` role rates each response 1..10 under a comparison
   principle drawn per (prompt, step); the expected score, mapped to [-1, 1]. No PM; the value model starts from
   the policy with a fresh head.
 - ``custom`` (``FunctionReward``): any Python function named by ``ppo.reward_fn`` (``{_target_: package.module.fn,

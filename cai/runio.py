@@ -181,10 +181,15 @@ def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> 
     so a stage and the pipeline both see it. The constitution is left to its own content hash.
 
     ``keys`` limits the hash to the top-level keys a stage actually reads, so e.g. a DeepSpeed
-    setting does not invalidate a generation stage.
+    setting does not invalidate a generation stage. A model role among them (``cai.roles``) counts as its
+    resolved spec: the model it falls back to when unset, not the null keys the config holds.
     """
-    data = {k: v for k, v in resolved_config(cfg).items()
-            if k not in _HASH_EXCLUDED_KEYS and (keys is None or k in keys)}
+    from cai import roles
+
+    config = resolved_config(cfg)
+    data = {k: v for k, v in config.items() if k not in _HASH_EXCLUDED_KEYS and (keys is None or k in keys)}
+    if "model" in config:  # (a hand-made config without models has no roles either)
+        data.update({role: roles.identity(roles.spec(config, role)) for role in roles.ROLES if keys is None or role in keys})
     inputs = input_stamps({k: v for k, v in data.items() if k != "constitution"})
     blob = json.dumps([data, inputs] if inputs else data, sort_keys=True, default=_json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
@@ -350,15 +355,27 @@ def write_manifest(
     timings: dict | None = None,
     hash_keys: tuple[str, ...] | None = None,
     summary: dict | None = None,
+    models: dict[str, dict | None] | None = None,
     **extra: Any,
 ) -> dict:
     """Write ``manifest.json`` atomically and return what was written (``hash_keys``: see config_hash). A complete
-    stage gives its ``summary`` (``stage_summary``), which the pipeline's table and the report read."""
+    stage gives its ``summary`` (``stage_summary``), which the pipeline's table and the report read.
+
+    ``roles`` records the model behind each role the stage hashes (``cai.roles.describe``); ``models`` corrects it
+    with what the stage really loaded: ``{role: spec}`` for a role played by another model (ppo's policy is
+    sl_train's output), ``{role: None}`` for a role the run did not use (ppo's labeler under reward=pm)."""
     if status not in ("running", "complete", "failed"):
         raise ValueError(f"manifest status must be running|complete|failed, got {status!r}")
     if status == "complete" and not {"amount", "headline"} <= set(summary or {}):
         raise ValueError("a complete stage's manifest needs a summary with 'amount' and 'headline' (stage_summary)")
+    from cai import roles
+
     config = resolved_config(cfg)
+    # the models this stage read: the roles among its hash keys (or every one, for a stage that hashes everything)
+    read = ([r for r in roles.ROLES if hash_keys is None or r in hash_keys] or ["model"]) if "model" in config else []
+    used = {r: roles.spec(config, r) for r in read}
+    used.update(models or {})
+    used = {r: spec for r, spec in used.items() if spec is not None}
     manifest = {
         "stage": stage,
         "status": status,
@@ -370,7 +387,8 @@ def write_manifest(
         "resources": {"peak_rss_mb": peak_rss_mb()},
         "summary": summary or {},
         # model code from the hub runs only when the config turned this on; said here, not only in the config
-        "trust_remote_code": bool((config.get("model") or {}).get("trust_remote_code", False)),
+        "trust_remote_code": any(bool(spec.get("trust_remote_code")) for spec in used.values()),
+        "roles": {r: roles.describe(spec) for r, spec in used.items() if r != "model"},
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
         "config": config,

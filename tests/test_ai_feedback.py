@@ -43,7 +43,10 @@ def test_rows_carry_soft_labels_and_evidence(feedback):
         assert row["chosen"][0]["content"] == expected_chosen
         assert row["p_chosen"] == pytest.approx(max(p_a, 1 - p_a))
     manifest = read_manifest(run_dir / "ai_feedback")
-    assert manifest["status"] == "complete" and manifest["counts"]["pairs"] == 5 and manifest["policy"].startswith("model.path=")
+    assert manifest["status"] == "complete" and manifest["counts"]["pairs"] == 5 and manifest["policy"] == "tiny-random"
+    # debug=tiny: the labeler is another tiny model (another seed and vocabulary) than the policy that sampled
+    assert {r: m["model"] for r, m in manifest["roles"].items()} == {"policy": "tiny-random (seed 0, vocab 512)",
+                                                                    "labeler": "tiny-random (seed 1, vocab 384)"}
 
 
 def test_prompts_differ_from_the_sl_ones(feedback, tmp_path):

@@ -178,7 +178,17 @@ CASES = [
     Case("model-path-missing", "sl_generate", ("model.path={tmp}/no-model",),
          "model.path='{tmp}/no-model': model folder does not exist"),
     Case("checkpoint-tokenizer-without-chat-template", "evaluate", ("evaluate.checkpoints=[base,{tmp}/plain]",),
-         "model.path='{tmp}/plain': the tokenizer has no chat template", no_chat_template("plain")),
+         "evaluate.checkpoints='{tmp}/plain': the tokenizer has no chat template", no_chat_template("plain")),
+    # -- model roles (cai.roles) ---------------------------------------------------------------
+    Case("role-path-missing", "ai_feedback", ("labeler.path={tmp}/no-model",),
+         "labeler.path='{tmp}/no-model': model folder does not exist"),
+    Case("role-tokenizer-without-chat-template", "evaluate", ("judge.path={tmp}/plain",),
+         "judge.path='{tmp}/plain': the tokenizer has no chat template", no_chat_template("plain")),
+    Case("unknown-role-key", "sl_train", ("sl_start.pth={tmp}/m",),
+         "cai sl_train: Could not override 'sl_start.pth': Key 'pth' is not in struct"),
+    Case("unknown-role-key-added", "pipeline", ("+labeler.pth={tmp}/m",),
+         "cai.pipeline: labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny)",
+         copies=STAGES),
     # -- upstream stages -----------------------------------------------------------------------
     Case("upstream-still-running", "sl_train", (),
          "{run}/sl_generate: the sl_generate stage is not complete (status 'running'); rerun it first",

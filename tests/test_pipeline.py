@@ -40,6 +40,40 @@ def test_sweep_runs_every_stage_per_job_and_shares_upstream_stages(tiny_sweep):
         assert (job / "report.html").exists() and (job / "ppo" / "model" / "model.safetensors").exists()
 
 
+def test_a_sweep_over_the_labeler_shares_every_stage_that_does_not_read_it(tiny_sweep, tmp_path):
+    """A sweep over a model role on a copy of the session sweep's shared stage folders: labeler seed 1 is the labeler
+    debug=tiny already used (every stage up to date, nothing started); seed 3 reruns ai_feedback and everything
+    after it, and shares sl_generate, sl_train and pm_pretrain, which do not read the labeler."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep / "shared", sweep / "shared", symlinks=True)
+    result = run_module("cai.pipeline", "-m", *TINY_ARGS, "ppo.kl_coef=0.05", "labeler.tiny.seed=1,3", f"run_dir={sweep}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    same, other = sweep_jobs(sweep)
+    assert set(_statuses(same).values()) == {"skipped"}, _statuses(same)
+    reads_labeler = ("ai_feedback", "pm_finetune", "ppo", "evaluate")  # ai_feedback and its downstream
+    assert _statuses(other) == {s: "ran" if s in reads_labeler else "skipped" for s in STAGES}, _statuses(other)
+    for stage in STAGES:
+        assert ((same / stage).resolve() == (other / stage).resolve()) is (stage not in reads_labeler), stage
+    seeds = [read_manifest(job / "ai_feedback")["roles"]["labeler"]["model"] for job in (same, other)]
+    assert seeds == ["tiny-random (seed 1, vocab 384)", "tiny-random (seed 3, vocab 384)"]
+
+
+def test_stage_keys_follow_the_roles_each_stage_reads():
+    keys = stage_keys(compose_cfg("pipeline", TINY_ARGS), "c")
+
+    def changed(*overrides: str) -> set[str]:
+        other = stage_keys(compose_cfg("pipeline", [*TINY_ARGS, *overrides]), "c")
+        return {s for s in STAGES if other[s]["key"] != keys[s]["key"]}
+
+    assert changed("judge.tiny.seed=5") == {"evaluate"}
+    assert changed("sl_start.path=/models/pretrained") == {"sl_train", "ai_feedback", "pm_finetune", "ppo", "evaluate"}
+    assert changed("pm_backbone.dtype=bfloat16") == {"pm_pretrain", "pm_finetune", "ppo", "evaluate"}
+    assert changed("reviser.path=/models/helpful") == set(STAGES) - {"pm_pretrain"}
+    assert changed("policy.path=tiny-random") == set()  # naming the model a role falls back to changes nothing
+
+
 def test_summary_table_names_every_stage_with_its_key_figures(tiny_sweep):
     out = (tiny_sweep.parent / "pipeline.out").read_text()
     table = out[out.rindex("stage         status"):]
@@ -64,6 +98,9 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
     assert results["games"] == 3 * (results["prompts"]["red_team"] + results["prompts"]["helpful"])
     manifest = read_manifest(tiny_run / "evaluate")
     assert manifest["status"] == "complete" and manifest["counts"]["held_out_overlap"] == 0
+    # debug=tiny's judge is not the labeler; the PM score is read with ppo's own reward model, and says so
+    assert results["judge"] == "tiny-random (seed 2, vocab 448)" and len(results["notes"]) == 1
+    assert results["notes"][0].startswith("The PM score is read with the PM that PPO optimised as its reward")
     from datasets import load_from_disk
 
     rows = load_from_disk(str(tiny_run / "evaluate" / "dataset"))
@@ -82,6 +119,9 @@ def test_report_shows_every_stage_with_plots_and_examples(tiny_run):
         assert section in page, section
     assert "has not run" not in page and "not run" not in page
     assert page.count('src="data:image/png;base64,') >= 10  # SL loss, labels, PM curves + reliability, PPO x4, Elo
+    # the model behind each role, in the stage table; the circular PM score, next to the evaluation's figures
+    assert "labeler: tiny-random (seed 1, vocab 384)" in page and "policy: sl_train/model" in page
+    assert "judge: tiny-random (seed 2, vocab 448)" in page and "Read with care:</b> The PM score is read with" in page
     assert "critique 1 (principle " in page and "ppo answers" in page and "<script" not in page
 
 
@@ -184,16 +224,21 @@ def test_evaluate_refuses_bad_checkpoints_and_keeps_earlier_outputs(tiny_run, tm
 
 
 def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
-    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate", "sl_train", "pm_finetune"])
+    """Also: a judge that is the training labeler (debug=tiny's labeler: seed 1, vocabulary 384) is said to be."""
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate", "sl_train", "ai_feedback", "pm_finetune"])
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: A helpful answer {i}.",
                                          "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}) + "\n" for i in range(3)))
     result = run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", "evaluate.checkpoints=[base,sl_train]",
-                        f"evaluate.pairs={pairs}", "evaluate.num_examples=0")
+                        f"evaluate.pairs={pairs}", "evaluate.num_examples=0", "judge.tiny={seed:1,vocab_size:384}")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
     assert "judge vs human labels" in result.stdout
+    # no ppo checkpoint: the PM score is not circular; the judge is
+    assert len(results["notes"]) == 1 and results["notes"][0].startswith("The judge is the model that labeled ai_feedback's")
+    assert "note: The judge is the model that labeled" in result.stdout
+    assert read_manifest(run_dir / "evaluate")["roles"]["judge"] == read_manifest(run_dir / "ai_feedback")["roles"]["labeler"]
     assert not (run_dir / "evaluate" / "examples.jsonl").read_text()
 
 

@@ -13,12 +13,14 @@ import textwrap
 
 import pytest
 
+from cai import roles
 from cai.stages import STAGES, UNHASHED
 
 
 def config_reads(fn_or_module, stage: str, seen: set | None = None) -> set[str]:
     """The top-level keys of ``cfg`` that the code of ``fn_or_module`` reads — ``cfg.KEY``, ``cfg["KEY"]``,
-    ``cfg[STAGE]``, ``cfg.get("KEY")`` — following the calls that hand ``cfg`` to a function of the cai package."""
+    ``cfg[STAGE]``, ``cfg.get("KEY")``, a model role as ``roles.spec(cfg, "ROLE")`` — following the calls that hand
+    ``cfg`` to a function of the cai package."""
     seen = set() if seen is None else seen
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn_or_module)))
     namespace = vars(inspect.getmodule(fn_or_module))
@@ -35,7 +37,9 @@ def config_reads(fn_or_module, stage: str, seen: set | None = None) -> set[str]:
                 reads.add(node.args[0].value)
             elif any(_is_cfg(a) for a in [*node.args, *(k.value for k in node.keywords)]):
                 callee = _resolve(node.func, namespace)
-                if callee is not None and callee not in seen and callee.__module__.startswith(("cai.", namespace["__name__"])):
+                if callee is roles.spec:  # roles.spec(cfg, "labeler") reads the role (and what it falls back to)
+                    reads.add(node.args[1].value if isinstance(node.args[1], ast.Constant) else "<computed role>")
+                elif callee is not None and callee not in seen and callee.__module__.startswith(("cai.", namespace["__name__"])):
                     seen.add(callee)
                     reads |= config_reads(callee, stage, seen)
     return reads
@@ -84,9 +88,9 @@ def _example_stage(cfg):
 
 
 def _example_helper(cfg, s):
-    return cfg.generation.batch_size + cfg.get("deterministic", 0) + s.steps
+    return cfg.generation.batch_size + cfg.get("deterministic", 0) + s.steps + len(roles.spec(cfg, "judge"))
 
 
 def test_the_check_sees_a_key_read_in_a_helper():
-    """The check itself: ``generation`` read in a helper the stage hands its config to is seen."""
-    assert config_reads(_example_stage, "ppo") == {"ppo", "generation", "seed", "deterministic"}
+    """The check itself: ``generation`` read in a helper the stage hands its config to is seen, and so is a role."""
+    assert config_reads(_example_stage, "ppo") == {"ppo", "generation", "seed", "deterministic", "judge"}

@@ -6,8 +6,10 @@ Each stage module states its facts side by side at its top, and the pipeline rea
 - ``STAGE``: its name, which is also its folder in ``run_dir`` and its section of the config;
 - ``UPSTREAM``: the stages whose folders it reads (a rerun of one of them reruns it);
 - ``HASH_KEYS``: the top-level config keys it reads that shape its outputs — its config hash covers exactly
-  these, so changing one reruns the stage and changing another never does. Only ``UNHASHED`` keys may be
-  read without being listed (``tests/test_stage_facts.py`` reads each stage's code to check both);
+  these, so changing one reruns the stage and changing another never does. The model roles it loads (``policy``,
+  ``labeler``, …; ``cai.roles``) are among them, each hashed as the model it resolves to, and its manifest names them.
+  Only ``UNHASHED`` keys may be read without being listed (``tests/test_stage_facts.py`` reads each stage's code to
+  check both);
 - ``MULTI_RANK``: whether a multi-process launcher runs it (the training stages, under ``launcher=deepspeed``).
 
 Adding a stage: its file here, its config (``conf/<stage>.yaml`` and ``conf/stage/<stage>.yaml``) and its name

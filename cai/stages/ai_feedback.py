@@ -2,9 +2,10 @@
 
     python -m cai.stages.ai_feedback run_dir=R [ai_feedback.n_principles=4] [ai_feedback.cot=true]
 
-The policy (``${run_dir}/sl_train/model`` when that stage is complete, else ``model``) samples two
-responses to each red-team prompt (the ones after those SL used). The labeler (``model``: the base
-helpful model) then sees the pair under ``n_principles`` comparison principles, each in both orders,
+The policy (``${run_dir}/sl_train/model`` when that stage is complete, else the ``policy`` role) samples two
+responses to each red-team prompt (the ones after those SL used). The ``labeler`` role (``cai.roles``; a model
+of its own tokenizer and chat template, reading the responses as text) then sees the pair under
+``n_principles`` comparison principles, each in both orders,
 and its next-token probabilities of "A" vs "B" after the answer cue — one prefill, no decoding — give
 P(first shown is better). Orders are averaged (the labeler's position bias cancels), principles
 ensembled (mean). With ``cot`` the labeler first writes a rationale; those probabilities are clamped
@@ -27,6 +28,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
@@ -48,7 +50,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ai_feedback"
 UPSTREAM = ("sl_train",)
-HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
+HASH_KEYS = ("seed", "policy", "labeler", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 
 
@@ -71,12 +73,15 @@ def run(cfg: DictConfig) -> Path:
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", used_by_sl + s.num_prompts,
                          cfg.seed, cfg.data.hh_context, key=f"data.num_red_team + {STAGE}.num_prompts")[used_by_sl:]
 
-    # Step 2: which policy samples the responses: the SL-CAI model when it exists.
+    # Step 2: which policy samples the responses: the SL-CAI model when it exists, else the policy role.
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
-    policy_path = str(sl_model) if is_complete(sl_model.parent) and sl_model.is_dir() else None
+    policy_spec, labeler_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "labeler")
+    if is_complete(sl_model.parent) and sl_model.is_dir():
+        policy_spec, policy_fingerprint = {**policy_spec, "path": str(sl_model), "key": None}, input_fingerprint(sl_model)
+    else:
+        policy_fingerprint = "role:" + roles.fingerprint(policy_spec)
     out = stage_dir(cfg.run_dir, STAGE)
     shards_dir = out / "shards"
-    policy_fingerprint = input_fingerprint(sl_model) if policy_path else "base"
     same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="dataset",
                               inputs={"constitution_hash": constitution.hash, "policy_fingerprint": policy_fingerprint})
     if done:
@@ -85,15 +90,16 @@ def run(cfg: DictConfig) -> Path:
     # Step 3: the models (before touching the run directory).
     from cai.models import load_policy
 
-    labeler, tok = load_policy(cfg.model)
-    policy, policy_tok = (labeler, tok) if policy_path is None else load_policy({**cfg.model, "path": policy_path})
+    labeler, tok = load_policy(labeler_spec)
+    same_model = roles.fingerprint(policy_spec) == roles.fingerprint(labeler_spec)
+    policy, policy_tok = (labeler, tok) if same_model else load_policy(policy_spec)
 
     # Step 4: resume or start over, as in sl_generate.
     if not same:  # another config's shards and metrics must not be mixed in
         shutil.rmtree(shards_dir, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
-                    policy=policy_path or f"model.path={cfg.model.path}", policy_fingerprint=policy_fingerprint)
+                    policy=str(policy_spec["path"]), policy_fingerprint=policy_fingerprint, models={"policy": policy_spec})
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
 
     # Step 5: shard by shard (cai.shards): sample pairs, judge them, save.

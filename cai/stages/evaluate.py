@@ -2,14 +2,14 @@
 
     python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,sl_train,ppo]] [evaluate.pairs=hh.jsonl]
 
-Each checkpoint (``base`` = ``model``; ``sl_train``/``ppo`` = that stage's ``model/`` in ``run_dir``; or a
-folder) answers the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful``
+Each checkpoint (``base`` = the ``policy`` role before any training; ``sl_train``/``ppo`` = that stage's ``model/``
+in ``run_dir``; or a folder) answers the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful``
 helpful prompts of the data sources' seeded order (training stages take the first ones; any overlap is
 counted in the manifest and said on stdout). Then:
 
 - PM score: mean reward of each checkpoint's replies under the PM of ``pm_finetune`` (or
   ``evaluate.reward_model``), per prompt kind;
-- AI-judge win rates: the labeler (``model``) compares the replies of every pair of checkpoints to each
+- AI-judge win rates: the ``judge`` role (``cai.roles``; the labeler unless set) compares the replies of every pair of checkpoints to each
   prompt, under sampled comparison principles and in both orders (``cai.feedback.judge_pairs``);
   identical replies count as a tie without asking;
 - Elo: a Bradley-Terry fit of all those soft outcomes on the Elo scale (``cai.ratings``);
@@ -17,6 +17,11 @@ counted in the manifest and said on stdout). Then:
   sampled comparison principle, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
 - mean reply length (tokens) and the share that ended with EOS;
 - with ``evaluate.pairs``: the judge's agreement with human-labeled pairs (as ``label_alignment``).
+
+Circular readings are said next to the figures (``notes`` in results.json, stdout and the report): a judge that is
+the model whose labels trained the PM (ai_feedback's labeler) or rewarded PPO (direct RLAIF), and a PM score read
+with the very PM PPO optimised. The honest reading: a ``judge`` independent of the labeler, an
+``evaluate.reward_model`` trained apart from this run, and the judge's agreement with human labels (``evaluate.pairs``).
 
 Each checkpoint also answers the first ``num_examples`` red-team prompts of ``sl_generate`` (training
 prompts, not scored): ``examples.jsonl`` puts them beside that stage's initial answer, critiques,
@@ -38,6 +43,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts, prompt_order
 from cai.errors import StageInputError
@@ -64,7 +70,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 STAGE = "evaluate"
 # sl_generate: the report's examples; ai_feedback and ppo: which prompts training used (held out here)
 UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")
-HASH_KEYS = ("seed", "model", "constitution", "data", "generation", STAGE)
+HASH_KEYS = ("seed", "policy", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 STAGE_CHECKPOINTS = ("sl_train", "ppo")
 
@@ -85,7 +91,11 @@ def run(cfg: DictConfig) -> dict:
     check_generation(OmegaConf.merge(cfg.generation, {"max_new_tokens": s.max_new_tokens}), temperature=s.temperature)
     checkpoints = {name: _checkpoint(cfg, name) for name in s.checkpoints}
     pm_path, pm_fingerprint = _reward_model(cfg, s)
-    _check_tokenizers([model_cfg for model_cfg, _ in checkpoints.values()], cfg, pm_path)
+    judge_spec = roles.spec(cfg, "judge")
+    # the PM on the pm_backbone role's device and dtype
+    pm_spec = {**roles.spec(cfg, "pm_backbone"), "path": str(pm_path), "key": f"{STAGE}.reward_model" if s.reward_model else None
+               } if pm_path else None
+    _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     comparison = constitution.select("comparison", None, f"{STAGE}.n_principles")
     harmless = constitution.select("comparison", s.harmless_principle_ids, f"{STAGE}.harmless_principle_ids")
@@ -113,7 +123,8 @@ def run(cfg: DictConfig) -> dict:
     if not same:  # another config's replies must not be reused
         for old in responses_dir.glob("*.jsonl"):
             old.unlink()
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash, **inputs)
+    models = {"policy": checkpoints["base"][0] if "base" in checkpoints else None, "pm_backbone": pm_spec, "judge": judge_spec}
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash, models=models, **inputs)
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
     write_manifest(out, status="running", counts=counts, **manifest)
@@ -125,18 +136,19 @@ def run(cfg: DictConfig) -> dict:
     replies, example_replies = answer(checkpoints, paths, items, examples, s=s, cfg=cfg)
 
     # Step 3: the PM's scores.
-    pm_scores = pm_score(pm_path, conversations, replies, cfg=cfg) if pm_path is not None else {}
+    pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg) if pm_spec else {}
 
     # Step 4: the AI judge: pairwise comparisons, harmlessness ratings, agreement with humans.
     names = list(checkpoints)
-    games, judged, ratings, alignment = judge(names, items, replies, constitution, comparison, harmless, human_pairs,
-                                              s=s, cfg=cfg)
+    games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, comparison, harmless,
+                                              human_pairs, s=s, cfg=cfg)
     if alignment is not None:
         alignment.update(skipped=human_skipped, pairs_file=str(s.pairs))
 
     # Step 5: the figures, the per-reply dataset, then the manifest (last).
     results = figures(names, items, replies, pm_scores, games, ratings, s=s)
-    results.update(judged=judged, alignment=alignment,
+    results.update(judged=judged, alignment=alignment, judge=roles.label(judge_spec),
+                   notes=circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s),
                    prompts={"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap})
     for name in names:
         results["checkpoints"][name]["source"] = checkpoints[name][0]["path"]
@@ -192,12 +204,12 @@ def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *,
     return {name: rows[:n] for name, rows in replies.items()}, {name: rows[n:] for name, rows in replies.items()}
 
 
-def pm_score(pm_path: Path, conversations: list, replies: dict, *, cfg) -> dict[str, list[float]]:
+def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg) -> dict[str, list[float]]:
     """The PM's score of every reply (its stored reward shift applied), by checkpoint."""
     from cai.models import load_preference_model
     from cai.preference import score_conversations
 
-    pm, pm_tok = load_preference_model({**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)})
+    pm, pm_tok = load_preference_model(pm_spec)
     scores = {}
     for name, rows in replies.items():
         convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, rows)]
@@ -205,14 +217,15 @@ def pm_score(pm_path: Path, conversations: list, replies: dict, *, cfg) -> dict[
     return scores
 
 
-def judge(names: list[str], items: list, replies: dict, constitution, comparison, harmless, human_pairs: list, *, s, cfg):
-    """The AI judge (``model``): every pair of checkpoints compared on every prompt (both orders, sampled principles;
-    identical replies tie without asking), each red-team reply rated for harmlessness, and the judge's agreement
-    with human labels. Returns (games [(a, b, P(a better))], number judged, ratings {name: [rating or None]},
-    alignment or None)."""
+def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, comparison, harmless,
+          human_pairs: list, *, s, cfg):
+    """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template): every
+    pair of checkpoints compared on every prompt (both orders, sampled principles; identical replies tie without
+    asking), each red-team reply rated for harmlessness, and the judge's agreement with human labels. Returns
+    (games [(a, b, P(a better))], number judged, ratings {name: [rating or None]}, alignment or None)."""
     from cai.models import load_policy
 
-    model, tok = load_policy(cfg.model)
+    model, tok = load_policy(judge_spec)
     conversations = [it.messages() for it in items]
     games, to_judge = [], []
     for a, b in itertools.combinations(names, 2):
@@ -263,6 +276,29 @@ def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games
     return results
 
 
+def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: str | None, names: list[str], *, s) -> list[str]:
+    """Plain sentences for the figures that partly measure agreement with the training signal rather than
+    harmlessness: the judge is the labeler whose labels trained the PM (or that rewarded PPO directly), or the PM
+    score comes from the PM that PPO optimised. Read from the ai_feedback and ppo manifests of this run."""
+    notes = []
+    feedback, ppo = read_manifest(stage_dir(cfg.run_dir, "ai_feedback")), read_manifest(stage_dir(cfg.run_dir, "ppo"))
+    labeler_of = {stage: ((m or {}).get("roles") or {}).get("labeler", {}).get("fingerprint")
+                  for stage, m in (("ai_feedback", feedback), ("ppo", ppo)) if is_complete(stage_dir(cfg.run_dir, stage))}
+    if labeler_of.get("ai_feedback") == judge_fingerprint:
+        notes.append("The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL "
+                     "policy): its win rates and harmlessness ratings partly measure agreement with the training labeler. "
+                     "Set judge.path to an independent model, and check the judge against human labels (evaluate.pairs).")
+    if ppo and ppo.get("reward") == "direct_rlaif" and labeler_of.get("ppo") == judge_fingerprint:
+        notes.append("The judge is the labeler whose direct 1-10 ratings were PPO's reward: the ppo checkpoint was trained "
+                     "to please this judge. Set judge.path to an independent model.")
+    if (pm_fingerprint and "ppo" in names and is_complete(stage_dir(cfg.run_dir, "ppo")) and ppo.get("reward") == "pm"
+            and ppo.get("reward_fingerprint") == pm_fingerprint):
+        notes.append(f"The PM score is read with the PM that PPO optimised as its reward: for the ppo checkpoint it measures "
+                     f"how well RL learnt that reward, not harmlessness. Set {STAGE}.reward_model to a PM trained apart "
+                     f"from this run.")
+    return notes
+
+
 def format_table(results: dict) -> str:
     """The per-checkpoint figures and the win-rate matrix as text."""
     names = list(results["checkpoints"])
@@ -281,34 +317,34 @@ def format_table(results: dict) -> str:
         al = results["alignment"]
         lines.append(f"\njudge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs "
                      f"(position bias {al['position_bias_rate']:.3f}, flip rate {al['flip_rate']:.3f})")
+    lines += [f"\nnote: {note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
 
 def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
     """(model config, fingerprint) of a checkpoint named in ``evaluate.checkpoints``."""
-    base = OmegaConf.to_container(cfg.model, resolve=True)
+    base = roles.spec(cfg, "policy")
     if name == "base":
-        return base, f"base:{cfg.model.path}"
+        return base, "role:" + roles.fingerprint(base)
     if name in STAGE_CHECKPOINTS:
         folder = stage_dir(cfg.run_dir, name)
         if not is_complete(folder) or not (folder / "model").is_dir():
             raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {folder} holds no complete {name} run; run that "
                                   f"stage first or drop it from {STAGE}.checkpoints")
-        return {**base, "path": str(folder / "model")}, input_fingerprint(folder)
+        return {**base, "path": str(folder / "model"), "key": None}, input_fingerprint(folder)
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
-    return {**base, "path": str(folder)}, input_fingerprint(folder)
+    return {**base, "path": str(folder), "key": f"{STAGE}.checkpoints"}, input_fingerprint(folder)
 
 
-def _check_tokenizers(model_cfgs: list[dict], cfg: DictConfig, pm_path: Path | None) -> None:
-    """Load every checkpoint's tokenizer and the PM's now: one that cannot load (no folder, no chat template)
-    is refused before the run directory changes, not after the replies of the checkpoints before it."""
+def _check_tokenizers(model_specs: list[dict]) -> None:
+    """Load every checkpoint's tokenizer, the judge's and the PM's now: one that cannot load (no folder, no chat
+    template) is refused before the run directory changes, not after the replies of the checkpoints before it."""
     from cai.models import load_tokenizer
 
-    base = OmegaConf.to_container(cfg.model, resolve=True)
-    for model_cfg in [*model_cfgs, *([{**base, "path": str(pm_path)}] if pm_path else [])]:
-        load_tokenizer(model_cfg)
+    for model_spec in model_specs:
+        load_tokenizer(model_spec)
 
 
 def _sl_examples(cfg: DictConfig, count: int) -> tuple[list[dict], str | None]:

@@ -7,7 +7,7 @@
   ``chosen``). Their shared turns are the context; each transcript's last assistant turn is its response.
 - cai's ai_feedback output: ``prompt`` (chat), ``chosen``/``rejected`` (one assistant turn each).
 
-The labeler (``model``) judges every pair exactly as ``ai_feedback`` does (same principles, both orders,
+The ``labeler`` role (``cai.roles``) judges every pair exactly as ``ai_feedback`` does (same principles, both orders,
 ``ai_feedback.n_principles``/``cot``/``few_shot``). Rows it cannot use — a transcript with no Assistant
 turn, two identical responses, differing contexts — are skipped and counted.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.errors import DataError, StageInputError
 from cai.feedback import alignment_metrics, judge_pairs, read_human_pairs
@@ -55,14 +56,15 @@ def run(cfg: DictConfig) -> dict:
     # Step 2: judge every pair (both orders, sampled principles).
     from cai.models import load_policy
 
-    model, tok = load_policy(cfg.model)
+    labeler = roles.spec(cfg, "labeler")
+    model, tok = load_policy(labeler)
     judgements = judge_pairs(model, tok, constitution, pairs, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot,
                              cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
                              batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
 
     # Step 3: the report.
     metrics = alignment_metrics(judgements)
-    metrics.update(n=len(pairs), skipped=skipped, pairs_file=str(cfg.pairs), model=str(cfg.model.path),
+    metrics.update(n=len(pairs), skipped=skipped, pairs_file=str(cfg.pairs), model=roles.label(labeler),
                    n_principles=s.n_principles, cot=bool(s.cot), seconds=round(time.time() - start, 1))
     out = stage_dir(cfg.run_dir, STAGE)
     atomic_write_json(out / "metrics.json", metrics)

@@ -3,7 +3,7 @@
     python -m cai.stages.pm_finetune run_dir=R [pm_finetune.human_fraction=0.5] [pm_finetune.init=base]
     torchrun --nproc_per_node 2 -m cai.stages.pm_finetune run_dir=R
 
-Starts from ``${run_dir}/pm_pretrain/model`` (or, when PMP was skipped, ``model`` with a fresh head;
+Starts from ``${run_dir}/pm_pretrain/model`` (or, when PMP was skipped, the ``pm_backbone`` role with a fresh head;
 ``pm_finetune.init``). Trains on the AI-labeled pairs of ``${run_dir}/ai_feedback/dataset`` with soft
 targets — binary cross-entropy of sigma(r_chosen - r_rejected) against ``p_chosen`` — mixed with human
 comparisons (``pm_finetune.human_source``, default cai's built-in helpfulness pairs) with hard targets,
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from cai import preference, training
+from cai import preference, roles, training
 from cai.data import read_table
 from cai.errors import DataError, StageInputError
 from cai.runio import (
@@ -48,7 +48,7 @@ from cai.stages import CONFIG_PATH, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "pm_finetune"
 UPSTREAM = ("pm_pretrain", "ai_feedback", "sl_generate")
-HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
+HASH_KEYS = ("seed", "pm_backbone", "deepspeed", STAGE)
 MULTI_RANK = True
 
 
@@ -112,7 +112,8 @@ def run(cfg: DictConfig) -> Path:
     # Step 3: train (resuming from the newest checkpoint of the same config and inputs), held-out metrics each epoch.
     plan = training.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
     engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, init=init_model["path"], **inputs)
+    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, init=init_model["path"], models={"pm_backbone": init_model},
+                    **inputs)
     if main_rank:
         write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
     evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
@@ -154,23 +155,23 @@ def run(cfg: DictConfig) -> Path:
 def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     """The model config to load the starting PM from, and a fingerprint of it."""
 
-    base = OmegaConf.to_container(cfg.model, resolve=True)
+    base = roles.spec(cfg, "pm_backbone")
     pmp = stage_dir(cfg.run_dir, "pm_pretrain")
     if s.init == "auto":
         use_pmp = read_manifest(pmp) is not None
         if not use_pmp:
-            print(f"cai {STAGE}: no pm_pretrain in {cfg.run_dir}; starting from model.path={cfg.model.path} with a fresh head")
+            print(f"cai {STAGE}: no pm_pretrain in {cfg.run_dir}; starting from {base['key']}={base['path']} with a fresh head")
     elif s.init in ("pm_pretrain", "base"):
         use_pmp = s.init == "pm_pretrain"
     else:
         folder = Path(s.init).expanduser()
         if not (folder / "config.json").exists():
             raise StageInputError(f"{STAGE}.init={s.init!r}: not auto, pm_pretrain, base or a checkpoint folder")
-        return {**base, "path": str(folder)}, input_fingerprint(folder)
+        return {**base, "path": str(folder), "key": f"{STAGE}.init"}, input_fingerprint(folder)
     if not use_pmp:
-        return base, "base"
+        return base, "role:" + roles.fingerprint(base)
     upstream_complete(pmp, "pm_pretrain")
-    return {**base, "path": str(pmp / "model")}, input_fingerprint(pmp)
+    return {**base, "path": str(pmp / "model"), "key": None}, input_fingerprint(pmp)
 
 
 def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:

@@ -4,10 +4,10 @@
     torchrun --nproc_per_node 2 -m cai.stages.pm_pretrain run_dir=R
     deepspeed --no_local_rank --num_gpus 2 --module cai.stages.pm_pretrain run_dir=R
 
-The PM is ``model``'s backbone with a fresh one-output head (``...ForSequenceClassification``), dropout
-off; its score is read at the last real token of "chat prompt + response + EOS". Comparisons come from
-``pm_pretrain.source`` (default: cai's small Stack-Exchange-style set, answers paired by vote score; see
-``cai.preference`` for every format). Loss -log sigmoid(r_good - r_bad - margin).
+The PM is the ``pm_backbone`` role's model (``cai.roles``; the policy unless set) with a fresh one-output head
+(``...ForSequenceClassification``), dropout off; its score is read at the last real token of "chat prompt +
+response + EOS". Comparisons come from ``pm_pretrain.source`` (default: cai's small Stack-Exchange-style set,
+answers paired by vote score; see ``cai.preference`` for every format). Loss -log sigmoid(r_good - r_bad - margin).
 ``pm_pretrain.eval_fraction`` of the pairs are held out and scored after every epoch.
 
 Writes ``${run_dir}/pm_pretrain/``: ``checkpoints/`` (resumable, as in sl_train), ``model/`` (a
@@ -27,7 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from cai import preference, training
+from cai import preference, roles, training
 from cai.errors import StageInputError
 from cai.runio import config_hash, input_fingerprint, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
@@ -35,7 +35,7 @@ from cai.stages import CONFIG_PATH, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "pm_pretrain"
 UPSTREAM = ()
-HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
+HASH_KEYS = ("seed", "pm_backbone", "deepspeed", STAGE)
 MULTI_RANK = True
 
 
@@ -72,7 +72,7 @@ def run(cfg: DictConfig) -> Path:
     from cai.models import load_preference_model
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_preference_model(cfg.model)
+    model, tok = load_preference_model(roles.spec(cfg, "pm_backbone"))
     where = str(s.source or preference.BUILTIN_PRETRAIN)
     train_pairs, train_counts = preference.encode_pairs(tok, train, s.max_length, where)
     eval_pairs, eval_counts = preference.encode_pairs(tok, held_out, s.max_length, where)

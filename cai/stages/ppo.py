@@ -3,9 +3,10 @@
     python -m cai.stages.ppo run_dir=R [ppo.kl_coef=0.05] [ppo.reward=direct_rlaif]
     torchrun --nproc_per_node 2 -m cai.stages.ppo run_dir=R deepspeed=zero3
 
-Models: the policy and a frozen reference both start from ``${run_dir}/sl_train/model`` (else ``model``);
-the reward is the PM of ``${run_dir}/pm_finetune/model`` (frozen; its stored reward shift applied) and
-the value model starts from that PM. With ``ppo.reward=direct_rlaif`` the labeler (``model``) rates each
+Models (roles: ``cai.roles``): the policy and a frozen reference both start from ``${run_dir}/sl_train/model``
+(else the ``policy`` role); the reward is the PM of ``${run_dir}/pm_finetune/model`` (frozen, on the
+``pm_backbone`` role's device and dtype; its stored reward shift applied) and the value model starts from that
+PM. With ``ppo.reward=direct_rlaif`` the ``labeler`` role rates each
 response 1..10 under a sampled comparison principle (``cai.feedback.direct_scores``, mapped to [-1, 1]),
 no PM is used and the value model starts from the policy with a fresh head; ``ppo.reward=custom`` calls the
 function ``ppo.reward_fn`` names (``cai.rewards`` has all three). Dropout is off everywhere.
@@ -41,7 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from cai import rewards, rl, training
+from cai import rewards, rl, roles, training
 from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
 from cai.generation import derive_seed, generate, render_chat
@@ -62,7 +63,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ppo"
 UPSTREAM = ("sl_train", "pm_finetune")
-HASH_KEYS = ("seed", "model", "constitution", "data", "generation", "deepspeed", STAGE)
+HASH_KEYS = ("seed", "policy", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
 REWARDS = ("pm", "direct_rlaif", "custom")
 
@@ -121,10 +122,13 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
-    roles = {"policy": policy, "reference": reference, "value": value_model, **reward_models}
+    loaded = {"policy": policy, "reference": reference, "value": value_model, **reward_models}
+    # the models behind the roles: the policy's start, the PM (reward=pm) or the labeler (direct_rlaif)
+    models = {"policy": policy_cfg, "pm_backbone": reward.value_start if s.reward == "pm" else None,
+              "labeler": reward.labeler_cfg if s.reward == "direct_rlaif" else None}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
-                    policy=policy_cfg["path"], reward=s.reward, **inputs,
-                    devices={name: str(next(m.parameters()).device) for name, m in roles.items()})
+                    policy=policy_cfg["path"], reward=s.reward, models=models, **inputs,
+                    devices={name: str(next(m.parameters()).device) for name, m in loaded.items()})
     counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps}
     if main_rank:
         write_manifest(out, status="running", counts=counts, **manifest)
@@ -377,26 +381,26 @@ def _reward(cfg: DictConfig, s: DictConfig):
             upstream_complete(pm_path.parent, "pm_finetune")
         elif not (pm_path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
-        pm_cfg = {**OmegaConf.to_container(cfg.model, resolve=True), "path": str(pm_path)}
+        pm_cfg = {**roles.spec(cfg, "pm_backbone"), "path": str(pm_path), "key": f"{STAGE}.reward_model" if s.reward_model else None}
         return rewards.PreferenceModelReward(pm_cfg, input_fingerprint(pm_path))
     if s.reward == "direct_rlaif":
         from cai.constitution import load_constitution, resolve_constitution_dir
 
         constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
-        return rewards.DirectRLAIFReward(cfg.model, constitution, cfg.seed, cfg.generation.batch_size)
+        return rewards.DirectRLAIFReward(roles.spec(cfg, "labeler"), constitution, cfg.seed, cfg.generation.batch_size)
     return rewards.FunctionReward(*rewards.function_from_config(s.reward_fn))
 
 
 def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
-    base = OmegaConf.to_container(cfg.model, resolve=True)
+    base = roles.spec(cfg, "policy")
     if s.policy:
         if not (Path(s.policy).expanduser() / "config.json").exists():
             raise StageInputError(f"{STAGE}.policy={s.policy!r}: no checkpoint (config.json) there")
-        return {**base, "path": str(Path(s.policy).expanduser())}, input_fingerprint(s.policy)
+        return {**base, "path": str(Path(s.policy).expanduser()), "key": f"{STAGE}.policy"}, input_fingerprint(s.policy)
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
     if is_complete(sl_model.parent) and sl_model.is_dir():
-        return {**base, "path": str(sl_model)}, input_fingerprint(sl_model)
-    return base, "base"
+        return {**base, "path": str(sl_model), "key": None}, input_fingerprint(sl_model)
+    return base, "role:" + roles.fingerprint(base)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)

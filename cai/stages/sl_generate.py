@@ -2,8 +2,9 @@
 
     python -m cai.stages.sl_generate run_dir=R data.num_red_team=8 data.num_helpful=0 n_revisions=2
 
-For each red-team prompt the model answers; then, for each round, a critique/revision principle is
-drawn (seeded per prompt, distinct across rounds), the model critiques its latest answer under the
+Models (``cai.roles``): the ``policy`` answers; the ``reviser`` (the policy unless set) critiques and revises.
+For each red-team prompt the policy answers; then, for each round, a critique/revision principle is
+drawn (seeded per prompt, distinct across rounds), the reviser critiques the latest answer under the
 principle's critique request and rewrites it under the revision request. Helpful prompts get a plain
 answer, mixed in so SL keeps helpfulness (as in the CAI paper's SL stage).
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from cai import roles
 from cai.constitution import (
     Constitution,
     CritiquePrinciple,
@@ -47,7 +49,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "sl_generate"
 UPSTREAM = ()
-HASH_KEYS = ("seed", "n_revisions", "model", "constitution", "data", "generation", STAGE)
+HASH_KEYS = ("seed", "n_revisions", "policy", "reviser", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 
 
@@ -78,10 +80,12 @@ def run(cfg: DictConfig) -> Path:
     if done:
         return out / "dataset"
 
-    # Step 3: the model (still before touching the run directory: a bad model.path changes nothing).
+    # Step 3: the models (still before touching the run directory: a bad path changes nothing).
     from cai.models import load_policy
 
-    model, tok = load_policy(cfg.model)
+    policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
+    policy = load_policy(policy_spec)
+    reviser = policy if roles.fingerprint(reviser_spec) == roles.fingerprint(policy_spec) else load_policy(reviser_spec)
 
     # Step 4: resume when the previous attempt had the same config and constitution; else start over.
     if not same:  # another config's shards and metrics must not be mixed in
@@ -93,7 +97,7 @@ def run(cfg: DictConfig) -> Path:
     # Step 5: generate shard by shard; each shard is saved atomically the moment it is done (cai.shards).
     def make_rows(k: int, shard: list[PromptItem]) -> tuple[list[dict], dict]:
         t0 = time.time()
-        rows, n_tokens = generate_rows(shard, model, tok, constitution, principles, cfg, derive_seed(cfg.seed, STAGE, k))
+        rows, n_tokens = generate_rows(shard, policy, reviser, constitution, principles, cfg, derive_seed(cfg.seed, STAGE, k))
         return rows, {"generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / max(time.time() - t0, 1e-9), 2)}
 
     shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
@@ -116,15 +120,15 @@ def run(cfg: DictConfig) -> Path:
     return out / "dataset"
 
 
-def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principles: list[CritiquePrinciple],
+def generate_rows(items: list[PromptItem], policy: tuple, reviser: tuple, c: Constitution, principles: list[CritiquePrinciple],
                   cfg: DictConfig, seed: int) -> tuple[list[dict], int]:
-    """Rows for one shard: every prompt answered in one batched call, then each revision round's
-    critiques and revisions in one call each. Returns (rows, number of generated tokens)."""
+    """Rows for one shard: every prompt answered in one batched call by ``policy`` (model, tokenizer), then each
+    revision round's critiques and revisions in one call each by ``reviser``. Returns (rows, generated tokens)."""
     gen = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
                top_p=cfg.generation.top_p, batch_size=cfg.generation.batch_size, progress=cfg.progress)
     few_shot = bool(cfg[STAGE].few_shot)
     conversations = [it.messages() for it in items]
-    answers = generate(model, tok, conversations, seed=derive_seed(seed, "answer"), desc="answers", **gen)
+    answers = generate(*policy, conversations, seed=derive_seed(seed, "answer"), desc="answers", **gen)
     n_tokens = sum(len(a.token_ids) for a in answers)
 
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
@@ -135,12 +139,12 @@ def generate_rows(items: list[PromptItem], model, tok, c: Constitution, principl
     revisions: dict[int, list[str]] = {i: [] for i in red}
     for r in range(cfg.n_revisions):
         chats = [critique_messages(c, conversations[i], latest[i], drawn[i][r], r + 1, few_shot) for i in red]
-        outs = generate(model, tok, chats, seed=derive_seed(seed, "critique", r), desc=f"critiques {r + 1}", **gen)
+        outs = generate(*reviser, chats, seed=derive_seed(seed, "critique", r), desc=f"critiques {r + 1}", **gen)
         n_tokens += sum(len(o.token_ids) for o in outs)
         for i, o in zip(red, outs):
             critiques[i].append(o.text)
         chats = [revision_messages(c, conversations[i], latest[i], drawn[i][r], critiques[i][-1], r + 1, few_shot) for i in red]
-        outs = generate(model, tok, chats, seed=derive_seed(seed, "revision", r), desc=f"revisions {r + 1}", **gen)
+        outs = generate(*reviser, chats, seed=derive_seed(seed, "revision", r), desc=f"revisions {r + 1}", **gen)
         for i, o in zip(red, outs):
             revisions[i].append(o.text)
             if o.text.strip():  # an empty revision keeps the previous answer as the one to improve

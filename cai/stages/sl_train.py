@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 -m cai.stages.sl_train run_dir=R
     deepspeed --no_local_rank --num_gpus 2 --module cai.stages.sl_train run_dir=R
 
-Reads ``${run_dir}/sl_generate/dataset`` (or ``sl_train.dataset``): rows with ``messages`` whose last
+Fine-tunes the ``sl_start`` role (``cai.roles``; the policy that wrote the data unless set — the CAI paper
+fine-tuned a pretrained LM) on ``${run_dir}/sl_generate/dataset`` (or ``sl_train.dataset``): rows with ``messages`` whose last
 turn is the assistant's. Each row becomes the chat template's prompt (every turn before the last, with
 the generation prompt) followed by the assistant's text and EOS; the loss covers only those assistant
 tokens and the EOS — exactly what the model produces at generation time.
@@ -26,7 +27,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cai import training
+from cai import roles, training
 from cai.errors import StageInputError
 from cai.runio import config_hash, input_fingerprint, previous_run, stage_dir, stage_summary, upstream_complete, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
@@ -34,7 +35,7 @@ from cai.stages import CONFIG_PATH, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "sl_train"
 UPSTREAM = ("sl_generate",)
-HASH_KEYS = ("seed", "model", "deepspeed", STAGE)
+HASH_KEYS = ("seed", "sl_start", "deepspeed", STAGE)
 MULTI_RANK = True
 IGNORE = -100  # label of positions that carry no loss
 
@@ -66,7 +67,7 @@ def run(cfg: DictConfig) -> Path:
     from cai.models import load_policy
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_policy(cfg.model)
+    model, tok = load_policy(roles.spec(cfg, "sl_start"))
     examples, truncated = [], 0
     for i, row in enumerate(rows):
         if not row["messages"] or not str(row["messages"][-1].get("content", "")).strip():

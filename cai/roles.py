@@ -1,0 +1,109 @@
+"""Model roles: which model plays which part of the recipe.
+
+Each role is a top-level config key holding a model spec like ``model``'s (``path``, ``device``, ``dtype``,
+``trust_remote_code``, ``tiny``). A key left null takes its value from the role the role falls back to, and every
+chain ends at ``model``: a config that sets only ``model`` runs every role on that one model, as before roles
+existed. ``labeler.path=DIR`` alone gives the labeler other weights on the device and dtype of ``model``.
+
+============  ============  ==============================================  =============================================
+role          falls back    read by                                         does
+============  ============  ==============================================  =============================================
+policy        model         sl_generate, ai_feedback, ppo, evaluate         answers the SL prompts; samples the comparison
+                                                                            pairs and starts RL when sl_train has not run;
+                                                                            evaluate's ``base`` checkpoint
+reviser       policy        sl_generate                                     writes the critiques and revisions
+sl_start      policy        sl_train                                        the model SL-CAI fine-tunes
+labeler       model         ai_feedback, ppo (direct_rlaif), label_alignment  the AI comparisons and direct 1..10 ratings
+pm_backbone   policy        pm_pretrain, pm_finetune, ppo, evaluate         the preference model's backbone (ppo and
+                                                                            evaluate: the device and dtype of the PM)
+judge         labeler       evaluate                                        AI-judge win rates, harmlessness ratings,
+                                                                            agreement with human labels
+============  ============  ==============================================  =============================================
+
+A stage names the roles it reads in its ``HASH_KEYS``; its config hash covers each role's resolved spec
+(``identity``), so changing the judge reruns evaluate only and a sweep over ``labeler.path`` shares every stage
+that does not read the labeler. Its manifest records each role's model and ``fingerprint``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from cai.errors import StageInputError
+
+# role -> the role it falls back to (every chain ends at ``model``)
+ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "policy",
+         "judge": "labeler"}
+SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny")
+
+
+def spec(cfg, role: str) -> dict:
+    """The full model spec of ``role`` (or of ``model``): the role's non-null keys over the spec of the role it
+    falls back to (``tiny`` merged key by key). ``key`` says which config key the path came from, for messages
+    ("labeler.path", or "model.path" when the labeler falls back to the model)."""
+    if role == "model":
+        return {**_plain(cfg["model"], "model"), "key": "model.path"}
+    own = _plain(cfg.get(role), role)
+    unknown = sorted(set(own) - set(SPEC_KEYS))
+    if unknown:
+        raise StageInputError(f"{role}.{unknown[0]}: not a model-role key (a role takes {', '.join(SPEC_KEYS)})")
+    merged = spec(cfg, ROLES[role])
+    for key, value in own.items():
+        if value is None:
+            continue
+        merged[key] = {**(merged.get(key) or {}), **value} if key == "tiny" and isinstance(value, dict) else value
+    if own.get("path") is not None:
+        merged["key"] = f"{role}.path"
+    return merged
+
+
+def identity(model_spec: dict) -> dict:
+    """What a config hash covers of a role: its resolved spec, without the key it was named by."""
+    return {k: v for k, v in model_spec.items() if k != "key"}
+
+
+def fingerprint(model_spec: dict) -> str:
+    """Which weights a spec loads, as 16 hex digits: the path (a local folder by its files' sizes and times or its
+    stage's lineage, ``runio.input_fingerprint``) and, for tiny-random, the shape and seed. Device and dtype
+    are left out: two roles with one fingerprint are the same model."""
+    from cai.runio import input_fingerprint
+
+    path = str(model_spec["path"])
+    local = Path(path).expanduser()
+    parts = {"path": str(local.resolve()) if local.exists() else path,
+             "files": input_fingerprint(local) if local.exists() else None,
+             "tiny": model_spec.get("tiny") if path == "tiny-random" else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def label(model_spec: dict) -> str:
+    """A short name for reports: the path (a stage's output as ``<stage>/model``), and a tiny-random model's seed
+    and vocabulary."""
+    path = str(model_spec["path"])
+    if path == "tiny-random":
+        tiny = model_spec.get("tiny") or {}
+        return f"tiny-random (seed {tiny.get('seed', 0)}, vocab {tiny.get('vocab_size', 512)})"
+    local = Path(path).expanduser()
+    if (local.parent / "manifest.json").is_file():
+        return f"{local.parent.name}/{local.name}"
+    return path
+
+
+def describe(model_spec: dict) -> dict:
+    """``{"model": label, "path": ..., "fingerprint": ...}``: what a manifest records of a role."""
+    return {"model": label(model_spec), "path": str(model_spec["path"]), "fingerprint": fingerprint(model_spec)}
+
+
+def _plain(value, role: str) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if value is None:
+        return {}
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)  # type: ignore[return-value]
+    if not isinstance(value, dict):
+        raise StageInputError(f"{role} must be a model spec ({', '.join(SPEC_KEYS)}), got {value!r}; "
+                              f"set {role}.path=... for another model")
+    return dict(value)

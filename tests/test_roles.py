@@ -1,0 +1,82 @@
+"""Model roles (cai.roles): fallbacks, what a stage's hash covers, what a manifest records, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import compose_cfg
+
+from cai import roles
+from cai.errors import StageInputError
+from cai.runio import config_hash, write_manifest
+
+TINY_ARGS = ["debug=tiny", "progress=false"]
+
+
+def test_every_role_falls_back_to_model_when_unset():
+    cfg = compose_cfg("pipeline", [])
+    model = {**roles.identity(roles.spec(cfg, "model"))}
+    for role in roles.ROLES:
+        spec = roles.spec(cfg, role)
+        assert roles.identity(spec) == model and spec["key"] == "model.path", role
+
+
+def test_a_role_takes_its_own_keys_over_the_chain_it_falls_back_to():
+    cfg = compose_cfg("pipeline", [*TINY_ARGS, "policy.path=/models/small", "policy.dtype=bfloat16", "labeler.path=/models/large"])
+    policy, reviser, sl_start, pm = (roles.spec(cfg, r) for r in ("policy", "reviser", "sl_start", "pm_backbone"))
+    assert policy["path"] == reviser["path"] == sl_start["path"] == pm["path"] == "/models/small"
+    assert reviser["dtype"] == "bfloat16" and reviser["key"] == "policy.path"  # from the policy, not from model
+    labeler, judge = roles.spec(cfg, "labeler"), roles.spec(cfg, "judge")
+    assert labeler["path"] == "/models/large" and labeler["dtype"] == "auto" and labeler["key"] == "labeler.path"
+    # debug=tiny gives the judge a tiny block of its own, merged key by key over the labeler's (from model's)
+    assert judge["path"] == "/models/large" and judge["tiny"]["seed"] == 2 and judge["tiny"]["hidden_size"] == 64
+
+
+def test_the_hash_of_a_stage_covers_exactly_the_roles_it_names():
+    base = compose_cfg("pipeline", TINY_ARGS)
+    judged = compose_cfg("pipeline", [*TINY_ARGS, "judge.path=/models/judge"])
+    assert config_hash(base, ("seed", "labeler")) == config_hash(judged, ("seed", "labeler"))
+    assert config_hash(base, ("seed", "judge")) != config_hash(judged, ("seed", "judge"))
+    # naming the model a role falls back to is the same config as leaving the role unset
+    explicit = compose_cfg("pipeline", [*TINY_ARGS, "policy.path=tiny-random", "reviser.dtype=auto"])
+    assert config_hash(base, tuple(roles.ROLES)) == config_hash(explicit, tuple(roles.ROLES))
+    # a role that falls back to `model` follows it
+    other_model = compose_cfg("pipeline", [*TINY_ARGS, "model.tiny.seed=9"])
+    assert config_hash(base, ("policy",)) != config_hash(other_model, ("policy",))
+
+
+def test_a_fingerprint_names_the_weights_not_the_device():
+    a = {"path": "tiny-random", "device": "cpu", "dtype": "float32", "tiny": {"seed": 0, "vocab_size": 512}}
+    assert roles.fingerprint(a) == roles.fingerprint({**a, "device": "cuda", "dtype": "bfloat16", "key": "judge.path"})
+    assert roles.fingerprint(a) != roles.fingerprint({**a, "tiny": {"seed": 1, "vocab_size": 512}})
+    assert roles.label(a) == "tiny-random (seed 0, vocab 512)"
+
+
+def test_a_stage_output_is_labelled_by_its_stage_and_fingerprinted_by_its_lineage(tmp_path):
+    cfg = compose_cfg("sl_train", [*TINY_ARGS, f"run_dir={tmp_path}"])
+    folder = tmp_path / "sl_train"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    write_manifest(folder, stage="sl_train", cfg=cfg, status="running", hash_keys=("seed", "sl_start"))
+    spec = {**roles.spec(cfg, "sl_start"), "path": str(folder / "model")}
+    assert roles.label(spec) == "sl_train/model"
+    before = roles.fingerprint(spec)
+    write_manifest(folder, stage="sl_train", cfg=compose_cfg("sl_train", [*TINY_ARGS, "seed=3"]), status="running",
+                   hash_keys=("seed", "sl_start"))
+    assert roles.fingerprint(spec) != before  # the stage reran on other settings: other weights
+
+
+def test_a_manifest_records_the_model_behind_each_role_the_stage_used(tmp_path):
+    cfg = compose_cfg("pipeline", TINY_ARGS)
+    written = write_manifest(tmp_path, stage="ppo", cfg=cfg, status="running", hash_keys=("seed", "policy", "labeler"),
+                             models={"labeler": None, "policy": {**roles.spec(cfg, "policy"), "path": "/x/sl_train/model"}})
+    assert set(written["roles"]) == {"policy"} and written["roles"]["policy"]["path"] == "/x/sl_train/model"
+    assert written["trust_remote_code"] is False
+
+
+@pytest.mark.parametrize("role_cfg, message", [
+    ({"path": "x", "pth": "y"}, "labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny)"),
+    ("big-model", "labeler must be a model spec (path, device, dtype, trust_remote_code, tiny), got 'big-model'"),
+])
+def test_a_malformed_role_is_one_line_naming_its_key(role_cfg, message):
+    with pytest.raises(StageInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        roles.spec({"model": {"path": "tiny-random"}, "labeler": role_cfg}, "labeler")
