@@ -42,6 +42,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cai import roles
 from cai.errors import InputError
 from cai.report import key_figures, write_report
 from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config, safe_name
@@ -137,9 +138,10 @@ def main(cfg: DictConfig) -> None:
     overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
     sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(cfg.run_dir) / "jobs" / _job_name(hc.job.override_dirname) if sweep else Path(cfg.run_dir)
-    try:
+    try:  # a malformed model role, or one that cannot load, is refused before any stage starts (cai.roles)
         plan = stage_keys(cfg, constitution_hash)
-    except InputError as e:  # a malformed model role (cai.roles), before any stage starts
+        roles.check_loadable(cfg, [r for r in roles.ROLES if any(r in facts(s).HASH_KEYS for s in cfg.stages)])
+    except InputError as e:
         raise SystemExit(f"cai.pipeline: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     # a sweep job links every stage, not only the ones it runs: a stage reads its upstream through these links

@@ -12,10 +12,14 @@ policy        model         sl_generate, ai_feedback, ppo, evaluate         answ
                                                                             pairs and starts RL when sl_train has not run;
                                                                             evaluate's ``base`` checkpoint
 reviser       policy        sl_generate                                     writes the critiques and revisions
-sl_start      policy        sl_train                                        the model SL-CAI fine-tunes
+sl_start      policy        sl_train; ai_feedback, ppo, evaluate            the model SL-CAI fine-tunes (later stages load
+                                                                            sl_train's model with its device, dtype and
+                                                                            trust_remote_code)
 labeler       model         ai_feedback, ppo (direct_rlaif), label_alignment  the AI comparisons and direct 1..10 ratings
-pm_backbone   policy        pm_pretrain, pm_finetune, ppo, evaluate         the preference model's backbone (ppo and
-                                                                            evaluate: the device and dtype of the PM)
+pm_backbone   sl_start      pm_pretrain, pm_finetune, ppo, evaluate         the preference model's backbone (ppo and
+                                                                            evaluate: the device and dtype of the PM);
+                                                                            PPO needs it to share the tokenizer of the
+                                                                            model it trains, sl_start's
 judge         labeler       evaluate                                        AI-judge win rates, harmlessness ratings,
                                                                             agreement with human labels
 ============  ============  ==============================================  =============================================
@@ -29,14 +33,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from cai.errors import StageInputError
 
 # role -> the role it falls back to (every chain ends at ``model``)
-ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "policy",
+ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "sl_start",
          "judge": "labeler"}
 SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def spec(cfg, role: str) -> dict:
@@ -44,8 +51,8 @@ def spec(cfg, role: str) -> dict:
     falls back to (``tiny`` merged key by key). ``key`` says which config key the path came from, for messages
     ("labeler.path", or "model.path" when the labeler falls back to the model)."""
     if role == "model":
-        return {**_plain(cfg["model"], "model"), "key": "model.path"}
-    own = _plain(cfg.get(role), role)
+        return {**_checked(_plain(cfg["model"], "model"), "model"), "key": "model.path"}
+    own = _checked(_plain(cfg.get(role), role), role)
     unknown = sorted(set(own) - set(SPEC_KEYS))
     if unknown:
         raise StageInputError(f"{role}.{unknown[0]}: not a model-role key (a role takes {', '.join(SPEC_KEYS)})")
@@ -60,8 +67,9 @@ def spec(cfg, role: str) -> dict:
 
 
 def identity(model_spec: dict) -> dict:
-    """What a config hash covers of a role: its resolved spec, without the key it was named by."""
-    return {k: v for k, v in model_spec.items() if k != "key"}
+    """What a config hash covers of a role: its resolved spec, without the key it was named by (and without the
+    ``tiny`` sizes unless it is a tiny-random model). Two roles of one identity can share one loaded model."""
+    return {k: v for k, v in model_spec.items() if k != "key" and (k != "tiny" or model_spec["path"] == "tiny-random")}
 
 
 def fingerprint(model_spec: dict) -> str:
@@ -94,6 +102,34 @@ def label(model_spec: dict) -> str:
 def describe(model_spec: dict) -> dict:
     """``{"model": label, "path": ..., "fingerprint": ...}``: what a manifest records of a role."""
     return {"model": label(model_spec), "path": str(model_spec["path"]), "fingerprint": fingerprint(model_spec)}
+
+
+def check_loadable(cfg, names) -> None:
+    """Load the tokenizer of each named role (a tiny-random one is built in-process: nothing to check), so a missing
+    folder or a tokenizer without a chat template is refused in one line naming the role's key before the pipeline's
+    first stage, not when the stage that reads the role is reached."""
+    from cai.models import load_tokenizer
+
+    checked = []
+    for name in names:
+        model_spec = spec(cfg, name)
+        if model_spec["path"] != "tiny-random" and model_spec["path"] not in checked:
+            load_tokenizer(model_spec)
+            checked.append(model_spec["path"])
+
+
+def _checked(own: dict, role: str) -> dict:
+    """The values a spec sets, checked here so a bad one is refused in one line naming ``<role>.<key>`` before any
+    stage starts (role keys are null by default, so the config's type check cannot see them)."""
+    checks = {"trust_remote_code": (lambda v: isinstance(v, bool), "true or false"),
+              "dtype": (lambda v: v in DTYPES, " | ".join(DTYPES)),
+              "device": (lambda v: isinstance(v, str) and bool(DEVICE.match(v)), "auto | cpu | cuda | cuda:N | mps"),
+              "path": (lambda v: isinstance(v, str) and bool(v), "a folder, a hub id, embedded or tiny-random"),
+              "tiny": (lambda v: isinstance(v, dict), "a mapping of tiny-random sizes")}
+    for key, (ok, expected) in checks.items():
+        if own.get(key) is not None and not ok(own[key]):
+            raise StageInputError(f"{role}.{key} must be {expected}, got {own[key]!r}")
+    return own
 
 
 def _plain(value, role: str) -> dict:

@@ -184,6 +184,10 @@ CASES = [
          "labeler.path='{tmp}/no-model': model folder does not exist"),
     Case("role-tokenizer-without-chat-template", "evaluate", ("judge.path={tmp}/plain",),
          "judge.path='{tmp}/plain': the tokenizer has no chat template", no_chat_template("plain")),
+    Case("role-path-missing-in-pipeline", "pipeline", ("judge.path={tmp}/no-model",),  # refused before the first stage
+         "cai.pipeline: judge.path='{tmp}/no-model': model folder does not exist", copies=STAGES),
+    Case("role-value-of-another-type", "sl_generate", ("reviser.dtype=bf16",),
+         "cai sl_generate: reviser.dtype must be auto | float32 | bfloat16 | float16 | float64, got 'bf16'"),
     Case("unknown-role-key", "sl_train", ("sl_start.pth={tmp}/m",),
          "cai sl_train: Could not override 'sl_start.pth': Key 'pth' is not in struct"),
     Case("unknown-role-key-added", "pipeline", ("+labeler.pth={tmp}/m",),

@@ -55,8 +55,19 @@ def test_option_tokens_on_real_tokenizer():
     assert tok.decode(context + [ids[1]]) == "The better response is (B"
 
 
-def test_soft_label_is_softmax_over_the_two_option_logprobs():
-    model, tok = load_policy(TINY)
+# a labeler unlike the policy: another seed and vocabulary, and a chat template of another shape than ChatML
+OTHER_TEMPLATE = ("{% for m in messages %}[{{ m['role'] | upper }}]: {{ m['content'] }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[ASSISTANT]: {% endif %}")
+
+
+@pytest.mark.parametrize("labeler", ["tiny", "other vocabulary and template"])
+def test_soft_label_is_softmax_over_the_two_option_logprobs(labeler):
+    if labeler == "tiny":
+        model, tok = load_policy(TINY)
+    else:
+        model, tok = load_policy({**TINY, "tiny": {**TINY["tiny"], "seed": 1, "vocab_size": 384}})
+        tok.chat_template = OTHER_TEMPLATE
+        assert len(tok) != len(load_tokenizer(TINY))
     judgement = judge_pairs(model, tok, CONSTITUTION, PAIRS[:1], n_principles=1, seed=0, progress=False)[0]
     # by hand: the prompt with a shown first, one forward pass, the last position's log-softmax
     from cai.constitution import comparison_messages
@@ -70,6 +81,7 @@ def test_soft_label_is_softmax_over_the_two_option_logprobs():
     a, b = tok.convert_tokens_to_ids(["A", "B"])
     expected = math.exp(logprobs[a]) / (math.exp(logprobs[a]) + math.exp(logprobs[b]))
     assert judgement.p_order_ab[0] == pytest.approx(expected, rel=1e-5)
+    assert ("[USER]: " in text) is (labeler != "tiny")  # the prompt was rendered with the labeler's own template
     assert judgement.p_a == pytest.approx(swap_average(judgement.p_order_ab[0], judgement.p_order_ba[0]))
 
 

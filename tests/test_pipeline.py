@@ -68,7 +68,7 @@ def test_stage_keys_follow_the_roles_each_stage_reads():
         return {s for s in STAGES if other[s]["key"] != keys[s]["key"]}
 
     assert changed("judge.tiny.seed=5") == {"evaluate"}
-    assert changed("sl_start.path=/models/pretrained") == {"sl_train", "ai_feedback", "pm_finetune", "ppo", "evaluate"}
+    assert changed("sl_start.path=/models/pretrained") == set(STAGES) - {"sl_generate"}  # the PM backbone follows it
     assert changed("pm_backbone.dtype=bfloat16") == {"pm_pretrain", "pm_finetune", "ppo", "evaluate"}
     assert changed("reviser.path=/models/helpful") == set(STAGES) - {"pm_pretrain"}
     assert changed("policy.path=tiny-random") == set()  # naming the model a role falls back to changes nothing

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import compose_cfg
 
@@ -78,5 +80,43 @@ def test_a_manifest_records_the_model_behind_each_role_the_stage_used(tmp_path):
     ("big-model", "labeler must be a model spec (path, device, dtype, trust_remote_code, tiny), got 'big-model'"),
 ])
 def test_a_malformed_role_is_one_line_naming_its_key(role_cfg, message):
-    with pytest.raises(StageInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(StageInputError, match=re.escape(message)):
         roles.spec({"model": {"path": "tiny-random"}, "labeler": role_cfg}, "labeler")
+
+
+def test_evaluate_names_each_circular_reading(tmp_path):
+    """evaluate.circular_readings, on hand-written manifests: the judge is ai_feedback's labeler; the judge rated PPO's
+    responses as its direct-RLAIF reward; the PM score is PPO's own reward. Another judge or PM: no note."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from cai.stages.evaluate import circular_readings
+
+    def manifest(stage: str, **fields) -> None:
+        (tmp_path / stage).mkdir(exist_ok=True)
+        (tmp_path / stage / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete", **fields}))
+
+    cfg, s = OmegaConf.create({"run_dir": str(tmp_path)}), OmegaConf.create({})
+    manifest("ai_feedback", roles={"labeler": {"fingerprint": "L"}})
+    manifest("ppo", reward="pm", reward_fingerprint="P", roles={})
+    assert circular_readings(cfg, "J", "Q", ["base", "ppo"], s=s) == []
+    judge, pm = circular_readings(cfg, "L", "P", ["base", "ppo"], s=s)
+    assert judge.startswith("The judge is the model that labeled ai_feedback's pairs")
+    assert pm.startswith("The PM score is read with the PM that PPO optimised") and "evaluate.reward_model" in pm
+    assert circular_readings(cfg, "J", "P", ["base", "sl_train"], s=s) == []  # no ppo checkpoint among them
+    manifest("ppo", reward="direct_rlaif", reward_fingerprint="direct_rlaif:c", roles={"labeler": {"fingerprint": "L"}})
+    assert [n.split(":")[0] for n in circular_readings(cfg, "L", "P", ["ppo"], s=s)] == [
+        "The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL policy)",
+        "The judge is the labeler whose direct 1-10 ratings were PPO's reward"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("judge.trust_remote_code=no", "judge.trust_remote_code must be true or false, got 'no'"),
+    ("labeler.dtype=bf16", "labeler.dtype must be auto | float32 | bfloat16 | float16 | float64, got 'bf16'"),
+    ("policy.device=gpu", "policy.device must be auto | cpu | cuda | cuda:N | mps, got 'gpu'"),
+])
+def test_a_bad_role_value_is_one_line_naming_its_key(override, message):
+    cfg = compose_cfg("pipeline", [*TINY_ARGS, override])
+    with pytest.raises(StageInputError, match=re.escape(message)):
+        config_hash(cfg, tuple(roles.ROLES))

@@ -50,7 +50,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ai_feedback"
 UPSTREAM = ("sl_train",)
-HASH_KEYS = ("seed", "policy", "labeler", "constitution", "data", "generation", STAGE)
+HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 
 
@@ -76,8 +76,9 @@ def run(cfg: DictConfig) -> Path:
     # Step 2: which policy samples the responses: the SL-CAI model when it exists, else the policy role.
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
     policy_spec, labeler_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "labeler")
-    if is_complete(sl_model.parent) and sl_model.is_dir():
-        policy_spec, policy_fingerprint = {**policy_spec, "path": str(sl_model), "key": None}, input_fingerprint(sl_model)
+    if is_complete(sl_model.parent) and sl_model.is_dir():  # loaded with the settings of the model SL fine-tuned
+        policy_spec = {**roles.spec(cfg, "sl_start"), "path": str(sl_model), "key": None}
+        policy_fingerprint = input_fingerprint(sl_model)
     else:
         policy_fingerprint = "role:" + roles.fingerprint(policy_spec)
     out = stage_dir(cfg.run_dir, STAGE)
@@ -91,7 +92,7 @@ def run(cfg: DictConfig) -> Path:
     from cai.models import load_policy
 
     labeler, tok = load_policy(labeler_spec)
-    same_model = roles.fingerprint(policy_spec) == roles.fingerprint(labeler_spec)
+    same_model = roles.identity(policy_spec) == roles.identity(labeler_spec)
     policy, policy_tok = (labeler, tok) if same_model else load_policy(policy_spec)
 
     # Step 4: resume or start over, as in sl_generate.
@@ -99,7 +100,8 @@ def run(cfg: DictConfig) -> Path:
         shutil.rmtree(shards_dir, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
-                    policy=str(policy_spec["path"]), policy_fingerprint=policy_fingerprint, models={"policy": policy_spec})
+                    policy=str(policy_spec["path"]), policy_fingerprint=policy_fingerprint,
+                    models={"policy": policy_spec, "sl_start": None})  # the model that sampled, whichever role it came from
     write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
 
     # Step 5: shard by shard (cai.shards): sample pairs, judge them, save.

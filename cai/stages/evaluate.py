@@ -70,7 +70,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 STAGE = "evaluate"
 # sl_generate: the report's examples; ai_feedback and ppo: which prompts training used (held out here)
 UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")
-HASH_KEYS = ("seed", "policy", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
+HASH_KEYS = ("seed", "policy", "sl_start", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 STAGE_CHECKPOINTS = ("sl_train", "ppo")
 
@@ -123,7 +123,9 @@ def run(cfg: DictConfig) -> dict:
     if not same:  # another config's replies must not be reused
         for old in responses_dir.glob("*.jsonl"):
             old.unlink()
-    models = {"policy": checkpoints["base"][0] if "base" in checkpoints else None, "pm_backbone": pm_spec, "judge": judge_spec}
+    # the models behind the roles (sl_start's settings load sl_train's and ppo's checkpoints, listed in results.json)
+    models = {"policy": checkpoints["base"][0] if "base" in checkpoints else None, "sl_start": None, "pm_backbone": pm_spec,
+              "judge": judge_spec}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash, models=models, **inputs)
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
@@ -331,7 +333,8 @@ def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
         if not is_complete(folder) or not (folder / "model").is_dir():
             raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {folder} holds no complete {name} run; run that "
                                   f"stage first or drop it from {STAGE}.checkpoints")
-        return {**base, "path": str(folder / "model"), "key": None}, input_fingerprint(folder)
+        # sl_train's model and ppo's (trained from it) load with the settings of the model SL fine-tuned
+        return {**roles.spec(cfg, "sl_start"), "path": str(folder / "model"), "key": None}, input_fingerprint(folder)
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")

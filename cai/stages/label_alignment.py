@@ -69,6 +69,7 @@ def run(cfg: DictConfig) -> dict:
     out = stage_dir(cfg.run_dir, STAGE)
     atomic_write_json(out / "metrics.json", metrics)
     write_manifest(out, stage=STAGE, cfg=cfg, status="complete", constitution_hash=constitution.hash,
+                   models={**{role: None for role in roles.ROLES}, "labeler": labeler},  # the only model it loads
                    counts={"pairs": len(pairs), **{f"skipped_{k}": v for k, v in skipped.items()}},
                    timings={"total_s": metrics["seconds"]},
                    summary=stage_summary(f"{len(pairs)} pairs", f"alignment {metrics['alignment']:.3f}", **{

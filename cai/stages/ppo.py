@@ -63,7 +63,7 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ppo"
 UPSTREAM = ("sl_train", "pm_finetune")
-HASH_KEYS = ("seed", "policy", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
+HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
 REWARDS = ("pm", "direct_rlaif", "custom")
 
@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> Path:
     checkpoints = out / "checkpoints"
     loaded = {"policy": policy, "reference": reference, "value": value_model, **reward_models}
     # the models behind the roles: the policy's start, the PM (reward=pm) or the labeler (direct_rlaif)
-    models = {"policy": policy_cfg, "pm_backbone": reward.value_start if s.reward == "pm" else None,
+    models = {"policy": policy_cfg, "sl_start": None, "pm_backbone": reward.value_start if s.reward == "pm" else None,
               "labeler": reward.labeler_cfg if s.reward == "direct_rlaif" else None}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
                     policy=policy_cfg["path"], reward=s.reward, models=models, **inputs,
@@ -399,7 +399,8 @@ def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
         return {**base, "path": str(Path(s.policy).expanduser()), "key": f"{STAGE}.policy"}, input_fingerprint(s.policy)
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
     if is_complete(sl_model.parent) and sl_model.is_dir():
-        return {**base, "path": str(sl_model), "key": None}, input_fingerprint(sl_model)
+        # loaded with the settings of the model SL fine-tuned
+        return {**roles.spec(cfg, "sl_start"), "path": str(sl_model), "key": None}, input_fingerprint(sl_model)
     return base, "role:" + roles.fingerprint(base)
 
 

@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> Path:
 
     policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
     policy = load_policy(policy_spec)
-    reviser = policy if roles.fingerprint(reviser_spec) == roles.fingerprint(policy_spec) else load_policy(reviser_spec)
+    reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_policy(reviser_spec)
 
     # Step 4: resume when the previous attempt had the same config and constitution; else start over.
     if not same:  # another config's shards and metrics must not be mixed in
