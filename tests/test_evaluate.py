@@ -43,3 +43,30 @@ def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_resu
     assert {k: v[2] for k, v in replies.items()} == {k: v[2] for k, v in file_stamps(clean / "responses", "*.jsonl").items()}
     assert (out / "examples.jsonl").read_bytes() == (clean / "examples.jsonl").read_bytes()
     assert load_from_disk(str(out / "dataset")).to_list() == load_from_disk(str(clean / "dataset")).to_list()
+
+
+def test_a_judge_at_chance_on_human_pairs_is_said_to_be():
+    from cai.stages.evaluate import judge_at_chance
+
+    [note] = judge_at_chance({"n": 40, "alignment": 0.525, "pairs_file": "/x/helpful_pairs.jsonl"})
+    assert note.startswith("The judge is at chance on the 40 human-labeled pairs it was checked against (helpful_pairs.jsonl)")
+    assert "agreement 0.53, 95 % interval 0.37-0.67" in note
+    assert judge_at_chance({"n": 40, "alignment": 0.8, "pairs_file": "p"}) == []  # 0.65 .. 0.90: better than a coin
+    assert judge_at_chance(None) == []
+
+
+def test_a_plot_of_fewer_than_three_points_shows_bars_with_their_values():
+    """A held-out accuracy measured once is a labelled bar, not a lone point on an empty axis."""
+    import io
+
+    from PIL import Image
+
+    from cai.report import _line_plot
+
+    def bar_pixels(png: bytes) -> int:
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        return sum(1 for p in image.getdata() if p == (0x4C, 0x78, 0xA8))  # the bars' colour
+
+    one = _line_plot({"held-out accuracy": ([4], [0.75])}, "pm_pretrain: held-out accuracy", "step", ylim=(0, 1))
+    many = _line_plot({"held-out accuracy": ([1, 2, 3], [0.5, 0.6, 0.75])}, "t", "step", ylim=(0, 1), marker="o")
+    assert bar_pixels(one) > 2000 and bar_pixels(many) < 200

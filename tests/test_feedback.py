@@ -38,6 +38,17 @@ class _StubTokenizer:
         return {"input_ids": self.table[text]}
 
 
+def test_human_pairs_in_plain_text_are_read():
+    """cai's built-in helpfulness pairs (prompt, chosen and rejected as text): evaluate.pairs=builtin."""
+    from cai.feedback import read_human_pairs
+    from cai.preference import BUILTIN_HUMAN
+
+    pairs, skipped = read_human_pairs(BUILTIN_HUMAN)
+    assert len(pairs) == 40 and not skipped
+    assert pairs[0].conversation == [{"role": "user", "content": "Explain what a mortgage is in simple terms."}]
+    assert pairs[0].response_a.startswith("A mortgage is a loan") and pairs[0].response_b.startswith("A mortgage is a financial")
+
+
 def test_option_tokens_split_and_merged():
     split = _StubTokenizer({"x (A": [1, 2, 7], "x (B": [1, 2, 8]})      # " (" then "A": SmolLM2's way
     assert option_tokens(split, "x (", "AB") == ([1, 2], [7, 8])

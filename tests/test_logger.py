@@ -93,6 +93,26 @@ def test_wandb_offline_run_in_the_stage_folder(tmp_path, monkeypatch):
     assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0]
 
 
+def test_wandb_run_carries_the_stage_config_and_a_failure_exit_code(tmp_path, monkeypatch):
+    """The run's config is the stage's resolved config (from the manifest the stage wrote first); a stage that ends in
+    a one-line error (``run_stage`` calls ``fail_open_runs``) is recorded with exit code 1, not 0."""
+    from cai.runio import fail_open_runs, write_manifest
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    folder = tmp_path / "ppo"
+    write_manifest(folder, stage="ppo", cfg=compose_cfg("ppo", ["debug=tiny"]), status="running")
+    metrics = MetricsWriter(folder, logger=WANDB, run_name="ppo")
+    metrics.log(step=1, score=0.5)
+    fail_open_runs()  # what a stage error does: the writer is never closed
+    [run] = (folder / "wandb").glob("offline-run-*")
+    [records] = run.glob("run-*.wandb")
+    records = _wandb_records(records)
+    config = {i.key: json.loads(i.value_json) for r in records if r.HasField("run") for i in r.run.config.update}
+    assert config["ppo"]["kl_coef"] == 0.05 and config["model"]["path"] == "tiny-random"
+    assert [r.exit.exit_code for r in records if r.HasField("exit")] == [1]
+
+
 def test_unknown_logger_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"logger.name must be one of jsonl, tensorboard, wandb, got 'mlflow'"):
         MetricsWriter(tmp_path, logger={"name": "mlflow"})

@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
 from cai.pipeline import STAGES, launch_command, stage_keys, up_to_date
-from cai.runio import config_hash, read_manifest
+from cai.runio import config_hash, read_manifest, read_metrics
+from cai.stages.evaluate import judge_at_chance
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 
@@ -87,9 +88,13 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
     results = json.loads((tiny_run / "evaluate" / "results.json").read_text())
     names = ["base", "sl_train", "ppo"]
     assert list(results["checkpoints"]) == names
-    for name, entry in results["checkpoints"].items():
-        assert {"elo", "pm_score", "harmless_rate", "judge_rating", "response_tokens", "eos_rate"} <= set(entry), name
-        assert 0 <= entry["harmless_rate"] <= 1 and -1 <= entry["judge_rating"] <= 1
+    for entry in results["checkpoints"].values():
+        assert {"elo", "pm_score", "harmless_rate", "judge_rating", "judge_rating_sd", "response_tokens", "eos_rate"} <= set(entry)
+        assert 0 <= entry["harmless_rate"] <= 1 and -1 <= entry["judge_rating"] <= 1 and 0 <= entry["judge_rating_sd"] <= 1
+    # the figures as metrics rows too (what TensorBoard and W&B mirror): one per checkpoint, in order
+    rows = read_metrics(tiny_run / "evaluate")
+    assert [(r["step"], r["checkpoint"]) for r in rows] == list(enumerate(names))
+    assert [r["elo"] for r in rows] == [results["checkpoints"][n]["elo"] for n in names] and "win_rate_vs_base" in rows[2]
     for a in names:
         for b in names:
             if a != b:
@@ -98,9 +103,11 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
     assert results["games"] == 3 * (results["prompts"]["red_team"] + results["prompts"]["helpful"])
     manifest = read_manifest(tiny_run / "evaluate")
     assert manifest["status"] == "complete" and manifest["counts"]["held_out_overlap"] == 0
-    # debug=tiny's judge is not the labeler; the PM score is read with ppo's own reward model, and says so
-    assert results["judge"] == "tiny-random (seed 2, vocab 448)" and len(results["notes"]) == 1
+    # debug=tiny's judge is not the labeler; the PM score is read with ppo's own reward model, and says so; the judge
+    # was checked against cai's built-in human pairs (evaluate.pairs=builtin), and a note says whether it is at chance
+    assert results["judge"] == "tiny-random (seed 2, vocab 448)" and results["alignment"]["n"] == 40
     assert results["notes"][0].startswith("The PM score is read with the PM that PPO optimised as its reward")
+    assert results["notes"][1:] == judge_at_chance(results["alignment"])
     from datasets import load_from_disk
 
     rows = load_from_disk(str(tiny_run / "evaluate" / "dataset"))
@@ -132,7 +139,9 @@ def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
     page = (tiny_sweep / "compare.html").read_text()  # above jobs/, so a later jobs/* glob does not pick it up
     for job in jobs:
         assert f"<td>{job.name}</td>" in page
-    assert "ppo.kl_coef=0.05" in page and "ppo.kl_coef=0.1" in page and "<h2>PPO</h2>" in page
+    # one column per key the sweep varied (and none for the keys every job shares)
+    assert "<th>ppo.kl_coef</th>" in page and "<td class=num>0.05</td>" in page and "<td class=num>0.1</td>" in page
+    assert "<th>debug</th>" not in page and "<h2>PPO</h2>" in page
     copy = copy_stages(jobs[0], tmp_path / "copy", ["sl_generate", "sl_train"])
     result = run_module("cai.cli", "report", str(copy))
     assert result.returncode == 0 and (copy / "report.html").exists()
@@ -236,7 +245,8 @@ def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
     assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
     assert "judge vs human labels" in result.stdout
     # no ppo checkpoint: the PM score is not circular; the judge is
-    assert len(results["notes"]) == 1 and results["notes"][0].startswith("The judge is the model that labeled ai_feedback's")
+    assert results["notes"][0].startswith("The judge is the model that labeled ai_feedback's")
+    assert results["notes"][1:] == judge_at_chance(results["alignment"])
     assert "note: The judge is the model that labeled" in result.stdout
     assert read_manifest(run_dir / "evaluate")["roles"]["judge"] == read_manifest(run_dir / "ai_feedback")["roles"]["labeler"]
     assert not (run_dir / "evaluate" / "examples.jsonl").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -79,9 +80,13 @@ def test_ppo_against_the_tiny_pm(tiny_run, tmp_path):
     start = AutoModelForCausalLM.from_pretrained(run_dir / "sl_train" / "model")
     assert not torch.equal(policy.lm_head.weight, start.lm_head.weight)
     assert "already complete" in run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}").stdout
-    rerun = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.kl_coef=0.2")
+    rerun = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.kl_coef=0.2", "progress=true")
     assert rerun.returncode == 0 and "already complete" not in rerun.stdout
-    assert read_metrics(out)[0]["kl_coef"] == 0.2
+    metrics = read_metrics(out)
+    assert metrics[0]["kl_coef"] == 0.2
+    # every render of the progress bar shows the values of the step it counts, not the step before
+    shown = [(int(n), float(score)) for n, score in re.findall(r"(\d+)/4 \[[^\]]*score=([-\d.]+)", rerun.stderr)]
+    assert shown and all(score == pytest.approx(metrics[n - 1]["score"], abs=5e-4) for n, score in shown), shown
 
 
 def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from cai.ratings import ELO_MEAN, elo_ratings, win_rates
+from cai.ratings import ELO_MEAN, elo_ratings, wilson_interval, win_rates
 
 
 def logistic(x: float) -> float:
@@ -49,3 +49,11 @@ def test_win_rates_fill_both_directions():
     rates = win_rates([("a", "b", 0.75), ("b", "a", 0.5), ("a", "c", 0.2)])
     assert rates[("a", "b")] == pytest.approx(0.625) and rates[("b", "a")] == pytest.approx(0.375)
     assert rates[("c", "a")] == pytest.approx(0.8)
+
+
+def test_wilson_interval_by_hand():
+    # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 1.96^2 / 40000) / (1 + 1.96^2 / 100) = 0.09617
+    assert wilson_interval(50, 100) == pytest.approx((0.40383, 0.59617), abs=1e-5)
+    # 8 of 10 (the textbook case): 0.4902 .. 0.9433 — still holds 0.5
+    assert wilson_interval(8, 10) == pytest.approx((0.49016, 0.94332), abs=1e-5)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)

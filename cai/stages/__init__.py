@@ -40,7 +40,7 @@ def run_stage(stage: str, fn, cfg) -> None:
     cleared first. A full disk ends the stage in one line too; what was complete before stays readable, since
     every write is atomic. Anything else is a bug and keeps its traceback.
     """
-    from cai.runio import disk_full, first_line, hold_stage, stage_dir
+    from cai.runio import disk_full, fail_open_runs, first_line, hold_stage, stage_dir
 
     try:
         check_types(cfg)
@@ -52,10 +52,12 @@ def run_stage(stage: str, fn, cfg) -> None:
         with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
             fn(cfg)
     except (InputError, StageError) as e:  # StageBusy is a StageError
+        fail_open_runs()
         raise SystemExit(f"cai {stage}: {e}") from None
     except Exception as e:
         if not disk_full(e):
             raise
+        fail_open_runs()
         raise SystemExit(f"cai {stage}: no space left on the device ({first_line(e)}); the outputs completed before "
                          f"are intact: free some space and run the same command to go on") from None
     finally:

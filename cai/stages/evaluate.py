@@ -49,7 +49,8 @@ from cai.data import load_prompts, prompt_order
 from cai.errors import StageInputError
 from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, read_human_pairs
 from cai.generation import derive_seed, generate
-from cai.ratings import elo_ratings, win_rates
+from cai.preference import BUILTIN_HUMAN
+from cai.ratings import elo_ratings, wilson_interval, win_rates
 from cai.runio import (
     atomic_write_json,
     atomic_write_text,
@@ -105,7 +106,8 @@ def run(cfg: DictConfig) -> dict:
                           cfg.data.hh_context, key=f"{STAGE}.num_helpful", held_out=True)
     overlap = _overlap_with_training(cfg, items)
     examples, examples_fingerprint = _sl_examples(cfg, s.num_examples)
-    human_pairs, human_skipped = read_human_pairs(Path(s.pairs), s.pairs_limit) if s.pairs else ([], {})
+    pairs_path = BUILTIN_HUMAN if s.pairs == "builtin" else Path(s.pairs) if s.pairs else None
+    human_pairs, human_skipped = read_human_pairs(pairs_path, s.pairs_limit) if pairs_path else ([], {})
     if s.pairs and not human_pairs:
         raise StageInputError(f"{STAGE}.pairs={s.pairs}: no usable pairs ({human_skipped or 'empty file'})")
 
@@ -145,12 +147,13 @@ def run(cfg: DictConfig) -> dict:
     games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, comparison, harmless,
                                               human_pairs, s=s, cfg=cfg)
     if alignment is not None:
-        alignment.update(skipped=human_skipped, pairs_file=str(s.pairs))
+        alignment.update(skipped=human_skipped, pairs_file=str(pairs_path))
 
     # Step 5: the figures, the per-reply dataset, then the manifest (last).
     results = figures(names, items, replies, pm_scores, games, ratings, s=s)
     results.update(judged=judged, alignment=alignment, judge=roles.label(judge_spec),
-                   notes=circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s),
+                   notes=circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s)
+                   + judge_at_chance(alignment),
                    prompts={"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap})
     for name in names:
         results["checkpoints"][name]["source"] = checkpoints[name][0]["path"]
@@ -166,6 +169,7 @@ def run(cfg: DictConfig) -> dict:
         "revisions": row["revisions"], "principle_ids": row["principle_ids"],
         "replies": {name: example_replies[name][k]["text"] for name in names}}) + "\n" for k, row in enumerate(examples)))
     atomic_write_json(out / "results.json", results)
+    log_figures(out, results, logger=cfg.logger)
     last = names[-1]
     elo = {n: results["checkpoints"][n]["elo"] for n in names}
     write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": judged},
@@ -257,17 +261,18 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
 
 
 def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games: list, ratings: dict, *, s) -> dict:
-    """Per checkpoint: Elo, harmless rate, mean judge rating, reply length, EOS rate and PM score (overall and per
-    prompt kind); the win-rate matrix (row beats column)."""
+    """Per checkpoint: Elo, harmless rate, the judge's harmlessness ratings (mean and standard deviation), reply length,
+    EOS rate and PM score (overall and per prompt kind); the win-rate matrix (row beats column)."""
     elo = elo_ratings(games, names)
     rates = win_rates(games)
     results = {"checkpoints": {}, "win_rate": {a: {b: round(rates[(a, b)], 4) for b in names if (a, b) in rates} for a in names},
-               "games": len(games)}
+               "games": len(games), "harmless_threshold": s.harmless_threshold}
     for name in names:
         rows = replies[name]
         entry = {"elo": round(elo[name], 1),
                  "harmless_rate": _mean([float(v > s.harmless_threshold) for v in ratings[name] if v is not None]),
                  "judge_rating": _mean([v for v in ratings[name] if v is not None]),
+                 "judge_rating_sd": _sd([v for v in ratings[name] if v is not None]),
                  "response_tokens": _mean([r["tokens"] for r in rows]),
                  "eos_rate": _mean([float(r["finished"]) for r in rows])}
         if name in pm_scores:
@@ -276,6 +281,35 @@ def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games
                 entry[f"pm_score_{kind}"] = _mean([v for v, it in zip(pm_scores[name], items) if it.kind == kind])
         results["checkpoints"][name] = entry
     return results
+
+
+def log_figures(out: Path, results: dict, *, logger) -> None:
+    """``metrics.jsonl``: one row of numbers per checkpoint (``step`` = its place in ``evaluate.checkpoints``), mirrored
+    to TensorBoard or W&B by the logger like the training stages' rows; rewritten whole each run."""
+    from cai.runio import MetricsWriter
+
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsWriter(out, logger=logger, run_name=STAGE)
+    names = list(results["checkpoints"])
+    for step, (name, entry) in enumerate(results["checkpoints"].items()):
+        numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics.log(step=step, checkpoint=name, **numbers,
+                    **({f"win_rate_vs_{names[0]}": results["win_rate"][name][names[0]]} if step else {}))
+    metrics.close()
+
+
+def judge_at_chance(alignment: dict | None) -> list[str]:
+    """A note when the judge's agreement with the human-labeled pairs it was checked against is consistent with a coin
+    flip (its 95 % Wilson interval holds 0.5): its win rates and ratings are then not evidence either way."""
+    if not alignment or not alignment.get("n"):
+        return []
+    n, share = alignment["n"], alignment["alignment"]
+    low, high = wilson_interval(share * n, n)
+    if not low <= 0.5 <= high:
+        return []
+    return [f"The judge is at chance on the {n} human-labeled pairs it was checked against ({Path(alignment['pairs_file']).name}): "
+            f"agreement {share:.2f}, 95 % interval {low:.2f}-{high:.2f}, which holds 0.5. Its win rates, Elo and harmlessness "
+            f"ratings here are not evidence either way; use a stronger judge (judge.path)."]
 
 
 def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: str | None, names: list[str], *, s) -> list[str]:
@@ -304,11 +338,12 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
 def format_table(results: dict) -> str:
     """The per-checkpoint figures and the win-rate matrix as text."""
     names = list(results["checkpoints"])
-    head = f"{'checkpoint':<14} {'elo':>7} {'pm score':>9} {'harmless':>9} {'judge':>7} {'tokens':>7} {'eos':>5}"
+    head = f"{'checkpoint':<14} {'elo':>7} {'pm score':>9} {'harmless':>9} {'judge':>7} {'± sd':>6} {'tokens':>7} {'eos':>5}"
     lines = [head, "-" * len(head)]
     for name, m in results["checkpoints"].items():
         pm = f"{m['pm_score']:>9.3f}" if "pm_score" in m else f"{'-':>9}"
         lines.append(f"{name[:14]:<14} {m['elo']:>7.1f} {pm} {_fmt(m['harmless_rate'], 9)} {_fmt(m['judge_rating'], 7)} "
+                     f"{_fmt(m.get('judge_rating_sd'), 6)} "
                      f"{m['response_tokens']:>7.1f} {m['eos_rate']:>5.2f}")
     if len(names) > 1:
         lines += ["", "win rate (row beats column, AI judge, both orders):", " " * 14 + "".join(f"{n[:10]:>11}" for n in names)]
@@ -407,6 +442,15 @@ def _file_name(name: str) -> str:
 def _mean(values) -> float | None:
     values = list(values)
     return round(sum(values) / len(values), 4) if values else None
+
+
+def _sd(values) -> float | None:
+    """The population standard deviation (the spread of the ratings themselves, not of their mean)."""
+    values = list(values)
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    return round((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5, 4)
 
 
 def _fmt(value, width: int) -> str:

@@ -182,8 +182,8 @@ def run(cfg: DictConfig) -> Path:
             for i in range(min(2, len(rows))):
                 samples.log(step=step + 1, prompt=items[rows[i]].prompt, response=completions[i].text,
                             score=round(raw[i].item(), 4), eos=bool(ro.has_eos[i]))
+        bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)  # shown with this step's update
         bar.update(1)
-        bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}")
         if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
             distributed.save_checkpoint(engines, checkpoints, step + 1,
                                         {"step": step + 1, "rng": distributed.rng_state(), "kl": kl_ctl.state()})
