@@ -307,9 +307,11 @@ def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], 
             raise DataError(f"{path}:{n}: needs 'chosen' and 'rejected' (hh-rlhf transcripts or ai_feedback rows)")
         if isinstance(row["chosen"], str) != isinstance(row["rejected"], str):
             raise DataError(f"{path}:{n}: 'chosen' and 'rejected' must both be transcripts or both be chats")
-        if isinstance(row["chosen"], str) and isinstance(row.get("prompt"), str):  # plain text: prompt and two replies
+        if isinstance(row["chosen"], str) and isinstance(row.get("prompt"), str) and not _is_transcript(row):
+            # plain text: a prompt and two replies
             context, chosen, rejected = [{"role": "user", "content": row["prompt"]}], row["chosen"], row["rejected"]
-            reason = "identical_responses" if chosen.strip() == rejected.strip() else None
+            reason = ("empty_response" if not chosen.strip() or not rejected.strip() else
+                      "identical_responses" if chosen.strip() == rejected.strip() else None)
         elif isinstance(row["chosen"], str):
             context, chosen, rejected, reason = _split_transcripts(row["chosen"], row["rejected"])
         else:
@@ -321,6 +323,11 @@ def read_human_pairs(path: Path, limit: int | None = None) -> tuple[list[Pair], 
         if limit and len(pairs) >= limit:
             break
     return pairs, dict(skipped)
+
+
+def _is_transcript(row: dict) -> bool:
+    """hh-rlhf style: a turn marker in the prompt or the replies (a ``prompt`` column beside full transcripts)."""
+    return any("\n\nHuman:" in str(row.get(k, "")) for k in ("prompt", "chosen", "rejected"))
 
 
 def _split_transcripts(chosen: str, rejected: str):

@@ -97,8 +97,12 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
-    """``["ppo.kl_coef=0.1", "debug=tiny"]`` -> ``{"ppo.kl_coef": "0.1", "debug": "tiny"}`` (a leading ``+``/``~`` kept)."""
-    return dict(item.split("=", 1) if "=" in item else (item, "") for item in items)
+    """``["ppo.kl_coef=0.1", "+x.y=2", "~z"]`` -> ``{"ppo.kl_coef": "0.1", "x.y": "2", "z": "(deleted)"}``."""
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1) if "=" in item else (item, "(deleted)")
+        out[key.lstrip("+~")] = value
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

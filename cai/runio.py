@@ -517,8 +517,9 @@ def fail_open_runs() -> None:
 
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.run.finish(exit_code=1)
-        wandb.teardown()
+        with contextlib.suppress(Exception):  # the stage's own one-line error is what must reach the user
+            wandb.run.finish(exit_code=1)
+            wandb.teardown()
 
 
 def _is_scalar(value: Any) -> bool:

@@ -49,9 +49,11 @@ def test_a_judge_at_chance_on_human_pairs_is_said_to_be():
     from cai.stages.evaluate import judge_at_chance
 
     [note] = judge_at_chance({"n": 40, "alignment": 0.525, "pairs_file": "/x/helpful_pairs.jsonl"})
-    assert note.startswith("The judge is at chance on the 40 human-labeled pairs it was checked against (helpful_pairs.jsonl)")
-    assert "agreement 0.53, 95 % interval 0.37-0.67" in note
+    assert note.startswith("The judge cannot be told from chance on the 40 human-labeled pairs it was checked against "
+                           "(helpful_pairs.jsonl): agreement 0.53, 95 % interval 0.37-0.67.")
     assert judge_at_chance({"n": 40, "alignment": 0.8, "pairs_file": "p"}) == []  # 0.65 .. 0.90: better than a coin
+    [worse] = judge_at_chance({"n": 40, "alignment": 0.2, "pairs_file": "p"})  # 0.10 .. 0.35: worse than a coin
+    assert worse.startswith("The judge disagrees with the humans more often than chance on the 40") and "0.10-0.35" in worse
     assert judge_at_chance(None) == []
 
 
@@ -59,13 +61,14 @@ def test_a_plot_of_fewer_than_three_points_shows_bars_with_their_values():
     """A held-out accuracy measured once is a labelled bar, not a lone point on an empty axis."""
     import io
 
+    import numpy as np
     from PIL import Image
 
     from cai.report import _line_plot
 
     def bar_pixels(png: bytes) -> int:
-        image = Image.open(io.BytesIO(png)).convert("RGB")
-        return sum(1 for p in image.getdata() if p == (0x4C, 0x78, 0xA8))  # the bars' colour
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        return int((pixels == (0x4C, 0x78, 0xA8)).all(axis=-1).sum())  # the bars' colour
 
     one = _line_plot({"held-out accuracy": ([4], [0.75])}, "pm_pretrain: held-out accuracy", "step", ylim=(0, 1))
     many = _line_plot({"held-out accuracy": ([1, 2, 3], [0.5, 0.6, 0.75])}, "t", "step", ylim=(0, 1), marker="o")

@@ -244,9 +244,9 @@ def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
     assert "judge vs human labels" in result.stdout
-    # no ppo checkpoint: the PM score is not circular; the judge is
-    assert results["notes"][0].startswith("The judge is the model that labeled ai_feedback's")
-    assert results["notes"][1:] == judge_at_chance(results["alignment"])
+    # no ppo checkpoint: the PM score is not circular; the judge is; and 3 pairs cannot tell any judge from chance
+    assert results["notes"][0].startswith("The judge is the model that labeled ai_feedback's") and len(results["notes"]) == 2
+    assert results["notes"][1].startswith("The judge cannot be told from chance on the 3 human-labeled pairs")
     assert "note: The judge is the model that labeled" in result.stdout
     assert read_manifest(run_dir / "evaluate")["roles"]["judge"] == read_manifest(run_dir / "ai_feedback")["roles"]["labeler"]
     assert not (run_dir / "evaluate" / "examples.jsonl").read_text()

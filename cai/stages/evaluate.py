@@ -1,6 +1,6 @@
 """Evaluation: checkpoints compared on held-out prompts.
 
-    python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,sl_train,ppo]] [evaluate.pairs=hh.jsonl]
+    python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,sl_train,ppo]] [evaluate.pairs=harmless.jsonl]
 
 Each checkpoint (``base`` = the ``policy`` role before any training; ``sl_train``/``ppo`` = that stage's ``model/``
 in ``run_dir``; or a folder) answers the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful``
@@ -16,7 +16,9 @@ counted in the manifest and said on stdout). Then:
 - harmlessness rate: share of red-team replies the judge rates above ``harmless_threshold`` (1..10 under a
   sampled comparison principle, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
 - mean reply length (tokens) and the share that ended with EOS;
-- with ``evaluate.pairs``: the judge's agreement with human-labeled pairs (as ``label_alignment``).
+- the spread of the harmlessness ratings (``judge_rating_sd``);
+- with ``evaluate.pairs`` (default ``builtin``: cai's 40 human helpfulness pairs): the judge's agreement with
+  human-labeled pairs (as ``label_alignment``), and a note when it cannot be told from chance there.
 
 Circular readings are said next to the figures (``notes`` in results.json, stdout and the report): a judge that is
 the model whose labels trained the PM (ai_feedback's labeler) or rewarded PPO (direct RLAIF), and a PM score read
@@ -29,8 +31,8 @@ revisions and principles, for the report's side-by-side examples.
 
 Writes ``${run_dir}/evaluate/``: ``responses/<n>-<checkpoint>.jsonl`` (kept as each checkpoint finishes, so a
 rerun after a crash does not generate them again), ``dataset/`` (one row per prompt and checkpoint:
-reply, PM score, judge rating), ``results.json`` (every figure above), ``examples.jsonl`` and
-``manifest.json``.
+reply, PM score, judge rating), ``results.json`` (every figure above, and ``notes``), ``metrics.jsonl`` (the figures,
+one row per checkpoint, for the logger), ``examples.jsonl`` and ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from cai.generation import derive_seed, generate
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, wilson_interval, win_rates
 from cai.runio import (
+    MetricsWriter,
     atomic_write_json,
     atomic_write_text,
     config_hash,
@@ -113,7 +116,7 @@ def run(cfg: DictConfig) -> dict:
 
     out = stage_dir(cfg.run_dir, STAGE)
     inputs = {"checkpoint_fingerprints": {k: v[1] for k, v in checkpoints.items()}, "reward_fingerprint": pm_fingerprint,
-              "examples_fingerprint": examples_fingerprint}
+              "examples_fingerprint": examples_fingerprint, "pairs_fingerprint": input_fingerprint(pairs_path) if pairs_path else None}
     same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="results.json",
                               inputs={"constitution_hash": constitution.hash, **inputs})
     if done:
@@ -132,6 +135,8 @@ def run(cfg: DictConfig) -> dict:
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
     write_manifest(out, status="running", counts=counts, **manifest)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # the figures are written whole at the end (log_figures)
+    metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)  # opened now: a logger that cannot start fails early
 
     # Step 2: every checkpoint answers every prompt and the examples (kept on disk as each checkpoint finishes).
     conversations = [it.messages() for it in items]
@@ -169,7 +174,7 @@ def run(cfg: DictConfig) -> dict:
         "revisions": row["revisions"], "principle_ids": row["principle_ids"],
         "replies": {name: example_replies[name][k]["text"] for name in names}}) + "\n" for k, row in enumerate(examples)))
     atomic_write_json(out / "results.json", results)
-    log_figures(out, results, logger=cfg.logger)
+    log_figures(metrics, results)
     last = names[-1]
     elo = {n: results["checkpoints"][n]["elo"] for n in names}
     write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": judged},
@@ -283,13 +288,9 @@ def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games
     return results
 
 
-def log_figures(out: Path, results: dict, *, logger) -> None:
+def log_figures(metrics, results: dict) -> None:
     """``metrics.jsonl``: one row of numbers per checkpoint (``step`` = its place in ``evaluate.checkpoints``), mirrored
     to TensorBoard or W&B by the logger like the training stages' rows; rewritten whole each run."""
-    from cai.runio import MetricsWriter
-
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsWriter(out, logger=logger, run_name=STAGE)
     names = list(results["checkpoints"])
     for step, (name, entry) in enumerate(results["checkpoints"].items()):
         numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -299,17 +300,21 @@ def log_figures(out: Path, results: dict, *, logger) -> None:
 
 
 def judge_at_chance(alignment: dict | None) -> list[str]:
-    """A note when the judge's agreement with the human-labeled pairs it was checked against is consistent with a coin
-    flip (its 95 % Wilson interval holds 0.5): its win rates and ratings are then not evidence either way."""
+    """A note when the judge's agreement with the human-labeled pairs it was checked against cannot be told from a coin
+    flip (its 95 % Wilson interval holds 0.5), or is worse than one (the interval lies below 0.5)."""
     if not alignment or not alignment.get("n"):
         return []
     n, share = alignment["n"], alignment["alignment"]
     low, high = wilson_interval(share * n, n)
-    if not low <= 0.5 <= high:
-        return []
-    return [f"The judge is at chance on the {n} human-labeled pairs it was checked against ({Path(alignment['pairs_file']).name}): "
-            f"agreement {share:.2f}, 95 % interval {low:.2f}-{high:.2f}, which holds 0.5. Its win rates, Elo and harmlessness "
-            f"ratings here are not evidence either way; use a stronger judge (judge.path)."]
+    where = (f"the {n} human-labeled pairs it was checked against ({Path(alignment['pairs_file']).name}): agreement "
+             f"{share:.2f}, 95 % interval {low:.2f}-{high:.2f}")
+    if high < 0.5:
+        return [f"The judge disagrees with the humans more often than chance on {where}: its verdicts are inverted or "
+                f"driven by position, so do not read its win rates, Elo or ratings; use another judge (judge.path)."]
+    if low <= 0.5:
+        return [f"The judge cannot be told from chance on {where}. Its win rates, Elo and harmlessness ratings here may be "
+                f"noise; use a stronger judge (judge.path), or more pairs, labeled for what is judged (evaluate.pairs)."]
+    return []
 
 
 def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: str | None, names: list[str], *, s) -> list[str]:
