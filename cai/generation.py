@@ -4,10 +4,16 @@ Conversations are rendered with the tokenizer's chat template (plus an optional 
 assistant turn), sorted by length so each batch carries little padding, left-padded, and decoded
 with the KV cache by ``model.generate``. Each completion is cut after its first EOS; ``finished``
 says whether it had one (False: it ran into ``max_new_tokens``).
+
+Samples come from exactly softmax(logits / T), cut to ``top_p`` when it is below 1, and nothing else: settings a
+checkpoint's ``generation_config.json`` ships (a repetition penalty, ``min_new_tokens``, ``no_repeat_ngram_size``,
+``top_k``, bad words, ...) are not applied, since PPO computes its ratio, KL and entropy against the plain
+tempered distribution and must be sampling from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -81,20 +87,36 @@ def generate(
             idx = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                top_k=None,
-                **sampling,
-            )
+            with _only_these_settings(model):
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    top_k=None,
+                    **sampling,
+                )
             new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
             for i, ids in zip(idx, new_tokens):
                 results[i] = _completion(tokenizer, ids)
             bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _only_these_settings(model):
+    """``generate`` fills every setting a call leaves unset from the model's ``generation_config`` (what the checkpoint
+    shipped). For the call, that config is a blank one, so only the library's neutral defaults and the call's own
+    settings apply."""
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = shipped
 
 
 def _completion(tokenizer, ids: list[int]) -> Completion:

@@ -58,3 +58,38 @@ def test_bad_settings_are_refused(tiny):
         generate(model, tok, CHATS, batch_size=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, tok, CHATS, top_p=0.0)
+
+
+def test_a_checkpoints_shipped_generation_settings_are_not_applied(tmp_path):
+    """A checkpoint whose generation_config.json asks for a repetition penalty, a minimum length and a top-k: generate
+    still samples from the plain model. Greedy tokens equal the argmax of the model's own logits step by step (with the
+    shipped settings applied they differ), and the shipped config is back on the model afterwards."""
+    import torch
+    from conftest import TINY
+    from transformers import GenerationConfig
+
+    model, tok = load_policy(TINY)
+    model.generation_config = GenerationConfig(repetition_penalty=5.0, min_new_tokens=12, do_sample=True, top_k=3,
+                                               no_repeat_ngram_size=1,
+                                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok = load_policy({"path": str(tmp_path)})
+    assert model.generation_config.repetition_penalty == 5.0  # the shipped settings are there to be ignored
+
+    chat = CHATS[1]
+    [out] = generate(model, tok, [chat], max_new_tokens=12, temperature=0.0, progress=False)
+    ids = tok(render_chat(tok, chat), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    expected = []
+    with torch.no_grad():
+        for _ in range(len(out.token_ids)):
+            nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+            expected.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            if nxt == tok.eos_token_id:
+                break
+    assert out.token_ids == expected
+    shipped = model.generate(**tok([render_chat(tok, chat)], return_tensors="pt", add_special_tokens=False),
+                             max_new_tokens=12, do_sample=False, top_k=None, pad_token_id=tok.pad_token_id)[0, -12:].tolist()
+    assert shipped != expected[:12]  # the check can fail: with the shipped settings, another reply
+    assert model.generation_config.repetition_penalty == 5.0
