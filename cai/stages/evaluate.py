@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -322,18 +323,18 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
     harmlessness: the judge is the labeler whose labels trained the PM (or that rewarded PPO directly), or the PM
     score comes from the PM that PPO optimised. Read from the ai_feedback and ppo manifests of this run."""
     notes = []
-    feedback, ppo = read_manifest(stage_dir(cfg.run_dir, "ai_feedback")), read_manifest(stage_dir(cfg.run_dir, "ppo"))
-    labeler_of = {stage: ((m or {}).get("roles") or {}).get("labeler", {}).get("fingerprint")
-                  for stage, m in (("ai_feedback", feedback), ("ppo", ppo)) if is_complete(stage_dir(cfg.run_dir, stage))}
+    complete = {stage: m for stage in ("ai_feedback", "ppo")
+                if (m := read_manifest(stage_dir(cfg.run_dir, stage))) and m.get("status") == "complete"}
+    labeler_of = {stage: (m.get("roles") or {}).get("labeler", {}).get("fingerprint") for stage, m in complete.items()}
+    ppo = complete.get("ppo", {})
     if labeler_of.get("ai_feedback") == judge_fingerprint:
         notes.append("The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL "
                      "policy): its win rates and harmlessness ratings partly measure agreement with the training labeler. "
                      "Set judge.path to an independent model, and check the judge against human labels (evaluate.pairs).")
-    if ppo and ppo.get("reward") == "direct_rlaif" and labeler_of.get("ppo") == judge_fingerprint:
+    if ppo.get("reward") == "direct_rlaif" and labeler_of.get("ppo") == judge_fingerprint:
         notes.append("The judge is the labeler whose direct 1-10 ratings were PPO's reward: the ppo checkpoint was trained "
                      "to please this judge. Set judge.path to an independent model.")
-    if (pm_fingerprint and "ppo" in names and is_complete(stage_dir(cfg.run_dir, "ppo")) and ppo.get("reward") == "pm"
-            and ppo.get("reward_fingerprint") == pm_fingerprint):
+    if pm_fingerprint and "ppo" in names and ppo.get("reward") == "pm" and ppo.get("reward_fingerprint") == pm_fingerprint:
         notes.append(f"The PM score is read with the PM that PPO optimised as its reward: for the ppo checkpoint it measures "
                      f"how well RL learnt that reward, not harmlessness. Set {STAGE}.reward_model to a PM trained apart "
                      f"from this run.")
@@ -449,13 +450,9 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def _sd(values) -> float | None:
+def _sd(values: list[float]) -> float | None:
     """The population standard deviation (the spread of the ratings themselves, not of their mean)."""
-    values = list(values)
-    if not values:
-        return None
-    mean = sum(values) / len(values)
-    return round((sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5, 4)
+    return round(statistics.pstdev(values), 4) if values else None
 
 
 def _fmt(value, width: int) -> str:
