@@ -21,8 +21,9 @@ from pathlib import Path
 from cai.runio import atomic_write_text, read_manifest, read_metrics
 from cai.stages import STAGES
 
-PPO_CURVES = (("score", "mean PM score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
-              ("response_length", "response length (tokens)"))
+PPO_CURVES = (("score", "mean score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
+              ("response_length", "response length (tokens)"), ("group_score_std", "score spread within a prompt's group"))
+ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#1d2733;padding:0 1em}
@@ -84,14 +85,15 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
                      _fmt(m["ai_feedback"].get("summary", {}).get("mean_confidence")), _fmt(pmf.get("accuracy")),
                      _fmt(ppo.get("score_first")), _fmt(ppo.get("score_last")), _fmt(ppo.get("kl_last")),
                      elo or "-", _fmt(win)])
-    head = ["run", *varied, "SL final loss", "AI label confidence", "PM held-out acc.", "PPO score first",
-            "PPO score last", "PPO KL last", "Elo", "win rate last vs first"]
+    head = ["run", *varied, "SL final loss", "AI label confidence", "PM held-out acc.", "RL score first",
+            "RL score last", "RL KL last", "Elo", "win rate last vs first"]
     body = "<h1>cai runs side by side</h1>" + _table(head, rows)
     curves = {d.name: [m for m in read_metrics(d / "ppo") if "score" in m] for d in dirs}
     if any(curves.values()):
-        body += "<h2>PPO</h2><div class=plots>" + "".join(
-            _img(_line_plot({name: ([r["step"] for r in rs], [r[key] for r in rs]) for name, rs in curves.items() if rs},
-                            title, "PPO step")) for key, title in PPO_CURVES) + "</div>"
+        body += "<h2>RL</h2><div class=plots>" + "".join(
+            _img(_line_plot({name: ([r["step"] for r in rs], [r[key] for r in rs]) for name, rs in curves.items()
+                             if rs and key in rs[0]}, title, "RL step"))
+            for key, title in PPO_CURVES if any(rs and key in rs[0] for rs in curves.values())) + "</div>"
     atomic_write_text(out, _page("cai runs side by side", body))
     return out
 
@@ -177,15 +179,16 @@ def _section_pm(run_dir: Path, manifests: dict) -> str:
 
 def _section_ppo(run_dir: Path, manifests: dict) -> str:
     if not manifests["ppo"]:
-        return "<h2>RL-CAI (PPO)</h2><p class=muted>ppo has not run.</p>"
+        return "<h2>RL-CAI</h2><p class=muted>ppo has not run.</p>"
+    name = ALGORITHM_NAMES.get(manifests["ppo"].get("algorithm", "ppo"), "PPO")
     rows = [m for m in read_metrics(run_dir / "ppo") if "score" in m]
     steps = [r["step"] for r in rows]
-    plots = "".join(_img(_line_plot({label: (steps, [r[key] for r in rows])}, label, "PPO step", marker="o"))
-                    for key, label in PPO_CURVES)
+    plots = "".join(_img(_line_plot({label: (steps, [r[key] for r in rows])}, label, f"{name} step", marker="o"))
+                    for key, label in PPO_CURVES if rows and key in rows[0])
     samples = read_metrics(run_dir / "ppo", "samples.jsonl")[-4:]
     table = _table(["step", "prompt", "response", "PM score", "EOS"],
                    [[s["step"], s["prompt"], s["response"], f"{s['score']:.3f}", "yes" if s["eos"] else "no"] for s in samples])
-    return f"<h2>RL-CAI (PPO)</h2><div class=plots>{plots}</div><h3>Samples</h3>{table}"
+    return f"<h2>RL-CAI ({name})</h2><div class=plots>{plots}</div><h3>Samples</h3>{table}"
 
 
 def _section_evaluate(run_dir: Path, manifests: dict) -> str:

@@ -1,5 +1,8 @@
-"""PPO maths as pure functions, with the implementation details of Huang et al. 2024 ("The N+ implementation
+"""RL maths as pure functions. PPO with the implementation details of Huang et al. 2024 ("The N+ implementation
 details of RLHF with PPO"): GAE, whitening, the KL estimators, the clipped losses, reward placement, EOS handling.
+The critic-free methods replace the value model by a baseline from the other samples of the same prompt
+(``group_advantages``): RLOO (Ahmadian et al. 2024), GRPO (Shao et al. 2024) and Dr. GRPO (Liu et al. 2025), and
+differ in how a loss over tokens becomes one number (``aggregate``).
 
 Shapes: B rows (responses), T response positions. Response tensors are right-padded: ``mask[b, t] = 1``
 for the response's real tokens (up to and including its first EOS), 0 after. Log-probabilities are of
@@ -23,6 +26,55 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", max_len: int | None = None) -> torch.Tensor:
+    """(B, T) per-token losses -> scalar.
+
+    token_mean: mean over every real token of the batch (PPO; long responses weigh more);
+    sequence_mean: each row's mean over its real tokens, then the mean over rows (GRPO; a token of a short
+    response weighs more than one of a long response);
+    constant: each row's sum over its real tokens divided by the constant ``max_len`` (the generation budget),
+    then the mean over rows (Dr. GRPO: no length bias either way).
+    """
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    if how == "sequence_mean":
+        return masked_mean(x, mask, dim=1).mean()
+    if how == "constant":
+        if not max_len:
+            raise ValueError("aggregate(how='constant') needs max_len")
+        return (x * mask.to(x.dtype)).sum(dim=1).mean() / max_len
+    raise ValueError(f"aggregation must be token_mean, sequence_mean or constant, got {how!r}")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, how: str, eps: float = 1e-4) -> torch.Tensor:
+    """(B,) sequence rewards, B = P * k with the k samples of each prompt consecutive -> (B,) advantages, each
+    measured against the other samples of its prompt (k = ``group_size`` >= 2).
+
+    rloo: r_i - mean of the other k - 1 rewards (leave-one-out; equals k / (k - 1) * (r_i - group mean));
+    grpo: (r_i - group mean) / (group std + eps), std with Bessel's correction (a group of equal rewards gives 0);
+    dr_grpo: r_i - group mean.
+    """
+    if group_size < 2 or rewards.shape[0] % group_size:
+        raise ValueError(f"need groups of >= 2 samples that divide the batch, got {rewards.shape[0]} rewards in groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if how == "rloo":
+        out = centred * group_size / (group_size - 1)
+    elif how == "grpo":
+        out = centred / (r.std(dim=1, keepdim=True) + eps)
+    elif how == "dr_grpo":
+        out = centred
+    else:
+        raise ValueError(f"group advantages are rloo, grpo or dr_grpo, got {how!r}")
+    return out.view(-1)
+
+
+def group_spread(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B,) scores in consecutive groups of ``group_size`` -> scalar: the mean over groups of each group's std
+    (population; 0 when every sample of a prompt scored the same, i.e. the group teaches nothing)."""
+    return scores.float().view(-1, group_size).std(dim=1, correction=0).mean()
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -110,18 +162,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                clip_range: float, aggregation: str = "token_mean",
+                max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped surrogate. (B, T) inputs -> (loss, clip fraction, approx KL) scalars.
 
-    loss = mean over real tokens of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), ratio =
-    exp(logp - old_logp); clip fraction = share of tokens where the clipped term was the larger; approx KL
-    = mean of ((ratio - 1) - log ratio) (k3 of the old policy against the new one).
+    loss = ``aggregate`` (token_mean: the mean over real tokens) of max(-A * ratio, -A * clip(ratio, 1 - eps,
+    1 + eps)), ratio = exp(logp - old_logp); clip fraction = share of tokens where the clipped term was the
+    larger; approx KL = mean of ((ratio - 1) - log ratio) (k3 of the old policy against the new one).
+    With one pass over the rollout in one minibatch, ratio = 1 and the loss is REINFORCE's -A * log pi.
     """
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_len)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
     return loss, clip_frac.detach(), approx_kl.detach()

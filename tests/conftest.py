@@ -33,12 +33,12 @@ def tiny_cfg() -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
 
 
-TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.kl_coef=0.05,0.1")
+TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.algorithm=ppo,rloo,grpo")
 
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Path:
-    """One tiny 2-job sweep of the whole pipeline (``TINY_SWEEP``), shared by the test modules: its first
+    """One tiny 3-job sweep of the whole pipeline (``TINY_SWEEP``), shared by the test modules: its first
     job is ``tiny_run``. The pipeline's own output is kept beside it for the tests of the pipeline itself."""
     root = tmp_path_factory.mktemp("tiny-sweep")
     result = run_module("cai.pipeline", "-m", *TINY_SWEEP, f"run_dir={root / 'sweep'}")
@@ -50,7 +50,7 @@ def tiny_sweep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_sweep) -> Path:
-    """The first job of ``tiny_sweep``: every stage on tiny models, ``ppo.kl_coef=0.05`` (copy the stages
+    """The first job of ``tiny_sweep``: every stage on tiny models, ``ppo.algorithm=ppo`` (copy the stages
     you change; its stage folders are links into the sweep's shared folder)."""
     return sweep_jobs(tiny_sweep)[0]
 

@@ -21,22 +21,28 @@ def _statuses(run_dir) -> dict[str, str]:
 
 def test_sweep_runs_every_stage_per_job_and_shares_upstream_stages(tiny_sweep):
     jobs = sweep_jobs(tiny_sweep)
-    assert len(jobs) == 2
+    assert len(jobs) == 3
     out = (tiny_sweep.parent / "pipeline.out").read_text()
     for stage in STAGES:
         assert f"=== cai.pipeline: {stage} ===" in out
-    first, second = (_statuses(job) for job in jobs)
+    first, *others = (_statuses(job) for job in jobs)
     assert set(first.values()) == {"ran"}, first
-    # the second job differs only in ppo.kl_coef: everything upstream of ppo is the first job's folder
-    assert first.keys() == second.keys() == set(STAGES)
-    for stage in ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune"):
-        assert second[stage] == "skipped", (stage, second)  # no process started: the first job recorded it
-        assert (jobs[0] / stage).resolve() == (jobs[1] / stage).resolve()
-    for stage in ("ppo", "evaluate"):
-        assert second[stage] == "ran"
-        assert (jobs[0] / stage).resolve() != (jobs[1] / stage).resolve()
-    coefs = [read_manifest(job / "ppo")["config"]["ppo"]["kl_coef"] for job in jobs]
-    assert coefs == [0.05, 0.1]
+    # the other jobs differ only in ppo.algorithm: everything upstream of ppo is the first job's folder
+    for other, job in zip(others, jobs[1:]):
+        assert first.keys() == other.keys() == set(STAGES)
+        for stage in ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune"):
+            assert other[stage] == "skipped", (stage, other)  # no process started: the first job recorded it
+            assert (jobs[0] / stage).resolve() == (job / stage).resolve()
+        for stage in ("ppo", "evaluate"):
+            assert other[stage] == "ran"
+            assert (jobs[0] / stage).resolve() != (job / stage).resolve()
+    # the critic-free methods ran end to end in the pipeline: 4 responses per prompt, no value model
+    manifests = [read_manifest(job / "ppo") for job in jobs]
+    assert [m["algorithm"] for m in manifests] == ["ppo", "rloo", "grpo"]
+    assert [m["counts"]["samples_per_prompt"] for m in manifests] == [1, 4, 4]
+    assert ["value" in m["devices"] for m in manifests] == [True, False, False]
+    assert all("group_score_std" in row for job in jobs[1:] for row in read_metrics(job / "ppo"))
+    assert "<h2>RL-CAI (GRPO)</h2>" in (jobs[2] / "report.html").read_text()
     for job in jobs:
         assert (job / "report.html").exists() and (job / "ppo" / "model" / "model.safetensors").exists()
 
@@ -140,8 +146,8 @@ def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
     for job in jobs:
         assert f"<td>{job.name}</td>" in page
     # one column per key the sweep varied (and none for the keys every job shares)
-    assert "<th>ppo.kl_coef</th>" in page and "<td class=num>0.05</td>" in page and "<td class=num>0.1</td>" in page
-    assert "<th>debug</th>" not in page and "<h2>PPO</h2>" in page
+    assert "<th>ppo.algorithm</th>" in page and all(f"<td>{name}</td>" in page for name in ("ppo", "rloo", "grpo"))
+    assert "<th>debug</th>" not in page and "<h2>RL</h2>" in page
     copy = copy_stages(jobs[0], tmp_path / "copy", ["sl_generate", "sl_train"])
     result = run_module("cai.cli", "report", str(copy))
     assert result.returncode == 0 and (copy / "report.html").exists()

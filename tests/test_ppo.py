@@ -28,8 +28,10 @@ def _copy(tiny_run, tmp_path, stages=("sl_generate", "sl_train", "ai_feedback", 
     return copy_stages(tiny_run, tmp_path / "run", stages)
 
 
-def test_ppo_learns_to_prefer_a_token(tmp_path):
-    """A tiny policy fine-tuned to babble four words; the reward is the share of one of them (" you")."""
+@pytest.fixture(scope="module")
+def babbler(tmp_path_factory):
+    """A tiny policy fine-tuned to babble four one-token words, and the id of the word " you"."""
+    tmp_path = tmp_path_factory.mktemp("babbler")
     tok = load_tokenizer(TINY)
     words = [" the", " you", " to", " how"]
     ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words]
@@ -42,15 +44,29 @@ def test_ppo_learns_to_prefer_a_token(tmp_path):
     sft = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={tmp_path / 'sft'}", f"sl_train.dataset={tmp_path / 'babble'}",
                      "sl_train.epochs=30", "sl_train.lr=3e-3", "sl_train.micro_batch_size=8")
     assert sft.returncode == 0, sft.stderr[-2000:]
+    return tmp_path / "sft" / "sl_train" / "model", ids[1][0]
+
+
+@pytest.mark.parametrize("algorithm, prompts", [("ppo", 8), ("rloo", 2), ("grpo", 2), ("dr_grpo", 2)])
+def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, prompts):
+    """The reward is the share of one word (" you") in the response: 8 responses a step for every algorithm (the
+    critic-free ones as 2 prompts x 4)."""
+    model, token = babbler
     result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'rl'}", "ppo.reward=custom",
-                        f"ppo.reward_fn={{_target_:tests.ppo_rewards.share_of_token,token:{ids[1][0]}}}",
-                        f"ppo.policy={tmp_path / 'sft' / 'sl_train' / 'model'}", "ppo.steps=12", "ppo.temperature=1.0",
-                        "ppo.lr=3e-4", "ppo.batch_size=8", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0")
+                        f"ppo.reward_fn={{_target_:tests.ppo_rewards.share_of_token,token:{token}}}",
+                        f"ppo.policy={model}", "ppo.steps=12", "ppo.temperature=1.0", f"ppo.algorithm={algorithm}",
+                        "ppo.lr=3e-4", f"ppo.batch_size={prompts}", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0")
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = [m["score"] for m in read_metrics(tmp_path / "rl" / "ppo")]
+    metrics = read_metrics(tmp_path / "rl" / "ppo")
+    scores = [m["score"] for m in metrics]
     assert len(scores) == 12
     first, last = scores[0], sum(scores[-4:]) / 4
     assert last > first + 0.1, scores  # about 0.12 of the tokens at the start
+    assert ("value_loss" in metrics[0]) == (algorithm == "ppo") and ("group_score_std" in metrics[0]) == (algorithm != "ppo")
+    assert ("kl_loss" in metrics[0]) == (algorithm in ("grpo", "dr_grpo"))
+    manifest = read_manifest(tmp_path / "rl" / "ppo")
+    assert manifest["algorithm"] == algorithm and manifest["counts"]["samples_per_prompt"] == (1 if algorithm == "ppo" else 4)
+    assert ("value" in manifest["devices"]) == (algorithm == "ppo")
 
 
 def test_a_non_finite_reward_stops_the_run_and_names_the_step_and_checkpoint(tmp_path):
@@ -101,10 +117,11 @@ def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path):
     assert all(torch.isfinite(torch.tensor([m["policy_loss"], m["value_loss"]])).all() for m in metrics)
 
 
-def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path):
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path, algorithm):
     run_dir = _copy(tiny_run, tmp_path)
     args = [sys.executable, "-m", "cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.steps=10", "ppo.save_every=3",
-            "ppo.target_kl=0.5"]
+            "ppo.target_kl=0.5", f"ppo.algorithm={algorithm}", f"ppo.batch_size={4 if algorithm == 'ppo' else 2}"]
     latest = run_dir / "ppo" / "checkpoints" / "latest.json"
     again = kill_then_rerun(args, latest, at_step=3)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -144,7 +161,14 @@ def test_direct_rlaif_needs_no_pm(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coef=-0.1", "ppo.kl_coef (beta) must be >= 0, got -0.1"),
-    ("ppo.batch_size=3", "ppo.batch_size=3 must be divisible by ppo.num_minibatches=2"),
+    ("ppo.batch_size=3", "ppo.batch_size=3 x 1 samples per prompt must be divisible by ppo.num_minibatches=2"),
+    ("ppo.algorithm=rloo ppo.batch_size=3 ppo.num_minibatches=8",
+     "ppo.batch_size=3 x 4 samples per prompt must be divisible by ppo.num_minibatches=8"),
+    ("ppo.algorithm=reinforce_pp", "ppo.algorithm must be one of ppo, rloo, grpo, dr_grpo, got 'reinforce_pp'"),
+    ("ppo.algorithm=grpo ppo.samples_per_prompt=1",
+     "ppo.algorithm=grpo measures each response against the other responses to its prompt: ppo.samples_per_prompt must be >= 2"),
+    ("ppo.samples_per_prompt=0", "ppo.samples_per_prompt must be an integer >= 1 or null, got 0"),
+    ("ppo.kl_in=both", "ppo.kl_in must be reward, loss or null"),
     ("ppo.reward=oracle", "ppo.reward must be one of pm, direct_rlaif"),
     ("ppo.kl_estimator=k2", "ppo.kl_estimator must be k1 or k3"),
     ("ppo.lam=1.5", "ppo.gamma and ppo.lam must be in [0, 1]"),
@@ -158,7 +182,7 @@ def test_bad_settings_are_named(override, message):
     from cai.stages.ppo import _check_settings
 
     with pytest.raises(StageInputError, match=message.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[")):
-        _check_settings(compose_cfg("ppo", [*TINY_ARGS, override]).ppo)
+        _check_settings(compose_cfg("ppo", [*TINY_ARGS, *override.split()]).ppo)
 
 
 def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path):

@@ -1,4 +1,4 @@
-"""PPO maths (cai.rl) against hand-computed values."""
+"""RL maths (cai.rl) against hand-computed values: PPO's and the critic-free methods'."""
 
 from __future__ import annotations
 
@@ -96,3 +96,49 @@ def test_adaptive_kl_controller():
     assert restored.value == ctl.value
     fixed = rl.AdaptiveKL(0.05)
     assert fixed.update(kl=100.0, n_samples=64) == 0.05
+
+
+def test_group_advantages_by_hand():
+    rewards = t([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])  # two prompts, k = 4 responses each
+    # rloo: 1 - mean(2, 3, 6) = -2.6667, 2 - mean(1, 3, 6) = -1.3333, 3 - 3 = 0, 6 - 2 = 4; an equal group gives 0
+    torch.testing.assert_close(rl.group_advantages(rewards, 4, "rloo"),
+                               torch.tensor([-8 / 3, -4 / 3, 0.0, 4.0, 0, 0, 0, 0]))
+    # dr_grpo: minus the group mean 3
+    torch.testing.assert_close(rl.group_advantages(rewards, 4, "dr_grpo"), torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0]))
+    # grpo: divided by the group's std with Bessel's correction: sqrt((4 + 1 + 0 + 9) / 3) = 2.1602
+    sd = math.sqrt(14 / 3)
+    expected = torch.tensor([-2.0, -1.0, 0.0, 3.0, 0, 0, 0, 0]) / (torch.tensor([sd] * 4 + [0.0] * 4) + 1e-4)
+    torch.testing.assert_close(rl.group_advantages(rewards, 4, "grpo"), expected)
+    # two samples: rloo's baseline is the sibling itself
+    torch.testing.assert_close(rl.group_advantages(t([0.2, 0.7]), 2, "rloo"), torch.tensor([-0.5, 0.5]))
+    with pytest.raises(ValueError, match="groups of >= 2"):
+        rl.group_advantages(rewards, 3, "rloo")
+    with pytest.raises(ValueError, match="rloo, grpo or dr_grpo"):
+        rl.group_advantages(rewards, 4, "ppo")
+
+
+def test_group_spread_is_the_mean_of_each_groups_population_std():
+    # groups (0, 2): std 1; (5, 5): std 0 -> mean 0.5
+    assert rl.group_spread(t([0.0, 2.0, 5.0, 5.0]), 2).item() == pytest.approx(0.5)
+
+
+def test_loss_aggregations_by_hand():
+    x = t([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1, 1], [1, 0, 0, 0]])  # a 4-token and a 1-token response
+    assert rl.aggregate(x, mask, "token_mean").item() == pytest.approx(8 / 5)            # every token alike
+    assert rl.aggregate(x, mask, "sequence_mean").item() == pytest.approx((1 + 4) / 2)   # each response alike
+    assert rl.aggregate(x, mask, "constant", max_len=8).item() == pytest.approx((4 / 8 + 4 / 8) / 2)
+    with pytest.raises(ValueError, match="max_len"):
+        rl.aggregate(x, mask, "constant")
+    with pytest.raises(ValueError, match="token_mean, sequence_mean or constant"):
+        rl.aggregate(x, mask, "sum")
+
+
+def test_one_pass_policy_loss_is_reinforce():
+    """ratio = 1 on the rollout's own log-probs: the loss is -A per token and its gradient -A * d log pi."""
+    logp = t([[math.log(0.5), math.log(0.25), 0.0]]).requires_grad_()
+    adv, mask = t([[2.0, 2.0, 2.0]]), t([[1, 1, 0]])
+    loss, clip_frac, _ = rl.policy_loss(logp, logp.detach(), adv, mask, clip_range=0.2, aggregation="sequence_mean")
+    loss.backward()
+    assert loss.item() == pytest.approx(-2.0) and clip_frac.item() == 0.0
+    torch.testing.assert_close(logp.grad, t([[-1.0, -1.0, 0.0]]))  # -A / (2 real tokens), nothing for padding

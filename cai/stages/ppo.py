@@ -1,7 +1,12 @@
-"""RL-CAI: PPO with the preference model as reward (or direct RLAIF), policy and value in DeepSpeed engines.
+"""RL-CAI: PPO with the preference model as reward (or direct RLAIF), policy and value in DeepSpeed engines; or a
+critic-free method (``ppo.algorithm``: rloo, grpo, dr_grpo) that samples k responses per prompt and measures each
+against its siblings instead of a value model.
 
-    python -m cai.stages.ppo run_dir=R [ppo.kl_coef=0.05] [ppo.reward=direct_rlaif]
+    python -m cai.stages.ppo run_dir=R [ppo.kl_coef=0.05] [ppo.reward=direct_rlaif] [ppo.algorithm=rloo]
     torchrun --nproc_per_node 2 -m cai.stages.ppo run_dir=R deepspeed=zero3
+
+The stage keeps the name of the papers' method (and its run folder ``ppo/``) whichever algorithm runs; the
+manifest records the algorithm.
 
 Models (roles: ``cai.roles``): the policy and a frozen reference both start from ``${run_dir}/sl_train/model``
 (else the ``policy`` role); the reward is the PM of ``${run_dir}/pm_finetune/model`` (frozen, on the
@@ -14,16 +19,20 @@ The PM must share the policy's tokenizer (the value model reads policy tokens): 
 
 One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``:
 1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
-2. generate one response each (temperature T, top_p 1; under ZeRO-3 the policy is gathered once for the
-   whole rollout), cut after the first EOS;
+2. generate k = ``samples_per_prompt`` responses each (temperature T, top_p 1; under ZeRO-3 the policy is gathered
+   once for the whole rollout), cut after the first EOS;
 3. score: PM at the last real token (minus ``missing_eos_penalty`` when there is no EOS); log-probs of the
-   policy and the reference with logits / T, values of the value model;
-4. rewards: -beta * KL per token plus the score at the last token; GAE (gamma, lambda); advantages whitened;
-5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss, clipped value loss,
+   policy and the reference with logits / T, values of the value model (ppo);
+4. ppo: rewards -beta * KL per token plus the score at the last token; GAE (gamma, lambda); advantages whitened.
+   rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
+   the other responses to its prompt (``rl.group_advantages``), the same advantage at every token;
+5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (aggregated over tokens as the
+   algorithm does, ``rl.aggregate``), plus beta * k3 KL when ``kl_in=loss``, plus the clipped value loss (ppo),
    padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
 
 Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
-eos_rate, policy_loss, value_loss, clip_frac, value_clip_frac, entropy, approx_kl, samples_per_s, and the step's
+eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo: value_loss, value_clip_frac; k > 1:
+group_score_std, the mean spread of the scores of one prompt's responses; kl_in=loss: kl_loss; and the step's
 seconds split into rollout_s (generation), score_s (reward, log-probs, values, advantages) and update_s),
 ``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
 (the final policy, ``save_pretrained``) and ``manifest.json``.
@@ -66,6 +75,30 @@ UPSTREAM = ("sl_train", "pm_finetune")
 HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
 REWARDS = ("pm", "direct_rlaif", "custom")
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What ``ppo.algorithm`` and its companion keys amount to, the nulls resolved to the algorithm's usual practice."""
+    name: str          # ppo | rloo | grpo | dr_grpo
+    k: int             # responses per prompt
+    kl_in: str         # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss
+    aggregation: str   # how per-token losses become one number (rl.aggregate)
+
+    @property
+    def critic(self) -> bool:
+        return self.name == "ppo"
+
+
+def algorithm(s: DictConfig) -> Algorithm:
+    """ppo: 1 response per prompt, KL in the reward, token mean (Huang et al.). rloo: 4, KL in the reward, token mean
+    (Ahmadian et al.). grpo: 4, a k3 KL loss, each response's token mean then the mean over responses (Shao et al.).
+    dr_grpo: as grpo without the std division, each response's token sum over max_new_tokens (Liu et al.)."""
+    k = s.samples_per_prompt or (1 if s.algorithm == "ppo" else 4)
+    kl_in = s.kl_in or ("reward" if s.algorithm in ("ppo", "rloo") else "loss")
+    aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant"}.get(s.algorithm, "token_mean")
+    return Algorithm(s.algorithm, k, kl_in, aggregation)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -78,6 +111,7 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 1: check settings and find the inputs before touching the run directory.
     _check_settings(s)
+    algo = algorithm(s)
     check_generation(cfg.generation, temperature=s.temperature)
     policy_cfg, policy_fingerprint = _policy_source(cfg, s)
     reward = _reward(cfg, s)
@@ -92,7 +126,7 @@ def run(cfg: DictConfig) -> Path:
     if done:
         return out / "model"
 
-    # Step 2: the models. Policy and value train in engines; the reference and the reward's models are frozen.
+    # Step 2: the models. Policy and value (ppo) train in engines; the reference and the reward's models are frozen.
     from cai.models import load_policy, load_preference_model
 
     torch.manual_seed(cfg.seed)
@@ -100,7 +134,7 @@ def run(cfg: DictConfig) -> Path:
     reference, _ = load_policy(policy_cfg)
     reference.requires_grad_(False)
     reward_models = reward.load(tok)
-    value_model, _ = load_preference_model(reward.value_start or policy_cfg)
+    value_model = load_preference_model(reward.value_start or policy_cfg)[0] if algo.critic else None
     # prompts as the policy sees them; too long ones are left out (counted)
     queries = [tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"] for it in items]
     pool = [i for i, q in enumerate(queries) if len(q) <= s.max_prompt_length]
@@ -113,23 +147,27 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 3: engines. One optimizer step per minibatch; the LR decays linearly over all of them.
     updates = s.steps * s.ppo_epochs * s.num_minibatches
-    micro = s.batch_size // s.num_minibatches
+    micro = s.batch_size * algo.k // s.num_minibatches
     optim = {"micro_batch_size": micro, "grad_accum": 1, "warmup_ratio": 0.0, "weight_decay": 0.0, "grad_clip": s.grad_clip}
     policy_engine, policy_sched = training.build_engine(policy, cfg, OmegaConf.create({**optim, "lr": s.lr}), updates)
-    value_engine, value_sched = training.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
-    engines = {"policy": policy_engine, "value": value_engine}
+    engines = {"policy": policy_engine}
+    value_engine = None
+    if algo.critic:
+        value_engine, _ = training.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
+        engines["value"] = value_engine
     kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon)
 
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
-    loaded = {"policy": policy, "reference": reference, "value": value_model, **reward_models}
+    loaded = {"policy": policy, "reference": reference, **({"value": value_model} if algo.critic else {}), **reward_models}
     # the models behind the roles: the policy's start, the PM (reward=pm) or the labeler (direct_rlaif)
     models = {"policy": policy_cfg, "sl_start": None, "pm_backbone": reward.value_start if s.reward == "pm" else None,
               "labeler": reward.labeler_cfg if s.reward == "direct_rlaif" else None}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
-                    policy=policy_cfg["path"], reward=s.reward, models=models, **inputs,
+                    policy=policy_cfg["path"], reward=s.reward, algorithm=algo.name, models=models, **inputs,
                     devices={name: str(next(m.parameters()).device) for name, m in loaded.items()})
-    counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps}
+    counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps,
+              "samples_per_prompt": algo.k}
     if main_rank:
         write_manifest(out, status="running", counts=counts, **manifest)
     state = training.resume_or_restart(engines, out, same, stage=STAGE, total_steps=s.steps, rank=rank,
@@ -140,13 +178,14 @@ def run(cfg: DictConfig) -> Path:
     metrics = MetricsWriter(out, enabled=main_rank, logger=cfg.logger, run_name=STAGE)
     samples = MetricsWriter(out, name="samples.jsonl", enabled=main_rank)  # text: not mirrored
 
-    # Step 5: the PPO loop: a rollout (no gradient), then the updates on it.
+    # Step 5: the RL loop: a rollout (no gradient), then the updates on it.
     device = policy_engine.device
     bar = tqdm(total=s.steps, initial=first_step, desc=STAGE, unit="step", disable=not (cfg.progress and main_rank))
     warned = False
     for step in range(first_step, s.steps):
         t0 = _clock(device)
-        rows = _step_prompts(pool, step, world * s.batch_size, cfg.seed)[rank * s.batch_size:(rank + 1) * s.batch_size]
+        prompts = _step_prompts(pool, step, world * s.batch_size, cfg.seed)[rank * s.batch_size:(rank + 1) * s.batch_size]
+        rows = [i for i in prompts for _ in range(algo.k)]  # a prompt's k responses side by side: one group
         conversations = [items[i].messages() for i in rows]
         completions, batch = sample(policy_engine, tok, conversations, [queries[i] for i in rows], s=s, cfg=cfg, step=step,
                                     rank=rank)
@@ -156,10 +195,11 @@ def run(cfg: DictConfig) -> Path:
             raise StageError(f"a non-finite reward (score) at step {step + 1}; stopping before any update on it. "
                              f"Last good checkpoint: {training.latest_tag(checkpoints)} in {checkpoints}")
         beta = kl_ctl.value
-        ro = score(policy_engine, reference, value_engine, batch, raw, s=s, beta=beta)
+        ro = score(policy_engine, reference, value_engine, batch, raw, s=s, algo=algo, beta=beta)
         t_scored = _clock(device)
         lr = policy_sched.get_last_lr()[0]
-        stats = update(policy_engine, value_engine, ro, s=s, seed=cfg.seed, step=step, rank=rank, checkpoints=checkpoints)
+        stats = update(policy_engine, value_engine, ro, s=s, algo=algo, beta=beta, seed=cfg.seed, step=step, rank=rank,
+                       checkpoints=checkpoints)
         t_updated = _clock(device)
 
         # metrics (means over ranks), KL controller, samples, checkpoint
@@ -167,10 +207,13 @@ def run(cfg: DictConfig) -> Path:
         row = {"step": step + 1, "score": raw.mean().item(), "reward": (ro.scores - beta * seq_kl).mean().item(),
                "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
                "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
+        if algo.k > 1:
+            row["group_score_std"] = rl.group_spread(raw, algo.k).item()
         row = {k: (v if k in ("step", "kl_coef") else round(distributed.mean_over_ranks(v), 6)) for k, v in row.items()}
-        kl_ctl.update(row["kl"], world * s.batch_size)
+        n_samples = world * s.batch_size * algo.k
+        kl_ctl.update(row["kl"], n_samples)
         seconds = time.perf_counter() - t0
-        row.update(lr=lr, samples_per_s=round(world * s.batch_size / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
+        row.update(lr=lr, samples_per_s=round(n_samples / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
                    rollout_s=round(t_rollout - t0, 3), score_s=round(t_scored - t_rollout, 3),
                    update_s=round(t_updated - t_scored, 3))
         if row["eos_rate"] == 0 and main_rank and not warned:
@@ -179,7 +222,7 @@ def run(cfg: DictConfig) -> Path:
                        f"each lost missing_eos_penalty={s.missing_eos_penalty} (eos_rate in metrics.jsonl tracks this)")
         metrics.log(**row)
         if s.log_samples_every and (step + 1) % s.log_samples_every == 0:
-            for i in range(min(2, len(rows))):
+            for i in range(0, min(2 * algo.k, len(rows)), algo.k):  # the first response to each of two prompts
                 samples.log(step=step + 1, prompt=items[rows[i]].prompt, response=completions[i].text,
                             score=round(raw[i].item(), 4), eos=bool(ro.has_eos[i]))
         bar.set_postfix(score=f"{row['score']:.3f}", kl=f"{row['kl']:.3f}", refresh=False)  # shown with this step's update
@@ -207,17 +250,20 @@ def run(cfg: DictConfig) -> Path:
 
 @dataclass
 class Rollout:
-    """One step's samples with everything the PPO update needs, computed without gradient before it.
-    B responses, R response positions; response tensors are right-padded and masked by ``batch.mask``."""
+    """One step's samples with everything the update needs, computed without gradient before it.
+    B responses (a prompt's k responses consecutive), R response positions; response tensors are right-padded and
+    masked by ``batch.mask``."""
     batch: "_Batch"              # prompt (B, Q) and response (B, R) tokens with their masks
     has_eos: torch.Tensor        # (B,) bool: the response ended with EOS
     scores: torch.Tensor         # (B,) the reward's score, less missing_eos_penalty where there was no EOS
     logprobs: torch.Tensor       # (B, R) log π_old(a_t | s_t) at temperature T
+    ref_logprobs: torch.Tensor   # (B, R) log π_ref(a_t | s_t) at temperature T
     kl: torch.Tensor             # (B, R) KL estimate to the reference, log π_old - log π_ref (k1) or k3; 0 on padding
-    values: torch.Tensor         # (B, R) V_old(s_t) of the value model
-    advantages: torch.Tensor     # (B, R) GAE advantages, whitened over the batch's real tokens
-    returns: torch.Tensor        # (B, R) GAE returns (the value model's targets)
+    advantages: torch.Tensor     # (B, R) ppo: GAE advantages, whitened over the batch's real tokens; critic-free: each
+                                 # response's group advantage at every real token
     entropy: float               # mean per-token entropy of π_old over real tokens
+    values: torch.Tensor | None = None   # (B, R) V_old(s_t) of the value model (ppo)
+    returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo)
 
 
 def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int, rank: int):
@@ -236,32 +282,43 @@ def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[li
 
 
 @torch.no_grad()
-def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, beta: float) -> Rollout:
-    """Log-probs of the policy and the reference (logits / T), values, per-token rewards (-beta * KL plus the score at
-    the last real token), GAE and whitened advantages for the sampled ``batch`` and its raw scores (B,)."""
+def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, algo: Algorithm,
+          beta: float) -> Rollout:
+    """Log-probs of the policy and the reference (logits / T) and the advantages for the sampled ``batch`` and its raw
+    scores (B,). ppo: values, per-token rewards (-beta * KL plus the score at the last real token), GAE, whitened
+    advantages. Critic-free: each response's reward (score, less beta * summed KL when ``kl_in=reward``) against its
+    group's (``rl.group_advantages``), spread over its real tokens."""
     scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty)
     logits = _response_logits(policy_engine.module, batch)
     logprobs = rl.logprobs_from_logits(logits, batch.response, s.temperature)
     entropy = rl.masked_mean(rl.entropy_from_logits(logits, s.temperature), batch.mask).item()
     del logits
     ref_logprobs = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
-    values = _token_values(value_engine.module, batch)
     kl = rl.kl_per_token(logprobs, ref_logprobs, s.kl_estimator) * batch.mask
-    per_token = rl.token_rewards(scores, kl, batch.mask, beta)
+    ro = Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, kl=kl,
+                 advantages=torch.zeros_like(logprobs), entropy=entropy)
+    if not algo.critic:
+        rewards_ = scores - beta * kl.sum(dim=1) if algo.kl_in == "reward" else scores
+        ro.advantages = rl.group_advantages(rewards_, algo.k, algo.name).unsqueeze(1) * batch.mask
+        return ro
+    ro.values = _token_values(value_engine.module, batch)
+    per_token = rl.token_rewards(scores, kl, batch.mask, beta if algo.kl_in == "reward" else 0.0)
     if s.whiten_rewards:
         per_token = rl.whiten(per_token, batch.mask, shift_mean=False)
-    advantages, returns = rl.gae(per_token, values, batch.mask, s.gamma, s.lam)
-    return Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, kl=kl, values=values,
-                   advantages=rl.whiten(advantages, batch.mask), returns=returns, entropy=entropy)
+    advantages, ro.returns = rl.gae(per_token, ro.values, batch.mask, s.gamma, s.lam)
+    ro.advantages = rl.whiten(advantages, batch.mask)
+    return ro
 
 
-def update(policy_engine, value_engine, ro: Rollout, *, s, seed: int, step: int, rank: int, checkpoints: Path) -> dict:
-    """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the rollout: the clipped policy loss and
-    the clipped value loss, one optimizer step each per minibatch. Returns the mean of each loss statistic."""
+def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta: float, seed: int, step: int, rank: int,
+           checkpoints: Path) -> dict:
+    """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the rollout: the clipped policy loss (plus
+    beta * the k3 KL to the reference when ``kl_in=loss``) and, for ppo, the clipped value loss; one optimizer step each
+    per minibatch. Returns the mean of each loss statistic."""
     from cai import distributed
 
-    micro = s.batch_size // s.num_minibatches
-    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl")}
+    micro = ro.batch.response.shape[0] // s.num_minibatches
+    stats: dict[str, list[float]] = {}
     for epoch in range(s.ppo_epochs):
         order = list(range(ro.batch.response.shape[0]))
         random.Random(derive_seed(seed, STAGE, step, rank, epoch)).shuffle(order)
@@ -269,19 +326,27 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, seed: int, step: int,
             idx = torch.tensor(order[k * micro:(k + 1) * micro], device=policy_engine.device)
             mb = ro.batch.select(idx)
             logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
-            p_loss, clip_frac, approx_kl = rl.policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], mb.mask, s.clip_range)
-            values = _token_values(value_engine.module, mb)
-            v_loss, v_clip = rl.value_loss(values, ro.values[idx], ro.returns[idx], mb.mask, s.clip_range_value)
-            if distributed.sum_over_ranks(int(not (torch.isfinite(p_loss) and torch.isfinite(v_loss)))) > 0:
+            p_loss, clip_frac, approx_kl = rl.policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], mb.mask, s.clip_range,
+                                                          algo.aggregation, s.max_new_tokens)
+            losses = {"policy_loss": p_loss}
+            if algo.kl_in == "loss":
+                losses["kl_loss"] = rl.aggregate(rl.kl_per_token(logp, ro.ref_logprobs[idx], "k3"), mb.mask,
+                                                 algo.aggregation, s.max_new_tokens)
+            if algo.critic:
+                values = _token_values(value_engine.module, mb)
+                losses["value_loss"], v_clip = rl.value_loss(values, ro.values[idx], ro.returns[idx], mb.mask,
+                                                             s.clip_range_value)
+            if distributed.sum_over_ranks(int(not all(torch.isfinite(x) for x in losses.values()))) > 0:
                 raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
                                  f"{training.latest_tag(checkpoints)} in {checkpoints}")
-            policy_engine.backward(p_loss)
+            policy_engine.backward(p_loss + beta * losses["kl_loss"] if "kl_loss" in losses else p_loss)
             policy_engine.step()
-            value_engine.backward(v_loss)
-            value_engine.step()
-            for key, value in (("policy_loss", p_loss), ("value_loss", v_loss), ("clip_frac", clip_frac),
-                               ("value_clip_frac", v_clip), ("approx_kl", approx_kl)):
-                stats[key].append(value.item())
+            if algo.critic:
+                value_engine.backward(losses["value_loss"])
+                value_engine.step()
+                losses["value_clip_frac"] = v_clip
+            for key, value in {**losses, "clip_frac": clip_frac, "approx_kl": approx_kl}.items():
+                stats.setdefault(key, []).append(value.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -349,6 +414,15 @@ def _gathered(module):
 def _check_settings(s: DictConfig) -> None:
     if s.reward not in REWARDS:
         raise StageInputError(f"{STAGE}.reward must be one of {', '.join(REWARDS)}, got {s.reward!r}")
+    if s.algorithm not in ALGORITHMS:
+        raise StageInputError(f"{STAGE}.algorithm must be one of {', '.join(ALGORITHMS)}, got {s.algorithm!r}")
+    if s.kl_in not in (None, "reward", "loss"):
+        raise StageInputError(f"{STAGE}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
+    if s.samples_per_prompt is not None and (not isinstance(s.samples_per_prompt, int) or s.samples_per_prompt < 1):
+        raise StageInputError(f"{STAGE}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
+    if s.algorithm != "ppo" and s.samples_per_prompt == 1:
+        raise StageInputError(f"{STAGE}.algorithm={s.algorithm} measures each response against the other responses to its "
+                              f"prompt: {STAGE}.samples_per_prompt must be >= 2 (null: 4)")
     if s.reward_fn is not None and s.reward != "custom":
         raise StageInputError(f"{STAGE}.reward_fn is set but {STAGE}.reward={s.reward}; set {STAGE}.reward=custom to use it")
     if s.kl_coef is None or s.kl_coef < 0:
@@ -361,8 +435,10 @@ def _check_settings(s: DictConfig) -> None:
                 "save_every", "lr", "value_lr", "kl_horizon", "temperature"):
         if s[key] is None or s[key] <= 0:
             raise StageInputError(f"{STAGE}.{key} must be > 0, got {s[key]}")
-    if s.batch_size % s.num_minibatches:
-        raise StageInputError(f"{STAGE}.batch_size={s.batch_size} must be divisible by {STAGE}.num_minibatches={s.num_minibatches}")
+    k = algorithm(s).k
+    if s.batch_size * k % s.num_minibatches:
+        raise StageInputError(f"{STAGE}.batch_size={s.batch_size} x {k} samples per prompt must be divisible by "
+                              f"{STAGE}.num_minibatches={s.num_minibatches}")
     if not (0 <= s.gamma <= 1 and 0 <= s.lam <= 1):
         raise StageInputError(f"{STAGE}.gamma and {STAGE}.lam must be in [0, 1], got {s.gamma}, {s.lam}")
     if s.clip_range <= 0 or s.clip_range_value <= 0 or s.missing_eos_penalty < 0 or s.num_prompts < 0 or s.num_helpful < 0:
