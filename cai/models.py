@@ -150,6 +150,59 @@ def preference_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model.score(last).squeeze(-1).float()  # (B,)
 
 
+def response_forward(call, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                     response_mask: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Outputs at the last prompt position and at every response position of prompt + response rows: (B, R + 1, ·).
+
+    query (B, Q) left-padded, response (B, R) right-padded, masks alike. ``call(input_ids, attention_mask, position_ids,
+    cache, keep)`` runs a model and returns (its outputs at the last ``keep`` positions, the cache it filled); ``cache``
+    is None for a plain pass. When each run of ``group`` consecutive rows shares one prompt (RL's k responses to a
+    prompt), the prompt runs once per group and its KV cache is repeated ``group`` times for the responses: the same
+    outputs for (group - 1) / group less prompt compute, gradients included.
+    """
+    from transformers import DynamicCache
+
+    attention = torch.cat([query_mask, response_mask], dim=1)
+    positions = position_ids_from_mask(attention)
+    q, r = query.shape[1], response.shape[1]
+    if group == 1:
+        return call(torch.cat([query, response], dim=1), attention, positions, None, r + 1)[0]
+    head, cache = call(query[::group], query_mask[::group], positions[::group, :q], DynamicCache(), 1)
+    cache.batch_repeat_interleave(group)
+    tail, _ = call(response, attention, positions[:, q:], cache, r)
+    return torch.cat([head.repeat_interleave(group, dim=0), tail], dim=1)
+
+
+def lm_call(model):
+    """``response_forward``'s ``call`` for a causal LM (or the DeepSpeed engine around one): its logits, the vocabulary
+    projection only where kept."""
+    cache_key = _cache_keyword(model)
+
+    def call(ids, mask, positions, cache, keep):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                    logits_to_keep=keep, **{cache_key: cache})
+        return out.logits, cache
+    return call
+
+
+def backbone_call(model):
+    """``response_forward``'s ``call`` for a scalar-head model (PM, value model): its backbone's last hidden states."""
+    cache_key = _cache_keyword(model.base_model)
+
+    def call(ids, mask, positions, cache, keep):
+        out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
+                               **{cache_key: cache})
+        return out.last_hidden_state[:, -keep:], cache
+    return call
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); the name this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters else "past_key_values"
+
+
 # ---------------------------------------------------------------------------------------------
 # Where weights come from
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ Each is made from its checked inputs without loading anything, so a finished run
 has ``fingerprint`` (what the stage records and compares before reusing a finished run), ``constitution_hash`` (the
 constitution it reads, or None) and ``value_start`` (the model spec the value model starts from; None: the
 policy's). ``load(policy_tok)`` loads its models and returns them by role; then ``reward(batch, conversations,
-completions, keys)`` -> (B,) float scores, where ``batch`` carries the policy's tokens (``ids``, ``attention``) and
+completions, keys)`` -> (B,) float scores, where ``batch`` carries the policy's tokens (``query``, ``query_mask``,
+``response``, ``mask``; each run of ``group`` rows answers one prompt) and
 ``keys`` name each (prompt, step) for seeded principle draws.
 """
 
@@ -44,10 +45,14 @@ class PreferenceModelReward:
 
     @torch.no_grad()
     def __call__(self, batch, conversations, completions, keys) -> torch.Tensor:
-        from cai.models import preference_scores
+        from cai import rl
+        from cai.models import backbone_call, response_forward
         from cai.preference import reward_shift
 
-        return preference_scores(self.model, batch.ids, batch.attention) + reward_shift(self.model)
+        hidden = response_forward(backbone_call(self.model), batch.query, batch.query_mask, batch.response, batch.mask,
+                                  batch.group)  # (B, R + 1, H): the last prompt position, then each response token
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), rl.last_index(batch.mask) + 1]
+        return self.model.score(last).squeeze(-1).float() + reward_shift(self.model)
 
 
 class DirectRLAIFReward:

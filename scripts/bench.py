@@ -1,8 +1,8 @@
-"""Side-by-side benchmarks: cai's PPO against TRL's, AI-feedback labeling, batched generation, the pipeline.
+"""Side-by-side benchmarks: cai's PPO, RLOO and GRPO against TRL's, AI-feedback labeling, batched generation, the pipeline.
 
-    .venv/bin/python scripts/bench.py --quick            # under 10 minutes on a 2-core CPU
+    .venv/bin/python scripts/bench.py --quick            # about 20 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
-    .venv/bin/python scripts/bench.py --only ppo         # or generation, labeling, pipeline (repeatable)
+    .venv/bin/python scripts/bench.py --only rl          # or ppo, generation, labeling, pipeline (repeatable)
 
 Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
 of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
@@ -16,6 +16,12 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   temperature, KL coefficient and learning rate, fp32 on the CPU, and the same thread count; each run's
   step time is the median after its first step. First on the tiny random model of the tests, then on
   ``--model`` (the embedded SmolLM2-135M-Instruct by default). samples/s = prompts per step / step time.
+- rl: the real stage with ``ppo.algorithm=rloo`` and ``grpo`` against TRL 1.16.0's ``RLOOTrainer`` and
+  ``GRPOTrainer`` (installed like TRL 1.12, into ``runs/bench/trl-1.16.0``): the same policy and PM folder, prompts,
+  4 prompts x k = 4 responses a step, response length, 2 epochs x 2 minibatches (TRL: ``num_iterations``,
+  ``steps_per_generation``), temperature, KL coefficient (TRL's ``beta``; RLOO: in the reward, GRPO: a k3 loss term
+  with ``loss_type="grpo"``, as cai's) and learning rate; a TRL step is one generation and its optimizer steps. Then
+  cai's PPO at the same 16 responses a step (16 prompts, one response each): the RLOO-to-PPO step-time ratio.
 - generation: ``cai.generation.generate`` on the same prompts at batch 4 and 16 against one prompt at a time
   (greedy, so all three produce the same tokens); tokens/s.
 - labeling: ``cai.feedback.judge_pairs`` — one prefill per (pair, principle, order) reading the next-token
@@ -122,18 +128,21 @@ def bench_labeling(model, tok, constitution, pairs, n_principles: int, batch_siz
 # ---------------------------------------------------------------------------------------------
 
 TRL_VERSION = "1.12.0"  # the last TRL release with PPO (trl.experimental.ppo)
+TRL_RL_VERSION = "1.16.0"  # TRL's maintained RLOOTrainer and GRPOTrainer
 
 
-def trl_side_folder(folder: Path) -> Path:
-    """TRL 1.12 installed with --no-deps into ``folder`` (once), away from the project's environment; the
-    TRL worker puts it first on its path. Its dependencies (accelerate, datasets, transformers) are ours."""
+def trl_side_folder(folder: Path, version: str) -> Path:
+    """TRL ``version`` installed with --no-deps into ``folder/trl-<version>`` (once), away from the project's
+    environment; the TRL worker puts it first on its path. Its dependencies (accelerate, datasets, transformers) are
+    ours."""
     import subprocess
 
-    if not (folder / "trl" / "experimental" / "ppo" / "ppo_trainer.py").exists():
-        print(f"installing trl=={TRL_VERSION} into {folder} (--no-deps; the project's environment is untouched)")
+    side = folder / f"trl-{version}"
+    if not (side / f"trl-{version}.dist-info").exists():
+        print(f"installing trl=={version} into {side} (--no-deps; the project's environment is untouched)")
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                        "--target", str(folder), f"trl=={TRL_VERSION}"], check=True)
-    return folder
+                        "--target", str(side), f"trl=={version}"], check=True)
+    return side
 
 
 def ppo_models(model_path: str, folder: Path) -> Path:
@@ -167,8 +176,8 @@ def ppo_queries(tok, n_prompts: int, max_prompt_length: int) -> list[list[int]]:
 
 
 def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
-    """The real stage, as a user runs it: ``python -m cai.stages.ppo`` with the PM as reward; per-step
-    seconds from its metrics.jsonl."""
+    """The real stage, as a user runs it: ``python -m cai.stages.ppo`` with the PM as reward (``s["algorithm"]`` with
+    ``s["k"]`` responses per prompt when given); per-step seconds from its metrics.jsonl."""
     import shutil
     import subprocess
 
@@ -181,7 +190,8 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
                  f"ppo.max_new_tokens={s['response_length']}", f"ppo.temperature={s['temperature']}",
                  f"ppo.kl_coef={s['kl_coef']}", f"ppo.lr={s['lr']}", f"ppo.value_lr={s['lr']}",
                  f"ppo.max_prompt_length={s['max_prompt_length']}", f"ppo.save_every={s['steps']}",
-                 f"ppo.log_samples_every={s['steps']}", f"generation.batch_size={s['batch_size']}"]
+                 f"ppo.log_samples_every={s['steps']}", f"generation.batch_size={s['batch_size'] * s.get('k', 1)}",
+                 f"ppo.algorithm={s.get('algorithm', 'ppo')}", f"ppo.samples_per_prompt={s.get('k', 1)}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "cai.stages.ppo", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -209,16 +219,20 @@ def run_trl_ppo(models: Path, s: dict, work: Path, threads: int, side: Path) -> 
 
 
 def trl_worker(spec_json: str) -> None:
+    """One TRL run in this child process: PPO (TRL 1.12) or, with ``trainer`` in the spec, RLOO / GRPO (TRL 1.16)."""
+    s = json.loads(spec_json)
+    if s.get("trainer", "ppo") != "ppo":
+        trl_rl_worker(s)
+        return
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if trl.__version__ != TRL_VERSION:
         raise SystemExit(f"the TRL worker needs trl=={TRL_VERSION} first on PYTHONPATH, found {trl.__version__}")
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    s = json.loads(spec_json)
     models = Path(s["models"])
     tok = AutoTokenizer.from_pretrained(models / "policy")
     tok.padding_side = "left"
@@ -229,19 +243,7 @@ def trl_worker(spec_json: str) -> None:
     queries = ppo_queries(tok, s["num_prompts"], s["max_prompt_length"])
     data = Dataset.from_dict({"input_ids": queries})
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.last, self.seconds = None, []
-
-        def on_train_begin(self, *args, **kwargs):
-            self.last = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            now = time.perf_counter()
-            self.seconds.append(round(now - self.last, 3))
-            self.last = now
-
-    timer = StepTimer()
+    timer = step_timer()
     args = PPOConfig(
         output_dir=str(Path(s["work"]) / "trl-run"), seed=0, use_cpu=True, bf16=False, fp16=False,
         gradient_checkpointing=False, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -257,6 +259,25 @@ def trl_worker(spec_json: str) -> None:
                          callbacks=[timer])
     trainer.train()
     print(json.dumps({"step_seconds": timer.seconds}))
+
+
+def step_timer():
+    """A TrainerCallback recording the seconds between consecutive optimizer steps (the first from train begin)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.last, self.seconds = None, []
+
+        def on_train_begin(self, *args, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            now = time.perf_counter()
+            self.seconds.append(round(now - self.last, 3))
+            self.last = now
+
+    return StepTimer()
 
 
 # Same settings on both sides. response_length = cai's ppo.max_new_tokens; lr is both the policy's and the
@@ -280,6 +301,107 @@ def bench_ppo(model_path: str, s: dict, work: Path, threads: int, repeats: int, 
     per_s = {k: s["batch_size"] / t for k, t in step.items()}
     return {"model": model_path, "settings": s, "repeats": repeats, "step_seconds": step, "samples_per_s": per_s,
             "ratio": per_s["cai"] / per_s["trl"], "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
+# RL: cai's critic-free methods against TRL 1.16's RLOOTrainer and GRPOTrainer, and cai's RLOO against cai's PPO
+# ---------------------------------------------------------------------------------------------
+
+def trl_rl_worker(s: dict) -> None:
+    """TRL's RLOOTrainer or GRPOTrainer with cai's step shape: one generation of ``batch_size x k`` completions, then
+    ``ppo_epochs`` passes (``num_iterations``) over ``num_minibatches`` minibatches (``steps_per_generation``), one
+    optimizer step each. Prints the seconds of each such cycle (the sum of its optimizer steps' times)."""
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    if trl.__version__ != TRL_RL_VERSION:
+        raise SystemExit(f"the TRL worker needs trl=={TRL_RL_VERSION} first on PYTHONPATH, found {trl.__version__}")
+    models = Path(s["models"])
+    tok = AutoTokenizer.from_pretrained(models / "policy")
+    policy = AutoModelForCausalLM.from_pretrained(models / "policy", dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(models / "pm", dtype=torch.float32, num_labels=1)
+    data = Dataset.from_list([{"prompt": m} for m in rl_prompts(tok, s["num_prompts"], s["max_prompt_length"])])
+    samples = s["batch_size"] * s["k"]
+    common = dict(
+        output_dir=str(Path(s["work"]) / "trl-run"), seed=0, use_cpu=True, bf16=False, fp16=False, report_to=[],
+        save_strategy="no", logging_steps=1, disable_tqdm=True, gradient_checkpointing=False, dataloader_num_workers=0,
+        per_device_train_batch_size=samples // s["num_minibatches"], gradient_accumulation_steps=1,
+        steps_per_generation=s["num_minibatches"], num_iterations=s["ppo_epochs"], num_generations=s["k"],
+        max_steps=s["steps"] * s["num_minibatches"] * s["ppo_epochs"], max_completion_length=s["response_length"],
+        temperature=s["temperature"], top_p=1.0, top_k=0, beta=s["kl_coef"], learning_rate=s["lr"],
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, disable_dropout=True,
+    )
+    if s["trainer"] == "rloo":
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+
+        args = Config(**common)
+    else:
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+
+        args = Config(**common, loss_type="grpo", scale_rewards="group")
+    timer = step_timer()
+    trainer = Trainer(model=policy, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                      reward_processing_classes=tok, callbacks=[timer])
+    trainer.train()
+    per_cycle = s["num_minibatches"] * s["ppo_epochs"]
+    cycles = [round(sum(timer.seconds[i:i + per_cycle]), 3) for i in range(0, len(timer.seconds), per_cycle)]
+    print(json.dumps({"step_seconds": cycles}))
+
+
+def rl_prompts(tok, n_prompts: int, max_prompt_length: int) -> list[list[dict]]:
+    """The conversations of ``ppo_queries``' prompts (TRL applies the chat template itself)."""
+    from cai.data import load_prompts
+    from cai.generation import render_chat
+
+    items = load_prompts(None, "prompt", "red_team", n_prompts, 0)
+    return [it.messages() for it in items
+            if len(tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"]) <= max_prompt_length]
+
+
+def run_trl_rl(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict:
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(side),
+           "TOKENIZERS_PARALLELISM": "false"}
+    spec = json.dumps({"models": str(models), "work": str(work), **s})
+    done = subprocess.run([sys.executable, __file__, "--trl-worker", spec], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"TRL {s['trainer']} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# Same settings on both sides: batch_size prompts x k responses a step, split into num_minibatches, ppo_epochs passes;
+# the KL coefficient is TRL's beta (RLOO: in the reward, k1, as cai's rloo; GRPO: a k3 loss term, as cai's grpo, with
+# TRL's loss_type="grpo", the per-response token mean of cai's grpo). cai's PPO step for the 0.6x target sees the
+# same number of responses (batch_size x k prompts, one response each) with the same minibatches and epochs.
+RL_TINY = dict(num_prompts=64, steps=6, batch_size=4, k=4, num_minibatches=2, ppo_epochs=2, response_length=32,
+               temperature=0.7, kl_coef=0.05, lr=1e-5, max_prompt_length=256)
+RL_EMBEDDED = {**RL_TINY, "steps": 4, "response_length": 48}
+RL_EMBEDDED_QUICK = {**RL_TINY, "steps": 3}
+
+
+def bench_rl(model_path: str, s: dict, work: Path, threads: int, repeats: int, side: Path) -> dict:
+    """Per algorithm (rloo, grpo) alternate cai and TRL runs, then cai's PPO at the same number of responses; per run,
+    the median step time after the first (warm-up) step; the figures are medians over runs."""
+    models = ppo_models(model_path, work / "models")
+    ppo_shape = {**s, "batch_size": s["batch_size"] * s["k"], "k": 1, "algorithm": "ppo"}
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for algorithm in ("rloo", "grpo"):
+            runs.setdefault(f"cai {algorithm}", []).append(run_cai_ppo(models, {**s, "algorithm": algorithm}, work, threads))
+            runs.setdefault(f"trl {algorithm}", []).append(run_trl_rl(models, {**s, "trainer": algorithm}, work, threads, side))
+        runs.setdefault("cai ppo", []).append(run_cai_ppo(models, ppo_shape, work, threads))
+    step = {k: statistics.median(statistics.median(r["step_seconds"][1:]) for r in v) for k, v in runs.items()}
+    samples = s["batch_size"] * s["k"]
+    per_s = {k: samples / t for k, t in step.items()}
+    return {"model": model_path, "settings": s, "repeats": repeats, "step_seconds": step, "samples_per_s": per_s,
+            "ratio_vs_trl": {a: per_s[f"cai {a}"] / per_s[f"trl {a}"] for a in ("rloo", "grpo")},
+            "rloo_step_vs_ppo_step": step["cai rloo"] / step["cai ppo"], "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,10 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=("ppo", "generation", "labeling", "pipeline"), action="append",
+    parser.add_argument("--only", choices=("ppo", "rl", "generation", "labeling", "pipeline"), action="append",
                         help="run only these parts (repeatable); default: all")
-    parser.add_argument("--trl-side", type=Path, default=ROOT / "runs" / "bench" / f"trl-{TRL_VERSION}",
-                        help="where TRL 1.12 is installed with --no-deps (done on first use)")
+    parser.add_argument("--trl-dir", type=Path, default=ROOT / "runs" / "bench",
+                        help=f"where TRL {TRL_VERSION} (ppo) and {TRL_RL_VERSION} (rl) are installed with --no-deps, "
+                             f"in trl-<version>/ (done on first use)")
     parser.add_argument("--pipeline-run", type=Path, default=ROOT / "runs" / "demo",
                         help="the run dir whose per-stage wall time and peak memory are reported (default: make demo's, runs/demo)")
     parser.add_argument("--run-pipeline", action="store_true",
@@ -353,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    parts = args.only or ["ppo", "generation", "labeling", "pipeline"]
+    parts = args.only or ["ppo", "rl", "generation", "labeling", "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
                "repeats": repeats}
@@ -367,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ppo" in parts:
         from cai.runio import safe_name
 
-        side = trl_side_folder(args.trl_side)
+        side = trl_side_folder(args.trl_dir, TRL_VERSION)
         sizes = {"tiny": ("tiny-random", PPO_TINY), args.model: (args.model, PPO_EMBEDDED_QUICK if args.quick else PPO_EMBEDDED)}
         for name, (path, settings) in sizes.items():
             # the embedded model's steps take tens of seconds: one alternated pair of runs in --quick
@@ -379,6 +502,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{settings['ppo_epochs']} epochs x {settings['num_minibatches']} minibatches, median step after the first, "
                   f"{n} run(s) each): cai {r['samples_per_s']['cai']:.2f} samples/s, TRL {TRL_VERSION} PPOTrainer "
                   f"{r['samples_per_s']['trl']:.2f} samples/s: cai/TRL {r['ratio']:.2f}x")
+    if "rl" in parts:
+        from cai.runio import safe_name
+
+        side = trl_side_folder(args.trl_dir, TRL_RL_VERSION)
+        sizes = {"tiny": ("tiny-random", RL_TINY), args.model: (args.model, RL_EMBEDDED_QUICK if args.quick else RL_EMBEDDED)}
+        for name, (path, settings) in sizes.items():
+            n = repeats if name == "tiny" or not args.quick else 1
+            r = results.setdefault("rl", {})[name] = bench_rl(path, settings, ROOT / "runs" / "bench" / f"rl-{safe_name(name)}",
+                                                             threads, n, side)
+            save()
+            print(f"RL on {name} models ({settings['batch_size']} prompts x {settings['k']} responses of up to "
+                  f"{settings['response_length']} tokens, {settings['ppo_epochs']} epochs x {settings['num_minibatches']} "
+                  f"minibatches, median step after the first, {n} run(s) each):")
+            for algorithm, trainer in (("rloo", "RLOOTrainer"), ("grpo", "GRPOTrainer")):
+                print(f"  {algorithm}: cai {r['samples_per_s'][f'cai {algorithm}']:.2f} samples/s, TRL {TRL_RL_VERSION} "
+                      f"{trainer} {r['samples_per_s'][f'trl {algorithm}']:.2f} samples/s: cai/TRL "
+                      f"{r['ratio_vs_trl'][algorithm]:.2f}x")
+            print(f"  cai rloo step / cai ppo step at {settings['batch_size'] * settings['k']} responses: "
+                  f"{r['rloo_step_vs_ppo_step']:.2f}x")
     if {"generation", "labeling"} & set(parts):
         from cai.constitution import load_constitution, resolve_constitution_dir
         from cai.data import load_prompts

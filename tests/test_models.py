@@ -65,6 +65,44 @@ def test_preference_score_same_for_left_and_right_padding(tiny_cfg):
     torch.testing.assert_close(scores["right"], torch.tensor(alone), rtol=1e-4, atol=1e-5)
 
 
+def test_a_shared_prompt_is_computed_once_with_the_same_outputs_and_gradients(tiny_cfg):
+    """Two prompts (one left-padded) with three responses each (some cut short): the grouped pass (each prompt once,
+    its KV cache repeated) gives the plain pass's logits, gradients, hidden states and PM scores."""
+    from cai.models import backbone_call, lm_call, response_forward
+
+    policy, tok = load_policy(tiny_cfg)
+    pm, _ = load_preference_model(tiny_cfg)
+    torch.manual_seed(0)
+    k, q_len, r_len = 3, 7, 5
+    query = torch.randint(5, 500, (2, q_len))
+    query_mask = torch.ones(2, q_len, dtype=torch.long)
+    query[0, :3], query_mask[0, :3] = tok.pad_token_id, 0
+    query, query_mask = query.repeat_interleave(k, 0), query_mask.repeat_interleave(k, 0)
+    response = torch.randint(5, 500, (2 * k, r_len))
+    mask = torch.ones(2 * k, r_len, dtype=torch.long)
+    mask[1, 3:], mask[4, 1:] = 0, 0
+    weights = torch.randn(2 * k, r_len + 1, policy.config.vocab_size)
+
+    def grads(group):
+        policy.zero_grad()
+        out = response_forward(lm_call(policy), query, query_mask, response, mask, group)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in policy.named_parameters()}
+
+    (plain, plain_grads), (grouped, grouped_grads) = grads(1), grads(k)
+    assert plain.shape == (2 * k, r_len + 1, policy.config.vocab_size)
+    torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(grouped_grads[name], plain_grads[name], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        hidden = {g: response_forward(backbone_call(pm), query, query_mask, response, mask, g) for g in (1, k)}
+        torch.testing.assert_close(hidden[k], hidden[1], rtol=1e-5, atol=1e-5)
+        # the PM's score at the last real response token, read from the grouped pass, is preference_scores'
+        last = hidden[k][torch.arange(2 * k), mask.sum(1)]
+        expected = preference_scores(pm, torch.cat([query, response], 1), torch.cat([query_mask, mask], 1))
+        torch.testing.assert_close(pm.score(last).squeeze(-1).float(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_is_off(tiny_cfg):
     model, _ = load_policy(tiny_cfg)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

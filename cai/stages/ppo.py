@@ -188,7 +188,7 @@ def run(cfg: DictConfig) -> Path:
         rows = [i for i in prompts for _ in range(algo.k)]  # a prompt's k responses side by side: one group
         conversations = [items[i].messages() for i in rows]
         completions, batch = sample(policy_engine, tok, conversations, [queries[i] for i in rows], s=s, cfg=cfg, step=step,
-                                    rank=rank)
+                                    rank=rank, group=algo.k)
         t_rollout = _clock(device)
         raw = reward(batch, conversations, completions, [f"{items[i].id}:{step}" for i in rows]).to(device).float()
         if distributed.sum_over_ranks(int(not torch.isfinite(raw).all())) > 0:
@@ -266,9 +266,11 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo)
 
 
-def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int, rank: int):
+def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int, rank: int,
+           group: int):
     """One response per conversation from the policy (temperature T, top_p 1; under ZeRO-3 the weights are gathered
-    once for the whole rollout), cut after the first EOS. Returns (completions, ``_Batch`` on the policy's device)."""
+    once for the whole rollout), cut after the first EOS; each run of ``group`` conversations is one prompt's. Returns
+    (completions, ``_Batch`` on the policy's device)."""
     device = policy_engine.device
     zero3 = policy_engine.zero_optimization_stage() == 3
     with _gathered(policy_engine.module) if zero3 else contextlib.nullcontext():
@@ -278,7 +280,8 @@ def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[li
     query, query_mask = training.pad_batch(queries, tok.pad_token_id, side="left")
     sampled, _ = training.pad_batch([c.token_ids for c in completions], tok.pad_token_id)
     response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)
-    return completions, _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device), has_eos.to(device))
+    return completions, _Batch(query.to(device), query_mask.to(device), response.to(device), mask.to(device), has_eos.to(device),
+                               group)
 
 
 @torch.no_grad()
@@ -317,13 +320,15 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta
     per minibatch. Returns the mean of each loss statistic."""
     from cai import distributed
 
-    micro = ro.batch.response.shape[0] // s.num_minibatches
+    k = ro.batch.group
+    micro = ro.batch.response.shape[0] // s.num_minibatches  # whole groups: batch_size divides by num_minibatches
     stats: dict[str, list[float]] = {}
     for epoch in range(s.ppo_epochs):
-        order = list(range(ro.batch.response.shape[0]))
-        random.Random(derive_seed(seed, STAGE, step, rank, epoch)).shuffle(order)
-        for k in range(s.num_minibatches):
-            idx = torch.tensor(order[k * micro:(k + 1) * micro], device=policy_engine.device)
+        groups = list(range(ro.batch.response.shape[0] // k))
+        random.Random(derive_seed(seed, STAGE, step, rank, epoch)).shuffle(groups)
+        order = [g * k + j for g in groups for j in range(k)]  # a prompt's responses stay together (one prompt pass)
+        for m in range(s.num_minibatches):
+            idx = torch.tensor(order[m * micro:(m + 1) * micro], device=policy_engine.device)
             mb = ro.batch.select(idx)
             logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
             p_loss, clip_frac, approx_kl = rl.policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], mb.mask, s.clip_range,
@@ -351,36 +356,32 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta
 
 
 class _Batch:
-    """Sampled tokens: left-padded queries (B, Q) then right-padded responses (B, R), the joint mask, and which
-    responses ended with EOS (B,)."""
+    """Sampled tokens: left-padded queries (B, Q) and right-padded responses (B, R) with their masks, which responses
+    ended with EOS (B,), and ``group``: each run of that many consecutive rows answers one prompt (its query repeated),
+    so model passes compute that prompt once (``cai.models.response_forward``)."""
 
-    def __init__(self, query, query_mask, response, mask, has_eos):
+    def __init__(self, query, query_mask, response, mask, has_eos, group: int = 1):
         self.query, self.query_mask, self.response, self.mask, self.has_eos = query, query_mask, response, mask, has_eos
-        self.ids = torch.cat([query, response], dim=1)            # (B, Q + R)
-        self.attention = torch.cat([query_mask, mask], dim=1)     # (B, Q + R)
+        self.group = group
 
     def select(self, idx: torch.Tensor) -> "_Batch":
-        return _Batch(self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx], self.has_eos[idx])
+        """The rows ``idx``: whole groups, in order."""
+        return _Batch(self.query[idx], self.query_mask[idx], self.response[idx], self.mask[idx], self.has_eos[idx], self.group)
 
 
 def _response_logits(model, b: _Batch) -> torch.Tensor:
     """(B, R, V) logits predicting each response token (from the position before it)."""
-    from cai.models import position_ids_from_mask
+    from cai.models import lm_call, response_forward
 
-    r = b.response.shape[1]
-    out = model(input_ids=b.ids, attention_mask=b.attention, position_ids=position_ids_from_mask(b.attention),
-                logits_to_keep=r + 1, use_cache=False)
-    return out.logits[:, :-1]
+    return response_forward(lm_call(model), b.query, b.query_mask, b.response, b.mask, b.group)[:, :-1]
 
 
 def _token_values(value_model, b: _Batch) -> torch.Tensor:
     """(B, R) value estimates V(s_t): the scalar head on the hidden state before each response token."""
-    from cai.models import position_ids_from_mask
+    from cai.models import backbone_call, response_forward
 
-    r = b.response.shape[1]
-    hidden = value_model.base_model(input_ids=b.ids, attention_mask=b.attention,
-                                    position_ids=position_ids_from_mask(b.attention)).last_hidden_state
-    return value_model.score(hidden[:, -r - 1:-1]).squeeze(-1).float()
+    hidden = response_forward(backbone_call(value_model), b.query, b.query_mask, b.response, b.mask, b.group)
+    return value_model.score(hidden[:, :-1]).squeeze(-1).float()
 
 
 def _clock(device: torch.device) -> float:
@@ -435,10 +436,8 @@ def _check_settings(s: DictConfig) -> None:
                 "save_every", "lr", "value_lr", "kl_horizon", "temperature"):
         if s[key] is None or s[key] <= 0:
             raise StageInputError(f"{STAGE}.{key} must be > 0, got {s[key]}")
-    k = algorithm(s).k
-    if s.batch_size * k % s.num_minibatches:
-        raise StageInputError(f"{STAGE}.batch_size={s.batch_size} x {k} samples per prompt must be divisible by "
-                              f"{STAGE}.num_minibatches={s.num_minibatches}")
+    if s.batch_size % s.num_minibatches:  # so each minibatch holds whole groups of one prompt's responses
+        raise StageInputError(f"{STAGE}.batch_size={s.batch_size} must be divisible by {STAGE}.num_minibatches={s.num_minibatches}")
     if not (0 <= s.gamma <= 1 and 0 <= s.lam <= 1):
         raise StageInputError(f"{STAGE}.gamma and {STAGE}.lam must be in [0, 1], got {s.gamma}, {s.lam}")
     if s.clip_range <= 0 or s.clip_range_value <= 0 or s.missing_eos_penalty < 0 or s.num_prompts < 0 or s.num_helpful < 0:
