@@ -366,7 +366,9 @@ def alignment_metrics(judgements) -> dict:
             "alignment": _mean([agree(j.p_a) for j in js]),
             "mean_confidence": _mean([max(j.p_a, 1 - j.p_a) for j in js]),
             "position_bias_rate": _mean(first_wins),
-            "flip_rate": _mean([(ab > 0.5) != (ba > 0.5) for ab, ba in singles]),
+            # RLAIF's position-bias figure: the same position (A or B) wins in both orders, so the verdict follows the
+            # position, not the responses
+            "same_position_preferred": _mean([(ab > 0.5) != (ba > 0.5) for ab, ba in singles]),
             "single_order_alignment": _mean([agree(ab) for ab, _ in singles]),
             "judgements": len(singles),
         }

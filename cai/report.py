@@ -212,8 +212,9 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
     alignment = ""
     if results.get("alignment"):
         al = results["alignment"]
+        same_position = al.get("same_position_preferred", al.get("flip_rate"))  # its name before RLAIF's
         alignment = (f"<p>Judge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs, position bias "
-                     f"{al['position_bias_rate']:.3f}, flip rate {al['flip_rate']:.3f}.</p>")
+                     f"{al['position_bias_rate']:.3f}, same position preferred {same_position:.3f}.</p>")
     elo = _img(_bar_plot({n: c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
     ds = _dataset(run_dir / "evaluate" / "dataset")
     if ds is not None:  # the harmlessness ratings' distribution per checkpoint: a rate alone can read 0 for all

@@ -5,6 +5,9 @@
 - ``direct_rlaif`` (``DirectRLAIFReward``): the ``labeler`` role rates each response 1..10 under a comparison
   principle drawn per (prompt, step); the expected score, mapped to [-1, 1]. No PM; the value model starts from
   the policy with a fresh head.
+- ``pairwise`` (``PairwiseLabelerReward``): the ``labeler`` role compares the k responses to each prompt two by two,
+  as ai_feedback compares a pair (comparison principles drawn per (prompt, step), both orders, one prefill each);
+  each response's reward is its mean soft win rate against its k - 1 siblings, in [0, 1]. Needs k >= 2; no PM.
 - ``custom`` (``FunctionReward``): any Python function named by ``ppo.reward_fn`` (``{_target_: package.module.fn,
   ...keyword arguments}``), called as ``fn(conversations, completions) -> one float per completion``.
 
@@ -77,6 +80,51 @@ class DirectRLAIFReward:
         items = [(k, conv, c.text) for k, conv, c in zip(keys, conversations, completions)]
         return torch.tensor(direct_scores(self.model, self.tok, self.constitution, items, seed=self.seed,
                                           batch_size=self.batch_size))
+
+
+class PairwiseLabelerReward:
+    """Each response's mean soft win rate against the other responses to its prompt, judged by the labeler."""
+
+    value_start = None
+
+    def __init__(self, labeler_cfg, constitution, seed: int, batch_size: int, n_principles: int):
+        self.labeler_cfg, self.constitution, self.seed, self.batch_size = labeler_cfg, constitution, seed, batch_size
+        self.n_principles = n_principles
+        self.fingerprint = f"pairwise:{n_principles}:{constitution.hash}"
+        self.constitution_hash = constitution.hash
+
+    def load(self, policy_tok) -> dict:
+        from cai.models import load_policy
+
+        self.model, self.tok = load_policy(self.labeler_cfg)
+        return {"labeler": self.model}
+
+    @torch.no_grad()
+    def __call__(self, batch, conversations, completions, keys) -> torch.Tensor:
+        from cai.feedback import Pair, judge_pairs
+
+        k = batch.group
+        pairs = [Pair(keys[g], conversations[g], completions[g + i].text, completions[g + j].text)  # one key per group:
+                 for g in range(0, len(completions), k) for i, j in sibling_pairs(k)]              # the same principles
+        judged = judge_pairs(self.model, self.tok, self.constitution, pairs, n_principles=self.n_principles, seed=self.seed,
+                             few_shot=False, batch_size=self.batch_size, progress=False)
+        p_first = torch.tensor([j.p_a for j in judged]).view(-1, len(sibling_pairs(k)))
+        return win_rates(p_first, k).reshape(-1)
+
+
+def sibling_pairs(k: int) -> list[tuple[int, int]]:
+    """The k (k - 1) / 2 pairs (i, j), i < j, of a group of k responses, in a fixed order."""
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def win_rates(p_first: torch.Tensor, k: int) -> torch.Tensor:
+    """(P, k (k - 1) / 2) P(response i beats j) for ``sibling_pairs(k)`` -> (P, k): each response's mean probability of
+    beating each of its k - 1 siblings (the pair (i, j) gives i p and j 1 - p)."""
+    wins = torch.zeros(p_first.shape[0], k, dtype=p_first.dtype)
+    for n, (i, j) in enumerate(sibling_pairs(k)):
+        wins[:, i] += p_first[:, n]
+        wins[:, j] += 1 - p_first[:, n]
+    return wins / (k - 1)
 
 
 class FunctionReward:

@@ -127,8 +127,13 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k
     raise ValueError(f"KL estimator must be k1 or k3, got {estimator!r}")
 
 
-def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
-    """(B,) sequence scores -> (B,): a response that never emitted EOS loses a fixed ``penalty``."""
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float,
+                              constant: float | None = None) -> torch.Tensor:
+    """(B,) sequence scores -> (B,): a response that never emitted EOS loses a fixed ``penalty``; with ``constant`` set,
+    its score is replaced by ``constant`` instead (Huang et al. 2024: the PM never saw a response end without EOS, so
+    its score there carries no information)."""
+    if constant is not None:
+        return torch.where(has_eos, scores, torch.full_like(scores, constant))
     return torch.where(has_eos, scores, scores - penalty)
 
 

@@ -15,7 +15,8 @@ reviser       policy        sl_generate                                     writ
 sl_start      policy        sl_train; ai_feedback, ppo, evaluate            the model SL-CAI fine-tunes (later stages load
                                                                             sl_train's model with its device, dtype and
                                                                             trust_remote_code)
-labeler       model         ai_feedback, ppo (direct_rlaif), label_alignment  the AI comparisons and direct 1..10 ratings
+labeler       model         ai_feedback, ppo (direct_rlaif, pairwise),      the AI comparisons and direct 1..10 ratings
+                            label_alignment
 pm_backbone   sl_start      pm_pretrain, pm_finetune, ppo, evaluate         the preference model's backbone (ppo and
                                                                             evaluate: the device and dtype of the PM);
                                                                             PPO needs it to share the tokenizer of the
@@ -46,10 +47,15 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def spec(cfg, role: str) -> dict:
+def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
     """The full model spec of ``role`` (or of ``model``): the role's non-null keys over the spec of the role it
     falls back to (``tiny`` merged key by key). ``key`` says which config key the path came from, for messages
-    ("labeler.path", or "model.path" when the labeler falls back to the model)."""
+    ("labeler.path", or "model.path" when the labeler falls back to the model).
+
+    With ``at``, the weights there (a stage's output, or a folder a stage key names: ``key``, None for a stage output)
+    loaded with the role's settings (device, dtype, trust_remote_code)."""
+    if at is not None:
+        return {**spec(cfg, role), "path": str(at), "key": key}
     if role == "model":
         return {**_checked(_plain(cfg["model"], "model"), "model"), "key": "model.path"}
     own = _checked(_plain(cfg.get(role), role), role)

@@ -187,7 +187,7 @@ def test_label_alignment_on_hh_rlhf(shared_data, tmp_path):
                                           f"pairs={shared_data / 'hh-rlhf' / 'harmless-base-test-first300.jsonl'}"])
     metrics = run_alignment(cfg)
     saved = json.loads((tmp_path / "label_alignment" / "metrics.json").read_text())
-    assert saved["n"] == 12 and {"alignment", "position_bias_rate", "flip_rate", "mean_confidence"} <= saved.keys()
+    assert saved["n"] == 12 and {"alignment", "position_bias_rate", "same_position_preferred", "mean_confidence"} <= saved.keys()
     assert 0 <= saved["alignment"] <= 1 and saved["per_principle"]
     assert metrics["alignment"] == saved["alignment"]
 

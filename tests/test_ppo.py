@@ -105,16 +105,21 @@ def test_ppo_against_the_tiny_pm(tiny_run, tmp_path):
     assert shown and all(score == pytest.approx(metrics[n - 1]["score"], abs=5e-4) for n, score in shown), shown
 
 
-def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path):
+@pytest.mark.parametrize("missing_eos", ["ppo.missing_eos_penalty=1.0", "ppo.missing_eos_score=-1.0"])
+def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path, missing_eos):
     run_dir = _copy(tiny_run, tmp_path)
     result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.max_new_tokens=1", "ppo.steps=2",
-                        "ppo.kl_estimator=k3", "ppo.target_kl=0.1", "ppo.whiten_rewards=true")
+                        "ppo.kl_estimator=k3", "ppo.target_kl=0.1", "ppo.whiten_rewards=true", missing_eos)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir / "ppo")
     assert all(m["response_length"] == 1 for m in metrics)
     if any(m["eos_rate"] == 0 for m in metrics):
         assert "no response ended within ppo.max_new_tokens=1" in result.stderr + result.stdout
     assert all(torch.isfinite(torch.tensor([m["policy_loss"], m["value_loss"]])).all() for m in metrics)
+    if missing_eos == "ppo.missing_eos_score=-1.0":  # no response ended: each scored exactly -1, whatever the PM said
+        assert [m["eos_rate"] for m in metrics] == [0.0, 0.0]
+        assert all(m["reward"] == pytest.approx(-1.0 - m["kl_coef"] * m["kl"], abs=1e-4) for m in metrics)
+        assert "each scored missing_eos_score=-1.0" in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
@@ -162,6 +167,19 @@ def test_direct_rlaif_needs_no_pm(tmp_path):
     assert all(-1.0 <= m["score"] <= 1.0 for m in read_metrics(tmp_path / "ppo"))
 
 
+def test_pairwise_labeler_reward_within_each_group(tmp_path):
+    """The labeler compares the k = 3 responses to each prompt two by two: each one's mean win rate, in [0, 1]."""
+    result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path}", "ppo.reward=pairwise", "ppo.algorithm=rloo",
+                        "ppo.samples_per_prompt=3", "ppo.batch_size=2", "ppo.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path / "ppo")
+    assert manifest["reward"] == "pairwise" and manifest["reward_fingerprint"].startswith("pairwise:1:")
+    assert manifest["roles"]["labeler"]["model"] and "labeler" in manifest["devices"]
+    assert all(0.0 <= m["score"] <= 1.0 for m in read_metrics(tmp_path / "ppo"))
+    # win rates within a group average exactly 1/2 (each comparison hands out one win): the mean score says so
+    assert all(m["score"] == pytest.approx(0.5, abs=1e-5) for m in read_metrics(tmp_path / "ppo"))
+
+
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coef=-0.1", "ppo.kl_coef (beta) must be >= 0, got -0.1"),
     ("ppo.batch_size=3", "ppo.batch_size=3 must be divisible by ppo.num_minibatches=2"),
@@ -170,6 +188,9 @@ def test_direct_rlaif_needs_no_pm(tmp_path):
      "ppo.algorithm=grpo measures each response against the other responses to its prompt: ppo.samples_per_prompt must be >= 2"),
     ("ppo.samples_per_prompt=0", "ppo.samples_per_prompt must be an integer >= 1 or null, got 0"),
     ("ppo.kl_in=both", "ppo.kl_in must be reward, loss or null"),
+    ("ppo.reward=pairwise", "ppo.reward=pairwise compares the responses to one prompt with each other: ppo.samples_per_prompt"),
+    ("ppo.pairwise_principles=0", "ppo.pairwise_principles must be an integer >= 1, got 0"),
+    ("ppo.missing_eos_score=low", "ppo.missing_eos_score must be a number or null, got 'low'"),
     ("ppo.reward=oracle", "ppo.reward must be one of pm, direct_rlaif"),
     ("ppo.kl_estimator=k2", "ppo.kl_estimator must be k1 or k3"),
     ("ppo.lam=1.5", "ppo.gamma and ppo.lam must be in [0, 1]"),

@@ -78,6 +78,9 @@ def test_truncation_after_the_first_eos_and_the_missing_eos_penalty():
     assert has_eos.tolist() == [True, False, True]
     scores = rl.apply_missing_eos_penalty(t([1.0, 1.0, 0.2]), has_eos, penalty=0.5)
     torch.testing.assert_close(scores, t([1.0, 0.5, 0.2]))
+    # Huang et al.'s treatment: the score of the response without EOS is replaced, whatever the PM said
+    scores = rl.apply_missing_eos_penalty(t([1.0, 3.0, 0.2]), has_eos, penalty=0.5, constant=-1.0)
+    torch.testing.assert_close(scores, t([1.0, -1.0, 0.2]))
 
 
 def test_logprobs_and_entropy_use_the_sampling_temperature():

@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> Path:
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
     policy_spec, labeler_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "labeler")
     if is_complete(sl_model.parent) and sl_model.is_dir():  # loaded with the settings of the model SL fine-tuned
-        policy_spec = {**roles.spec(cfg, "sl_start"), "path": str(sl_model), "key": None}
+        policy_spec = roles.spec(cfg, "sl_start", at=sl_model)
         policy_fingerprint = input_fingerprint(sl_model)
     else:
         policy_fingerprint = "role:" + roles.fingerprint(policy_spec)

@@ -98,8 +98,8 @@ def run(cfg: DictConfig) -> dict:
     pm_path, pm_fingerprint = _reward_model(cfg, s)
     judge_spec = roles.spec(cfg, "judge")
     # the PM on the pm_backbone role's device and dtype
-    pm_spec = {**roles.spec(cfg, "pm_backbone"), "path": str(pm_path), "key": f"{STAGE}.reward_model" if s.reward_model else None
-               } if pm_path else None
+    pm_key = f"{STAGE}.reward_model" if s.reward_model else None
+    pm_spec = roles.spec(cfg, "pm_backbone", at=pm_path, key=pm_key) if pm_path else None
     _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     comparison = constitution.select("comparison", None, f"{STAGE}.n_principles")
@@ -331,9 +331,10 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
         notes.append("The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL "
                      "policy): its win rates and harmlessness ratings partly measure agreement with the training labeler. "
                      "Set judge.path to an independent model, and check the judge against human labels (evaluate.pairs).")
-    if ppo.get("reward") == "direct_rlaif" and labeler_of.get("ppo") == judge_fingerprint:
-        notes.append("The judge is the labeler whose direct 1-10 ratings were PPO's reward: the ppo checkpoint was trained "
-                     "to please this judge. Set judge.path to an independent model.")
+    if ppo.get("reward") in ("direct_rlaif", "pairwise") and labeler_of.get("ppo") == judge_fingerprint:
+        what = "direct 1-10 ratings" if ppo["reward"] == "direct_rlaif" else "pairwise comparisons"
+        notes.append(f"The judge is the labeler whose {what} were the RL stage's reward: the ppo checkpoint was trained "
+                     f"to please this judge. Set judge.path to an independent model.")
     if pm_fingerprint and "ppo" in names and ppo.get("reward") == "pm" and ppo.get("reward_fingerprint") == pm_fingerprint:
         notes.append(f"The PM score is read with the PM that PPO optimised as its reward: for the ppo checkpoint it measures "
                      f"how well RL learnt that reward, not harmlessness. Set {STAGE}.reward_model to a PM trained apart "
@@ -359,7 +360,7 @@ def format_table(results: dict) -> str:
     if results.get("alignment"):
         al = results["alignment"]
         lines.append(f"\njudge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs "
-                     f"(position bias {al['position_bias_rate']:.3f}, flip rate {al['flip_rate']:.3f})")
+                     f"(position bias {al['position_bias_rate']:.3f}, same position preferred {al['same_position_preferred']:.3f})")
     lines += [f"\nnote: {note}" for note in results.get("notes", [])]
     return "\n".join(lines)
 
@@ -375,11 +376,11 @@ def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
             raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {folder} holds no complete {name} run; run that "
                                   f"stage first or drop it from {STAGE}.checkpoints")
         # sl_train's model and ppo's (trained from it) load with the settings of the model SL fine-tuned
-        return {**roles.spec(cfg, "sl_start"), "path": str(folder / "model"), "key": None}, input_fingerprint(folder)
+        return roles.spec(cfg, "sl_start", at=folder / "model"), input_fingerprint(folder)
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
-    return {**base, "path": str(folder), "key": f"{STAGE}.checkpoints"}, input_fingerprint(folder)
+    return roles.spec(cfg, "policy", at=folder, key=f"{STAGE}.checkpoints"), input_fingerprint(folder)
 
 
 def _check_tokenizers(model_specs: list[dict]) -> None:

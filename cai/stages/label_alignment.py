@@ -15,7 +15,8 @@ Writes ``${run_dir}/label_alignment/metrics.json`` (and ``manifest.json``) with
 - ``alignment``: share of pairs where the labeler's swap-averaged P(human's choice) > 0.5 (ties count ½);
 - ``mean_confidence``: mean of max(p, 1 − p);
 - ``position_bias_rate``: share of single-order judgements in which the option shown first wins;
-- ``flip_rate``: share of (pair, principle) judgements whose winner changes when the order is swapped;
+- ``same_position_preferred``: share of (pair, principle) judgements where the same position wins in both orders, so the
+  winner changes when the order is swapped (RLAIF's "% same position preferred", Lee et al. 2023);
 - ``single_order_alignment``: agreement from the (A)=chosen order alone, to show what swapping buys;
 - ``n``, ``skipped``, and ``per_principle`` breakdowns; and prints them as a table.
 """
@@ -73,21 +74,21 @@ def run(cfg: DictConfig) -> dict:
                    counts={"pairs": len(pairs), **{f"skipped_{k}": v for k, v in skipped.items()}},
                    timings={"total_s": metrics["seconds"]},
                    summary=stage_summary(f"{len(pairs)} pairs", f"alignment {metrics['alignment']:.3f}", **{
-                       k: metrics[k] for k in ("alignment", "position_bias_rate", "flip_rate")}))
+                       k: metrics[k] for k in ("alignment", "position_bias_rate", "same_position_preferred")}))
     print(format_table(metrics))
     print(f"cai {STAGE}: metrics -> {out / 'metrics.json'}")
     return metrics
 
 
 def format_table(metrics: dict) -> str:
-    head = f"{'principle':<28} {'n':>5} {'align':>6} {'conf':>6} {'pos.bias':>8} {'flip':>6}"
+    head = f"{'principle':<28} {'n':>5} {'align':>6} {'conf':>6} {'pos.bias':>8} {'same pos.':>9}"
     lines = [head, "-" * len(head)]
     for pid, m in metrics["per_principle"].items():
         lines.append(f"{pid:<28} {m['judgements']:>5} {m['alignment']:>6.3f} {m['mean_confidence']:>6.3f} "
-                     f"{m['position_bias_rate']:>8.3f} {m['flip_rate']:>6.3f}")
+                     f"{m['position_bias_rate']:>8.3f} {m['same_position_preferred']:>9.3f}")
     lines.append("-" * len(head))
     lines.append(f"{'all pairs':<28} {metrics['n']:>5} {metrics['alignment']:>6.3f} {metrics['mean_confidence']:>6.3f} "
-                 f"{metrics['position_bias_rate']:>8.3f} {metrics['flip_rate']:>6.3f}")
+                 f"{metrics['position_bias_rate']:>8.3f} {metrics['same_position_preferred']:>9.3f}")
     lines.append(f"single-order alignment (no swap): {metrics['single_order_alignment']:.3f}; skipped rows: {metrics['skipped']}")
     return "\n".join(lines)
 

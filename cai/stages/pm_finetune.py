@@ -167,11 +167,11 @@ def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
         folder = Path(s.init).expanduser()
         if not (folder / "config.json").exists():
             raise StageInputError(f"{STAGE}.init={s.init!r}: not auto, pm_pretrain, base or a checkpoint folder")
-        return {**base, "path": str(folder), "key": f"{STAGE}.init"}, input_fingerprint(folder)
+        return roles.spec(cfg, "pm_backbone", at=folder, key=f"{STAGE}.init"), input_fingerprint(folder)
     if not use_pmp:
         return base, "role:" + roles.fingerprint(base)
     upstream_complete(pmp, "pm_pretrain")
-    return {**base, "path": str(pmp / "model"), "key": None}, input_fingerprint(pmp)
+    return roles.spec(cfg, "pm_backbone", at=pmp / "model"), input_fingerprint(pmp)
 
 
 def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:

@@ -13,7 +13,8 @@ Models (roles: ``cai.roles``): the policy and a frozen reference both start from
 ``pm_backbone`` role's device and dtype; its stored reward shift applied) and the value model starts from that
 PM. With ``ppo.reward=direct_rlaif`` the ``labeler`` role rates each
 response 1..10 under a sampled comparison principle (``cai.feedback.direct_scores``, mapped to [-1, 1]),
-no PM is used and the value model starts from the policy with a fresh head; ``ppo.reward=custom`` calls the
+no PM is used and the value model starts from the policy with a fresh head; ``ppo.reward=pairwise`` has the labeler
+compare the k responses to a prompt two by two (each one's mean soft win rate against its siblings); ``ppo.reward=custom`` calls the
 function ``ppo.reward_fn`` names (``cai.rewards`` has all three). Dropout is off everywhere.
 The PM must share the policy's tokenizer (the value model reads policy tokens): cai refuses otherwise.
 
@@ -21,7 +22,8 @@ One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); 
 1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
 2. generate k = ``samples_per_prompt`` responses each (temperature T, top_p 1; under ZeRO-3 the policy is gathered
    once for the whole rollout), cut after the first EOS;
-3. score: PM at the last real token (minus ``missing_eos_penalty`` when there is no EOS); log-probs of the
+3. score: PM at the last real token (minus ``missing_eos_penalty``, or replaced by ``missing_eos_score``, when there
+   is no EOS); log-probs of the
    policy and the reference with logits / T, values of the value model (ppo);
 4. ppo: rewards -beta * KL per token plus the score at the last token; GAE (gamma, lambda); advantages whitened.
    rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
@@ -74,7 +76,7 @@ STAGE = "ppo"
 UPSTREAM = ("sl_train", "pm_finetune")
 HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
-REWARDS = ("pm", "direct_rlaif", "custom")
+REWARDS = ("pm", "direct_rlaif", "pairwise", "custom")
 ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
 
 
@@ -160,9 +162,9 @@ def run(cfg: DictConfig) -> Path:
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
     loaded = {"policy": policy, "reference": reference, **({"value": value_model} if algo.critic else {}), **reward_models}
-    # the models behind the roles: the policy's start, the PM (reward=pm) or the labeler (direct_rlaif)
+    # the models behind the roles: the policy's start, the PM (reward=pm) or the labeler (direct_rlaif, pairwise)
     models = {"policy": policy_cfg, "sl_start": None, "pm_backbone": reward.value_start if s.reward == "pm" else None,
-              "labeler": reward.labeler_cfg if s.reward == "direct_rlaif" else None}
+              "labeler": getattr(reward, "labeler_cfg", None)}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
                     policy=policy_cfg["path"], reward=s.reward, algorithm=algo.name, models=models, **inputs,
                     devices={name: str(next(m.parameters()).device) for name, m in loaded.items()})
@@ -219,7 +221,8 @@ def run(cfg: DictConfig) -> Path:
         if row["eos_rate"] == 0 and main_rank and not warned:
             warned = True
             tqdm.write(f"cai {STAGE}: step {step + 1}: no response ended within {STAGE}.max_new_tokens={s.max_new_tokens}; "
-                       f"each lost missing_eos_penalty={s.missing_eos_penalty} (eos_rate in metrics.jsonl tracks this)")
+                       + (f"each scored missing_eos_score={s.missing_eos_score}" if s.missing_eos_score is not None else
+                          f"each lost missing_eos_penalty={s.missing_eos_penalty}") + " (eos_rate in metrics.jsonl tracks this)")
         metrics.log(**row)
         if s.log_samples_every and (step + 1) % s.log_samples_every == 0:
             for i in range(0, min(2 * algo.k, len(rows)), algo.k):  # the first response to each of two prompts
@@ -255,7 +258,8 @@ class Rollout:
     masked by ``batch.mask``."""
     batch: "_Batch"              # prompt (B, Q) and response (B, R) tokens with their masks
     has_eos: torch.Tensor        # (B,) bool: the response ended with EOS
-    scores: torch.Tensor         # (B,) the reward's score, less missing_eos_penalty where there was no EOS
+    scores: torch.Tensor         # (B,) the reward's score; where there was no EOS, less missing_eos_penalty (or
+                                 # replaced by missing_eos_score)
     logprobs: torch.Tensor       # (B, R) log π_old(a_t | s_t) at temperature T
     ref_logprobs: torch.Tensor   # (B, R) log π_ref(a_t | s_t) at temperature T
     kl: torch.Tensor             # (B, R) KL estimate to the reference, log π_old - log π_ref (k1) or k3; 0 on padding
@@ -291,7 +295,7 @@ def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Te
     scores (B,). ppo: values, per-token rewards (-beta * KL plus the score at the last real token), GAE, whitened
     advantages. Critic-free: each response's reward (score, less beta * summed KL when ``kl_in=reward``) against its
     group's (``rl.group_advantages``), spread over its real tokens."""
-    scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty)
+    scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty, s.missing_eos_score)
     logits = _response_logits(policy_engine.module, batch)
     logprobs = rl.logprobs_from_logits(logits, batch.response, s.temperature)
     entropy = rl.masked_mean(rl.entropy_from_logits(logits, s.temperature), batch.mask).item()
@@ -424,6 +428,14 @@ def _check_settings(s: DictConfig) -> None:
     if s.algorithm != "ppo" and s.samples_per_prompt == 1:
         raise StageInputError(f"{STAGE}.algorithm={s.algorithm} measures each response against the other responses to its "
                               f"prompt: {STAGE}.samples_per_prompt must be >= 2 (null: 4)")
+    if s.reward == "pairwise" and algorithm(s).k < 2:
+        raise StageInputError(f"{STAGE}.reward=pairwise compares the responses to one prompt with each other: "
+                              f"{STAGE}.samples_per_prompt must be >= 2 (or a critic-free {STAGE}.algorithm)")
+    if s.missing_eos_score is not None and (isinstance(s.missing_eos_score, bool)
+                                            or not isinstance(s.missing_eos_score, (int, float))):
+        raise StageInputError(f"{STAGE}.missing_eos_score must be a number or null, got {s.missing_eos_score!r}")
+    if not isinstance(s.pairwise_principles, int) or s.pairwise_principles < 1:
+        raise StageInputError(f"{STAGE}.pairwise_principles must be an integer >= 1, got {s.pairwise_principles!r}")
     if s.reward_fn is not None and s.reward != "custom":
         raise StageInputError(f"{STAGE}.reward_fn is set but {STAGE}.reward={s.reward}; set {STAGE}.reward=custom to use it")
     if s.kl_coef is None or s.kl_coef < 0:
@@ -456,12 +468,15 @@ def _reward(cfg: DictConfig, s: DictConfig):
             upstream_complete(pm_path.parent, "pm_finetune")
         elif not (pm_path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
-        pm_cfg = {**roles.spec(cfg, "pm_backbone"), "path": str(pm_path), "key": f"{STAGE}.reward_model" if s.reward_model else None}
+        pm_cfg = roles.spec(cfg, "pm_backbone", at=pm_path, key=f"{STAGE}.reward_model" if s.reward_model else None)
         return rewards.PreferenceModelReward(pm_cfg, input_fingerprint(pm_path))
-    if s.reward == "direct_rlaif":
+    if s.reward in ("direct_rlaif", "pairwise"):
         from cai.constitution import load_constitution, resolve_constitution_dir
 
         constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
+        if s.reward == "pairwise":
+            return rewards.PairwiseLabelerReward(roles.spec(cfg, "labeler"), constitution, cfg.seed, cfg.generation.batch_size,
+                                                 s.pairwise_principles)
         return rewards.DirectRLAIFReward(roles.spec(cfg, "labeler"), constitution, cfg.seed, cfg.generation.batch_size)
     return rewards.FunctionReward(*rewards.function_from_config(s.reward_fn))
 
@@ -471,11 +486,11 @@ def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
     if s.policy:
         if not (Path(s.policy).expanduser() / "config.json").exists():
             raise StageInputError(f"{STAGE}.policy={s.policy!r}: no checkpoint (config.json) there")
-        return {**base, "path": str(Path(s.policy).expanduser()), "key": f"{STAGE}.policy"}, input_fingerprint(s.policy)
+        return roles.spec(cfg, "policy", at=Path(s.policy).expanduser(), key=f"{STAGE}.policy"), input_fingerprint(s.policy)
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
     if is_complete(sl_model.parent) and sl_model.is_dir():
         # loaded with the settings of the model SL fine-tuned
-        return {**roles.spec(cfg, "sl_start"), "path": str(sl_model), "key": None}, input_fingerprint(sl_model)
+        return roles.spec(cfg, "sl_start", at=sl_model), input_fingerprint(sl_model)
     return base, "role:" + roles.fingerprint(base)
 
 
