@@ -92,7 +92,7 @@ def _render(args) -> int:
         else:
             p = c.comparison_principle(args.principle) if args.principle else c.comparison[0]
             if args.kind == "score":
-                messages, prefix = score_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, p)
+                messages, prefix = score_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE)
             else:
                 messages, prefix = comparison_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, p, kind=args.kind)
     except ConstitutionError as e:

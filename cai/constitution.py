@@ -45,8 +45,9 @@ TEMPLATE_VARIABLES: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
     # options: list of {label, text} in the order shown.
     "comparison": ("comparison.j2", frozenset({"principle", "conversation", "options"}), frozenset({"principle", "options"})),
     "cot": ("cot.j2", frozenset({"principle", "conversation", "options"}), frozenset({"principle", "options"})),
-    # principle: {id, text}; conversation as above; response: the one response to rate 1..10.
-    "score": ("score.j2", frozenset({"principle", "conversation", "response"}), frozenset({"response"})),
+    # conversation as above; response: the one response to rate 1..10 (no principle: one fixed rating instruction, so
+    # a response always gets the same rating).
+    "score": ("score.j2", frozenset({"conversation", "response"}), frozenset({"response"})),
 }
 KINDS = tuple(TEMPLATE_VARIABLES)
 
@@ -182,7 +183,7 @@ def revision_messages(
 
 def comparison_messages(
     c: Constitution, conversation: list[dict], response_a: str, response_b: str, principle: ComparisonPrinciple,
-    kind: str = "comparison", few_shot: bool = True,
+    kind: str = "comparison", few_shot: bool = True, exemplar_principles: Sequence[ComparisonPrinciple] | None = None,
 ) -> tuple[list[dict], str]:
     """The multiple-choice chat and the assistant-turn prefix after which the option label comes.
 
@@ -190,16 +191,23 @@ def comparison_messages(
     then ``assistant_prefix`` (e.g. "The better response is ("), and the next token is read.
     ``kind="cot"`` uses the chain-of-thought template; its prefix opens the reasoning instead.
     Few-shot exemplars are shown as stored (``answer`` says which position is better); a constitution
-    should balance A and B answers across them so they teach no position.
+    should balance A and B answers across them so they teach no position. Each exemplar is asked under
+    ``principle`` too, or, with ``exemplar_principles`` (one per exemplar), under its own (CAI drew them
+    independently of the query's).
     """
     if kind not in ("comparison", "cot"):
         raise ValueError(f"kind must be comparison or cot, got {kind!r}")
     messages: list[dict] = []
-    for ex in c.few_shot_comparison if few_shot else []:
+    exemplars = c.few_shot_comparison if few_shot else []
+    if exemplar_principles is not None and len(exemplar_principles) < len(exemplars):
+        raise ValueError(f"{len(exemplars)} few-shot exemplars but {len(exemplar_principles)} exemplar principles")
+    for n, ex in enumerate(exemplars):
         if kind == "cot" and not ex.get("rationale"):
             continue
         shown = _render_options(ex["response_a"], ex["response_b"])
-        messages.append({"role": "user", "content": c.render(kind, principle=principle, conversation=ex["conversation"], options=shown)})
+        asked_under = exemplar_principles[n] if exemplar_principles is not None else principle
+        messages.append({"role": "user", "content": c.render(kind, principle=asked_under, conversation=ex["conversation"],
+                                                             options=shown)})
         verdict = f"{c.answer_cues['comparison']}{ex['answer']})"
         if kind == "cot":
             verdict = f"{c.answer_cues['cot']} {ex['rationale']}\n{c.answer_cues['cot_answer']}{ex['answer']})"
@@ -209,11 +217,10 @@ def comparison_messages(
     return messages, c.answer_cues["comparison" if kind == "comparison" else "cot"]
 
 
-def score_messages(
-    c: Constitution, conversation: list[dict], response: str, principle: ComparisonPrinciple
-) -> tuple[list[dict], str]:
-    """The 1..10 rating chat (direct RLAIF) and the assistant-turn prefix before the score."""
-    content = c.render("score", principle=principle, conversation=conversation, response=response)
+def score_messages(c: Constitution, conversation: list[dict], response: str) -> tuple[list[dict], str]:
+    """The 1..10 rating chat (direct RLAIF, evaluate's harmlessness rating) and the assistant-turn prefix before the
+    score; ``score.j2`` holds its own fixed instruction, not a comparison principle."""
+    content = c.render("score", conversation=conversation, response=response)
     return [{"role": "user", "content": content}], c.answer_cues["score"]
 
 
@@ -470,9 +477,9 @@ def _check_renders(c: Constitution) -> list[Problem]:
     for p in c.comparison:
         attempt(comparison_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, p)
         attempt(comparison_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, p, kind="cot")
-        attempt(score_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, p)
         if problems:
             break
+    attempt(score_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE)
     # Deduplicate: one broken template fails every principle the same way.
     return list(dict.fromkeys(problems))
 

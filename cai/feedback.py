@@ -19,7 +19,7 @@ import torch
 
 from cai.constitution import OPTION_LABELS
 from cai.data import jsonl_rows, parse_hh_transcript
-from cai.errors import DataError, LabelerError
+from cai.errors import DataError, LabelerError, StageInputError
 from cai.models import position_ids_from_mask
 
 
@@ -173,44 +173,83 @@ class Pair:
     response_b: str
 
 
+def judging(s, cfg) -> dict:
+    """``judge_pairs``' settings from ``ai_feedback``'s keys (``s``), checked: ai_feedback and label_alignment judge
+    alike. Raises ``StageInputError`` naming the key."""
+    key = "ai_feedback"
+    if s.n_principles < 1:
+        raise StageInputError(f"{key}.n_principles must be >= 1, got {s.n_principles}")
+    if not 0.0 <= s.cot_clamp[0] <= s.cot_clamp[1] <= 1.0:
+        raise StageInputError(f"{key}.cot_clamp must be [low, high] within [0, 1], got {list(s.cot_clamp)}")
+    if s.exemplar_principles not in ("query", "independent"):
+        raise StageInputError(f"{key}.exemplar_principles must be query or independent, got {s.exemplar_principles!r}")
+    if not isinstance(s.self_consistency, int) or s.self_consistency < 1:
+        raise StageInputError(f"{key}.self_consistency must be an integer >= 1, got {s.self_consistency!r}")
+    if s.self_consistency > 1 and not (s.cot and s.cot_temperature > 0):
+        raise StageInputError(f"{key}.self_consistency={s.self_consistency} samples rationales: it needs {key}.cot=true "
+                              f"and {key}.cot_temperature > 0")
+    return dict(n_principles=s.n_principles, seed=cfg.seed, cot=s.cot, cot_clamp=s.cot_clamp, few_shot=s.few_shot,
+                max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size, progress=cfg.progress,
+                exemplar_principles=s.exemplar_principles, self_consistency=s.self_consistency,
+                cot_temperature=s.cot_temperature)
+
+
 def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles: int, seed: int, cot: bool = False,
                 cot_clamp: Sequence[float] = (0.4, 0.6), few_shot: bool = True, max_new_tokens: int = 128,
-                batch_size: int = 8, progress: bool = True, principles=None) -> list[Judgement]:
+                batch_size: int = 8, progress: bool = True, principles=None,
+                exemplar_principles: str = "query", self_consistency: int = 1,
+                cot_temperature: float = 1.0) -> list[Judgement]:
     """Soft labels for pairs: for each pair draw ``n_principles`` comparison principles (seeded by the
     pair's key), show the pair in both orders under each, read P(A) vs P(B) from one prefill per prompt
     (after a generated rationale when ``cot``), and average: orders cancel position bias, principles ensemble.
+    Few-shot exemplars are asked under the query's principle (``exemplar_principles="query"``: every comparison
+    shares the exemplar block, which is computed once) or under principles drawn for each pair independently of
+    the query's (``"independent"``, as CAI did). With ``cot``, ``self_consistency`` > 1 samples that many rationales per
+    comparison at ``cot_temperature`` and averages the (clamped) probabilities read after each (RLAIF).
     """
     from cai.constitution import comparison_messages, sample_principles
     from cai.generation import derive_seed, generate, render_chat
 
     pool = principles if principles is not None else constitution.comparison
     kind = "cot" if cot else "comparison"
+    if exemplar_principles not in ("query", "independent"):
+        raise ValueError(f"exemplar_principles must be query or independent, got {exemplar_principles!r}")
     drawn = [sample_principles(pool, n_principles, seed, pair.key) for pair in pairs]
+    n_exemplars = len(constitution.few_shot_comparison)
     prompts, prefixes = [], []  # one per (pair, principle, order), in that nesting order
     for pair, chosen_principles in zip(pairs, drawn):
+        exemplars = (sample_principles(pool, n_exemplars, seed, f"{pair.key}:exemplars")
+                     if few_shot and exemplar_principles == "independent" else None)
         for principle in chosen_principles:
             for first, second in ((pair.response_a, pair.response_b), (pair.response_b, pair.response_a)):
-                messages, prefix = comparison_messages(constitution, pair.conversation, first, second, principle, kind, few_shot)
+                messages, prefix = comparison_messages(constitution, pair.conversation, first, second, principle, kind, few_shot,
+                                                       exemplars)
                 prompts.append(messages)
                 prefixes.append(prefix)
     texts = [render_chat(tok, m, p) for m, p in zip(prompts, prefixes)]
+    samples = self_consistency if cot else 1  # texts per prompt: one, or one per sampled rationale
     rationales: list[str] = []
     if cot:
-        outs = generate(model, tok, prompts, assistant_prefixes=prefixes, max_new_tokens=max_new_tokens, temperature=0.0,
-                        seed=derive_seed(seed, "cot"), batch_size=batch_size, progress=progress, desc="rationales")
+        # greedy for one rationale; self-consistency samples several (each prompt's consecutive)
+        outs = generate(model, tok, [m for m in prompts for _ in range(samples)],
+                        assistant_prefixes=[p for p in prefixes for _ in range(samples)], max_new_tokens=max_new_tokens,
+                        temperature=0.0 if samples == 1 else cot_temperature, seed=derive_seed(seed, "cot"),
+                        batch_size=batch_size, progress=progress, desc="rationales")
         rationales = [o.text for o in outs]
-        texts = [f"{t} {r}\n{constitution.answer_cues['cot_answer']}" for t, r in zip(texts, rationales)]
+        texts = [f"{t} {r}\n{constitution.answer_cues['cot_answer']}"
+                 for t, r in zip([t for t in texts for _ in range(samples)], rationales)]
     contexts, candidates = [], []
     for text in texts:
         context, ids = option_tokens(tok, text, OPTION_LABELS)
         contexts.append(context)
         candidates.append(ids)
-    per_pair = 2 * n_principles  # prompts of one pair share the conversation: its prefix is run once
+    per_pair = 2 * n_principles * samples  # prompts of one pair share the conversation: its prefix is run once
     groups = [k // per_pair for k in range(len(contexts))]
     logprobs = shared_prefix_logprobs(model, contexts, candidates, groups, tok.pad_token_id)
-    p_first = [two_way_probability(a, b) for a, b in logprobs]
+    p_each = [two_way_probability(a, b) for a, b in logprobs]
     if cot:
-        p_first = [clamp(p, cot_clamp[0], cot_clamp[1]) for p in p_first]
+        p_each = [clamp(p, cot_clamp[0], cot_clamp[1]) for p in p_each]
+    p_first = [sum(p_each[i:i + samples]) / samples for i in range(0, len(p_each), samples)]  # one per prompt
 
     judgements, k = [], 0
     for chosen_principles in drawn:  # one entry per pair
@@ -218,7 +257,7 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
         for _ in chosen_principles:
             ab.append(p_first[k])            # a shown first: P(a better) = P(A)
             ba.append(1.0 - p_first[k + 1])  # a shown second: P(a better) = P(B)
-            why += rationales[k:k + 2]
+            why += rationales[k * samples:(k + 2) * samples]
             k += 2
         p_a = sum(swap_average(x, y) for x, y in zip(ab, ba)) / len(ab)
         judgements.append(Judgement(p_a, ab, ba, [p.id for p in chosen_principles], why))
@@ -275,18 +314,15 @@ def score_logprobs(model, tok, texts: Sequence[str], batch_size: int = 8) -> lis
     return results
 
 
-def direct_scores(model, tok, constitution, items: Sequence[tuple[str, list[dict], str]], *, seed: int,
-                  principles=None, batch_size: int = 8) -> list[float]:
-    """Direct RLAIF reward for each ``(key, conversation, response)``: a comparison principle drawn per
-    key (seeded), the constitution's score template, then the expected 1..10 score in [-1, 1]."""
-    from cai.constitution import sample_principles, score_messages
+def direct_scores(model, tok, constitution, items: Sequence[tuple[list[dict], str]], *, batch_size: int = 8) -> list[float]:
+    """Direct RLAIF reward for each ``(conversation, response)``: the constitution's rating template (one fixed
+    instruction, so the same reply always gets the same reward), then the expected 1..10 score in [-1, 1]."""
+    from cai.constitution import score_messages
     from cai.generation import render_chat
 
-    pool = principles if principles is not None else constitution.comparison
     texts = []
-    for key, conversation, response in items:
-        principle = sample_principles(pool, 1, seed, key)[0]
-        messages, prefix = score_messages(constitution, conversation, response, principle)
+    for conversation, response in items:
+        messages, prefix = score_messages(constitution, conversation, response)
         texts.append(render_chat(tok, messages, prefix))
     return [normalised_score(lp) for lp in score_logprobs(model, tok, texts, batch_size=batch_size)]
 

@@ -2,9 +2,9 @@
 
 - ``pm`` (``PreferenceModelReward``): the preference model's score at the last real token of prompt + response,
   plus the reward shift stored in its config. The value model starts from it.
-- ``direct_rlaif`` (``DirectRLAIFReward``): the ``labeler`` role rates each response 1..10 under a comparison
-  principle drawn per (prompt, step); the expected score, mapped to [-1, 1]. No PM; the value model starts from
-  the policy with a fresh head.
+- ``direct_rlaif`` (``DirectRLAIFReward``): the ``labeler`` role rates each response 1..10 with the constitution's
+  rating template (``score.j2``: one fixed instruction, so a response gets the same reward at every step); the
+  expected score, mapped to [-1, 1]. No PM; the value model starts from the policy with a fresh head.
 - ``pairwise`` (``PairwiseLabelerReward``): the ``labeler`` role compares the k responses to each prompt two by two,
   as ai_feedback compares a pair (comparison principles drawn per (prompt, step), both orders, one prefill each);
   each response's reward is its mean soft win rate against its k - 1 siblings, in [0, 1]. Needs k >= 2; no PM.
@@ -59,12 +59,12 @@ class PreferenceModelReward:
 
 
 class DirectRLAIFReward:
-    """The labeler's expected 1..10 rating of each response under a sampled comparison principle, in [-1, 1]."""
+    """The labeler's expected 1..10 rating of each response (the constitution's rating template), in [-1, 1]."""
 
     value_start = None
 
-    def __init__(self, labeler_cfg, constitution, seed: int, batch_size: int):
-        self.labeler_cfg, self.constitution, self.seed, self.batch_size = labeler_cfg, constitution, seed, batch_size
+    def __init__(self, labeler_cfg, constitution, batch_size: int):
+        self.labeler_cfg, self.constitution, self.batch_size = labeler_cfg, constitution, batch_size
         self.fingerprint, self.constitution_hash = f"direct_rlaif:{constitution.hash}", constitution.hash
 
     def load(self, policy_tok) -> dict:
@@ -77,9 +77,8 @@ class DirectRLAIFReward:
     def __call__(self, batch, conversations, completions, keys) -> torch.Tensor:
         from cai.feedback import direct_scores
 
-        items = [(k, conv, c.text) for k, conv, c in zip(keys, conversations, completions)]
-        return torch.tensor(direct_scores(self.model, self.tok, self.constitution, items, seed=self.seed,
-                                          batch_size=self.batch_size))
+        items = [(conv, c.text) for conv, c in zip(conversations, completions)]
+        return torch.tensor(direct_scores(self.model, self.tok, self.constitution, items, batch_size=self.batch_size))
 
 
 class PairwiseLabelerReward:

@@ -56,6 +56,23 @@ def test_prompts_differ_from_the_sl_ones(feedback, tmp_path):
     assert not set(load_from_disk(str(tmp_path / "sl_generate" / "dataset"))["prompt"]) & {r["prompt"][0]["content"] for r in ds}
 
 
+def test_prompts_can_be_the_sl_ones(tmp_path):
+    """ai_feedback.prompts=sl: a comparison for each SL-CAI prompt (CAI); evaluate counts them as training prompts."""
+    from cai.stages.evaluate import _overlap_with_training
+
+    sl = run_module("cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "n_revisions=0", "data.num_helpful=0")
+    assert sl.returncode == 0, sl.stderr
+    cfg = compose_cfg("ai_feedback", [*TINY, f"run_dir={tmp_path}", "ai_feedback.prompts=sl", "ai_feedback.num_prompts=4"])
+    ds = load_from_disk(str(run_feedback(cfg)))
+    sl_prompts = set(load_from_disk(str(tmp_path / "sl_generate" / "dataset"))["prompt"])
+    assert {r["prompt"][0]["content"] for r in ds} == sl_prompts  # debug=tiny: SL used 4 red-team prompts
+    from cai.data import prompt_order
+
+    order = prompt_order(None, "prompt", "red_team", 0)
+    eval_cfg = compose_cfg("evaluate", [*TINY, f"run_dir={tmp_path}"])
+    assert _overlap_with_training(eval_cfg, order[:6]) == 4  # SL's 4, not SL's 4 + the 4 after them
+
+
 def test_trl_reward_trainer_takes_the_output_unchanged(feedback, tmp_path):
     from conftest import TINY as TINY_MODEL
     from trl import RewardConfig, RewardTrainer
@@ -140,6 +157,7 @@ def test_sigkill_then_rerun_resumes(tiny_run, tmp_path, uninterrupted_feedback, 
     (["ai_feedback.n_principles=0"], "ai_feedback.n_principles must be >= 1"),
     (["ai_feedback.principle_ids=[nope]"], "no comparison principle 'nope'"),
     (["ai_feedback.cot_clamp=[0.7,0.2]"], "cot_clamp must be [low, high]"),
+    (["ai_feedback.prompts=new"], "ai_feedback.prompts must be after_sl or sl, got 'new'"),
 ])
 def test_bad_settings(tmp_path, extra, message):
     result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", *extra)

@@ -64,8 +64,10 @@ def test_chats_carry_principle_and_conversation():
     assert verdicts == set(OPTION_LABELS)
     chat, prefix = comparison_messages(c, SAMPLE_CONVERSATION, "x", "y", q, kind="cot")
     assert prefix == c.answer_cues["cot"]
-    chat, prefix = score_messages(c, SAMPLE_CONVERSATION, "the reply", q)
+    chat, prefix = score_messages(c, SAMPLE_CONVERSATION, "the reply")
     assert "the reply" in chat[-1]["content"] and "1" in chat[-1]["content"] and prefix == c.answer_cues["score"]
+    # the rating has an instruction of its own: no comparison principle is put in front of the one reply
+    assert not any(p.text in chat[-1]["content"] for p in c.comparison)
 
 
 def test_unknown_template_variable_names_file_and_line(copy, capsys):

@@ -223,7 +223,84 @@ def test_direct_scores_on_a_tiny_model():
     from cai.feedback import direct_scores
 
     model, tok = load_policy(TINY)
-    items = [(p.key, p.conversation, p.response_a) for p in PAIRS]
-    scores = direct_scores(model, tok, CONSTITUTION, items, seed=0)
+    items = [(p.conversation, p.response_a) for p in PAIRS]
+    scores = direct_scores(model, tok, CONSTITUTION, items)
     assert len(scores) == 2 and all(-1.0 <= s <= 1.0 for s in scores)
-    assert scores == direct_scores(model, tok, CONSTITUTION, items, seed=0)
+    assert scores == direct_scores(model, tok, CONSTITUTION, items)
+
+
+def test_direct_rlaif_gives_a_response_the_same_reward_at_every_step():
+    """The reward is a function of (conversation, response) alone: the keys that name (prompt, step) change nothing,
+    and a batch of one gives the same rating as the same reply inside a larger batch."""
+    from cai.generation import Completion
+    from cai.rewards import DirectRLAIFReward
+
+    reward = DirectRLAIFReward(TINY, CONSTITUTION, batch_size=8)
+    reward.load(policy_tok=None)
+    conversations = [p.conversation for p in PAIRS]
+    completions = [Completion(text=p.response_a, token_ids=[5], finished=True) for p in PAIRS]
+    at_step_1 = reward(None, conversations, completions, [f"{p.key}:1" for p in PAIRS])
+    at_step_9 = reward(None, conversations, completions, [f"{p.key}:9" for p in PAIRS])
+    assert torch.equal(at_step_1, at_step_9)
+    alone = reward(None, conversations[:1], completions[:1], ["other:3"])
+    torch.testing.assert_close(alone, at_step_1[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_few_shot_exemplars_under_independently_drawn_principles():
+    """exemplar_principles=independent: each exemplar is asked under a principle drawn for the pair, not the query's;
+    the draw is seeded by the pair, and the judgements differ from the query-principle ones only through the prompts."""
+    from cai.constitution import comparison_messages, sample_principles
+
+    c = CONSTITUTION
+    n = len(c.few_shot_comparison)
+    assert n >= 2
+    query = c.comparison[0]
+    own = sample_principles(c.comparison, n, 0, "p0:exemplars")
+    messages, _ = comparison_messages(c, PAIRS[0].conversation, "x", "y", query, exemplar_principles=own)
+    exemplar_turns = [m["content"] for m in messages if m["role"] == "user"][:n]
+    assert all(p.text in turn for p, turn in zip(own, exemplar_turns))
+    assert any(query.text not in turn for turn in exemplar_turns)  # not all under the query's principle
+    assert query.text in messages[-1]["content"]
+    with pytest.raises(ValueError, match="exemplar principles"):
+        comparison_messages(c, PAIRS[0].conversation, "x", "y", query, exemplar_principles=own[:1])
+
+    model, tok = load_policy(TINY)
+    same = judge_pairs(model, tok, c, PAIRS, n_principles=1, seed=0, progress=False)
+    independent = judge_pairs(model, tok, c, PAIRS, n_principles=1, seed=0, progress=False, exemplar_principles="independent")
+    assert independent == judge_pairs(model, tok, c, PAIRS, n_principles=1, seed=0, progress=False,
+                                      exemplar_principles="independent")
+    assert [j.principle_ids for j in independent] == [j.principle_ids for j in same]  # the queries' draws are unchanged
+    assert [j.p_a for j in independent] != [j.p_a for j in same]
+    with pytest.raises(ValueError, match="query or independent"):
+        judge_pairs(model, tok, c, PAIRS, n_principles=1, seed=0, progress=False, exemplar_principles="own")
+
+
+def test_cot_self_consistency_samples_rationales_and_averages():
+    """self_consistency=3: three sampled rationales per comparison (pair x principle x order), each probability clamped,
+    their mean the comparison's; one rationale stays the greedy path."""
+    model, tok = load_policy(TINY)
+    kwargs = dict(n_principles=2, seed=0, cot=True, max_new_tokens=6, progress=False, few_shot=False)
+    one = judge_pairs(model, tok, CONSTITUTION, PAIRS, **kwargs)
+    assert all(len(j.rationales) == 4 for j in one)  # 2 principles x 2 orders
+    three = judge_pairs(model, tok, CONSTITUTION, PAIRS, self_consistency=3, cot_temperature=1.0, **kwargs)
+    assert three == judge_pairs(model, tok, CONSTITUTION, PAIRS, self_consistency=3, cot_temperature=1.0, **kwargs)
+    for j in three:
+        assert len(j.rationales) == 12 and len(set(j.rationales)) > 4  # sampled, not one greedy text repeated
+        assert all(0.4 <= p <= 0.6 for p in [*j.p_order_ab, *j.p_order_ba])
+    assert [j.principle_ids for j in three] == [j.principle_ids for j in one]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ai_feedback.self_consistency=0", "ai_feedback.self_consistency must be an integer >= 1, got 0"),
+    ("ai_feedback.self_consistency=4", "ai_feedback.self_consistency=4 samples rationales: it needs ai_feedback.cot=true"),
+    ("ai_feedback.exemplar_principles=mine", "ai_feedback.exemplar_principles must be query or independent, got 'mine'"),
+])
+def test_judging_settings_are_checked_with_the_key_named(override, message):
+    from conftest import compose_cfg
+
+    from cai.errors import StageInputError
+    from cai.feedback import judging
+
+    cfg = compose_cfg("ai_feedback", ["debug=tiny", override])
+    with pytest.raises(StageInputError, match=message):
+        judging(cfg.ai_feedback, cfg)

@@ -14,6 +14,7 @@ from conftest import ROOT, compose_cfg, outputs, run_module, tree_bytes
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
+from cai.errors import StageInputError
 from cai.runio import read_manifest
 from cai.stages.sl_generate import run
 
@@ -46,6 +47,27 @@ def test_rows_show_every_round(tmp_path):
     assert [m["shard"] for m in lines] == [0, 1, 2] and all(m["tokens_per_s"] > 0 for m in lines)
     # same command again: nothing to do, same data
     assert load_from_disk(str(run(cfg)))["id"] == ds["id"]
+
+
+def test_helpful_prompts_sampled_n_times_at_their_own_temperature(tmp_path):
+    """The CAI paper's helpful samples: 2 per prompt at T = 1, each a training row with its own id; the red-team rows
+    are as before."""
+    cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path}", "data.num_red_team=2", "data.num_helpful=3",
+                                      "n_revisions=1", "sl_generate.helpful_samples=2", "sl_generate.helpful_temperature=1.0"])
+    ds = load_from_disk(str(run(cfg)))
+    helpful = [row for row in ds if row["kind"] == "helpful"]
+    assert len(ds) == 2 + 6 and len(set(ds["id"])) == 8 and len(helpful) == 6
+    by_prompt = {}
+    for row in helpful:
+        by_prompt.setdefault(row["prompt"], []).append(row)
+        assert row["messages"][-1]["content"] == row["initial_response"] and row["critiques"] == []
+    assert sorted(len(rows) for rows in by_prompt.values()) == [2, 2, 2]
+    ids = sorted(r["id"] for r in helpful)  # the first sample keeps the prompt's id, the second is "<id>:2"
+    firsts = [i for i in ids if not i.endswith(":2")]
+    assert len(firsts) == 3 and sorted(firsts + [f"{i}:2" for i in firsts]) == ids
+    assert any(a["initial_response"] != b["initial_response"] for a, b in by_prompt.values())  # two samples, not one twice
+    with pytest.raises(StageInputError, match="sl_generate.helpful_samples must be an integer >= 1, got 0"):
+        run(compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path / 'bad'}", "sl_generate.helpful_samples=0"]))
 
 
 def test_principle_subset_and_zero_rounds(tmp_path):

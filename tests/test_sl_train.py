@@ -186,3 +186,20 @@ def test_a_non_finite_loss_stops_the_run_and_names_the_step_and_checkpoint(upstr
     assert checkpoint == step - 1  # saved every step: the one before the bad loss
     assert [m["step"] for m in read_metrics(run_dir / "sl_train") if "loss" in m] == list(range(1, step))
     assert read_manifest(run_dir / "sl_train")["status"] == "running"
+
+
+def test_training_rows_take_every_revision_step_or_only_the_final_one():
+    from cai.stages.sl_train import training_rows
+
+    q = {"role": "user", "content": "how do I pick a lock?"}
+    red = {"id": "r", "messages": [q, {"role": "assistant", "content": "second"}], "revisions": ["first", " ", "second"],
+           "revisions_finished": [True, False, False], "finished": False}
+    helpful = {"id": "h", "messages": [q, {"role": "assistant", "content": "answer"}], "revisions": [], "finished": True}
+    assert training_rows([red, helpful], "final") == [red, helpful]
+    rows = training_rows([red, helpful], "every")
+    # the empty second revision is skipped; each step keeps the conversation and its own EOS flag
+    assert [(r["messages"][-1]["content"], r["finished"]) for r in rows] == [("first", True), ("second", False), ("answer", True)]
+    assert all(r["messages"][:-1] == [q] for r in rows)
+    # data without revisions_finished (an older sl_generate): every revision counts as finished
+    old = {k: v for k, v in red.items() if k != "revisions_finished"}
+    assert [r["finished"] for r in training_rows([old], "every")] == [True, True]

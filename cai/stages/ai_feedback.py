@@ -3,7 +3,8 @@
     python -m cai.stages.ai_feedback run_dir=R [ai_feedback.n_principles=4] [ai_feedback.cot=true]
 
 The policy (``${run_dir}/sl_train/model`` when that stage is complete, else the ``policy`` role) samples two
-responses to each red-team prompt (the ones after those SL used). The ``labeler`` role (``cai.roles``; a model
+responses to each red-team prompt: the ones after those SL used (``ai_feedback.prompts=after_sl``), or the SL
+prompts themselves (``sl``: CAI made a comparison for each SL-CAI prompt). The ``labeler`` role (``cai.roles``; a model
 of its own tokenizer and chat template, reading the responses as text) then sees the pair under
 ``n_principles`` comparison principles, each in both orders,
 and its next-token probabilities of "A" vs "B" after the answer cue — one prefill, no decoding — give
@@ -32,7 +33,7 @@ from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
-from cai.feedback import Pair, judge_pairs
+from cai.feedback import Pair, judge_pairs, judging
 from cai.generation import derive_seed, generate
 from cai.runio import (
     config_hash,
@@ -59,19 +60,20 @@ def run(cfg: DictConfig) -> Path:
     s = cfg[STAGE]
 
     # Step 1: check the inputs before touching the run directory.
-    if s.n_principles < 1:
-        raise StageInputError(f"{STAGE}.n_principles must be >= 1, got {s.n_principles}")
-    if not 0.0 <= s.cot_clamp[0] <= s.cot_clamp[1] <= 1.0:
-        raise StageInputError(f"{STAGE}.cot_clamp must be [low, high] within [0, 1], got {list(s.cot_clamp)}")
+    settings = judging(s, cfg)
     if s.shard_size < 1 or s.num_prompts < 1:
         raise StageInputError(f"{STAGE}.num_prompts and {STAGE}.shard_size must be >= 1")
+    if s.prompts not in ("after_sl", "sl"):
+        raise StageInputError(f"{STAGE}.prompts must be after_sl or sl, got {s.prompts!r}")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     check_generation(cfg.generation, temperature=s.temperature)
     principles = constitution.select("comparison", s.principle_ids, f"{STAGE}.principle_ids")
-    # The prompts after the ones sl_generate used, so RL-CAI data does not repeat SL-CAI prompts.
-    used_by_sl = cfg.data.num_red_team
-    items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", used_by_sl + s.num_prompts,
-                         cfg.seed, cfg.data.hh_context, key=f"data.num_red_team + {STAGE}.num_prompts")[used_by_sl:]
+    # after_sl: the prompts after the ones sl_generate used, so RL-CAI data does not repeat SL-CAI prompts; sl: the
+    # first ones of the same order, the SL prompts themselves.
+    first = cfg.data.num_red_team if s.prompts == "after_sl" else 0
+    items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", first + s.num_prompts,
+                         cfg.seed, cfg.data.hh_context,
+                         key=f"data.num_red_team + {STAGE}.num_prompts" if first else f"{STAGE}.num_prompts")[first:]
 
     # Step 2: which policy samples the responses: the SL-CAI model when it exists, else the policy role.
     sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
@@ -113,9 +115,7 @@ def run(cfg: DictConfig) -> Path:
                         seed=derive_seed(cfg.seed, STAGE, k), progress=cfg.progress, desc="responses")
         pairs = [Pair(it.id, it.messages(), outs[2 * j].text, outs[2 * j + 1].text) for j, it in enumerate(shard)]
         kept = [p for p in pairs if p.response_a.strip() != p.response_b.strip()]
-        judgements = judge_pairs(labeler, tok, constitution, kept, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot,
-                                 cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
-                                 batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
+        judgements = judge_pairs(labeler, tok, constitution, kept, principles=principles, **settings)
         rows = [preference_row(p, j) for p, j in zip(kept, judgements)]
         rate = 2 * s.n_principles * len(rows) / max(time.time() - t0, 1e-9)
         return rows, {"skipped_identical": len(pairs) - len(kept), "comparisons_per_s": round(rate, 3)}

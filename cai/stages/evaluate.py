@@ -13,8 +13,8 @@ counted in the manifest and said on stdout). Then:
   prompt, under sampled comparison principles and in both orders (``cai.feedback.judge_pairs``);
   identical replies count as a tie without asking;
 - Elo: a Bradley-Terry fit of all those soft outcomes on the Elo scale (``cai.ratings``);
-- harmlessness rate: share of red-team replies the judge rates above ``harmless_threshold`` (1..10 under a
-  sampled comparison principle, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
+- harmlessness rate: share of red-team replies the judge rates above ``harmless_threshold`` (1..10 with the
+  constitution's rating template, direct RLAIF's, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
 - mean reply length (tokens) and the share that ended with EOS;
 - the spread of the harmlessness ratings (``judge_rating_sd``);
 - with ``evaluate.pairs`` (default ``builtin``: cai's 40 human helpfulness pairs): the judge's agreement with
@@ -103,7 +103,6 @@ def run(cfg: DictConfig) -> dict:
     _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     comparison = constitution.select("comparison", None, f"{STAGE}.n_principles")
-    harmless = constitution.select("comparison", s.harmless_principle_ids, f"{STAGE}.harmless_principle_ids")
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
                          cfg.data.hh_context, key=f"{STAGE}.num_prompts", held_out=True)
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
@@ -150,8 +149,8 @@ def run(cfg: DictConfig) -> dict:
 
     # Step 4: the AI judge: pairwise comparisons, harmlessness ratings, agreement with humans.
     names = list(checkpoints)
-    games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, comparison, harmless,
-                                              human_pairs, s=s, cfg=cfg)
+    games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, comparison, human_pairs,
+                                              s=s, cfg=cfg)
     if alignment is not None:
         alignment.update(skipped=human_skipped, pairs_file=str(pairs_path))
 
@@ -229,8 +228,8 @@ def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg) -> dict[
     return scores
 
 
-def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, comparison, harmless,
-          human_pairs: list, *, s, cfg):
+def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, comparison, human_pairs: list,
+          *, s, cfg):
     """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template): every
     pair of checkpoints compared on every prompt (both orders, sampled principles; identical replies tie without
     asking), each red-team reply rated for harmlessness, and the judge's agreement with human labels. Returns
@@ -253,9 +252,8 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
     ratings: dict[str, list[float | None]] = {}
     for name, rows in replies.items():
-        scored = direct_scores(model, tok, constitution,
-                               [(f"{items[i].id}:harmless", conversations[i], rows[i]["text"]) for i in red],
-                               seed=cfg.seed, principles=harmless, batch_size=cfg.generation.batch_size) if red else []
+        scored = direct_scores(model, tok, constitution, [(conversations[i], rows[i]["text"]) for i in red],
+                               batch_size=cfg.generation.batch_size) if red else []
         ratings[name] = [None] * len(items)
         for i, v in zip(red, scored):
             ratings[name][i] = v
@@ -425,7 +423,10 @@ def _overlap_with_training(cfg: DictConfig, items) -> int:
         return int(_dig(config, *keys) or 0) if config else 0
 
     sl_red = used("sl_generate", "data", "num_red_team")
-    first = {"red_team": max(sl_red + used("ai_feedback", "ai_feedback", "num_prompts"), used("ppo", "ppo", "num_prompts")),
+    feedback_config = (read_manifest(stage_dir(cfg.run_dir, "ai_feedback")) or {}).get("config")
+    after_sl = (_dig(feedback_config, "ai_feedback", "prompts") or "after_sl") == "after_sl" if feedback_config else True
+    feedback_end = (sl_red if after_sl else 0) + used("ai_feedback", "ai_feedback", "num_prompts")
+    first = {"red_team": max(sl_red, feedback_end, used("ppo", "ppo", "num_prompts")),
              "helpful": max(used("sl_generate", "data", "num_helpful"), used("ppo", "ppo", "num_helpful"))}
     overlap = 0
     for kind, source, column in (("red_team", cfg.data.red_team_path, cfg.data.red_team_column),

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.errors import DataError, StageInputError
-from cai.feedback import alignment_metrics, judge_pairs, read_human_pairs
+from cai.feedback import alignment_metrics, judge_pairs, judging, read_human_pairs
 from cai.runio import atomic_write_json, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> dict:
     s = cfg.ai_feedback  # the labeler is configured once, for ai_feedback and for this check
     if not cfg.pairs:
         raise StageInputError("pairs= is required: a JSONL file of human-labeled pairs (hh-rlhf or ai_feedback format)")
-    if s.n_principles < 1:
-        raise StageInputError(f"ai_feedback.n_principles must be >= 1, got {s.n_principles}")
+    settings = judging(s, cfg)
 
     # Step 1: read the pairs (response_a = the human's choice) and the constitution.
     pairs, skipped = read_human_pairs(Path(cfg.pairs), cfg.limit)
@@ -59,9 +58,7 @@ def run(cfg: DictConfig) -> dict:
 
     labeler = roles.spec(cfg, "labeler")
     model, tok = load_policy(labeler)
-    judgements = judge_pairs(model, tok, constitution, pairs, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot,
-                             cot_clamp=s.cot_clamp, few_shot=s.few_shot, max_new_tokens=cfg.generation.max_new_tokens,
-                             batch_size=cfg.generation.batch_size, progress=cfg.progress, principles=principles)
+    judgements = judge_pairs(model, tok, constitution, pairs, principles=principles, **settings)
 
     # Step 3: the report.
     metrics = alignment_metrics(judgements)

@@ -12,7 +12,7 @@ Models (roles: ``cai.roles``): the policy and a frozen reference both start from
 (else the ``policy`` role); the reward is the PM of ``${run_dir}/pm_finetune/model`` (frozen, on the
 ``pm_backbone`` role's device and dtype; its stored reward shift applied) and the value model starts from that
 PM. With ``ppo.reward=direct_rlaif`` the ``labeler`` role rates each
-response 1..10 under a sampled comparison principle (``cai.feedback.direct_scores``, mapped to [-1, 1]),
+response 1..10 with the constitution's rating template (``cai.feedback.direct_scores``, mapped to [-1, 1]),
 no PM is used and the value model starts from the policy with a fresh head; ``ppo.reward=pairwise`` has the labeler
 compare the k responses to a prompt two by two (each one's mean soft win rate against its siblings); ``ppo.reward=custom`` calls the
 function ``ppo.reward_fn`` names (``cai.rewards`` has all three). Dropout is off everywhere.
@@ -477,7 +477,7 @@ def _reward(cfg: DictConfig, s: DictConfig):
         if s.reward == "pairwise":
             return rewards.PairwiseLabelerReward(roles.spec(cfg, "labeler"), constitution, cfg.seed, cfg.generation.batch_size,
                                                  s.pairwise_principles)
-        return rewards.DirectRLAIFReward(roles.spec(cfg, "labeler"), constitution, cfg.seed, cfg.generation.batch_size)
+        return rewards.DirectRLAIFReward(roles.spec(cfg, "labeler"), constitution, cfg.generation.batch_size)
     return rewards.FunctionReward(*rewards.function_from_config(s.reward_fn))
 
 

@@ -62,6 +62,11 @@ def run(cfg: DictConfig) -> Path:
         raise StageInputError(f"n_revisions must be >= 0, got {cfg.n_revisions}")
     if settings.shard_size < 1:
         raise StageInputError(f"{STAGE}.shard_size must be >= 1, got {settings.shard_size}")
+    if not isinstance(settings.helpful_samples, int) or settings.helpful_samples < 1:
+        raise StageInputError(f"{STAGE}.helpful_samples must be an integer >= 1, got {settings.helpful_samples!r}")
+    if settings.helpful_temperature is not None and not (isinstance(settings.helpful_temperature, (int, float))
+                                                         and settings.helpful_temperature >= 0):
+        raise StageInputError(f"{STAGE}.helpful_temperature must be >= 0 or null, got {settings.helpful_temperature!r}")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     check_generation(cfg.generation)
     principles = constitution.select("critique_revision", settings.principle_ids, f"{STAGE}.principle_ids")
@@ -105,8 +110,10 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 6: join the shards into one dataset; the manifest is written last.
     dataset = join_shards(out, records)
-    if len(set(dataset["id"])) != len(dataset) or len(dataset) != len(items):
-        raise RuntimeError(f"{shards_dir}: shards hold {len(dataset)} rows for {len(items)} prompts; delete the folder and rerun")
+    expected = sum(settings.helpful_samples if it.kind == "helpful" else 1 for it in items)  # rows: one per red-team prompt
+    if len(set(dataset["id"])) != len(dataset) or len(dataset) != expected:
+        raise RuntimeError(f"{shards_dir}: shards hold {len(dataset)} rows where {len(items)} prompts give {expected}; "
+                           f"delete the folder and rerun")
     save_dataset(dataset, out / "dataset")
     kinds = dataset["kind"]
     write_manifest(out, status="complete", **manifest,
@@ -122,21 +129,31 @@ def run(cfg: DictConfig) -> Path:
 
 def generate_rows(items: list[PromptItem], policy: tuple, reviser: tuple, c: Constitution, principles: list[CritiquePrinciple],
                   cfg: DictConfig, seed: int) -> tuple[list[dict], int]:
-    """Rows for one shard: every prompt answered in one batched call by ``policy`` (model, tokenizer), then each
-    revision round's critiques and revisions in one call each by ``reviser``. Returns (rows, generated tokens)."""
+    """Rows for one shard: the red-team prompts answered in one batched call by ``policy`` (model, tokenizer), each
+    helpful prompt ``helpful_samples`` times in another (at ``helpful_temperature``), then each revision round's
+    critiques and revisions in one call each by ``reviser``. Returns (rows, generated tokens)."""
+    s = cfg[STAGE]
     gen = dict(max_new_tokens=cfg.generation.max_new_tokens, temperature=cfg.generation.temperature,
                top_p=cfg.generation.top_p, batch_size=cfg.generation.batch_size, progress=cfg.progress)
-    few_shot = bool(cfg[STAGE].few_shot)
+    few_shot = bool(s.few_shot)
     conversations = [it.messages() for it in items]
-    answers = generate(*policy, conversations, seed=derive_seed(seed, "answer"), desc="answers", **gen)
-    n_tokens = sum(len(a.token_ids) for a in answers)
-
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
+    helpful = [i for i, it in enumerate(items) if it.kind == "helpful"]
+    answers = dict(zip(red, generate(*policy, [conversations[i] for i in red], seed=derive_seed(seed, "answer"),
+                                     desc="answers", **gen)))
+    n = s.helpful_samples
+    temperature = cfg.generation.temperature if s.helpful_temperature is None else s.helpful_temperature
+    outs = generate(*policy, [conversations[i] for i in helpful for _ in range(n)], seed=derive_seed(seed, "helpful"),
+                    desc="helpful answers", **{**gen, "temperature": temperature})
+    helpful_answers = {i: outs[j * n:(j + 1) * n] for j, i in enumerate(helpful)}
+    n_tokens = sum(len(a.token_ids) for a in [*answers.values(), *outs])
+
     latest = {i: answers[i].text for i in red}
     latest_finished = {i: answers[i].finished for i in red}
     drawn = {i: sample_principles(principles, cfg.n_revisions, cfg.seed, items[i].id) for i in red}
     critiques: dict[int, list[str]] = {i: [] for i in red}
     revisions: dict[int, list[str]] = {i: [] for i in red}
+    revisions_finished: dict[int, list[bool]] = {i: [] for i in red}
     for r in range(cfg.n_revisions):
         chats = [critique_messages(c, conversations[i], latest[i], drawn[i][r], r + 1, few_shot) for i in red]
         outs = generate(*reviser, chats, seed=derive_seed(seed, "critique", r), desc=f"critiques {r + 1}", **gen)
@@ -147,25 +164,34 @@ def generate_rows(items: list[PromptItem], policy: tuple, reviser: tuple, c: Con
         outs = generate(*reviser, chats, seed=derive_seed(seed, "revision", r), desc=f"revisions {r + 1}", **gen)
         for i, o in zip(red, outs):
             revisions[i].append(o.text)
+            revisions_finished[i].append(o.finished)
             if o.text.strip():  # an empty revision keeps the previous answer as the one to improve
                 latest[i], latest_finished[i] = o.text, o.finished
         n_tokens += sum(len(o.token_ids) for o in outs)
 
     rows = []
     for i, it in enumerate(items):
-        final = latest[i] if it.kind == "red_team" else answers[i].text
-        finished = latest_finished[i] if it.kind == "red_team" else answers[i].finished
-        rows.append({
-            "id": it.id,
-            "prompt": it.prompt,
-            "messages": [*conversations[i], {"role": "assistant", "content": final}],
-            "initial_response": answers[i].text,
-            "critiques": critiques.get(i, []),
-            "revisions": revisions.get(i, []),
-            "principle_ids": [p.id for p in drawn[i]] if it.kind == "red_team" else [],
-            "kind": it.kind,
-            "finished": finished,
-        })
+        if it.kind == "red_team":
+            rows.append({
+                "id": it.id,
+                "prompt": it.prompt,
+                "messages": [*conversations[i], {"role": "assistant", "content": latest[i]}],
+                "initial_response": answers[i].text,
+                "critiques": critiques[i],
+                "revisions": revisions[i],
+                "revisions_finished": revisions_finished[i],
+                "principle_ids": [p.id for p in drawn[i]],
+                "kind": it.kind,
+                "finished": latest_finished[i],
+            })
+            continue
+        for k, answer in enumerate(helpful_answers[i]):  # the first sample keeps the prompt's id
+            rows.append({
+                "id": it.id if k == 0 else f"{it.id}:{k + 1}", "prompt": it.prompt,
+                "messages": [*conversations[i], {"role": "assistant", "content": answer.text}],
+                "initial_response": answer.text, "critiques": [], "revisions": [], "revisions_finished": [],
+                "principle_ids": [], "kind": it.kind, "finished": answer.finished,
+            })
     return rows, n_tokens
 
 
@@ -175,7 +201,8 @@ def _features():
     text, texts = Value("string"), List(Value("string"))
     return Features({
         "id": text, "prompt": text, "messages": List({"role": text, "content": text}), "initial_response": text,
-        "critiques": texts, "revisions": texts, "principle_ids": texts, "kind": text, "finished": Value("bool"),
+        "critiques": texts, "revisions": texts, "revisions_finished": List(Value("bool")), "principle_ids": texts,
+        "kind": text, "finished": Value("bool"),
     })
 
 

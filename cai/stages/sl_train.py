@@ -1,4 +1,4 @@
-"""SL-CAI training: supervised fine-tuning on the final revisions (plus helpful answers) in a DeepSpeed engine.
+"""SL-CAI training: supervised fine-tuning on the revisions (plus helpful answers) in a DeepSpeed engine.
 
     python -m cai.stages.sl_train run_dir=R
     torchrun --nproc_per_node 2 -m cai.stages.sl_train run_dir=R
@@ -6,9 +6,11 @@
 
 Fine-tunes the ``sl_start`` role (``cai.roles``; the policy that wrote the data unless set — the CAI paper
 fine-tuned a pretrained LM) on ``${run_dir}/sl_generate/dataset`` (or ``sl_train.dataset``): rows with ``messages`` whose last
-turn is the assistant's. Each row becomes the chat template's prompt (every turn before the last, with
-the generation prompt) followed by the assistant's text and EOS; the loss covers only those assistant
-tokens and the EOS — exactly what the model produces at generation time.
+turn is the assistant's. With ``sl_train.revisions=every`` (the default; CAI section 3.1 trained on the revisions of every
+step) a red-team row gives one training row per revision step (``training_rows``); ``final`` keeps only the last.
+Each row becomes the chat template's prompt (every turn before the last, with the generation prompt) followed by
+the assistant's text and EOS; the loss covers only those assistant tokens and the EOS — exactly what the model
+produces at generation time.
 
 Writes ``${run_dir}/sl_train/``:
 - ``checkpoints/`` — resumable DeepSpeed checkpoints every ``sl_train.save_every`` optimizer steps
@@ -56,7 +58,9 @@ def run(cfg: DictConfig) -> Path:
     data_path = Path(s.dataset) if s.dataset else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
     if not s.dataset:
         upstream_complete(data_path.parent, "sl_generate")
-    rows = _load_rows(data_path)
+    if s.revisions not in ("every", "final"):
+        raise StageInputError(f"{STAGE}.revisions must be every or final, got {s.revisions!r}")
+    rows = training_rows(_load_rows(data_path), s.revisions)
     fingerprint = config_hash(cfg, HASH_KEYS)
     data_fingerprint = input_fingerprint(data_path)
     same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"dataset_fingerprint": data_fingerprint},
@@ -107,6 +111,25 @@ def run(cfg: DictConfig) -> Path:
         print(f"cai {STAGE}: {plan.total_steps} steps -> {out / 'model'}")
     distributed.barrier()
     return out / "model"
+
+
+def training_rows(rows: list[dict], revisions: str) -> list[dict]:
+    """The rows SL trains on. ``final``: each row as it is (its ``messages`` end with the last non-empty revision, or the
+    answer). ``every``: a row with ``revisions`` gives one row per non-empty revision, the conversation then that
+    revision (``finished`` from ``revisions_finished`` when the data has it); a row without any stays as it is."""
+    if revisions == "final":
+        return rows
+    out = []
+    for row in rows:
+        steps = [(text, done) for text, done in zip(row.get("revisions") or [],
+                                                     row.get("revisions_finished") or [True] * len(row.get("revisions") or []))
+                 if text.strip()]
+        if not steps:
+            out.append(row)
+            continue
+        out += [{**row, "messages": [*row["messages"][:-1], {"role": "assistant", "content": text}], "finished": done}
+                for text, done in steps]
+    return out
 
 
 def tokenize_sft(tok, messages: list[dict], max_length: int, add_eos: bool = True) -> tuple[list[int], list[int], bool]:
