@@ -233,7 +233,8 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
         # greedy for one rationale; self-consistency samples several (each prompt's consecutive)
         outs = generate(model, tok, [m for m in prompts for _ in range(samples)],
                         assistant_prefixes=[p for p in prefixes for _ in range(samples)], max_new_tokens=max_new_tokens,
-                        temperature=0.0 if samples == 1 else cot_temperature, seed=derive_seed(seed, "cot"),
+                        temperature=0.0 if samples == 1 else cot_temperature,
+                        seed=derive_seed(seed, "cot", pairs[0].key if pairs else ""),  # each call (shard) its own stream
                         batch_size=batch_size, progress=progress, desc="rationales")
         rationales = [o.text for o in outs]
         texts = [f"{t} {r}\n{constitution.answer_cues['cot_answer']}"

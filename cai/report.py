@@ -186,7 +186,7 @@ def _section_ppo(run_dir: Path, manifests: dict) -> str:
     plots = "".join(_img(_line_plot({label: (steps, [r[key] for r in rows])}, label, f"{name} step", marker="o"))
                     for key, label in PPO_CURVES if rows and key in rows[0])
     samples = read_metrics(run_dir / "ppo", "samples.jsonl")[-4:]
-    table = _table(["step", "prompt", "response", "PM score", "EOS"],
+    table = _table(["step", "prompt", "response", "score", "EOS"],
                    [[s["step"], s["prompt"], s["response"], f"{s['score']:.3f}", "yes" if s["eos"] else "no"] for s in samples])
     return f"<h2>RL-CAI ({name})</h2><div class=plots>{plots}</div><h3>Samples</h3>{table}"
 

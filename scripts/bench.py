@@ -189,7 +189,7 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
                  f"ppo.num_minibatches={s['num_minibatches']}", f"ppo.ppo_epochs={s['ppo_epochs']}",
                  f"ppo.max_new_tokens={s['response_length']}", f"ppo.temperature={s['temperature']}",
                  f"ppo.kl_coef={s['kl_coef']}", f"ppo.lr={s['lr']}", f"ppo.value_lr={s['lr']}",
-                 f"ppo.max_prompt_length={s['max_prompt_length']}", f"ppo.save_every={s['steps']}",
+                 f"ppo.max_prompt_length={s['max_prompt_length']}", f"ppo.save_every={s['steps']}", "ppo.num_helpful=0",
                  f"ppo.log_samples_every={s['steps']}", f"generation.batch_size={s['batch_size'] * s.get('k', 1)}",
                  f"ppo.algorithm={s.get('algorithm', 'ppo')}", f"ppo.samples_per_prompt={s.get('k', 1)}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}

@@ -58,8 +58,9 @@ def run_one(source: Path, run_dir: Path, algorithm: str, seed: int, budget: floa
         time.sleep(1)
     log.close()
     rows = [m for m in read_metrics(run_dir / "ppo") if "score" in m]
-    if not rows:
-        raise SystemExit(f"{algorithm} seed {seed} logged no step; see {run_dir / 'stage.log'}")
+    if not rows or (proc.returncode != 0 and sum(m["seconds"] for m in rows) < budget):  # it failed, not stopped by us
+        raise SystemExit(f"{algorithm} seed {seed} stopped after {len(rows)} steps (exit {proc.returncode}) before the "
+                         f"budget; see {run_dir / 'stage.log'}")
     quarter = max(1, len(rows) // 4)
 
     def mean(key, part):

@@ -109,6 +109,10 @@ def test_evaluate_names_each_circular_reading(tmp_path):
     assert [n.split(":")[0] for n in circular_readings(cfg, "L", "P", ["ppo"], s=s)] == [
         "The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL policy)",
         "The judge is the labeler whose direct 1-10 ratings were the RL stage's reward"]
+    # another judge still reads the rating question the RL reward was: said too
+    assert [n.split(":")[0] for n in circular_readings(cfg, "J", "P", ["ppo"], s=s)] == [
+        "The harmlessness rating asks the judge the constitution's rating question (score.j2), the one whose answers were "
+        "the RL stage's direct-RLAIF reward"]
     manifest("ppo", reward="pairwise", reward_fingerprint="pairwise:1:c", roles={"labeler": {"fingerprint": "L"}})
     assert circular_readings(cfg, "L", "P", ["ppo"], s=s)[1].startswith(
         "The judge is the labeler whose pairwise comparisons were the RL stage's reward")

@@ -200,6 +200,6 @@ def test_training_rows_take_every_revision_step_or_only_the_final_one():
     # the empty second revision is skipped; each step keeps the conversation and its own EOS flag
     assert [(r["messages"][-1]["content"], r["finished"]) for r in rows] == [("first", True), ("second", False), ("answer", True)]
     assert all(r["messages"][:-1] == [q] for r in rows)
-    # data without revisions_finished (an older sl_generate): every revision counts as finished
+    # data without revisions_finished (an older sl_generate): the last revision has the row's flag, earlier ones ended
     old = {k: v for k, v in red.items() if k != "revisions_finished"}
-    assert [r["finished"] for r in training_rows([old], "every")] == [True, True]
+    assert [r["finished"] for r in training_rows([old], "every")] == [True, False]

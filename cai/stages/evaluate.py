@@ -333,6 +333,10 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
         what = "direct 1-10 ratings" if ppo["reward"] == "direct_rlaif" else "pairwise comparisons"
         notes.append(f"The judge is the labeler whose {what} were the RL stage's reward: the ppo checkpoint was trained "
                      f"to please this judge. Set judge.path to an independent model.")
+    elif ppo.get("reward") == "direct_rlaif" and "ppo" in names:
+        notes.append("The harmlessness rating asks the judge the constitution's rating question (score.j2), the one whose "
+                     "answers were the RL stage's direct-RLAIF reward: the ppo checkpoint was trained on that question, "
+                     "if by another rater. Compare the win rates and a PM score as well.")
     if pm_fingerprint and "ppo" in names and ppo.get("reward") == "pm" and ppo.get("reward_fingerprint") == pm_fingerprint:
         notes.append(f"The PM score is read with the PM that PPO optimised as its reward: for the ppo checkpoint it measures "
                      f"how well RL learnt that reward, not harmlessness. Set {STAGE}.reward_model to a PM trained apart "

@@ -15,7 +15,7 @@ PM. With ``ppo.reward=direct_rlaif`` the ``labeler`` role rates each
 response 1..10 with the constitution's rating template (``cai.feedback.direct_scores``, mapped to [-1, 1]),
 no PM is used and the value model starts from the policy with a fresh head; ``ppo.reward=pairwise`` has the labeler
 compare the k responses to a prompt two by two (each one's mean soft win rate against its siblings); ``ppo.reward=custom`` calls the
-function ``ppo.reward_fn`` names (``cai.rewards`` has all three). Dropout is off everywhere.
+function ``ppo.reward_fn`` names (``cai.rewards`` has all four). Dropout is off everywhere.
 The PM must share the policy's tokenizer (the value model reads policy tokens): cai refuses otherwise.
 
 One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``:
@@ -210,7 +210,7 @@ def run(cfg: DictConfig) -> Path:
                "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
                "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
         if algo.k > 1:
-            row["group_score_std"] = rl.group_spread(raw, algo.k).item()
+            row["group_score_std"] = rl.group_spread(ro.scores, algo.k).item()  # after the missing-EOS treatment
         row = {k: (v if k in ("step", "kl_coef") else round(distributed.mean_over_ranks(v), 6)) for k, v in row.items()}
         n_samples = world * s.batch_size * algo.k
         kl_ctl.update(row["kl"], n_samples)

@@ -116,14 +116,15 @@ def run(cfg: DictConfig) -> Path:
 def training_rows(rows: list[dict], revisions: str) -> list[dict]:
     """The rows SL trains on. ``final``: each row as it is (its ``messages`` end with the last non-empty revision, or the
     answer). ``every``: a row with ``revisions`` gives one row per non-empty revision, the conversation then that
-    revision (``finished`` from ``revisions_finished`` when the data has it); a row without any stays as it is."""
+    revision, with ``finished`` from ``revisions_finished`` (data without it: the row's ``finished`` for the last
+    revision, True for earlier ones); a row without any stays as it is."""
     if revisions == "final":
         return rows
     out = []
     for row in rows:
-        steps = [(text, done) for text, done in zip(row.get("revisions") or [],
-                                                     row.get("revisions_finished") or [True] * len(row.get("revisions") or []))
-                 if text.strip()]
+        texts = row.get("revisions") or []
+        done_flags = row.get("revisions_finished") or [True] * (len(texts) - 1) + [bool(row.get("finished", True))]
+        steps = [(text, done) for text, done in zip(texts, done_flags) if text.strip()]
         if not steps:
             out.append(row)
             continue
