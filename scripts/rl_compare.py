@@ -40,9 +40,9 @@ def run_one(source: Path, run_dir: Path, algorithm: str, seed: int, budget: floa
     from cai.runio import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    for stage in UPSTREAM:
+    for stage in UPSTREAM:  # the stages' outputs without their resumable checkpoints (gigabytes a copy)
         if (source / stage).exists():
-            shutil.copytree(source / stage, run_dir / stage, symlinks=True)
+            shutil.copytree(source / stage, run_dir / stage, symlinks=True, ignore=shutil.ignore_patterns("checkpoints"))
     args = [sys.executable, "-m", "cai.stages.ppo", f"run_dir={run_dir}", f"seed={seed}", f"ppo.algorithm={algorithm}",
             "ppo.steps=1000", *COMMON, *SHAPES[algorithm]]
     log = (run_dir / "stage.log").open("w")
