@@ -164,15 +164,16 @@ def ppo_models(model_path: str, folder: Path) -> Path:
     return folder
 
 
-def ppo_queries(tok, n_prompts: int, max_prompt_length: int) -> list[list[int]]:
-    """The prompts exactly as cai's PPO stage builds its pool (built-in red-team prompts, seed 0, chat
-    template, too-long ones left out)."""
+def prompt_pool(tok, n_prompts: int, max_prompt_length: int) -> list[tuple[list[dict], list[int]]]:
+    """(conversation, query token ids) of each prompt exactly as cai's PPO stage builds its pool (built-in red-team
+    prompts, seed 0, chat template, too-long ones left out): TRL's PPO takes the ids, its RLOO and GRPO the
+    conversations (they apply the chat template themselves)."""
     from cai.data import load_prompts
     from cai.generation import render_chat
 
     items = load_prompts(None, "prompt", "red_team", n_prompts, 0)
-    queries = [tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"] for it in items]
-    return [q for q in queries if len(q) <= max_prompt_length]
+    pool = [(it.messages(), tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"]) for it in items]
+    return [(conversation, ids) for conversation, ids in pool if len(ids) <= max_prompt_length]
 
 
 def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
@@ -203,9 +204,10 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
     return {"step_seconds": [m["seconds"] for m in rows], "response_length": [m["response_length"] for m in rows]}
 
 
-def run_trl_ppo(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict:
-    """TRL's PPOTrainer in a child process (TRL 1.12 first on its path) with the same four models, prompts,
-    batch, response length, epochs and minibatches; per-step seconds from a step-end callback."""
+def run_trl(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict:
+    """A TRL trainer in a child process (the TRL in ``side`` first on its path): PPOTrainer, or ``s["trainer"]``
+    (rloo, grpo), with the same models, prompts, batch, response length, epochs and minibatches as cai's run;
+    per-step seconds from a step-end callback."""
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(side),
@@ -214,7 +216,7 @@ def run_trl_ppo(models: Path, s: dict, work: Path, threads: int, side: Path) -> 
     done = subprocess.run([sys.executable, __file__, "--trl-worker", spec], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"TRL ppo failed: {done.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"TRL {s.get('trainer', 'ppo')} failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -240,7 +242,7 @@ def trl_worker(spec_json: str) -> None:
     reference = AutoModelForCausalLM.from_pretrained(models / "policy", dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(models / "pm", dtype=torch.float32, num_labels=1)
     reward = AutoModelForSequenceClassification.from_pretrained(models / "pm", dtype=torch.float32, num_labels=1)
-    queries = ppo_queries(tok, s["num_prompts"], s["max_prompt_length"])
+    queries = [ids for _, ids in prompt_pool(tok, s["num_prompts"], s["max_prompt_length"])]
     data = Dataset.from_dict({"input_ids": queries})
 
     timer = step_timer()
@@ -296,7 +298,7 @@ def bench_ppo(model_path: str, s: dict, work: Path, threads: int, repeats: int, 
     runs = {"cai": [], "trl": []}
     for _ in range(repeats):
         runs["cai"].append(run_cai_ppo(models, s, work, threads))
-        runs["trl"].append(run_trl_ppo(models, s, work, threads, side))
+        runs["trl"].append(run_trl(models, s, work, threads, side))
     step = {k: statistics.median(statistics.median(r["step_seconds"][1:]) for r in v) for k, v in runs.items()}
     per_s = {k: s["batch_size"] / t for k, t in step.items()}
     return {"model": model_path, "settings": s, "repeats": repeats, "step_seconds": step, "samples_per_s": per_s,
@@ -322,7 +324,7 @@ def trl_rl_worker(s: dict) -> None:
     tok = AutoTokenizer.from_pretrained(models / "policy")
     policy = AutoModelForCausalLM.from_pretrained(models / "policy", dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(models / "pm", dtype=torch.float32, num_labels=1)
-    data = Dataset.from_list([{"prompt": m} for m in rl_prompts(tok, s["num_prompts"], s["max_prompt_length"])])
+    data = Dataset.from_list([{"prompt": m} for m, _ in prompt_pool(tok, s["num_prompts"], s["max_prompt_length"])])
     samples = s["batch_size"] * s["k"]
     common = dict(
         output_dir=str(Path(s["work"]) / "trl-run"), seed=0, use_cpu=True, bf16=False, fp16=False, report_to=[],
@@ -352,29 +354,6 @@ def trl_rl_worker(s: dict) -> None:
     print(json.dumps({"step_seconds": cycles}))
 
 
-def rl_prompts(tok, n_prompts: int, max_prompt_length: int) -> list[list[dict]]:
-    """The conversations of ``ppo_queries``' prompts (TRL applies the chat template itself)."""
-    from cai.data import load_prompts
-    from cai.generation import render_chat
-
-    items = load_prompts(None, "prompt", "red_team", n_prompts, 0)
-    return [it.messages() for it in items
-            if len(tok(render_chat(tok, it.messages()), add_special_tokens=False)["input_ids"]) <= max_prompt_length]
-
-
-def run_trl_rl(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict:
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(side),
-           "TOKENIZERS_PARALLELISM": "false"}
-    spec = json.dumps({"models": str(models), "work": str(work), **s})
-    done = subprocess.run([sys.executable, __file__, "--trl-worker", spec], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"TRL {s['trainer']} failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 # Same settings on both sides: batch_size prompts x k responses a step, split into num_minibatches, ppo_epochs passes;
 # the KL coefficient is TRL's beta (RLOO: in the reward, k1, as cai's rloo; GRPO: a k3 loss term, as cai's grpo, with
 # TRL's loss_type="grpo", the per-response token mean of cai's grpo). cai's PPO step for the 0.6x target sees the
@@ -394,7 +373,7 @@ def bench_rl(model_path: str, s: dict, work: Path, threads: int, repeats: int, s
     for _ in range(repeats):
         for algorithm in ("rloo", "grpo"):
             runs.setdefault(f"cai {algorithm}", []).append(run_cai_ppo(models, {**s, "algorithm": algorithm}, work, threads))
-            runs.setdefault(f"trl {algorithm}", []).append(run_trl_rl(models, {**s, "trainer": algorithm}, work, threads, side))
+            runs.setdefault(f"trl {algorithm}", []).append(run_trl(models, {**s, "trainer": algorithm}, work, threads, side))
         runs.setdefault("cai ppo", []).append(run_cai_ppo(models, ppo_shape, work, threads))
     step = {k: statistics.median(statistics.median(r["step_seconds"][1:]) for r in v) for k, v in runs.items()}
     samples = s["batch_size"] * s["k"]
@@ -487,15 +466,18 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"cai benchmarks on {platform.node() or 'this machine'} ({os.cpu_count()} CPUs), {threads} torch threads, "
           f"medians of {repeats} alternated runs")
-    if "ppo" in parts:
+    def sizes(tiny: dict, full: dict, quick: dict):
+        """(name, model path, settings, runs per side, work folder suffix) for the tiny models, then ``--model``: its
+        steps take tens of seconds, so one alternated pair of runs in --quick."""
         from cai.runio import safe_name
 
+        yield "tiny", "tiny-random", tiny, repeats, "tiny"
+        yield args.model, args.model, quick if args.quick else full, 1 if args.quick else repeats, safe_name(args.model)
+
+    if "ppo" in parts:
         side = trl_side_folder(args.trl_dir, TRL_VERSION)
-        sizes = {"tiny": ("tiny-random", PPO_TINY), args.model: (args.model, PPO_EMBEDDED_QUICK if args.quick else PPO_EMBEDDED)}
-        for name, (path, settings) in sizes.items():
-            # the embedded model's steps take tens of seconds: one alternated pair of runs in --quick
-            n = repeats if name == "tiny" or not args.quick else 1
-            r = results.setdefault("ppo", {})[name] = bench_ppo(path, settings, ROOT / "runs" / "bench" / f"ppo-{safe_name(name)}",
+        for name, path, settings, n, folder in sizes(PPO_TINY, PPO_EMBEDDED, PPO_EMBEDDED_QUICK):
+            r = results.setdefault("ppo", {})[name] = bench_ppo(path, settings, ROOT / "runs" / "bench" / f"ppo-{folder}",
                                                                threads, n, side)
             save()
             print(f"PPO on {name} models ({settings['batch_size']} prompts x up to {settings['response_length']} tokens, "
@@ -503,13 +485,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{n} run(s) each): cai {r['samples_per_s']['cai']:.2f} samples/s, TRL {TRL_VERSION} PPOTrainer "
                   f"{r['samples_per_s']['trl']:.2f} samples/s: cai/TRL {r['ratio']:.2f}x")
     if "rl" in parts:
-        from cai.runio import safe_name
-
         side = trl_side_folder(args.trl_dir, TRL_RL_VERSION)
-        sizes = {"tiny": ("tiny-random", RL_TINY), args.model: (args.model, RL_EMBEDDED_QUICK if args.quick else RL_EMBEDDED)}
-        for name, (path, settings) in sizes.items():
-            n = repeats if name == "tiny" or not args.quick else 1
-            r = results.setdefault("rl", {})[name] = bench_rl(path, settings, ROOT / "runs" / "bench" / f"rl-{safe_name(name)}",
+        for name, path, settings, n, folder in sizes(RL_TINY, RL_EMBEDDED, RL_EMBEDDED_QUICK):
+            r = results.setdefault("rl", {})[name] = bench_rl(path, settings, ROOT / "runs" / "bench" / f"rl-{folder}",
                                                              threads, n, side)
             save()
             print(f"RL on {name} models ({settings['batch_size']} prompts x {settings['k']} responses of up to "

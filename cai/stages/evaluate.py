@@ -422,13 +422,14 @@ def _reward_model(cfg: DictConfig, s: DictConfig) -> tuple[Path | None, str | No
 def _overlap_with_training(cfg: DictConfig, items) -> int:
     """How many held-out prompts the training stages of this run drew: they take the first prompts of the same
     seeded order (sl_generate, then ai_feedback after it; ppo from the start), as their manifests record."""
+    configs = {stage: (read_manifest(stage_dir(cfg.run_dir, stage)) or {}).get("config") or {}  # each manifest once
+               for stage in ("sl_generate", "ai_feedback", "ppo")}
+
     def used(stage: str, *keys: str) -> int:
-        config = (read_manifest(stage_dir(cfg.run_dir, stage)) or {}).get("config")
-        return int(_dig(config, *keys) or 0) if config else 0
+        return int(_dig(configs[stage], *keys) or 0)
 
     sl_red = used("sl_generate", "data", "num_red_team")
-    feedback_config = (read_manifest(stage_dir(cfg.run_dir, "ai_feedback")) or {}).get("config")
-    after_sl = (_dig(feedback_config, "ai_feedback", "prompts") or "after_sl") == "after_sl" if feedback_config else True
+    after_sl = (_dig(configs["ai_feedback"], "ai_feedback", "prompts") or "after_sl") == "after_sl"
     feedback_end = (sl_red if after_sl else 0) + used("ai_feedback", "ai_feedback", "num_prompts")
     first = {"red_team": max(sl_red, feedback_end, used("ppo", "ppo", "num_prompts")),
              "helpful": max(used("sl_generate", "data", "num_helpful"), used("ppo", "ppo", "num_helpful"))}
