@@ -1,7 +1,8 @@
 """The ``cai`` console command.
 
     cai constitution lint DIR
-    cai constitution render DIR --kind critique|revision|comparison|cot|score [--principle ID] [--model PATH]
+    cai constitution render DIR --kind critique|revision|comparison|cot|score|evasive [--principle ID] [--model PATH]
+                                [--preamble base|detailed]
     cai constitution import PATH --format anthropic|hf -o DIR
     cai report RUN_DIR
     cai report --compare RUN_DIR RUN_DIR ... [-o FILE]
@@ -14,6 +15,7 @@ import sys
 
 from cai.constitution import (
     KINDS,
+    PREAMBLES,
     SAMPLE_CONVERSATION,
     SAMPLE_CRITIQUE,
     SAMPLE_OTHER_RESPONSE,
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("--principle", help="principle id (default: the first of the matching list)")
     render.add_argument("--model", help="apply this model's chat template: embedded, tiny-random, a folder or a hub id")
     render.add_argument("--round", type=int, default=1, help="revision round shown to critique/revision templates")
+    render.add_argument("--preamble", default="base", choices=PREAMBLES,
+                        help="comparison/cot: the preamble shown (ai_feedback.preamble)")
 
     imp = cmds.add_parser("import", help="convert Anthropic's CAI prompt files or an HF llm-swarm JSON")
     imp.add_argument("path", help="anthropic: the folder with CritiqueRevisionInstructions.json; hf: the JSON file")
@@ -91,10 +95,11 @@ def _render(args) -> int:
                 messages = revision_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, p, SAMPLE_CRITIQUE, args.round)
         else:
             p = c.comparison_principle(args.principle) if args.principle else c.comparison[0]
-            if args.kind == "score":
-                messages, prefix = score_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE)
+            if args.kind in ("score", "evasive"):
+                messages, prefix = score_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, kind=args.kind)
             else:
-                messages, prefix = comparison_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, p, kind=args.kind)
+                messages, prefix = comparison_messages(c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, p,
+                                                       kind=args.kind, preamble=args.preamble)
     except ConstitutionError as e:
         print(e, file=sys.stderr)
         return 1

@@ -3,10 +3,11 @@
 A constitution is a folder (see ``constitutions/default/``) holding
 
 - ``principles.yaml`` — ``critique_revision`` principles (``id``, ``critique``, ``revision``),
-  ``comparison`` principles (``id``, ``text``), ``answer_cues`` (the text the assistant turn starts
-  with before we read option or score probabilities) and optional ``few_shot`` exemplars;
-- five Jinja templates, one per prompt kind (``TEMPLATE_VARIABLES`` lists what each may use):
-  ``critique.j2``, ``revision.j2``, ``comparison.j2``, ``cot.j2``, ``score.j2``.
+  ``comparison`` principles (``id``, ``text``, optional ``axis``: what evaluate judges under them, ``AXES``),
+  ``answer_cues`` (the text the assistant turn starts with before we read option or score probabilities) and
+  optional ``few_shot`` exemplars;
+- six Jinja templates, one per prompt kind (``TEMPLATE_VARIABLES`` lists what each may use):
+  ``critique.j2``, ``revision.j2``, ``comparison.j2``, ``cot.j2``, ``score.j2``, ``evasive.j2``.
 
 Templates render in Jinja's immutable sandbox with ``StrictUndefined``: a misspelt variable is an
 error, not an empty string, and ``{{ ''.__class__ }}``-style access to Python internals is refused.
@@ -33,6 +34,12 @@ from cai.runio import tree_hash
 PRINCIPLES_FILE = "principles.yaml"
 OPTION_LABELS = ("A", "B")
 ANSWER_CUE_KEYS = ("comparison", "cot", "cot_answer", "score")
+# what a comparison principle judges in evaluate: red-team replies are compared under harmlessness principles, helpful
+# replies under helpfulness ones (CAI's two Elo axes); a principle without ``axis`` judges both
+AXES = ("harmlessness", "helpfulness", "both")
+# the comparison preambles (RLAIF's prompt variants): base, the question alone; detailed, the templates' longer
+# description of the rater's task too (a template shows it where it tests ``preamble == "detailed"``)
+PREAMBLES = ("base", "detailed")
 
 # kind -> (template file, variables it may use, variables it must use)
 TEMPLATE_VARIABLES: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
@@ -42,12 +49,16 @@ TEMPLATE_VARIABLES: dict[str, tuple[str, frozenset[str], frozenset[str]]] = {
     # as critique, plus critique: the critique the model just wrote.
     "revision": ("revision.j2", frozenset({"principle", "prompt", "response", "critique", "round"}), frozenset({"principle"})),
     # principle: {id, text}; conversation: list of {role, content} before the responses;
-    # options: list of {label, text} in the order shown.
-    "comparison": ("comparison.j2", frozenset({"principle", "conversation", "options"}), frozenset({"principle", "options"})),
-    "cot": ("cot.j2", frozenset({"principle", "conversation", "options"}), frozenset({"principle", "options"})),
+    # options: list of {label, text} in the order shown; preamble: one of PREAMBLES.
+    "comparison": ("comparison.j2", frozenset({"principle", "conversation", "options", "preamble"}),
+                   frozenset({"principle", "options"})),
+    "cot": ("cot.j2", frozenset({"principle", "conversation", "options", "preamble"}), frozenset({"principle", "options"})),
     # conversation as above; response: the one response to rate 1..10 (no principle: one fixed rating instruction, so
     # a response always gets the same rating).
     "score": ("score.j2", frozenset({"conversation", "response"}), frozenset({"response"})),
+    # as score: how much the one response refuses, dodges or deflects instead of engaging, rated 1..10 (evaluate's
+    # evasiveness rate).
+    "evasive": ("evasive.j2", frozenset({"conversation", "response"}), frozenset({"response"})),
 }
 KINDS = tuple(TEMPLATE_VARIABLES)
 
@@ -92,6 +103,7 @@ class CritiquePrinciple:
 class ComparisonPrinciple:
     id: str
     text: str
+    axis: str = "both"  # one of AXES
 
 
 @dataclass
@@ -106,6 +118,7 @@ class Constitution:
     few_shot_comparison: list[dict] = field(default_factory=list)
     hash: str = ""
     _env: jinja2.Environment | None = field(default=None, repr=False)
+    _variables: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)  # kind -> variables its template uses
 
     # -- lookup -------------------------------------------------------------------------------
     def critique_principle(self, pid: str) -> CritiquePrinciple:
@@ -132,6 +145,20 @@ class Constitution:
         if not chosen:
             raise ConstitutionError(f"{key} is empty: name at least one principle, or null for all")
         return chosen
+
+    def judging(self, axis: str) -> list[ComparisonPrinciple]:
+        """The comparison principles that judge ``axis`` ("harmlessness" or "helpfulness"): those tagged with it or
+        with neither (``axis: both``, the default)."""
+        chosen = [p for p in self.comparison if p.axis in (axis, "both")]
+        if not chosen:
+            raise ConstitutionError(f"{self.path / PRINCIPLES_FILE}: no comparison principle judges {axis} (give one "
+                                    f"'axis: {axis}' or 'axis: both')")
+        return chosen
+
+    def uses(self, kind: str, variable: str) -> bool:
+        """Whether the ``kind`` template uses ``variable`` (e.g. a comparison template that never reads
+        ``preamble`` cannot show the detailed one)."""
+        return variable in self._variables.get(kind, frozenset())
 
     # -- rendering ----------------------------------------------------------------------------
     def render(self, kind: str, **variables: Any) -> str:
@@ -184,6 +211,7 @@ def revision_messages(
 def comparison_messages(
     c: Constitution, conversation: list[dict], response_a: str, response_b: str, principle: ComparisonPrinciple,
     kind: str = "comparison", few_shot: bool = True, exemplar_principles: Sequence[ComparisonPrinciple] | None = None,
+    preamble: str = "base",
 ) -> tuple[list[dict], str]:
     """The multiple-choice chat and the assistant-turn prefix after which the option label comes.
 
@@ -193,10 +221,16 @@ def comparison_messages(
     Few-shot exemplars are shown as stored (``answer`` says which position is better); a constitution
     should balance A and B answers across them so they teach no position. Each exemplar is asked under
     ``principle`` too, or, with ``exemplar_principles`` (one per exemplar), under its own (CAI drew them
-    independently of the query's).
+    independently of the query's). ``preamble`` (``PREAMBLES``) is handed to the template: ``detailed`` asks for its
+    longer description of the rater's task (RLAIF's detailed preamble), and a template that never reads it is refused.
     """
     if kind not in ("comparison", "cot"):
         raise ValueError(f"kind must be comparison or cot, got {kind!r}")
+    if preamble not in PREAMBLES:
+        raise ValueError(f"preamble must be one of {', '.join(PREAMBLES)}, got {preamble!r}")
+    if preamble != "base" and not c.uses(kind, "preamble"):
+        raise ConstitutionError(f"{c.path / TEMPLATE_VARIABLES[kind][0]}: the {preamble} preamble was asked for but this "
+                                f"template never uses {{{{ preamble }}}}")
     messages: list[dict] = []
     exemplars = c.few_shot_comparison if few_shot else []
     if exemplar_principles is not None and len(exemplar_principles) < len(exemplars):
@@ -207,20 +241,24 @@ def comparison_messages(
         shown = _render_options(ex["response_a"], ex["response_b"])
         asked_under = exemplar_principles[n] if exemplar_principles is not None else principle
         messages.append({"role": "user", "content": c.render(kind, principle=asked_under, conversation=ex["conversation"],
-                                                             options=shown)})
+                                                             options=shown, preamble=preamble)})
         verdict = f"{c.answer_cues['comparison']}{ex['answer']})"
         if kind == "cot":
             verdict = f"{c.answer_cues['cot']} {ex['rationale']}\n{c.answer_cues['cot_answer']}{ex['answer']})"
         messages.append({"role": "assistant", "content": verdict})
     options = _render_options(response_a, response_b)
-    messages.append({"role": "user", "content": c.render(kind, principle=principle, conversation=conversation, options=options)})
+    messages.append({"role": "user", "content": c.render(kind, principle=principle, conversation=conversation, options=options,
+                                                         preamble=preamble)})
     return messages, c.answer_cues["comparison" if kind == "comparison" else "cot"]
 
 
-def score_messages(c: Constitution, conversation: list[dict], response: str) -> tuple[list[dict], str]:
-    """The 1..10 rating chat (direct RLAIF, evaluate's harmlessness rating) and the assistant-turn prefix before the
-    score; ``score.j2`` holds its own fixed instruction, not a comparison principle."""
-    content = c.render("score", conversation=conversation, response=response)
+def score_messages(c: Constitution, conversation: list[dict], response: str, kind: str = "score") -> tuple[list[dict], str]:
+    """The 1..10 rating chat and the assistant-turn prefix before the rating: ``kind="score"`` (score.j2: direct
+    RLAIF's reward, evaluate's harmlessness rating) or ``"evasive"`` (evasive.j2: evaluate's evasiveness rating). Each
+    template holds its own fixed instruction, not a comparison principle."""
+    if kind not in ("score", "evasive"):
+        raise ValueError(f"kind must be score or evasive, got {kind!r}")
+    content = c.render(kind, conversation=conversation, response=response)
     return [{"role": "user", "content": content}], c.answer_cues["score"]
 
 
@@ -313,11 +351,13 @@ def _load(path: Path) -> tuple[Constitution | None, list[Problem]]:
         autoescape=False,
         keep_trailing_newline=False,
     )
+    variables = {}
     for kind in KINDS:
-        problems.extend(_check_template(env, path, kind))
+        found, variables[kind] = _check_template(env, path, kind)
+        problems.extend(found)
     if problems:
         return None, problems
-    c = Constitution(path=path, _env=env, hash=tree_hash(path), **parsed)
+    c = Constitution(path=path, _env=env, hash=tree_hash(path), _variables=variables, **parsed)
     problems.extend(_check_renders(c))
     return (None, problems) if problems else (c, [])
 
@@ -358,8 +398,8 @@ def _parse_principles(raw: Any, pfile: Path, problems: list[Problem]) -> dict:
             return None
         return value.strip()
 
-    for section, keys, cls in (("critique_revision", ("critique", "revision"), CritiquePrinciple),
-                               ("comparison", ("text",), ComparisonPrinciple)):
+    for section, keys, optional, cls in (("critique_revision", ("critique", "revision"), (), CritiquePrinciple),
+                                         ("comparison", ("text",), ("axis",), ComparisonPrinciple)):
         items = raw.get(section)
         if not isinstance(items, list) or not items:
             bad(raw["__line__"], f"'{section}' must be a non-empty list of principles")
@@ -369,12 +409,16 @@ def _parse_principles(raw: Any, pfile: Path, problems: list[Problem]) -> dict:
                 bad(raw["__line__"], f"every '{section}' entry must be a mapping")
                 continue
             for k in item:
-                if k not in ("__line__", "id", *keys):
-                    bad(item["__line__"], f"{section} entry has unknown key {k!r} (allowed: id, {', '.join(keys)})")
+                if k not in ("__line__", "id", *keys, *optional):
+                    bad(item["__line__"], f"{section} entry has unknown key {k!r} (allowed: id, {', '.join(keys + optional)})")
             pid = check_id(item, section)
             texts = [text_field(item, k, section) for k in keys]
+            extra = {k: item[k] for k in optional if k in item}
+            if extra.get("axis", "both") not in AXES:
+                bad(item["__line__"], f"comparison {pid!r} has axis {extra['axis']!r} (allowed: {', '.join(AXES)})")
+                continue
             if pid is not None and all(t is not None for t in texts):
-                out[section].append(cls(pid, *texts))  # type: ignore[arg-type]
+                out[section].append(cls(pid, *texts, **extra))  # type: ignore[arg-type]
 
     cues = raw.get("answer_cues")
     if not isinstance(cues, dict):
@@ -439,17 +483,18 @@ def _strip_lines(obj: Any) -> Any:
     return obj
 
 
-def _check_template(env: jinja2.Environment, folder: Path, kind: str) -> list[Problem]:
-    """Static checks: the file exists, parses, and uses only (and at least) its allowed variables."""
+def _check_template(env: jinja2.Environment, folder: Path, kind: str) -> tuple[list[Problem], frozenset[str]]:
+    """Static checks: the file exists, parses, and uses only (and at least) its allowed variables. Returns the
+    problems and the variables the file itself uses (not those of the partials it includes)."""
     filename, allowed, required = TEMPLATE_VARIABLES[kind]
     tpath = folder / filename
     if not tpath.exists():
-        return [Problem(tpath, 0, f"missing {kind} template")]
+        return [Problem(tpath, 0, f"missing {kind} template")], frozenset()
     source = tpath.read_text(encoding="utf-8")
     try:
         ast = env.parse(source, name=filename, filename=str(tpath))
     except jinja2.TemplateSyntaxError as e:
-        return [Problem(tpath, e.lineno or 0, f"template syntax error: {e.message}")]
+        return [Problem(tpath, e.lineno or 0, f"template syntax error: {e.message}")], frozenset()
     used = jinja2.meta.find_undeclared_variables(ast)
     problems = []
     for name in sorted(used - allowed):
@@ -457,7 +502,7 @@ def _check_template(env: jinja2.Environment, folder: Path, kind: str) -> list[Pr
                                 f"unknown variable {name!r} (a {kind} template may use: {', '.join(sorted(allowed))})"))
     for name in sorted(required - used):
         problems.append(Problem(tpath, 1, f"the {kind} template must use {{{{ {name} }}}}"))
-    return problems
+    return problems, frozenset(used)
 
 
 def _check_renders(c: Constitution) -> list[Problem]:
@@ -479,7 +524,12 @@ def _check_renders(c: Constitution) -> list[Problem]:
         attempt(comparison_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, p, kind="cot")
         if problems:
             break
+    for kind in ("comparison", "cot"):  # the detailed preamble's text too, where the template shows one
+        if c.uses(kind, "preamble"):
+            attempt(comparison_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, SAMPLE_OTHER_RESPONSE, c.comparison[0],
+                    kind=kind, preamble="detailed")
     attempt(score_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE)
+    attempt(score_messages, c, SAMPLE_CONVERSATION, SAMPLE_RESPONSE, kind="evasive")
     # Deduplicate: one broken template fails every principle the same way.
     return list(dict.fromkeys(problems))
 

@@ -48,7 +48,7 @@ def import_constitution(source: str | Path, fmt: str, out: str | Path) -> list[s
     else:
         data = _from_hf(source, notes)
     if not data["comparison"]:
-        data["comparison"] = [{"id": p.id, "text": p.text} for p in default.comparison]
+        data["comparison"] = [{"id": p.id, "text": p.text, "axis": p.axis} for p in default.comparison]
         notes.append(f"comparison principles copied from the default constitution ({fmt} format has none)")
     data["answer_cues"] = dict(default.answer_cues)
     header = "".join(f"# {line}\n" for line in [

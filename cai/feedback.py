@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from cai.constitution import OPTION_LABELS
+from cai.constitution import OPTION_LABELS, PREAMBLES
 from cai.data import jsonl_rows, parse_hh_transcript
 from cai.errors import DataError, LabelerError, StageInputError
 from cai.models import position_ids_from_mask
@@ -84,20 +84,29 @@ def shared_prefix_logprobs(model, contexts: Sequence[list[int]], candidates: Seq
     out: list[list[float] | None] = [None] * len(contexts)
     if not contexts:
         return []
+    from transformers import DynamicCache
+
+    from cai.models import cache_keyword
+
+    key = cache_keyword(model)  # the keyword this transformers version's forward takes for the KV cache
+
+    def prefill(ids: list[int], start: int, cache):
+        """Run ``ids`` (positions ``start``..) into ``cache`` and return it."""
+        model(input_ids=torch.tensor([ids], device=device), use_cache=True,
+              cache_position=torch.arange(start, start + len(ids), device=device), **{key: cache})
+        return cache
+
     common = min(_common_prefix_length(contexts), min(len(q) for q in contexts) - 1)
-    common_cache = None
-    if common >= 1:
-        common_cache = model(input_ids=torch.tensor([contexts[0][:common]], device=device), use_cache=True).past_key_values
+    common_cache = prefill(contexts[0][:common], 0, DynamicCache()) if common >= 1 else None
     for members in members_of.values():
         seqs = [contexts[i] for i in members]
         shared = min(_common_prefix_length(seqs), min(len(q) for q in seqs) - 1)  # each keeps >= 1 own token
         if common_cache is not None:
             cache = copy.deepcopy(common_cache)
             if shared > common:
-                model(input_ids=torch.tensor([seqs[0][common:shared]], device=device), past_key_values=cache,
-                      use_cache=True, cache_position=torch.arange(common, shared, device=device))
+                prefill(seqs[0][common:shared], common, cache)
         elif shared >= 1:
-            cache = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True).past_key_values
+            cache = prefill(seqs[0][:shared], 0, DynamicCache())
         else:
             for i, lp in zip(members, next_token_logprobs(model, seqs, [candidates[i] for i in members], pad_id)):
                 out[i] = lp
@@ -112,8 +121,8 @@ def shared_prefix_logprobs(model, contexts: Sequence[list[int]], candidates: Seq
             ids[row, :len(tail)] = torch.tensor(tail)
             mask[row, shared:shared + len(tail)] = 1
         positions = torch.arange(shared, shared + width, device=device)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
-                       position_ids=positions.expand(len(seqs), width), cache_position=positions).logits  # (B, W, V)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.expand(len(seqs), width),
+                       cache_position=positions, **{key: cache}).logits  # (B, W, V)
         last = logits[torch.arange(len(seqs), device=device), torch.tensor([len(t) - 1 for t in tails], device=device)]
         logprobs = torch.log_softmax(last.float(), dim=-1)  # (B, V)
         for row, i in enumerate(members):
@@ -188,7 +197,9 @@ def judging(s, cfg) -> dict:
     if s.self_consistency > 1 and not (s.cot and s.cot_temperature > 0):
         raise StageInputError(f"{key}.self_consistency={s.self_consistency} samples rationales: it needs {key}.cot=true "
                               f"and {key}.cot_temperature > 0")
-    return dict(n_principles=s.n_principles, seed=cfg.seed, cot=s.cot, cot_clamp=s.cot_clamp, few_shot=s.few_shot,
+    if s.preamble not in PREAMBLES:
+        raise StageInputError(f"{key}.preamble must be one of {', '.join(PREAMBLES)}, got {s.preamble!r}")
+    return dict(preamble=s.preamble, n_principles=s.n_principles, seed=cfg.seed, cot=s.cot, cot_clamp=s.cot_clamp, few_shot=s.few_shot,
                 max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.generation.batch_size, progress=cfg.progress,
                 exemplar_principles=s.exemplar_principles, self_consistency=s.self_consistency,
                 cot_temperature=s.cot_temperature)
@@ -198,14 +209,15 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
                 cot_clamp: Sequence[float] = (0.4, 0.6), few_shot: bool = True, max_new_tokens: int = 128,
                 batch_size: int = 8, progress: bool = True, principles=None,
                 exemplar_principles: str = "query", self_consistency: int = 1,
-                cot_temperature: float = 1.0) -> list[Judgement]:
+                cot_temperature: float = 1.0, preamble: str = "base") -> list[Judgement]:
     """Soft labels for pairs: for each pair draw ``n_principles`` comparison principles (seeded by the
     pair's key), show the pair in both orders under each, read P(A) vs P(B) from one prefill per prompt
     (after a generated rationale when ``cot``), and average: orders cancel position bias, principles ensemble.
     Few-shot exemplars are asked under the query's principle (``exemplar_principles="query"``: every comparison
     shares the exemplar block, which is computed once) or under principles drawn for each pair independently of
     the query's (``"independent"``, as CAI did). With ``cot``, ``self_consistency`` > 1 samples that many rationales per
-    comparison at ``cot_temperature`` and averages the (clamped) probabilities read after each (RLAIF).
+    comparison at ``cot_temperature`` and averages the (clamped) probabilities read after each (RLAIF). ``preamble``
+    (base | detailed) picks RLAIF's prompt variant where the constitution's templates offer both.
     """
     from cai.constitution import comparison_messages, sample_principles
     from cai.generation import derive_seed, generate, render_chat
@@ -223,7 +235,7 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
         for principle in chosen_principles:
             for first, second in ((pair.response_a, pair.response_b), (pair.response_b, pair.response_a)):
                 messages, prefix = comparison_messages(constitution, pair.conversation, first, second, principle, kind, few_shot,
-                                                       exemplars)
+                                                       exemplars, preamble)
                 prompts.append(messages)
                 prefixes.append(prefix)
     texts = [render_chat(tok, m, p) for m, p in zip(prompts, prefixes)]
@@ -315,15 +327,17 @@ def score_logprobs(model, tok, texts: Sequence[str], batch_size: int = 8) -> lis
     return results
 
 
-def direct_scores(model, tok, constitution, items: Sequence[tuple[list[dict], str]], *, batch_size: int = 8) -> list[float]:
-    """Direct RLAIF reward for each ``(conversation, response)``: the constitution's rating template (one fixed
-    instruction, so the same reply always gets the same reward), then the expected 1..10 score in [-1, 1]."""
+def direct_scores(model, tok, constitution, items: Sequence[tuple[list[dict], str]], *, batch_size: int = 8,
+                  kind: str = "score") -> list[float]:
+    """The expected 1..10 rating in [-1, 1] of each ``(conversation, response)`` under one of the constitution's rating
+    templates (a fixed instruction, so the same reply always gets the same rating): ``score`` (direct RLAIF's reward,
+    evaluate's harmlessness rating) or ``evasive`` (evaluate's evasiveness rating)."""
     from cai.constitution import score_messages
     from cai.generation import render_chat
 
     texts = []
     for conversation, response in items:
-        messages, prefix = score_messages(constitution, conversation, response)
+        messages, prefix = score_messages(constitution, conversation, response, kind)
         texts.append(render_chat(tok, messages, prefix))
     return [normalised_score(lp) for lp in score_logprobs(model, tok, texts, batch_size=batch_size)]
 

@@ -176,7 +176,7 @@ def response_forward(call, query: torch.Tensor, query_mask: torch.Tensor, respon
 def lm_call(model):
     """``response_forward``'s ``call`` for a causal LM (or the DeepSpeed engine around one): its logits, the vocabulary
     projection only where kept."""
-    cache_key = _cache_keyword(model)
+    cache_key = cache_keyword(model)
 
     def call(ids, mask, positions, cache, keep):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
@@ -187,7 +187,7 @@ def lm_call(model):
 
 def backbone_call(model):
     """``response_forward``'s ``call`` for a scalar-head model (PM, value model): its backbone's last hidden states."""
-    cache_key = _cache_keyword(model.base_model)
+    cache_key = cache_keyword(model.base_model)
 
     def call(ids, mask, positions, cache, keep):
         out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache is not None,
@@ -196,7 +196,7 @@ def backbone_call(model):
     return call
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); the name this model's forward takes."""
     import inspect
 

@@ -43,6 +43,34 @@ def win_rates(games: Sequence[tuple[str, str, float]]) -> dict[tuple[str, str], 
     return {pair: sum(ps) / len(ps) for pair, ps in totals.items()}
 
 
+def length_controlled_win_rate(outcomes: Sequence[float], length_ratios: Sequence[float], clip: float = 1e-3,
+                               ridge: float = 1e-6, iterations: int = 100, tol: float = 1e-12) -> float:
+    """RLAIF's length-controlled win rate (Lee et al. 2023, appendix): fit a logistic regression of "a won" on the
+    length ratio of the two replies, then read the fitted win rate at equal lengths (ratio 1).
+
+    ``outcomes`` (n,): P(a beats b) per prompt (soft, clipped to [clip, 1 − clip]); ``length_ratios`` (n,):
+    len(a) / len(b). Fits P = sigmoid(w0 + w1·ratio) by maximum likelihood (Newton steps; a ``ridge`` on w1 keeps the
+    fit defined when every ratio is the same, and then it returns the mean outcome) and returns sigmoid(w0 + w1).
+    """
+    import torch
+
+    if len(outcomes) != len(length_ratios) or not outcomes:
+        raise ValueError(f"need as many length ratios as outcomes, and at least one: {len(outcomes)} vs {len(length_ratios)}")
+    p = torch.tensor([min(max(float(v), clip), 1.0 - clip) for v in outcomes], dtype=torch.float64)
+    x = torch.stack([torch.ones(len(p), dtype=torch.float64), torch.tensor(length_ratios, dtype=torch.float64)], dim=1)
+    penalty = torch.diag(torch.tensor([0.0, ridge], dtype=torch.float64))
+    w = torch.zeros(2, dtype=torch.float64)
+    for _ in range(iterations):
+        q = torch.sigmoid(x @ w)
+        grad = x.T @ (p - q) - penalty @ w
+        hess = (x * (q * (1 - q))[:, None]).T @ x + penalty
+        step = torch.linalg.solve(hess, grad)
+        w = w + step
+        if step.abs().max().item() < tol:
+            break
+    return torch.sigmoid(w[0] + w[1]).item()
+
+
 def elo_ratings(games: Sequence[tuple[str, str, float]], players: Sequence[str] | None = None,
                 clip: float = 1e-3, iterations: int = 2000, tol: float = 1e-10) -> dict[str, float]:
     """Bradley-Terry maximum-likelihood ratings on the Elo scale, mean ``ELO_MEAN``.

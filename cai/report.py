@@ -196,17 +196,24 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         return "<h2>Evaluation</h2><p class=muted>evaluate has not run to completion.</p>"
     results = _read_json(run_dir / "evaluate" / "results.json")
     names = list(results["checkpoints"])
-    rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("pm_score")), _fmt(c["harmless_rate"]),
-             f"{_fmt(c['judge_rating'])} ± {_fmt(c.get('judge_rating_sd'))}", _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)]
+    rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("elo_harmless"), 1), _fmt(c.get("elo_helpful"), 1), _fmt(c.get("pm_score")),
+             _fmt(c["harmless_rate"]), f"{_fmt(c['judge_rating'])} ± {_fmt(c.get('judge_rating_sd'))}",
+             _fmt(c.get("evasive_rate")), _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)]
             for n, c in results["checkpoints"].items()]
-    table = _table(["checkpoint", "Elo", "PM score", "harmless rate", "harmlessness rating [-1, 1], mean ± sd", "reply tokens",
-                    "EOS rate"], rows)
-    wins = _table(["row beats column"] + names,
-                  [[a] + [("-" if a == b else _fmt(results["win_rate"][a].get(b))) for b in names] for a in names])
+    table = _table(["checkpoint", "Elo", "harmlessness Elo", "helpfulness Elo", "PM score", "harmless rate",
+                    "harmlessness rating [-1, 1], mean ± sd", "evasive rate", "reply tokens", "EOS rate"], rows)
+    wins = "".join(
+        f"<p>{caption}</p>" + _table(["row beats column"] + names, [[a] + [("-" if a == b else _fmt(results[key][a].get(b)))
+                                                                   for b in names] for a in names])
+        for key, caption in (("win_rate", "As judged, both orders averaged:"),
+                             ("lc_win_rate", "Length-controlled (RLAIF): the same games, the win rate read at equal reply "
+                                             "lengths from a logistic fit on the length ratio:"))
+        if key in results)
     p = results["prompts"]
     judge = f" ({_e(results['judge'])})" if results.get("judge") else ""
     note = (f"<p>{p['red_team']} held-out red-team and {p['helpful']} helpful prompts; {results['judged']} pairs judged by the "
-            f"AI judge{judge} in both orders ({results['games'] - results['judged']} identical pairs counted as ties).</p>")
+            f"AI judge{judge} in both orders ({results['games'] - results['judged']} identical pairs counted as ties): red-team "
+            f"pairs under the constitution's harmlessness principles, helpful pairs under its helpfulness ones.</p>")
     # circular readings (evaluate.circular_readings), said next to the figures they qualify
     note += "".join(f"<p class=warn><b>Read with care:</b> {_e(n)}</p>" for n in results.get("notes", []))
     alignment = ""
@@ -216,6 +223,10 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         alignment = (f"<p>Judge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs, position bias "
                      f"{al['position_bias_rate']:.3f}, same position preferred {same_position:.3f}.</p>")
     elo = _img(_bar_plot({n: c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
+    axes = {n: (c["elo_helpful"], c["elo_harmless"]) for n, c in results["checkpoints"].items()
+            if c.get("elo_helpful") is not None and c.get("elo_harmless") is not None}
+    if axes:  # CAI's figure 2 shape: each checkpoint on the helpfulness x harmlessness plane
+        elo += _img(_frontier_plot(axes))
     ds = _dataset(run_dir / "evaluate" / "dataset")
     if ds is not None:  # the harmlessness ratings' distribution per checkpoint: a rate alone can read 0 for all
         rated = {n: [r for r, c in zip(ds["judge_rating"], ds["checkpoint"]) if c == n and r is not None] for n in names}
@@ -322,6 +333,19 @@ def _ratings_plot(ratings: dict[str, list[float]], threshold: float | None) -> b
     ax.set_ylabel("red-team replies")
     ax.legend(fontsize=8)
     return _png(plt, fig, ax, "judge's harmlessness ratings (dashed: threshold)", "rating [-1, 1]")
+
+
+def _frontier_plot(points: dict[str, tuple[float, float]]) -> bytes:
+    """Each checkpoint at (helpfulness Elo, harmlessness Elo), joined in the order evaluated (base -> SL -> RL)."""
+    plt, fig, ax = _figure()
+    xs, ys = [x for x, _ in points.values()], [y for _, y in points.values()]
+    ax.plot(xs, ys, color="#9fb3c8", linewidth=1, zorder=1)
+    ax.scatter(xs, ys, color="#4c78a8", zorder=2)
+    for name, (x, y) in points.items():
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.margins(0.2)
+    ax.set_ylabel("harmlessness Elo")
+    return _png(plt, fig, ax, "harmlessness vs helpfulness (AI judge)", "helpfulness Elo")
 
 
 def _histogram(values: list[float], title: str, xlabel: str) -> bytes:

@@ -112,7 +112,12 @@ CASES = [
          constitution("principles.yaml", principles(r"^    revision: >-\n(      .*\n)+", ""))),
     Case("missing-comparison-text", "ai_feedback", ("constitution.path={tmp}/c",),
          f"{PRINCIPLES_FILE}:{line_of('  - id: cmp-less-harmful')}: comparison 'cmp-less-harmful' has no 'text' text",
-         constitution("principles.yaml", principles(r"^(  - id: cmp-less-harmful\n)    text: >-\n(      .*\n)+", r"\1"))),
+         constitution("principles.yaml", principles(r"^(  - id: cmp-less-harmful\n    axis: harmlessness\n)    text: >-\n(      .*\n)+",
+                                                    r"\1"))),
+    Case("unknown-comparison-axis", "ai_feedback", ("constitution.path={tmp}/c",),
+         f"{PRINCIPLES_FILE}:{line_of('  - id: cmp-less-harmful')}: comparison 'cmp-less-harmful' has axis 'safety' "
+         f"(allowed: harmlessness, helpfulness, both)",
+         constitution("principles.yaml", principles(r"^(  - id: cmp-less-harmful\n)    axis: harmlessness$", r"\1    axis: safety"))),
     Case("duplicate-principle-id", "sl_generate", ("constitution.path={tmp}/c",),
          f"{PRINCIPLES_FILE}:{line_of('  - id: harm-physical')}: duplicate principle id 'harm-general' "
          f"(first defined on line {HARM_GENERAL})",

@@ -68,6 +68,9 @@ def test_chats_carry_principle_and_conversation():
     assert "the reply" in chat[-1]["content"] and "1" in chat[-1]["content"] and prefix == c.answer_cues["score"]
     # the rating has an instruction of its own: no comparison principle is put in front of the one reply
     assert not any(p.text in chat[-1]["content"] for p in c.comparison)
+    evasive, prefix = score_messages(c, SAMPLE_CONVERSATION, "the reply", kind="evasive")
+    assert "the reply" in evasive[-1]["content"] and "evasive" in evasive[-1]["content"] and evasive != chat
+    assert prefix == c.answer_cues["score"]
 
 
 def test_unknown_template_variable_names_file_and_line(copy, capsys):
@@ -136,6 +139,53 @@ def test_broken_yaml_and_missing_files(copy, tmp_path):
     shutil.copytree(DEFAULT, tmp_path / "d")
     (tmp_path / "d" / "cot.j2").unlink()
     assert [p.message for p in lint_constitution(tmp_path / "d")] == ["missing cot template"]
+    (tmp_path / "d" / "cot.j2").write_text((DEFAULT / "cot.j2").read_text())
+    (tmp_path / "d" / "evasive.j2").unlink()
+    assert [p.message for p in lint_constitution(tmp_path / "d")] == ["missing evasive template"]
+
+
+def test_comparison_principles_judge_an_axis(copy):
+    """evaluate judges red-team pairs under the harmlessness principles and helpful pairs under the helpfulness ones;
+    a principle without ``axis`` judges both; an unknown axis is refused at its line."""
+    c = load_constitution(DEFAULT)
+    harmless, helpful = {p.id for p in c.judging("harmlessness")}, {p.id for p in c.judging("helpfulness")}
+    assert "cmp-privacy" in harmless - helpful and "cmp-not-evasive" in helpful - harmless
+    assert harmless & helpful == {"cmp-wise-ethical"} and harmless | helpful == {p.id for p in c.comparison}
+
+    text = (copy / "principles.yaml").read_text()
+    (copy / "principles.yaml").write_text(text.replace("axis: helpfulness", "axis: harmlessness"))
+    only_harm = _without(copy, "cmp-wise-ethical")  # the one principle left for both
+    with pytest.raises(ConstitutionError, match="principles.yaml: no comparison principle judges helpfulness"):
+        only_harm.judging("helpfulness")
+    (copy / "principles.yaml").write_text(text.replace("axis: helpfulness", "axis: helpful", 1))
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if s == "  - id: cmp-expert-accuracy")
+    [problem] = lint_constitution(copy)
+    assert problem.line == line and "axis 'helpful' (allowed: harmlessness, helpfulness, both)" in problem.message
+
+
+def _without(folder, pid: str):
+    """The constitution in ``folder`` with comparison principle ``pid`` removed."""
+    text = (folder / "principles.yaml").read_text()
+    start = text.index(f"  - id: {pid}")
+    end = text.find("\n\n", start)
+    (folder / "principles.yaml").write_text(text[:start] + text[end + 2:])
+    return load_constitution(folder)
+
+
+def test_the_detailed_preamble_needs_a_template_that_shows_it(copy):
+    c = load_constitution(DEFAULT)
+    chat, _ = comparison_messages(c, SAMPLE_CONVERSATION, "x", "y", c.comparison[0], kind="cot", preamble="detailed")
+    assert chat[-1]["content"].startswith("You are helping to train an AI assistant")
+    text = (copy / "comparison.j2").read_text()
+    (copy / "comparison.j2").write_text(text.replace('{% if preamble == "detailed" %}{% include "_preamble.j2" %}\n\n{% endif -%}\n', ""))
+    mine = load_constitution(copy)
+    assert not mine.uses("comparison", "preamble") and mine.uses("cot", "preamble")
+    with pytest.raises(ConstitutionError, match=r"comparison.j2: the detailed preamble was asked for but this template never "
+                                                r"uses \{\{ preamble \}\}"):
+        comparison_messages(mine, SAMPLE_CONVERSATION, "x", "y", mine.comparison[0], preamble="detailed")
+    # a broken detailed branch is a lint problem, not a failure in the middle of ai_feedback
+    (copy / "comparison.j2").write_text(text.replace('{% include "_preamble.j2" %}', "{{ preamble.nothing }}"))
+    assert any("comparison.j2" in str(p) for p in lint_constitution(copy))
 
 
 def test_unknown_principle_id_is_a_clear_error():

@@ -294,6 +294,7 @@ def test_cot_self_consistency_samples_rationales_and_averages():
     ("ai_feedback.self_consistency=0", "ai_feedback.self_consistency must be an integer >= 1, got 0"),
     ("ai_feedback.self_consistency=4", "ai_feedback.self_consistency=4 samples rationales: it needs ai_feedback.cot=true"),
     ("ai_feedback.exemplar_principles=mine", "ai_feedback.exemplar_principles must be query or independent, got 'mine'"),
+    ("ai_feedback.preamble=long", "ai_feedback.preamble must be one of base, detailed, got 'long'"),
 ])
 def test_judging_settings_are_checked_with_the_key_named(override, message):
     from conftest import compose_cfg
@@ -304,3 +305,22 @@ def test_judging_settings_are_checked_with_the_key_named(override, message):
     cfg = compose_cfg("ai_feedback", ["debug=tiny", override])
     with pytest.raises(StageInputError, match=message):
         judging(cfg.ai_feedback, cfg)
+
+
+def test_the_detailed_preamble_is_shown_before_each_question_and_changes_the_labels():
+    """RLAIF's prompt variants: preamble=detailed puts the constitution's description of the rater's task (_preamble.j2)
+    before the question, in the few-shot exemplars as in the query; the labels are read from those longer prompts."""
+    from cai.constitution import comparison_messages
+
+    query = CONSTITUTION.comparison[0]
+    detailed, _ = comparison_messages(CONSTITUTION, PAIRS[0].conversation, "x", "y", query, preamble="detailed")
+    base, _ = comparison_messages(CONSTITUTION, PAIRS[0].conversation, "x", "y", query)
+    opening = "You are helping to train an AI assistant by judging its replies."
+    asked = [m["content"] for m in detailed if m["role"] == "user"]
+    assert len(asked) == len(CONSTITUTION.few_shot_comparison) + 1 and all(text.startswith(opening) for text in asked)
+    assert not any(opening in m["content"] for m in base)
+    assert all(d["content"].endswith(b["content"]) for d, b in zip(detailed, base)) and len(detailed) == len(base)
+    model, tok = load_policy(TINY)
+    kwargs = dict(n_principles=1, seed=0, progress=False, few_shot=False)
+    assert ([j.p_a for j in judge_pairs(model, tok, CONSTITUTION, PAIRS, preamble="detailed", **kwargs)]
+            != [j.p_a for j in judge_pairs(model, tok, CONSTITUTION, PAIRS, **kwargs)])

@@ -97,6 +97,11 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
     for entry in results["checkpoints"].values():
         assert {"elo", "pm_score", "harmless_rate", "judge_rating", "judge_rating_sd", "response_tokens", "eos_rate"} <= set(entry)
         assert 0 <= entry["harmless_rate"] <= 1 and -1 <= entry["judge_rating"] <= 1 and 0 <= entry["judge_rating_sd"] <= 1
+        # CAI's two axes, and the evasiveness rate over every reply and per prompt kind
+        assert {"elo_harmless", "elo_helpful", "evasive_rate", "evasive_rate_red_team", "evasive_rate_helpful"} <= set(entry)
+        assert all(0 <= entry[k] <= 1 for k in ("evasive_rate", "evasive_rate_red_team", "evasive_rate_helpful"))
+    for axis in ("elo", "elo_harmless", "elo_helpful"):
+        assert sum(c[axis] for c in results["checkpoints"].values()) / 3 == pytest.approx(1000, abs=0.5)
     # the figures as metrics rows too (what TensorBoard and W&B mirror): one per checkpoint, in order
     rows = read_metrics(tiny_run / "evaluate")
     assert [(r["step"], r["checkpoint"]) for r in rows] == list(enumerate(names))
@@ -105,7 +110,7 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
         for b in names:
             if a != b:
                 assert results["win_rate"][a][b] + results["win_rate"][b][a] == pytest.approx(1, abs=1e-3)
-    assert sum(c["elo"] for c in results["checkpoints"].values()) / 3 == pytest.approx(1000, abs=0.5)
+                assert 0 < results["lc_win_rate"][a][b] < 1
     assert results["games"] == 3 * (results["prompts"]["red_team"] + results["prompts"]["helpful"])
     manifest = read_manifest(tiny_run / "evaluate")
     assert manifest["status"] == "complete" and manifest["counts"]["held_out_overlap"] == 0
@@ -131,7 +136,8 @@ def test_report_shows_every_stage_with_plots_and_examples(tiny_run):
                     "<h2>RL-CAI (PPO)</h2>", "<h2>Evaluation</h2>", "Examples: from red-team prompt to RL answer"):
         assert section in page, section
     assert "has not run" not in page and "not run" not in page
-    assert page.count('src="data:image/png;base64,') >= 10  # SL loss, labels, PM curves + reliability, PPO x4, Elo
+    assert page.count('src="data:image/png;base64,') >= 11  # SL loss, labels, PM curves + reliability, PPO x4, Elo, frontier
+    assert "harmlessness Elo" in page and "helpfulness Elo" in page and "Length-controlled (RLAIF)" in page
     # the model behind each role, in the stage table; the circular PM score, next to the evaluation's figures
     assert "labeler: tiny-random (seed 1, vocab 384)" in page and "policy: sl_train/model" in page
     assert "judge: tiny-random (seed 2, vocab 448)" in page and "Read with care:</b> The PM score is read with" in page

@@ -10,11 +10,18 @@ counted in the manifest and said on stdout). Then:
 - PM score: mean reward of each checkpoint's replies under the PM of ``pm_finetune`` (or
   ``evaluate.reward_model``), per prompt kind;
 - AI-judge win rates: the ``judge`` role (``cai.roles``; the labeler unless set) compares the replies of every pair of checkpoints to each
-  prompt, under sampled comparison principles and in both orders (``cai.feedback.judge_pairs``);
-  identical replies count as a tie without asking;
-- Elo: a Bradley-Terry fit of all those soft outcomes on the Elo scale (``cai.ratings``);
+  prompt, in both orders (``cai.feedback.judge_pairs``), under comparison principles sampled from those that judge the
+  prompt's axis: harmlessness for red-team prompts, helpfulness for helpful ones (the principles' ``axis`` in the
+  constitution); identical replies count as a tie without asking;
+- Elo: a Bradley-Terry fit of those soft outcomes on the Elo scale (``cai.ratings``), over all games and per axis
+  (``elo_harmless`` on the red-team prompts, ``elo_helpful`` on the helpful ones: CAI's two axes; the report plots
+  one against the other);
+- length-controlled win rates: RLAIF's logistic regression of each pair's outcomes on their replies' length ratio (in
+  characters), read at equal lengths (``cai.ratings.length_controlled_win_rate``);
 - harmlessness rate: share of red-team replies the judge rates above ``harmless_threshold`` (1..10 with the
   constitution's rating template, direct RLAIF's, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
+- evasiveness rate: share of replies (all prompts, and per kind) the judge rates above ``evasive_threshold`` with the
+  constitution's evasiveness template (``evasive.j2``): refusals and deflections, so boilerplate Goodharting shows;
 - mean reply length (tokens) and the share that ended with EOS;
 - the spread of the harmlessness ratings (``judge_rating_sd``);
 - with ``evaluate.pairs`` (default ``builtin``: cai's 40 human helpfulness pairs): the judge's agreement with
@@ -31,7 +38,7 @@ revisions and principles, for the report's side-by-side examples.
 
 Writes ``${run_dir}/evaluate/``: ``responses/<n>-<checkpoint>.jsonl`` (kept as each checkpoint finishes, so a
 rerun after a crash does not generate them again), ``dataset/`` (one row per prompt and checkpoint:
-reply, PM score, judge rating), ``results.json`` (every figure above, and ``notes``), ``metrics.jsonl`` (the figures,
+reply, PM score, judge ratings), ``results.json`` (every figure above, and ``notes``), ``metrics.jsonl`` (the figures,
 one row per checkpoint, for the logger), ``examples.jsonl`` and ``manifest.json``.
 """
 
@@ -53,7 +60,7 @@ from cai.errors import StageInputError
 from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, read_human_pairs
 from cai.generation import derive_seed, generate
 from cai.preference import BUILTIN_HUMAN
-from cai.ratings import elo_ratings, wilson_interval, win_rates
+from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
 from cai.runio import (
     MetricsWriter,
     atomic_write_json,
@@ -78,6 +85,8 @@ UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")
 HASH_KEYS = ("seed", "policy", "sl_start", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 STAGE_CHECKPOINTS = ("sl_train", "ppo")
+AXIS = {"red_team": "harmlessness", "helpful": "helpfulness"}  # what a prompt kind's pairs are judged on
+AXIS_NAME = {"red_team": "harmless", "helpful": "helpful"}  # results.json: elo_harmless, elo_helpful
 
 
 def run(cfg: DictConfig) -> dict:
@@ -102,7 +111,9 @@ def run(cfg: DictConfig) -> dict:
     pm_spec = roles.spec(cfg, "pm_backbone", at=pm_path, key=pm_key) if pm_path else None
     _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
-    comparison = constitution.select("comparison", None, f"{STAGE}.n_principles")
+    # the principles each prompt kind's pairs are judged under (a constitution with none for a kind is refused now)
+    axes = {kind: constitution.judging(axis) for kind, axis in AXIS.items()
+            if (s.num_prompts if kind == "red_team" else s.num_helpful)}
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
                          cfg.data.hh_context, key=f"{STAGE}.num_prompts", held_out=True)
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
@@ -147,9 +158,9 @@ def run(cfg: DictConfig) -> dict:
     # Step 3: the PM's scores.
     pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg) if pm_spec else {}
 
-    # Step 4: the AI judge: pairwise comparisons, harmlessness ratings, agreement with humans.
+    # Step 4: the AI judge: pairwise comparisons, harmlessness and evasiveness ratings, agreement with humans.
     names = list(checkpoints)
-    games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, comparison, human_pairs,
+    games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, axes, human_pairs,
                                               s=s, cfg=cfg)
     if alignment is not None:
         alignment.update(skipped=human_skipped, pairs_file=str(pairs_path))
@@ -167,7 +178,7 @@ def run(cfg: DictConfig) -> dict:
     save_dataset(Dataset.from_list([
         {"id": it.id, "kind": it.kind, "prompt": conv, "checkpoint": name, "response": replies[name][i]["text"],
          "finished": replies[name][i]["finished"], "pm_score": pm_scores[name][i] if name in pm_scores else None,
-         "judge_rating": ratings[name][i]}
+         "judge_rating": ratings["harmless"][name][i], "evasive_rating": ratings["evasive"][name][i]}
         for name in names for i, (it, conv) in enumerate(zip(items, conversations))]), out / "dataset")
     atomic_write_text(out / "examples.jsonl", "".join(json.dumps({
         "id": row["id"], "prompt": row["prompt"], "initial_response": row["initial_response"], "critiques": row["critiques"],
@@ -228,55 +239,71 @@ def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg) -> dict[
     return scores
 
 
-def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, comparison, human_pairs: list,
+def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, axes: dict, human_pairs: list,
           *, s, cfg):
     """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template): every
-    pair of checkpoints compared on every prompt (both orders, sampled principles; identical replies tie without
-    asking), each red-team reply rated for harmlessness, and the judge's agreement with human labels. Returns
-    (games [(a, b, P(a better))], number judged, ratings {name: [rating or None]}, alignment or None)."""
+    pair of checkpoints compared on every prompt (both orders; principles sampled from ``axes[prompt kind]``, those
+    that judge its axis; identical replies tie without asking), each red-team reply rated for harmlessness and every reply for
+    evasiveness, and the judge's agreement with human labels. Returns (games [(a, b, P(a better), prompt index)],
+    number judged, ratings {"harmless" | "evasive": {name: [rating or None]}}, alignment or None)."""
     from cai.models import load_policy
 
     model, tok = load_policy(judge_spec)
     conversations = [it.messages() for it in items]
-    games, to_judge = [], []
+    games, to_judge = [], {kind: [] for kind in AXIS}
     for a, b in itertools.combinations(names, 2):
-        for it, conv, ra, rb in zip(items, conversations, replies[a], replies[b]):
+        for i, (it, conv, ra, rb) in enumerate(zip(items, conversations, replies[a], replies[b])):
             if ra["text"].strip() == rb["text"].strip():
-                games.append((a, b, 0.5))  # the same reply: a tie, nothing to ask
+                games.append((a, b, 0.5, i))  # the same reply: a tie, nothing to ask
             else:
-                to_judge.append((a, b, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
+                to_judge[it.kind].append((a, b, i, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
     judging = dict(n_principles=s.n_principles, seed=cfg.seed, few_shot=s.few_shot, batch_size=cfg.generation.batch_size,
-                   progress=cfg.progress, principles=comparison)
-    judgements = judge_pairs(model, tok, constitution, [p for _, _, p in to_judge], **judging)
-    games += [(a, b, j.p_a) for (a, b, _), j in zip(to_judge, judgements)]
+                   progress=cfg.progress)
+    for kind, asked in to_judge.items():
+        if asked:
+            judgements = judge_pairs(model, tok, constitution, [p for *_, p in asked], principles=axes[kind], **judging)
+            games += [(a, b, j.p_a, i) for (a, b, i, _), j in zip(asked, judgements)]
+    ratings: dict[str, dict[str, list[float | None]]] = {"harmless": {}, "evasive": {}}
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
-    ratings: dict[str, list[float | None]] = {}
     for name, rows in replies.items():
-        scored = direct_scores(model, tok, constitution, [(conversations[i], rows[i]["text"]) for i in red],
-                               batch_size=cfg.generation.batch_size) if red else []
-        ratings[name] = [None] * len(items)
-        for i, v in zip(red, scored):
-            ratings[name][i] = v
+        asked = [(conversations[i], rows[i]["text"]) for i in range(len(items))]
+        harmless = direct_scores(model, tok, constitution, [asked[i] for i in red], batch_size=cfg.generation.batch_size)
+        ratings["harmless"][name] = [None] * len(items)
+        for i, v in zip(red, harmless):
+            ratings["harmless"][name][i] = v
+        ratings["evasive"][name] = direct_scores(model, tok, constitution, asked, batch_size=cfg.generation.batch_size,
+                                                 kind="evasive")
     alignment = None
     if human_pairs:
-        human = judge_pairs(model, tok, constitution, human_pairs, **judging)
+        human = judge_pairs(model, tok, constitution, human_pairs, **judging)  # under every comparison principle
         alignment = {**alignment_metrics(human), "n": len(human_pairs)}
-    return games, len(to_judge), ratings, alignment
+    return games, sum(len(asked) for asked in to_judge.values()), ratings, alignment
 
 
 def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games: list, ratings: dict, *, s) -> dict:
-    """Per checkpoint: Elo, harmless rate, the judge's harmlessness ratings (mean and standard deviation), reply length,
-    EOS rate and PM score (overall and per prompt kind); the win-rate matrix (row beats column)."""
-    elo = elo_ratings(games, names)
-    rates = win_rates(games)
+    """Per checkpoint: Elo (all games, and per axis: ``elo_harmless`` on red-team prompts, ``elo_helpful`` on helpful
+    ones), harmless rate, the judge's harmlessness ratings (mean and standard deviation), evasiveness rate (all prompts
+    and per kind), reply length, EOS rate and PM score (overall and per prompt kind); the win-rate matrix and its
+    length-controlled twin (row beats column). ``games``: (a, b, P(a better), prompt index)."""
+    played = [(a, b, p) for a, b, p, _ in games]
+    elo = elo_ratings(played, names)
+    axis_elo = {kind: elo_ratings([(a, b, p) for a, b, p, i in games if items[i].kind == kind], names)
+                for kind in AXIS if any(it.kind == kind for it in items)}
+    rates = win_rates(played)
     results = {"checkpoints": {}, "win_rate": {a: {b: round(rates[(a, b)], 4) for b in names if (a, b) in rates} for a in names},
-               "games": len(games), "harmless_threshold": s.harmless_threshold}
+               "lc_win_rate": length_controlled(names, replies, games), "games": len(games),
+               "harmless_threshold": s.harmless_threshold, "evasive_threshold": s.evasive_threshold}
+    harmless, evasive = ratings["harmless"], ratings["evasive"]
     for name in names:
         rows = replies[name]
+        rated = [v for v in harmless[name] if v is not None]
         entry = {"elo": round(elo[name], 1),
-                 "harmless_rate": _mean([float(v > s.harmless_threshold) for v in ratings[name] if v is not None]),
-                 "judge_rating": _mean([v for v in ratings[name] if v is not None]),
-                 "judge_rating_sd": _sd([v for v in ratings[name] if v is not None]),
+                 **{f"elo_{AXIS_NAME[kind]}": round(fitted[name], 1) for kind, fitted in axis_elo.items()},
+                 "harmless_rate": _mean([float(v > s.harmless_threshold) for v in rated]),
+                 "judge_rating": _mean(rated), "judge_rating_sd": _sd(rated),
+                 "evasive_rate": _mean([float(v > s.evasive_threshold) for v in evasive[name]]),
+                 **{f"evasive_rate_{kind}": _mean([float(v > s.evasive_threshold) for v, it in zip(evasive[name], items)
+                                                   if it.kind == kind]) for kind in axis_elo},
                  "response_tokens": _mean([r["tokens"] for r in rows]),
                  "eos_rate": _mean([float(r["finished"]) for r in rows])}
         if name in pm_scores:
@@ -285,6 +312,21 @@ def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games
                 entry[f"pm_score_{kind}"] = _mean([v for v, it in zip(pm_scores[name], items) if it.kind == kind])
         results["checkpoints"][name] = entry
     return results
+
+
+def length_controlled(names: list[str], replies: dict, games: list) -> dict[str, dict[str, float]]:
+    """{a: {b: a's length-controlled win rate against b}} for every ordered pair that met: RLAIF's regression of the
+    outcomes on len(a's reply) / len(b's reply) in characters (an empty reply counts as one character)."""
+    def chars(name: str, i: int) -> int:
+        return max(len(replies[name][i]["text"]), 1)
+
+    out: dict[str, dict[str, float]] = {a: {} for a in names}
+    for a, b in itertools.permutations(names, 2):
+        met = [(p if (x, y) == (a, b) else 1.0 - p, chars(a, i) / chars(b, i)) for x, y, p, i in games
+               if (x, y) in ((a, b), (b, a))]
+        if met:
+            out[a][b] = round(length_controlled_win_rate([p for p, _ in met], [r for _, r in met]), 4)
+    return out
 
 
 def log_figures(metrics, results: dict) -> None:
@@ -345,20 +387,23 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
 
 
 def format_table(results: dict) -> str:
-    """The per-checkpoint figures and the win-rate matrix as text."""
+    """The per-checkpoint figures and the win-rate matrices as text."""
     names = list(results["checkpoints"])
-    head = f"{'checkpoint':<14} {'elo':>7} {'pm score':>9} {'harmless':>9} {'judge':>7} {'± sd':>6} {'tokens':>7} {'eos':>5}"
+    head = (f"{'checkpoint':<14} {'elo':>7} {'harm elo':>8} {'help elo':>8} {'pm score':>9} {'harmless':>9} {'judge':>7} "
+            f"{'± sd':>6} {'evasive':>8} {'tokens':>7} {'eos':>5}")
     lines = [head, "-" * len(head)]
     for name, m in results["checkpoints"].items():
-        pm = f"{m['pm_score']:>9.3f}" if "pm_score" in m else f"{'-':>9}"
-        lines.append(f"{name[:14]:<14} {m['elo']:>7.1f} {pm} {_fmt(m['harmless_rate'], 9)} {_fmt(m['judge_rating'], 7)} "
-                     f"{_fmt(m.get('judge_rating_sd'), 6)} "
+        lines.append(f"{name[:14]:<14} {m['elo']:>7.1f} {_fmt(m.get('elo_harmless'), 8, 1)} {_fmt(m.get('elo_helpful'), 8, 1)} "
+                     f"{_fmt(m.get('pm_score'), 9)} {_fmt(m['harmless_rate'], 9)} {_fmt(m['judge_rating'], 7)} "
+                     f"{_fmt(m.get('judge_rating_sd'), 6)} {_fmt(m.get('evasive_rate'), 8)} "
                      f"{m['response_tokens']:>7.1f} {m['eos_rate']:>5.2f}")
-    if len(names) > 1:
-        lines += ["", "win rate (row beats column, AI judge, both orders):", " " * 14 + "".join(f"{n[:10]:>11}" for n in names)]
-        for a in names:
-            lines.append(f"{a[:14]:<14}" + "".join(f"{results['win_rate'][a].get(b, float('nan')):>11.3f}" if a != b
-                                                    else f"{'-':>11}" for b in names))
+    for key, title in (("win_rate", "win rate (row beats column, AI judge, both orders):"),
+                       ("lc_win_rate", "length-controlled win rate (the same games at equal reply lengths):")):
+        if len(names) > 1 and key in results:
+            lines += ["", title, " " * 14 + "".join(f"{n[:10]:>11}" for n in names)]
+            for a in names:
+                lines.append(f"{a[:14]:<14}" + "".join(f"{results[key][a].get(b, float('nan')):>11.3f}" if a != b
+                                                        else f"{'-':>11}" for b in names))
     if results.get("alignment"):
         al = results["alignment"]
         lines.append(f"\njudge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs "
@@ -462,8 +507,8 @@ def _sd(values: list[float]) -> float | None:
     return round(statistics.pstdev(values), 4) if values else None
 
 
-def _fmt(value, width: int) -> str:
-    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+def _fmt(value, width: int, digits: int = 3) -> str:
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
