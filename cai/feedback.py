@@ -41,8 +41,13 @@ def next_token_logprobs(model, contexts: Sequence[list[int]], candidates: Sequen
     """log p(candidate | context) for each context's candidate tokens: one forward pass per context
     (batched, left-padded, positions from the mask so padding changes nothing), no decoding.
 
-    Contexts are sorted by length so each batch carries little padding; results come back in input order.
+    Contexts are sorted by length so each batch carries little padding; results come back in input order. A
+    ``cai.engines.VLLMEngine`` reads them from one generated step per context instead.
     """
+    from cai.engines import is_engine
+
+    if is_engine(model):
+        return model.next_token_logprobs(contexts, candidates)
     device = next(model.parameters()).device
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
     out: list[list[float] | None] = [None] * len(contexts)
@@ -73,9 +78,15 @@ def shared_prefix_logprobs(model, contexts: Sequence[list[int]], candidates: Seq
       conversation — is run once, the cache repeated for every member, and only each member's own
       remaining tokens are run on top (right-padded, positions continuing the prefix).
 
-    Gives the same numbers as running every context in full (tested).
+    Gives the same numbers as running every context in full (tested). A ``cai.engines.VLLMEngine`` gets every context
+    whole: its prefix cache does the sharing.
     """
     import copy
+
+    from cai.engines import is_engine
+
+    if is_engine(model):
+        return model.next_token_logprobs(contexts, candidates)
 
     members_of: dict = {}
     for i, g in enumerate(groups):

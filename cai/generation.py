@@ -70,12 +70,19 @@ def generate(
 ) -> list[Completion]:
     """Sample one reply per conversation; returns completions in the input order.
 
-    ``temperature == 0`` decodes greedily. The same inputs, seed and batch size give the same outputs.
+    ``temperature == 0`` decodes greedily. The same inputs, seed and batch size give the same outputs. ``model`` may
+    be a ``cai.engines.VLLMEngine`` instead: it gets the same token ids (its requests seeded one by one, so there the
+    batch size does not matter either).
     """
+    from cai.engines import is_engine
+
     check_sampling(batch_size, max_new_tokens, temperature, top_p)
     prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * len(conversations)
     texts = [render_chat(tokenizer, conv, prefix) for conv, prefix in zip(conversations, prefixes, strict=True)]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if is_engine(model):
+        return model.generate(encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              progress=progress, tok=tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: little padding
     results: list[Completion | None] = [None] * len(encoded)
     device = next(model.parameters()).device
@@ -98,7 +105,7 @@ def generate(
                 )
             new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
             for i, ids in zip(idx, new_tokens):
-                results[i] = _completion(tokenizer, ids)
+                results[i] = completion(tokenizer, ids)
             bar.update(len(idx))
     bar.close()
     return results  # type: ignore[return-value]
@@ -119,7 +126,8 @@ def _only_these_settings(model):
         model.generation_config = shipped
 
 
-def _completion(tokenizer, ids: list[int]) -> Completion:
+def completion(tokenizer, ids: list[int]) -> Completion:
+    """A reply from its generated ids: cut after the first EOS (padding follows it in a batch), decoded."""
     eos = tokenizer.eos_token_id
     finished = eos in ids
     if finished:

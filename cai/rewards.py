@@ -68,9 +68,9 @@ class DirectRLAIFReward:
         self.fingerprint, self.constitution_hash = f"direct_rlaif:{constitution.hash}", constitution.hash
 
     def load(self, policy_tok) -> dict:
-        from cai.models import load_policy
+        from cai.engines import load_generator
 
-        self.model, self.tok = load_policy(self.labeler_cfg)
+        self.model, self.tok = load_generator(self.labeler_cfg)
         return {"labeler": self.model}
 
     @torch.no_grad()
@@ -93,9 +93,9 @@ class PairwiseLabelerReward:
         self.constitution_hash = constitution.hash
 
     def load(self, policy_tok) -> dict:
-        from cai.models import load_policy
+        from cai.engines import load_generator
 
-        self.model, self.tok = load_policy(self.labeler_cfg)
+        self.model, self.tok = load_generator(self.labeler_cfg)
         return {"labeler": self.model}
 
     @torch.no_grad()

@@ -42,7 +42,11 @@ from cai.errors import StageInputError
 # role -> the role it falls back to (every chain ends at ``model``)
 ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "sl_start",
          "judge": "labeler"}
-SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny")
+SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny", "engine", "vllm", "served")
+ENGINES = ("hf", "vllm", "served")  # cai.engines
+VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "cpu_kv_cache_gib")
+SERVED_KEYS = ("url", "concurrency", "timeout_s", "retries")
+MERGED = ("tiny", "vllm", "served")  # mappings a role overrides key by key
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -66,16 +70,27 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
     for key, value in own.items():
         if value is None:
             continue
-        merged[key] = {**(merged.get(key) or {}), **value} if key == "tiny" and isinstance(value, dict) else value
+        if key in MERGED and isinstance(value, dict):  # key by key; a null inside keeps the fallback's value
+            merged[key] = {**(merged.get(key) or {}), **{k: v for k, v in value.items() if v is not None}}
+        else:
+            merged[key] = value
     if own.get("path") is not None:
         merged["key"] = f"{role}.path"
+    if role == "pm_backbone" and merged.get("engine", "hf") != "hf":
+        raise StageInputError(f"pm_backbone.engine={merged['engine']}: the preference model is a scalar-head model that only "
+                              f"transformers runs; set pm_backbone.engine=hf (the role falls back to sl_start's)")
     return merged
 
 
 def identity(model_spec: dict) -> dict:
     """What a config hash covers of a role: its resolved spec, without the key it was named by (and without the
-    ``tiny`` sizes unless it is a tiny-random model). Two roles of one identity can share one loaded model."""
-    return {k: v for k, v in model_spec.items() if k != "key" and (k != "tiny" or model_spec["path"] == "tiny-random")}
+    ``tiny`` sizes unless it is a tiny-random model; the engine only when it is not ``hf``, so hashes from before
+    engines existed still match, with the ``vllm`` settings only for ``vllm``, and never a server's address or
+    connection settings). Two roles of one identity can share one loaded model."""
+    engine = model_spec.get("engine", "hf")
+    return {k: v for k, v in model_spec.items() if k not in ("key", "served")
+            and (k != "tiny" or model_spec["path"] == "tiny-random") and (k != "engine" or engine != "hf")
+            and (k != "vllm" or engine == "vllm")}
 
 
 def fingerprint(model_spec: dict) -> str:
@@ -131,7 +146,10 @@ def _checked(own: dict, role: str) -> dict:
               "dtype": (lambda v: v in DTYPES, " | ".join(DTYPES)),
               "device": (lambda v: isinstance(v, str) and bool(DEVICE.match(v)), "auto | cpu | cuda | cuda:N | mps"),
               "path": (lambda v: isinstance(v, str) and bool(v), "a folder, a hub id, embedded or tiny-random"),
-              "tiny": (lambda v: isinstance(v, dict), "a mapping of tiny-random sizes")}
+              "tiny": (lambda v: isinstance(v, dict), "a mapping of tiny-random sizes"),
+              "engine": (lambda v: v in ENGINES, " | ".join(ENGINES)),
+              "vllm": (lambda v: isinstance(v, dict) and set(v) <= set(VLLM_KEYS), f"a mapping of {', '.join(VLLM_KEYS)}"),
+              "served": (lambda v: isinstance(v, dict) and set(v) <= set(SERVED_KEYS), f"a mapping of {', '.join(SERVED_KEYS)}")}
     for key, (ok, expected) in checks.items():
         if own.get(key) is not None and not ok(own[key]):
             raise StageInputError(f"{role}.{key} must be {expected}, got {own[key]!r}")

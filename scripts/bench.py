@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench.py --quick            # about 20 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
-    .venv/bin/python scripts/bench.py --only rl          # or ppo, generation, labeling, pipeline (repeatable)
+    .venv/bin/python scripts/bench.py --only rl          # or ppo, generation, labeling, engine, pipeline (repeatable)
 
 Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
 of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
@@ -28,6 +28,10 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   log-probabilities of the two option labels, with the shared-prefix KV cache — against a naive labeler that
   generates a few tokens after the same answer cue and parses "A" or "B"; both orders, 2 principles;
   comparisons/s (a comparison = one pair under one principle in one order).
+- engine: transformers (``engine: hf``, batched ``generate`` and cai's one-prefill labeler) against vLLM's offline
+  engine (``engine: vllm``, ``cai.engines``) on the same model, prompts and pairs: the engine's start time, greedy
+  replies (how many are the same tokens both ways), tokens/s at batch 16, and labeling comparisons/s (few-shot
+  exemplars on, so vLLM's prefix cache has a shared prefix to reuse).
 - pipeline: each stage's wall time and its process's peak RSS, read from a pipeline run dir (``make demo``'s
   ``runs/demo`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
 """
@@ -121,6 +125,41 @@ def bench_labeling(model, tok, constitution, pairs, n_principles: int, batch_siz
             "comparisons_per_s": {name: comparisons / s for name, s in medians.items()},
             "speedup": medians["generate and parse"] / medians["one prefill (cai)"], "naive_unparsed": unread,
             "repeats": repeats}
+
+
+def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution, max_new_tokens: int, repeats: int) -> dict:
+    """transformers against vLLM on one model: start time, greedy generation, labeling (see the module docstring)."""
+    from cai.engines import load_generator
+    from cai.feedback import judge_pairs
+    from cai.generation import generate
+
+    spec = {"path": model_path, "device": "auto", "dtype": "auto", "trust_remote_code": False, "key": "model.path"}
+    starts = {}
+    starts["hf"], (model, tok) = timed(lambda: load_generator({**spec, "engine": "hf"}))
+    starts["vllm"], (engine, _) = timed(lambda: load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 2}}))
+
+    def replies(m):
+        return lambda: generate(m, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=16, progress=False)
+
+    def labels(m):
+        return lambda: judge_pairs(m, tok, constitution, pairs, n_principles=2, seed=0, few_shot=True, batch_size=16,
+                                   progress=False)
+
+    outs = {"hf": replies(model)(), "vllm": replies(engine)()}  # warm-up, and the tokens each produced
+    same = sum(a.token_ids == b.token_ids for a, b in zip(outs["hf"], outs["vllm"]))
+    tokens = {name: sum(len(c.token_ids) for c in out) for name, out in outs.items()}
+    judged = {"hf": labels(model)(), "vllm": labels(engine)()}
+    gap = max(abs(a.p_a - b.p_a) for a, b in zip(judged["hf"], judged["vllm"]))
+    gen = {n: statistics.median(ts) for n, ts in alternate({"hf": replies(model), "vllm": replies(engine)}, repeats).items()}
+    lab = {n: statistics.median(ts) for n, ts in alternate({"hf": labels(model), "vllm": labels(engine)}, repeats).items()}
+    engine.close()
+    comparisons = len(pairs) * 2 * 2
+    return {"model": model_path, "start_s": starts, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
+            "same_greedy_replies": same, "tokens": tokens, "generation_s": gen,
+            "tokens_per_s": {n: tokens[n] / t for n, t in gen.items()}, "generation_vllm_vs_hf": gen["hf"] / gen["vllm"],
+            "pairs": len(pairs), "comparisons": comparisons, "labeling_s": lab,
+            "comparisons_per_s": {n: comparisons / t for n, t in lab.items()}, "labeling_vllm_vs_hf": lab["hf"] / lab["vllm"],
+            "largest_label_difference": gap, "repeats": repeats}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=("ppo", "rl", "generation", "labeling", "pipeline"), action="append",
+    parser.add_argument("--only", choices=("ppo", "rl", "generation", "labeling", "engine", "pipeline"), action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--trl-dir", type=Path, default=ROOT / "runs" / "bench",
                         help=f"where TRL {TRL_VERSION} (ppo) and {TRL_RL_VERSION} (rl) are installed with --no-deps, "
@@ -455,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    parts = args.only or ["ppo", "rl", "generation", "labeling", "pipeline"]
+    parts = args.only or ["ppo", "rl", "generation", "labeling", "engine", "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
                "repeats": repeats}
@@ -499,10 +538,17 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['ratio_vs_trl'][algorithm]:.2f}x")
             print(f"  cai rloo step / cai ppo step at {settings['batch_size'] * settings['k']} responses: "
                   f"{r['rloo_step_vs_ppo_step']:.2f}x")
+    from cai.constitution import load_constitution, resolve_constitution_dir
+    from cai.data import load_prompts
+    from cai.feedback import Pair
+
+    def helpful_pairs(n: int) -> list:
+        lines = (ROOT / "cai" / "prompts" / "helpful_pairs.jsonl").read_text().splitlines()[:n]
+        return [Pair(f"bench-{i}", [{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"])
+                for i, r in enumerate(map(json.loads, lines))]
+
+    constitution = load_constitution(resolve_constitution_dir("constitutions/default"))
     if {"generation", "labeling"} & set(parts):
-        from cai.constitution import load_constitution, resolve_constitution_dir
-        from cai.data import load_prompts
-        from cai.feedback import Pair
         from cai.models import load_policy
 
         model, tok = load_policy({"path": args.model, "device": "auto", "dtype": "auto", "trust_remote_code": False})
@@ -517,11 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, rate in g["tokens_per_s"].items():
             print(f"  {name:<9} {rate:8.1f} tokens/s   {g['speedup_vs_batch_1'][name]:.2f}x one-at-a-time")
     if "labeling" in parts:
-        n_pairs = 8 if args.quick else 24
-        constitution = load_constitution(resolve_constitution_dir("constitutions/default"))
-        lines = (ROOT / "cai" / "prompts" / "helpful_pairs.jsonl").read_text().splitlines()[:n_pairs]
-        pairs = [Pair(f"bench-{i}", [{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"])
-                 for i, r in enumerate(map(json.loads, lines))]
+        pairs = helpful_pairs(8 if args.quick else 24)
         lab = results["labeling"] = bench_labeling(model, tok, constitution, pairs, 2, 16, repeats)
         save()
         print(f"labeling on {args.model} ({lab['pairs']} pairs x {lab['n_principles']} principles x 2 orders = "
@@ -531,6 +573,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  one-prefill labeling vs generate-and-parse: {lab['speedup']:.2f}x "
               f"(the naive labeler's answer could not be read in {lab['naive_unparsed']} of {lab['comparisons']}; "
               f"cai reads a probability every time)")
+    if "engine" in parts:
+        n_prompts, max_new_tokens = (16, 32) if args.quick else (32, 64)
+        prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", n_prompts, 0)]
+        e = results["engine"] = bench_engine(args.model, prompts, helpful_pairs(8 if args.quick else 24), constitution,
+                                             max_new_tokens, repeats)
+        save()
+        print(f"engines on {args.model}: start hf {e['start_s']['hf']:.1f} s, vllm {e['start_s']['vllm']:.1f} s; greedy replies "
+              f"({e['prompts']} prompts x up to {e['max_new_tokens']} tokens, batch 16) the same tokens on "
+              f"{e['same_greedy_replies']} of {e['prompts']}")
+        print(f"  generation: hf {e['tokens_per_s']['hf']:.1f} tokens/s, vllm {e['tokens_per_s']['vllm']:.1f} tokens/s: "
+              f"vllm/hf {e['generation_vllm_vs_hf']:.2f}x")
+        print(f"  labeling ({e['comparisons']} comparisons, few-shot): hf {e['comparisons_per_s']['hf']:.2f}/s, vllm "
+              f"{e['comparisons_per_s']['vllm']:.2f}/s: vllm/hf {e['labeling_vllm_vs_hf']:.2f}x (labels differ by at most "
+              f"{e['largest_label_difference']:.1e})")
     if "pipeline" in parts:
         if args.run_pipeline:
             run_pipeline(args.pipeline_run, threads)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cai.generation import Completion, _completion, generate, render_chat
+from cai.generation import Completion, completion, generate, render_chat
 from cai.models import load_policy
 
 CHATS = [[{"role": "user", "content": t}] for t in
@@ -46,9 +46,9 @@ def test_completion_cut_after_first_eos(tiny):
     _, tok = tiny
     eos, pad = tok.eos_token_id, tok.pad_token_id
     word = tok("hello", add_special_tokens=False)["input_ids"]
-    done = _completion(tok, [*word, eos, pad, pad])
+    done = completion(tok, [*word, eos, pad, pad])
     assert done.finished and done.token_ids == [*word, eos] and done.text == "hello"
-    cut = _completion(tok, [*word, *word])
+    cut = completion(tok, [*word, *word])
     assert not cut.finished and cut.token_ids == [*word, *word]
 
 

@@ -46,6 +46,24 @@ def test_the_hash_of_a_stage_covers_exactly_the_roles_it_names():
     assert config_hash(base, ("policy",)) != config_hash(other_model, ("policy",))
 
 
+def test_an_engine_and_its_settings_fall_back_key_by_key_and_hash_only_where_they_change_the_results():
+    base = compose_cfg("pipeline", TINY_ARGS)
+    cfg = compose_cfg("pipeline", [*TINY_ARGS, "labeler.engine=vllm", "labeler.vllm.max_model_len=4096",
+                                   "model.vllm.cpu_kv_cache_gib=4", "judge.engine=served", "judge.served.url=http://h:1/v1"])
+    labeler, judge, policy = roles.spec(cfg, "labeler"), roles.spec(cfg, "judge"), roles.spec(cfg, "policy")
+    assert labeler["engine"] == "vllm" and labeler["vllm"]["max_model_len"] == 4096
+    assert labeler["vllm"]["cpu_kv_cache_gib"] == 4 and labeler["vllm"]["enable_prefix_caching"] is True  # from model
+    assert judge["engine"] == "served" and judge["served"] == {"url": "http://h:1/v1", "concurrency": 8, "timeout_s": 300,
+                                                                "retries": 4}
+    # the default engine hashes as before engines existed; vLLM's settings only for a role on vLLM; a server's
+    # address never (the served model is the role's path)
+    assert "engine" not in roles.identity(policy) and "vllm" not in roles.identity(policy)
+    assert config_hash(base, ("policy",)) == config_hash(cfg, ("policy",))
+    assert config_hash(base, ("labeler",)) != config_hash(cfg, ("labeler",))
+    moved = compose_cfg("pipeline", [*TINY_ARGS, "judge.engine=served", "judge.served.url=http://other:2/v1"])
+    assert config_hash(moved, ("judge",)) == config_hash(cfg, ("judge",))
+
+
 def test_a_fingerprint_names_the_weights_not_the_device():
     a = {"path": "tiny-random", "device": "cpu", "dtype": "float32", "tiny": {"seed": 0, "vocab_size": 512}}
     assert roles.fingerprint(a) == roles.fingerprint({**a, "device": "cuda", "dtype": "bfloat16", "key": "judge.path"})
@@ -76,8 +94,9 @@ def test_a_manifest_records_the_model_behind_each_role_the_stage_used(tmp_path):
 
 
 @pytest.mark.parametrize("role_cfg, message", [
-    ({"path": "x", "pth": "y"}, "labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny)"),
-    ("big-model", "labeler must be a model spec (path, device, dtype, trust_remote_code, tiny), got 'big-model'"),
+    ({"path": "x", "pth": "y"},
+     "labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny, engine, vllm, served)"),
+    ("big-model", "labeler must be a model spec (path, device, dtype, trust_remote_code, tiny, engine, vllm, served), got 'big-model'"),
 ])
 def test_a_malformed_role_is_one_line_naming_its_key(role_cfg, message):
     with pytest.raises(StageInputError, match=re.escape(message)):

@@ -91,11 +91,11 @@ def run(cfg: DictConfig) -> Path:
         return out / "dataset"
 
     # Step 3: the models (before touching the run directory).
-    from cai.models import load_policy
+    from cai.engines import load_generator
 
-    labeler, tok = load_policy(labeler_spec)
+    labeler, tok = load_generator(labeler_spec)
     same_model = roles.identity(policy_spec) == roles.identity(labeler_spec)
-    policy, policy_tok = (labeler, tok) if same_model else load_policy(policy_spec)
+    policy, policy_tok = (labeler, tok) if same_model else load_generator(policy_spec)
 
     # Step 4: resume or start over, as in sl_generate.
     if not same:  # another config's shards and metrics must not be mixed in

@@ -202,7 +202,7 @@ def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *,
     """Each checkpoint's replies to the prompts and to the examples' prompts, ``({name: rows}, {name: example rows})``
     (rows: id, text, tokens, finished). A checkpoint whose file in ``paths`` exists was answered before the run was
     interrupted: its replies are read back, not generated again."""
-    from cai.models import load_policy
+    from cai.engines import load_generator, release
 
     asked = [it.messages() for it in items] + [row["messages"][:-1] for row in examples]  # examples: answered, not scored
     ids = [it.id for it in items] + [row["id"] for row in examples]
@@ -215,12 +215,13 @@ def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *,
         if path.exists():
             replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
             continue
-        model, tok = load_policy(model_cfg)
+        model, tok = load_generator(model_cfg)
         outs = generate(model, tok, asked, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_p=cfg.generation.top_p, seed=derive_seed(cfg.seed, STAGE, name),
                         batch_size=cfg.generation.batch_size, progress=cfg.progress, desc=f"replies: {name}")
         replies[name] = [{"id": i, "text": o.text, "tokens": len(o.token_ids), "finished": o.finished} for i, o in zip(ids, outs)]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in replies[name]))
+        release(model)
         del model
     n = len(items)
     return {name: rows[:n] for name, rows in replies.items()}, {name: rows[n:] for name, rows in replies.items()}
@@ -246,9 +247,9 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
     that judge its axis; identical replies tie without asking), each red-team reply rated for harmlessness and every reply for
     evasiveness, and the judge's agreement with human labels. Returns (games [(a, b, P(a better), prompt index)],
     number judged, ratings {"harmless" | "evasive": {name: [rating or None]}}, alignment or None)."""
-    from cai.models import load_policy
+    from cai.engines import load_generator
 
-    model, tok = load_policy(judge_spec)
+    model, tok = load_generator(judge_spec)
     conversations = [it.messages() for it in items]
     games, to_judge = [], {kind: [] for kind in AXIS}
     for a, b in itertools.combinations(names, 2):

