@@ -20,11 +20,15 @@ replies however many requests vLLM batches together. Labels read the candidates'
 step (``logprob_token_ids``: the raw distribution, before temperature); the prefix the prompts share (few-shot
 exemplars, a pair's conversation) is computed once by vLLM's prefix cache.
 
-vLLM runs its engine in a process of its own (an entry point therefore needs ``if __name__ == "__main__":``, as
-every cai stage has), which ends with the stage. On a CPU the model runs eagerly: compiling it took 56 s of a 99 s start
-on the embedded model and generated no faster (its compile cache did not reload), while an eager start took 17 s;
-vLLM's KV cache there is ``cpu_kv_cache_gib`` GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head
-size of 32 or more (cai's tiny test models use 2 heads over 64 dimensions for it).
+An engine runs in the stage's own process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): a trained model's weights reach it
+without a copy (PPO's rollouts), and on this CPU it started and generated faster than in vLLM's own engine process
+(embedded model: 8.9 s against 23.7 s to start, 2.5 s against 4.2 s for 16 replies of 32 greedy tokens, one run
+each; torch kept its 2 threads). vLLM keeps process-wide state, so only one engine at a time runs in a process: a
+second one alive beside it (ai_feedback's policy and labeler as two models) runs in a process of its own, which ends
+with the stage. On a CPU the model runs eagerly: compiling it took 56 s of a
+99 s start and generated no faster (its compile cache did not reload); vLLM's KV cache there is ``cpu_kv_cache_gib``
+GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head size of 32 or more (cai's tiny test models use
+2 heads over 64 dimensions for it).
 """
 
 from __future__ import annotations
@@ -56,11 +60,25 @@ def load_generator(model_spec: dict):
     return (VLLMEngine if engine == "vllm" else ServedEngine)(model_spec, tok), tok
 
 
-class VLLMEngine:
-    """One vLLM ``LLM`` for a role. ``generate`` and ``next_token_logprobs`` are what cai asks of it."""
+_IN_THIS_PROCESS: list = []  # the VLLMEngine running in this process, if any
+_OPEN: list = []  # every VLLMEngine not closed yet (close_all)
 
-    def __init__(self, model_spec: dict, tok):
-        self.key = (model_spec.get("key") or "model.path").rsplit(".", 1)[0] + ".engine"  # e.g. "labeler.engine"
+
+def close_all() -> None:
+    """Close every open engine, the one in this process first (a stage's end: cai.stages.run_stage)."""
+    for engine in sorted(_OPEN, key=lambda e: e not in _IN_THIS_PROCESS):
+        engine.close()
+
+
+class VLLMEngine:
+    """One vLLM ``LLM`` for a role, in this process unless another engine already runs here (``in_process=True``:
+    here or refused). ``generate`` and ``next_token_logprobs`` are what cai asks of it; ``load_weights`` gives it a
+    trained model's weights (PPO's rollouts; in this process only)."""
+
+    def __init__(self, model_spec: dict, tok, key: str | None = None, in_process: bool = False):
+        # the config key messages name: the role's engine (e.g. "labeler.engine"), or ``key`` (ppo.rollout_engine)
+        role = (model_spec.get("key") or "model.path").rsplit(".", 1)[0]
+        self.key, self.settings = key or f"{role}.engine", f"{role}.vllm"  # the settings' key: where they came from
         options = dict(model_spec.get("vllm") or {})
         try:
             import vllm
@@ -73,13 +91,18 @@ class VLLMEngine:
         parallel = int(options.get("tensor_parallel_size") or 1)
         available = _devices(device)
         if parallel > available:
-            raise EngineError(f"{self.key}=vllm: vllm.tensor_parallel_size={parallel} but this machine has {available} "
+            raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} but this machine has {available} "
                               f"{'GPU' if device.type == 'cuda' else 'CPU engine'}{'s' if available != 1 else ''} for it")
         if device.type == "cpu":
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(options.get("cpu_kv_cache_gib") or 2)
         folder = engine_folder(model_spec, tok)
         if device.type == "cpu":
             _check_cpu_head_size(folder, self.key)
+        here = not _IN_THIS_PROCESS  # vLLM's state is process-wide: one engine in this process at a time
+        if in_process and not here:
+            raise EngineError(f"{self.key}=vllm must run in this process, where another vLLM engine already runs")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if here else "1"
+        vllm.envs.disable_envs_cache()  # an engine in this process froze vLLM's reading of the environment: read it anew
         try:
             self.llm = vllm.LLM(model=folder, tokenizer=folder, dtype=dtype, seed=0, tensor_parallel_size=parallel,
                                 gpu_memory_utilization=float(options.get("gpu_memory_utilization") or 0.9),
@@ -89,7 +112,21 @@ class VLLMEngine:
                                 enforce_eager=device.type == "cpu")
         except Exception as e:  # vLLM raises many kinds; the first line of its message says what
             raise EngineError(f"{self.key}=vllm: vLLM could not load {folder}: {first_line(e)}") from e
+        if here:
+            _IN_THIS_PROCESS.append(self)
+        _OPEN.append(self)
         self.eos = tok.eos_token_id
+
+    def load_weights(self, model) -> None:
+        """Sample from ``model`` from now on: its current weights (a transformers model of the engine's architecture;
+        under ZeRO-3 call this inside a gather) are loaded into the engine, and the prefix cache, computed with the old
+        ones, is dropped. Every tensor of the state dict goes, a tied output layer under its own name too (without
+        ``lm_head.weight`` vLLM keeps a stale one)."""
+        if self not in _IN_THIS_PROCESS:
+            raise EngineError(f"{self.key}: weights can be loaded only into an engine running in this process")
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=weights))
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
                  progress: bool, tok) -> list[Completion]:
@@ -97,6 +134,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_length(prompts, max_new_tokens)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
                                  seed=derive_seed(seed, i), stop_token_ids=[self.eos], detokenize=False)
                   for i in range(len(prompts))]
@@ -114,9 +152,18 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_length(contexts, 1)
         params = [SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(c), detokenize=False) for c in candidates]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
         return [[out.outputs[0].logprobs[0][t].logprob for t in c] for out, c in zip(outs, candidates)]
+
+    def _check_length(self, prompts: Sequence[list[int]], new_tokens: int) -> None:
+        """Refuse a prompt that cannot fit with its reply in the engine's context (vLLM would fail the whole call)."""
+        limit = self.llm.llm_engine.model_config.max_model_len
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + new_tokens > limit:
+            raise EngineError(f"{self.settings}.max_model_len={limit}: a prompt of {longest} tokens plus {new_tokens} new ones "
+                              f"does not fit; raise it (null: the model's own limit) or shorten the prompts")
 
     def close(self) -> None:
         """Free the engine's memory now (a stage that loads several models in turn)."""
@@ -125,6 +172,9 @@ class VLLMEngine:
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
         self.llm = None
+        for registry in (_IN_THIS_PROCESS, _OPEN):
+            if self in registry:
+                registry.remove(self)
 
 
 class ServedEngine:

@@ -76,9 +76,11 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
             merged[key] = value
     if own.get("path") is not None:
         merged["key"] = f"{role}.path"
-    if role == "pm_backbone" and merged.get("engine", "hf") != "hf":
-        raise StageInputError(f"pm_backbone.engine={merged['engine']}: the preference model is a scalar-head model that only "
-                              f"transformers runs; set pm_backbone.engine=hf (the role falls back to sl_start's)")
+    if role == "pm_backbone":  # a scalar-head model: transformers runs it, whatever engine the roles above it name
+        if own.get("engine") not in (None, "hf"):
+            raise StageInputError(f"pm_backbone.engine={own['engine']}: the preference model is a scalar-head model that "
+                                  f"only transformers runs; leave pm_backbone.engine unset")
+        merged["engine"] = "hf"
     return merged
 
 

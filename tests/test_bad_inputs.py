@@ -198,11 +198,7 @@ CASES = [
     Case("unknown-role-key-added", "pipeline", ("+labeler.pth={tmp}/m",),
          "cai.pipeline: labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny, "
          "engine, vllm, served)", copies=STAGES),
-    Case("role-engine-unknown", "ai_feedback", ("labeler.engine=vlm",),
-         "cai ai_feedback: labeler.engine must be hf | vllm | served, got 'vlm'"),
-    Case("preference-model-on-vllm", "pm_pretrain", ("pm_backbone.engine=vllm",),
-         "cai pm_pretrain: pm_backbone.engine=vllm: the preference model is a scalar-head model that only transformers "
-         "runs; set pm_backbone.engine=hf (the role falls back to sl_start's)"),
+
     # -- upstream stages -----------------------------------------------------------------------
     Case("upstream-still-running", "sl_train", (),
          "{run}/sl_generate: the sl_generate stage is not complete (status 'running'); rerun it first",

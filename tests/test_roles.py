@@ -62,6 +62,15 @@ def test_an_engine_and_its_settings_fall_back_key_by_key_and_hash_only_where_the
     assert config_hash(base, ("labeler",)) != config_hash(cfg, ("labeler",))
     moved = compose_cfg("pipeline", [*TINY_ARGS, "judge.engine=served", "judge.served.url=http://other:2/v1"])
     assert config_hash(moved, ("judge",)) == config_hash(cfg, ("judge",))
+    # the PM is a scalar-head model: transformers runs it whatever the roles above it name; naming another engine for
+    # it, or an unknown engine, is one line naming the key
+    everything = compose_cfg("pipeline", [*TINY_ARGS, "model.engine=vllm"])
+    assert roles.spec(everything, "pm_backbone")["engine"] == "hf" and roles.spec(everything, "sl_start")["engine"] == "vllm"
+    for override, message in (("pm_backbone.engine=vllm", "pm_backbone.engine=vllm: the preference model is a scalar-head "
+                                                          "model that only transformers runs; leave pm_backbone.engine unset"),
+                              ("labeler.engine=vlm", "labeler.engine must be hf | vllm | served, got 'vlm'")):
+        with pytest.raises(StageInputError, match=f"^{re.escape(message)}$"):
+            roles.spec(compose_cfg("pipeline", [*TINY_ARGS, override]), override.split(".")[0])
 
 
 def test_a_fingerprint_names_the_weights_not_the_device():

@@ -156,10 +156,10 @@ def test_sigkill_then_rerun_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_model_critiques_and_revises(tmp_path):
-    cfg = compose_cfg("sl_generate", [f"run_dir={tmp_path}", "data.num_red_team=8", "data.num_helpful=0", "n_revisions=2",
+    cfg = compose_cfg("sl_generate", [f"run_dir={tmp_path}", "data.num_red_team=6", "data.num_helpful=0", "n_revisions=2",
                                       "progress=false", "generation.max_new_tokens=48"])
     ds = load_from_disk(str(run(cfg)))
-    assert len(ds) == 8
+    assert len(ds) == 6
     distinct = 0
     for row in ds:
         assert len(row["critiques"]) == 2 and len(row["revisions"]) == 2 and len(row["principle_ids"]) == 2
@@ -168,4 +168,4 @@ def test_embedded_model_critiques_and_revises(tmp_path):
         assert len(set(texts)) > 1
         distinct += len(set(texts)) == 5
     # A 135M model sometimes loops and repeats itself; most rows must still change every round.
-    assert distinct >= 5, f"only {distinct}/8 rows have five distinct texts"
+    assert distinct >= 4, f"only {distinct}/6 rows have five distinct texts"

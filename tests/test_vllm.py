@@ -86,6 +86,15 @@ def test_the_labelers_log_probs_match_transformers(engines):
     assert [lp for row in ours for lp in row] == pytest.approx([lp for row in theirs for lp in row], abs=1e-4)
 
 
+def test_a_prompt_longer_than_the_engines_context_is_refused_naming_the_key(checkpoint, engines):
+    from cai.engines import EngineError
+
+    engine, _, tok = engines
+    long = [[{"role": "user", "content": "word " * 1500}]]  # 1,500+ tokens, and 600 new ones: over max_model_len=2048
+    with pytest.raises(EngineError, match=r"^labeler.vllm.max_model_len=2048: a prompt of \d+ tokens plus 600 new ones "):
+        generate(engine, tok, long, max_new_tokens=600, temperature=0.0, progress=False)
+
+
 def test_judgements_and_ratings_match_transformers(engines):
     engine, model, tok = engines
     pairs = [Pair(f"p{i}", p, "Here is how.", "I would rather not.") for i, p in enumerate(PROMPTS[:3])]
@@ -105,7 +114,8 @@ def test_settings_the_machine_cannot_meet_are_refused_in_one_line(checkpoint):
     from cai.engines import EngineError, load_generator
 
     spec = {"path": str(checkpoint), "key": "judge.path", "device": "cpu", "engine": "vllm", "vllm": {"tensor_parallel_size": 2}}
-    with pytest.raises(EngineError, match=r"^judge.engine=vllm: vllm.tensor_parallel_size=2 but this machine has 1 CPU engine for it$"):
+    with pytest.raises(EngineError, match=r"^judge.engine=vllm: judge.vllm.tensor_parallel_size=2 but this machine has 1 CPU "
+                                          r"engine for it$"):
         load_generator(spec)
 
 
@@ -253,3 +263,47 @@ def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_s
     assert len(set(rows["id"])) == len(rows) and 0 < len(rows) <= 8 and all(0 < p < 1 for p in rows["p_chosen"])
     config = read_manifest(tmp_path / "ai_feedback")["config"]
     assert config["policy"]["engine"] == "vllm" and config["labeler"]["engine"] == "served"
+
+
+# -- PPO's rollouts on vLLM -----------------------------------------------------------------------------------------
+
+def test_after_a_weight_sync_the_rollout_engine_samples_the_training_policys_greedy_replies(checkpoint):
+    """The engine PPO samples with: stale after the policy changes, the policy's own greedy tokens after
+    load_weights."""
+    code = f"""
+import json, torch
+from cai.engines import VLLMEngine
+from cai.generation import generate
+from cai.models import load_policy
+spec = {{"path": {str(checkpoint)!r}, "device": "cpu", "dtype": "float32", "vllm": {{"cpu_kv_cache_gib": 1}}}}
+model, tok = load_policy(spec)
+engine = VLLMEngine(spec, tok, key="ppo.rollout_engine", in_process=True)
+prompts = {json.dumps(PROMPTS)}
+def tokens(m):
+    return [c.token_ids for c in generate(m, tok, prompts, max_new_tokens=16, temperature=0.0, seed=0, progress=False)]
+same_start = tokens(engine) == tokens(model)
+with torch.no_grad():  # what an update does, exaggerated: every weight moves
+    g = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.add_(2 * p.std() * torch.randn(p.shape, generator=g))
+stale = tokens(engine) == tokens(model)
+engine.load_weights(model)
+print(json.dumps({{"same_start": same_start, "stale": stale, "synced": tokens(engine) == tokens(model)}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"same_start": True, "stale": False, "synced": True}
+
+
+def test_ppo_samples_its_rollouts_on_vllm(tmp_path):
+    from conftest import run_module
+
+    from cai.runio import read_manifest, read_metrics
+
+    result = run_module("cai.stages.ppo", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
+                        "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1", "ppo.reward=direct_rlaif", "ppo.steps=2",
+                        "ppo.algorithm=grpo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path / "ppo") if "score" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["response_length"] > 0 for r in rows)
+    assert read_manifest(tmp_path / "ppo")["config"]["ppo"]["rollout_engine"] == "vllm"

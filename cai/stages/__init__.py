@@ -61,6 +61,7 @@ def run_stage(stage: str, fn, cfg) -> None:
         raise SystemExit(f"cai {stage}: no space left on the device ({first_line(e)}); the outputs completed before "
                          f"are intact: free some space and run the same command to go on") from None
     finally:
+        _close_engines()
         _close_process_group()
 
 
@@ -141,6 +142,17 @@ def _check_like(default: dict, given: dict, prefix: str) -> None:
             ok, kind = not isinstance(value, (list, dict)), "a single value"
         if not ok:
             raise StageInputError(f"{prefix}{key} must be {kind}, got {value!r}")
+
+
+def _close_engines() -> None:
+    """Shut the stage's vLLM engines down while the process group they set up still exists (their own clean-up at
+    exit would find it gone and print a traceback after the stage has finished)."""
+    import sys
+
+    if "cai.engines" in sys.modules:
+        from cai.engines import close_all
+
+        close_all()
 
 
 def _close_process_group() -> None:

@@ -21,7 +21,8 @@ The PM must share the policy's tokenizer (the value model reads policy tokens): 
 One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``:
 1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
 2. generate k = ``samples_per_prompt`` responses each (temperature T, top_p 1; under ZeRO-3 the policy is gathered
-   once for the whole rollout), cut after the first EOS;
+   once for the whole rollout), cut after the first EOS; with ``ppo.rollout_engine=vllm`` a vLLM engine in this
+   process samples them, given the policy's current weights first (``cai.engines.VLLMEngine.load_weights``);
 3. score: PM at the last real token (minus ``missing_eos_penalty``, or replaced by ``missing_eos_score``, when there
    is no EOS); log-probs of the
    policy and the reference with logits / T, values of the value model (ppo);
@@ -136,6 +137,13 @@ def run(cfg: DictConfig) -> Path:
     policy, tok = load_policy(policy_cfg)
     reference, _ = load_policy(policy_cfg)
     reference.requires_grad_(False)
+    # rollout_engine=vllm: vLLM samples the responses in this process (started before a vLLM labeler, which then runs
+    # in its own), given the policy's weights before each rollout (log-probs stay the training policy's: score())
+    rollout = None
+    if s.rollout_engine == "vllm":
+        from cai.engines import VLLMEngine
+
+        rollout = VLLMEngine(policy_cfg, tok, key=f"{STAGE}.rollout_engine", in_process=True)
     reward_models = reward.load(tok)
     value_model = load_preference_model(reward.value_start or policy_cfg)[0] if algo.critic else None
     # prompts as the policy sees them; too long ones are left out (counted)
@@ -190,8 +198,8 @@ def run(cfg: DictConfig) -> Path:
         prompts = _step_prompts(pool, step, world * s.batch_size, cfg.seed)[rank * s.batch_size:(rank + 1) * s.batch_size]
         rows = [i for i in prompts for _ in range(algo.k)]  # a prompt's k responses side by side: one group
         conversations = [items[i].messages() for i in rows]
-        completions, batch = sample(policy_engine, tok, conversations, [queries[i] for i in rows], s=s, cfg=cfg, step=step,
-                                    rank=rank, group=algo.k)
+        completions, batch = sample(policy_engine, rollout, tok, conversations, [queries[i] for i in rows], s=s, cfg=cfg,
+                                    step=step, rank=rank, group=algo.k)
         t_rollout = _clock(device)
         raw = reward(batch, conversations, completions, [f"{items[i].id}:{step}" for i in rows]).to(device).float()
         if distributed.sum_over_ranks(int(not torch.isfinite(raw).all())) > 0:
@@ -271,15 +279,18 @@ class Rollout:
     returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo)
 
 
-def sample(policy_engine, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int, rank: int,
-           group: int):
+def sample(policy_engine, rollout, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int,
+           rank: int, group: int):
     """One response per conversation from the policy (temperature T, top_p 1; under ZeRO-3 the weights are gathered
-    once for the whole rollout), cut after the first EOS; each run of ``group`` conversations is one prompt's. Returns
-    (completions, ``_Batch`` on the policy's device)."""
+    once for the whole rollout), cut after the first EOS; each run of ``group`` conversations is one prompt's. With a
+    vLLM ``rollout`` engine, the policy's current weights are loaded into it (gathered once under ZeRO-3) and it
+    samples. Returns (completions, ``_Batch`` on the policy's device)."""
     device = policy_engine.device
     zero3 = policy_engine.zero_optimization_stage() == 3
     with _gathered(policy_engine.module) if zero3 else contextlib.nullcontext():
-        completions = generate(policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
+        if rollout is not None:
+            rollout.load_weights(policy_engine.module)
+        completions = generate(rollout or policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
                                temperature=s.temperature, top_p=1.0, seed=derive_seed(cfg.seed, STAGE, step, rank),
                                batch_size=cfg.generation.batch_size, progress=False)
     query, query_mask = training.pad_batch(queries, tok.pad_token_id, side="left")
@@ -418,6 +429,8 @@ def _gathered(module):
 
 
 def _check_settings(s: DictConfig) -> None:
+    if s.rollout_engine not in ("hf", "vllm"):
+        raise StageInputError(f"{STAGE}.rollout_engine must be hf or vllm, got {s.rollout_engine!r}")
     if s.reward not in REWARDS:
         raise StageInputError(f"{STAGE}.reward must be one of {', '.join(REWARDS)}, got {s.reward!r}")
     if s.algorithm not in ALGORITHMS:
