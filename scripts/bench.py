@@ -31,7 +31,7 @@ of those medians (this machine is shared and noisy: absolute numbers are context
 - engine: transformers (``engine: hf``, batched ``generate`` and cai's one-prefill labeler) against vLLM's offline
   engine (``engine: vllm``, ``cai.engines``) on the same model, prompts and pairs: the engine's start time, greedy
   replies (how many are the same tokens both ways), tokens/s at batch 16, and labeling comparisons/s (few-shot
-  exemplars on, so vLLM's prefix cache has a shared prefix to reuse).
+  exemplars on, so vLLM's prefix cache has a shared prefix to reuse within a run; it is emptied before each run).
 - pipeline: each stage's wall time and its process's peak RSS, read from a pipeline run dir (``make demo``'s
   ``runs/demo`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
 """
@@ -138,12 +138,18 @@ def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution
     starts["hf"], (model, tok) = timed(lambda: load_generator({**spec, "engine": "hf"}))
     starts["vllm"], (engine, _) = timed(lambda: load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 2}}))
 
+    def cold(m) -> None:
+        """Empty vLLM's prefix cache: a timed run must not reuse the prompts of the run before it (the same ones)."""
+        if m is engine:
+            engine.llm.reset_prefix_cache()
+
     def replies(m):
-        return lambda: generate(m, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=16, progress=False)
+        return lambda: (cold(m), generate(m, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=16,
+                                          progress=False))[1]
 
     def labels(m):
-        return lambda: judge_pairs(m, tok, constitution, pairs, n_principles=2, seed=0, few_shot=True, batch_size=16,
-                                   progress=False)
+        return lambda: (cold(m), judge_pairs(m, tok, constitution, pairs, n_principles=2, seed=0, few_shot=True,
+                                             batch_size=16, progress=False))[1]
 
     outs = {"hf": replies(model)(), "vllm": replies(engine)()}  # warm-up, and the tokens each produced
     same = sum(a.token_ids == b.token_ids for a, b in zip(outs["hf"], outs["vllm"]))
