@@ -10,7 +10,8 @@ A role's ``engine`` says what runs it wherever it generates or labels (never whe
 
 ``load_generator(spec)`` gives ``(model or engine, tokenizer)``. The functions that generate and read log-probs
 (``cai.generation.generate``, ``cai.feedback.next_token_logprobs`` and ``shared_prefix_logprobs``) take either:
-for a ``VLLMEngine`` they hand the token ids they rendered, with cai's own tokenizer and chat template, to it. So both
+for an engine (``VLLMEngine``, ``ServedEngine``) they hand it the token ids they rendered, with cai's own tokenizer
+and chat template. So both
 engines see the same tokens, return the same ``Completion`` rows, and read the same option and score tokens.
 
 The engine samples from exactly softmax(logits / T), cut to ``top_p`` below 1: the checkpoint's
@@ -77,8 +78,8 @@ class VLLMEngine:
 
     def __init__(self, model_spec: dict, tok, key: str | None = None, in_process: bool = False):
         # the config key messages name: the role's engine (e.g. "labeler.engine"), or ``key`` (ppo.rollout_engine)
-        role = (model_spec.get("key") or "model.path").rsplit(".", 1)[0]
-        self.key, self.settings = key or f"{role}.engine", f"{role}.vllm"  # the settings' key: where they came from
+        role = model_spec.get("role") or "model"  # the role whose settings these are (cai.roles.spec records it)
+        self.key, self.settings = key or f"{role}.engine", f"{role}.vllm"
         options = dict(model_spec.get("vllm") or {})
         try:
             import vllm
@@ -107,7 +108,7 @@ class VLLMEngine:
             self.llm = vllm.LLM(model=folder, tokenizer=folder, dtype=dtype, seed=0, tensor_parallel_size=parallel,
                                 gpu_memory_utilization=float(options.get("gpu_memory_utilization") or 0.9),
                                 max_model_len=options.get("max_model_len"),
-                                enable_prefix_caching=bool(options.get("enable_prefix_caching", True)),
+                                enable_prefix_caching=options.get("enable_prefix_caching") is not False,
                                 trust_remote_code=bool(model_spec.get("trust_remote_code")), generation_config="vllm",
                                 enforce_eager=device.type == "cpu")
         except Exception as e:  # vLLM raises many kinds; the first line of its message says what
@@ -190,7 +191,7 @@ class ServedEngine:
     none of the checkpoint's sampling defaults; cai sends every setting it samples with anyway."""
 
     def __init__(self, model_spec: dict, tok):
-        self.key = (model_spec.get("key") or "model.path").rsplit(".", 1)[0] + ".engine"
+        self.key = f"{model_spec.get('role') or 'model'}.engine"
         options = dict(model_spec.get("served") or {})
         if not options.get("url"):
             raise EngineError(f"{self.key}=served needs the server's address: {self.key.rsplit('.', 1)[0]}.served.url="
@@ -198,7 +199,7 @@ class ServedEngine:
         self.url = str(options["url"]).rstrip("/")
         self.concurrency = int(options.get("concurrency") or 8)
         self.timeout = float(options.get("timeout_s") or 300)
-        self.retries = int(options.get("retries") if options.get("retries") is not None else 4)
+        self.retries = max(0, int(options.get("retries") if options.get("retries") is not None else 4))
         self.eos = tok.eos_token_id
         served = [m["id"] for m in self._request("GET", "/models")["data"]]
         wanted = str(model_spec["path"])
@@ -250,6 +251,7 @@ class ServedEngine:
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         """One request, retried on a refused or dropped connection, a timeout or a 5xx answer."""
+        import http.client
         import json
         import time
         import urllib.error
@@ -267,8 +269,8 @@ class ServedEngine:
                     raise EngineError(f"{self.key}=served: {self.url}{path} answered {e.code}: "
                                       f"{first_line(Exception(e.read().decode('utf-8', 'replace')))}") from None
                 reason = f"HTTP {e.code}"
-            except OSError as e:  # refused, dropped, timed out (URLError and TimeoutError are OSErrors)
-                reason = str(getattr(e, "reason", e)) or type(e).__name__
+            except (OSError, http.client.HTTPException, ValueError) as e:  # refused, dropped, timed out, cut-off or
+                reason = str(getattr(e, "reason", e)) or type(e).__name__  # garbled answer: worth another try
             if attempt < self.retries:
                 time.sleep(2 ** attempt)
         raise EngineError(f"{self.key}=served: {self.url}{path} did not answer after {self.retries + 1} tries ({reason})")

@@ -46,18 +46,21 @@ def win_rates(games: Sequence[tuple[str, str, float]]) -> dict[tuple[str, str], 
 def length_controlled_win_rate(outcomes: Sequence[float], length_ratios: Sequence[float], clip: float = 1e-3,
                                ridge: float = 1e-6, iterations: int = 100, tol: float = 1e-12) -> float:
     """RLAIF's length-controlled win rate (Lee et al. 2023, appendix): fit a logistic regression of "a won" on the
-    length ratio of the two replies, then read the fitted win rate at equal lengths (ratio 1).
+    length ratio of the two replies, then read the fitted win rate at equal lengths.
 
     ``outcomes`` (n,): P(a beats b) per prompt (soft, clipped to [clip, 1 − clip]); ``length_ratios`` (n,):
-    len(a) / len(b). Fits P = sigmoid(w0 + w1·ratio) by maximum likelihood (Newton steps; a ``ridge`` on w1 keeps the
-    fit defined when every ratio is the same, and then it returns the mean outcome) and returns sigmoid(w0 + w1).
+    len(a) / len(b) > 0. Fits P = sigmoid(w0 + w1·log(ratio)) by maximum likelihood (Newton steps; a ``ridge`` on w1
+    keeps the fit defined when every ratio is the same, and then it returns the mean outcome) and returns sigmoid(w0),
+    the fit at ratio 1. On the log of the ratio, b's figure against a is exactly 1 − a's against b, and a reply many
+    times longer than the other does not outweigh the rest.
     """
     import torch
 
     if len(outcomes) != len(length_ratios) or not outcomes:
         raise ValueError(f"need as many length ratios as outcomes, and at least one: {len(outcomes)} vs {len(length_ratios)}")
     p = torch.tensor([min(max(float(v), clip), 1.0 - clip) for v in outcomes], dtype=torch.float64)
-    x = torch.stack([torch.ones(len(p), dtype=torch.float64), torch.tensor(length_ratios, dtype=torch.float64)], dim=1)
+    log_ratio = torch.tensor(length_ratios, dtype=torch.float64).log()
+    x = torch.stack([torch.ones(len(p), dtype=torch.float64), log_ratio], dim=1)
     penalty = torch.diag(torch.tensor([0.0, ridge], dtype=torch.float64))
     w = torch.zeros(2, dtype=torch.float64)
     for _ in range(iterations):
@@ -68,7 +71,7 @@ def length_controlled_win_rate(outcomes: Sequence[float], length_ratios: Sequenc
         w = w + step
         if step.abs().max().item() < tol:
             break
-    return torch.sigmoid(w[0] + w[1]).item()
+    return torch.sigmoid(w[0]).item()
 
 
 def elo_ratings(games: Sequence[tuple[str, str, float]], players: Sequence[str] | None = None,

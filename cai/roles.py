@@ -61,7 +61,7 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
     if at is not None:
         return {**spec(cfg, role), "path": str(at), "key": key}
     if role == "model":
-        return {**_checked(_plain(cfg["model"], "model"), "model"), "key": "model.path"}
+        return {**_checked(_plain(cfg["model"], "model"), "model"), "key": "model.path", "role": "model"}
     own = _checked(_plain(cfg.get(role), role), role)
     unknown = sorted(set(own) - set(SPEC_KEYS))
     if unknown:
@@ -76,6 +76,7 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
             merged[key] = value
     if own.get("path") is not None:
         merged["key"] = f"{role}.path"
+    merged["role"] = role  # whose engine settings these are, for messages naming <role>.engine, <role>.vllm
     if role == "pm_backbone":  # a scalar-head model: transformers runs it, whatever engine the roles above it name
         if own.get("engine") not in (None, "hf"):
             raise StageInputError(f"pm_backbone.engine={own['engine']}: the preference model is a scalar-head model that "
@@ -89,8 +90,8 @@ def identity(model_spec: dict) -> dict:
     ``tiny`` sizes unless it is a tiny-random model; the engine only when it is not ``hf``, so hashes from before
     engines existed still match, with the ``vllm`` settings only for ``vllm``, and never a server's address or
     connection settings). Two roles of one identity can share one loaded model."""
-    engine = model_spec.get("engine", "hf")
-    return {k: v for k, v in model_spec.items() if k not in ("key", "served")
+    engine = model_spec.get("engine") or "hf"
+    return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served")
             and (k != "tiny" or model_spec["path"] == "tiny-random") and (k != "engine" or engine != "hf")
             and (k != "vllm" or engine == "vllm")}
 

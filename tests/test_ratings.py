@@ -60,18 +60,22 @@ def test_wilson_interval_by_hand():
 
 
 def test_length_controlled_win_rate_reads_a_logistic_fit_at_equal_lengths():
-    """Outcomes drawn exactly from P = sigmoid(w0 + w1 * ratio) are fitted back, and the figure is that curve at ratio 1."""
+    """Outcomes drawn exactly from P = sigmoid(w0 + w1 * log ratio) are fitted back, and the figure is that curve at
+    ratio 1; b against a is 1 - a against b."""
     from cai.ratings import length_controlled_win_rate
 
     def sigmoid(z: float) -> float:
         return 1 / (1 + math.exp(-z))
 
     ratios = [0.5, 0.8, 1.0, 1.3, 2.0, 3.0]
-    assert length_controlled_win_rate([sigmoid(-1 + 0.7 * r) for r in ratios], ratios) == pytest.approx(sigmoid(-0.3), abs=1e-5)
-    # the longer reply mostly won: a raw win rate of 0.65, and a coin flip at equal lengths
+    outcomes = [sigmoid(-1 + 0.7 * math.log(r)) for r in ratios]
+    assert length_controlled_win_rate(outcomes, ratios) == pytest.approx(sigmoid(-1), abs=1e-5)
+    assert length_controlled_win_rate([1 - p for p in outcomes], [1 / r for r in ratios]) == \
+        pytest.approx(1 - sigmoid(-1), abs=1e-5)
+    # the longer reply mostly won: a raw win rate of 0.62, and a coin flip at equal lengths
     ratios = [0.5, 0.8, 1.25, 1.5, 2.0, 3.0, 1.2, 1.1]
-    wins = [sigmoid(3 * (r - 1)) for r in ratios]
-    assert sum(wins) / len(wins) > 0.64 and length_controlled_win_rate(wins, ratios) == pytest.approx(0.5, abs=1e-5)
+    wins = [sigmoid(3 * math.log(r)) for r in ratios]
+    assert sum(wins) / len(wins) > 0.6 and length_controlled_win_rate(wins, ratios) == pytest.approx(0.5, abs=1e-5)
     # all replies of one length: nothing to control for, the plain mean
     assert length_controlled_win_rate([0.2, 0.9, 0.6], [1.0, 1.0, 1.0]) == pytest.approx(1.7 / 3, abs=1e-6)
     with pytest.raises(ValueError):

@@ -47,7 +47,7 @@ def engines(checkpoint):
     from cai.engines import load_generator
     from cai.models import load_policy
 
-    spec = {"path": str(checkpoint), "key": "labeler.path", "device": "cpu", "dtype": "float32"}
+    spec = {"path": str(checkpoint), "key": "labeler.path", "role": "labeler", "device": "cpu", "dtype": "float32"}
     engine, tok = load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 1, "max_model_len": 2048}})
     model, _ = load_policy(spec)
     yield engine, model, tok
@@ -113,7 +113,8 @@ def test_judgements_and_ratings_match_transformers(engines):
 def test_settings_the_machine_cannot_meet_are_refused_in_one_line(checkpoint):
     from cai.engines import EngineError, load_generator
 
-    spec = {"path": str(checkpoint), "key": "judge.path", "device": "cpu", "engine": "vllm", "vllm": {"tensor_parallel_size": 2}}
+    spec = {"path": str(checkpoint), "key": "judge.path", "role": "judge", "device": "cpu", "engine": "vllm",
+            "vllm": {"tensor_parallel_size": 2}}
     with pytest.raises(EngineError, match=r"^judge.engine=vllm: judge.vllm.tensor_parallel_size=2 but this machine has 1 CPU "
                                           r"engine for it$"):
         load_generator(spec)
@@ -122,7 +123,7 @@ def test_settings_the_machine_cannot_meet_are_refused_in_one_line(checkpoint):
 def test_a_model_vllm_cannot_run_is_refused_before_it_starts():
     from cai.engines import EngineError, load_generator
 
-    spec = {"path": "tiny-random", "tiny": TINY["tiny"], "key": "policy.path", "engine": "vllm"}  # 4 heads of 16
+    spec = {"path": "tiny-random", "tiny": TINY["tiny"], "key": "policy.path", "role": "policy", "engine": "vllm"}  # 4 heads of 16
     with pytest.raises(EngineError, match=r"^policy.engine=vllm: vLLM's CPU attention does not take this model's head "
                                           r"size 16 \(it takes 32, 64, .*\); use engine=hf for it$"):
         load_generator(spec)
@@ -131,7 +132,7 @@ def test_a_model_vllm_cannot_run_is_refused_before_it_starts():
 def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install():
     code = ("import sys; sys.modules['vllm'] = None\n"  # import vllm now raises ImportError, as where it is absent
             "from cai.engines import load_generator\n"
-            f"load_generator({{'path': 'tiny-random', 'tiny': {json.dumps(SHAPE)}, 'key': 'policy.path', 'engine': 'vllm'}})")
+            f"load_generator({{'path': 'tiny-random', 'tiny': {json.dumps(SHAPE)}, 'key': 'policy.path', 'role': 'policy', 'engine': 'vllm'}})")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "cai.engines.EngineError: policy.engine=vllm but vLLM is not installed: pip install vllm" in result.stderr
@@ -195,7 +196,7 @@ def server(checkpoint):
 
 
 def served_spec(checkpoint, url: str, **served) -> dict:
-    return {"path": str(checkpoint), "key": "labeler.path", "device": "cpu", "engine": "served",
+    return {"path": str(checkpoint), "key": "labeler.path", "role": "labeler", "device": "cpu", "engine": "served",
             "served": {"url": url, "retries": 1, "timeout_s": 60, **served}}
 
 

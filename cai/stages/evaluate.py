@@ -268,7 +268,8 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
     for name, rows in replies.items():
         asked = [(conversations[i], rows[i]["text"]) for i in range(len(items))]
-        harmless = direct_scores(model, tok, constitution, [asked[i] for i in red], batch_size=cfg.generation.batch_size)
+        harmless = direct_scores(model, tok, constitution, [asked[i] for i in red],
+                                 batch_size=cfg.generation.batch_size) if red else []
         ratings["harmless"][name] = [None] * len(items)
         for i, v in zip(red, harmless):
             ratings["harmless"][name][i] = v

@@ -115,6 +115,9 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 1: check settings and find the inputs before touching the run directory.
     _check_settings(s)
+    if s.rollout_engine == "vllm" and world > 1:  # each rank's in-process engine would take rank 0's place and device
+        raise StageInputError(f"{STAGE}.rollout_engine=vllm runs in one process for now ({world} ranks here): launch one "
+                              f"process, or sample with {STAGE}.rollout_engine=hf")
     algo = algorithm(s)
     check_generation(cfg.generation, temperature=s.temperature)
     policy_cfg, policy_fingerprint = _policy_source(cfg, s)
