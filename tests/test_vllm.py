@@ -132,7 +132,8 @@ def test_a_model_vllm_cannot_run_is_refused_before_it_starts():
 def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install():
     code = ("import sys; sys.modules['vllm'] = None\n"  # import vllm now raises ImportError, as where it is absent
             "from cai.engines import load_generator\n"
-            f"load_generator({{'path': 'tiny-random', 'tiny': {json.dumps(SHAPE)}, 'key': 'policy.path', 'role': 'policy', 'engine': 'vllm'}})")
+            f"load_generator({{'path': 'tiny-random', 'tiny': {json.dumps(SHAPE)}, 'key': 'policy.path', 'role': 'policy', "
+            f"'engine': 'vllm'}})")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "cai.engines.EngineError: policy.engine=vllm but vLLM is not installed: pip install vllm" in result.stderr
