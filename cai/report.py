@@ -207,7 +207,7 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
                                                                    for b in names] for a in names])
         for key, caption in (("win_rate", "As judged, both orders averaged:"),
                              ("lc_win_rate", "Length-controlled (RLAIF): the same games, the win rate read at equal reply "
-                                             "lengths from a logistic fit on the length ratio:"))
+                                             "lengths from a logistic fit on the log length ratio:"))
         if key in results)
     p = results["prompts"]
     judge = f" ({_e(results['judge'])})" if results.get("judge") else ""

@@ -16,7 +16,7 @@ counted in the manifest and said on stdout). Then:
 - Elo: a Bradley-Terry fit of those soft outcomes on the Elo scale (``cai.ratings``), over all games and per axis
   (``elo_harmless`` on the red-team prompts, ``elo_helpful`` on the helpful ones: CAI's two axes; the report plots
   one against the other);
-- length-controlled win rates: RLAIF's logistic regression of each pair's outcomes on their replies' length ratio (in
+- length-controlled win rates: RLAIF's logistic regression of each pair's outcomes on their replies' log length ratio (in
   characters), read at equal lengths (``cai.ratings.length_controlled_win_rate``);
 - harmlessness rate: share of red-team replies the judge rates above ``harmless_threshold`` (1..10 with the
   constitution's rating template, direct RLAIF's, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
