@@ -140,13 +140,7 @@ class VLLMEngine:
                                  seed=derive_seed(seed, i), stop_token_ids=[self.eos], detokenize=False)
                   for i in range(len(prompts))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=progress)
-        replies = []
-        for out in outs:
-            ids = list(out.outputs[0].token_ids)
-            if out.outputs[0].finish_reason == "stop" and self.eos not in ids:
-                ids.append(self.eos)  # ended at EOS: keep it, as transformers' generate does
-            replies.append(completion(tok, ids))
-        return replies
+        return [ended(tok, out.outputs[0].token_ids, out.outputs[0].finish_reason) for out in outs]
 
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: Sequence[list[int]]) -> list[list[float]]:
         """log p(candidate | context) for each context's candidate tokens, from one generated step each."""
@@ -213,14 +207,8 @@ class ServedEngine:
         bodies = [{"prompt": list(p), "max_tokens": max_new_tokens, "temperature": temperature,
                    "top_p": top_p if temperature > 0 else 1.0, "seed": derive_seed(seed, i), "stop_token_ids": [self.eos],
                    "return_token_ids": True, **NEUTRAL} for i, p in enumerate(prompts)]
-        replies = []
-        for answer in self._completions(bodies, progress):
-            choice = answer["choices"][0]
-            ids = list(choice.get("token_ids") or [])
-            if choice.get("finish_reason") == "stop" and self.eos not in ids:
-                ids.append(self.eos)
-            replies.append(completion(tok, ids))
-        return replies
+        return [ended(tok, a["choices"][0].get("token_ids") or [], a["choices"][0].get("finish_reason"))
+                for a in self._completions(bodies, progress)]
 
     def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: Sequence[list[int]]) -> list[list[float]]:
         bodies = [{"prompt": list(c), "max_tokens": 1, "temperature": 0.0, "logprobs": len(cand),
@@ -279,6 +267,15 @@ class ServedEngine:
 # what the server must not add (a checkpoint's repetition penalty, top-k, ...): cai samples from softmax(logits / T)
 NEUTRAL = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
            "min_tokens": 0}
+
+
+def ended(tok, token_ids, finish_reason: str | None) -> Completion:
+    """An engine's reply as a ``Completion``: one that stopped at EOS keeps its EOS, as transformers' generate does
+    (an engine may leave the stop token out of the ids it returns)."""
+    ids = list(token_ids)
+    if finish_reason == "stop" and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return completion(tok, ids)
 
 
 def engine_folder(model_spec: dict, tok) -> str:
