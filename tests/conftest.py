@@ -16,6 +16,23 @@ TINY = {"path": "tiny-random", "tiny": {"seed": 0, "vocab_size": 512, "hidden_si
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach for a hub
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``make test`` runs two workers) each worker, and every process it starts, gets its share of
+    the cores for torch's and vLLM's thread pools: two workers whose pools each took every core would fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers < 2:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // workers)
+    index = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw")) % workers
+    mine = cores[index * share:(index + 1) * share] or cores[-share:]
+    os.environ.setdefault("OMP_NUM_THREADS", str(len(mine)))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+
+
+_share_the_cores()
+
+
 @pytest.fixture
 def root() -> Path:
     return ROOT
@@ -40,12 +57,35 @@ TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.algorithm=ppo,rloo,grpo")
 def tiny_sweep(tmp_path_factory) -> Path:
     """One tiny 3-job sweep of the whole pipeline (``TINY_SWEEP``), shared by the test modules: its first
     job is ``tiny_run``. The pipeline's own output is kept beside it for the tests of the pipeline itself."""
-    root = tmp_path_factory.mktemp("tiny-sweep")
-    result = run_module("cai.pipeline", "-m", *TINY_SWEEP, f"run_dir={root / 'sweep'}")
-    (root / "pipeline.out").write_text(result.stdout)
-    (root / "pipeline.err").write_text(result.stderr)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root / "sweep"
+    def build(root: Path) -> None:
+        result = run_module("cai.pipeline", "-m", *TINY_SWEEP, f"run_dir={root / 'sweep'}")
+        (root / "pipeline.out").write_text(result.stdout)
+        (root / "pipeline.err").write_text(result.stderr)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "tiny-sweep", build) / "sweep"
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run: under pytest-xdist the workers
+    share one folder (a file lock makes the others wait for the first), so a session fixture that many
+    modules use is not built once per worker. Tests only read it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder = base / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").exists():
+            if folder.exists():  # a worker's build that failed: start again
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -69,19 +109,20 @@ def embedded_pm(tmp_path_factory) -> Path:
     human pairs, starting from the base model (no PMP); normalised on a two-row reference file."""
     import json
 
-    run_dir = tmp_path_factory.mktemp("embedded-run")
-    feedback = run_module("cai.stages.ai_feedback", f"run_dir={run_dir}", "progress=false", "ai_feedback.num_prompts=6",
-                          "generation.max_new_tokens=24", "ai_feedback.few_shot=false")
-    assert feedback.returncode == 0, feedback.stderr[-2000:]
-    reference = run_dir / "reference.jsonl"
-    reference.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-                                 + "\n" for q, a in [("How do I boil an egg?", "Simmer it for about nine minutes."),
-                                                     ("Name a prime number.", "Seven is prime.")]))
-    result = run_module("cai.stages.pm_finetune", f"run_dir={run_dir}", "progress=false", "pm_finetune.micro_batch_size=2",
-                        "pm_finetune.max_length=384", f"pm_finetune.reference={reference}", "pm_finetune.eval_fraction=0.34")
-    assert result.returncode == 0, result.stderr[-2000:]
-    (run_dir / "pm_finetune.stdout").write_text(result.stdout)
-    return run_dir
+    def build(run_dir: Path) -> None:
+        feedback = run_module("cai.stages.ai_feedback", f"run_dir={run_dir}", "progress=false", "ai_feedback.num_prompts=6",
+                              "generation.max_new_tokens=24", "ai_feedback.few_shot=false")
+        assert feedback.returncode == 0, feedback.stderr[-2000:]
+        reference = run_dir / "reference.jsonl"
+        reference.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+                                     + "\n" for q, a in [("How do I boil an egg?", "Simmer it for about nine minutes."),
+                                                         ("Name a prime number.", "Seven is prime.")]))
+        result = run_module("cai.stages.pm_finetune", f"run_dir={run_dir}", "progress=false", "pm_finetune.micro_batch_size=2",
+                            "pm_finetune.max_length=384", f"pm_finetune.reference={reference}", "pm_finetune.eval_fraction=0.34")
+        assert result.returncode == 0, result.stderr[-2000:]
+        (run_dir / "pm_finetune.stdout").write_text(result.stdout)
+
+    return built_once(tmp_path_factory, "embedded-run", build)
 
 
 def copy_stages(run_dir: Path, target: Path, stages) -> Path:
