@@ -23,7 +23,7 @@ from cai.stages import STAGES
 
 PPO_CURVES = (("score", "mean score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
               ("response_length", "response length (tokens)"), ("group_score_std", "score spread within a prompt's group"))
-ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO"}
+ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce": "REINFORCE"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#1d2733;padding:0 1em}

@@ -2,7 +2,8 @@
 details of RLHF with PPO"): GAE, whitening, the KL estimators, the clipped losses, reward placement, EOS handling.
 The critic-free methods replace the value model by a baseline from the other samples of the same prompt
 (``group_advantages``): RLOO (Ahmadian et al. 2024), GRPO (Shao et al. 2024) and Dr. GRPO (Liu et al. 2025), and
-differ in how a loss over tokens becomes one number (``aggregate``).
+differ in how a loss over tokens becomes one number (``aggregate``). RLAIF's REINFORCE keeps a value model, but
+only as a baseline for the whole response (``reinforce_advantages``).
 
 Shapes: B rows (responses), T response positions. Response tensors are right-padded: ``mask[b, t] = 1``
 for the response's real tokens (up to and including its first EOS), 0 after. Log-probabilities are of
@@ -69,6 +70,16 @@ def group_advantages(rewards: torch.Tensor, group_size: int, how: str, eps: floa
     else:
         raise ValueError(f"group advantages are rloo, grpo or dr_grpo, got {how!r}")
     return out.view(-1)
+
+
+def reinforce_advantages(scores: torch.Tensor, seq_kl: torch.Tensor, baseline: torch.Tensor,
+                         alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLAIF's REINFORCE with a learned baseline (Lee et al. 2023), each response one action with a terminal reward.
+    (B,) scores, (B,) summed per-token KL to the reference, (B,) the value model's V(x) of each prompt ->
+    (rewards, advantages), both (B,): reward = (1 - alpha) * score - alpha * KL (alpha weighs the KL against the score
+    instead of adding to it), advantage = reward - V(x); the value model learns to predict the reward."""
+    rewards = (1.0 - alpha) * scores.float() - alpha * seq_kl.float()
+    return rewards, rewards - baseline.float()
 
 
 def group_spread(scores: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def tiny_cfg() -> dict:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
 
 
-TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.algorithm=ppo,rloo,grpo")
+TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.algorithm=ppo,rloo,grpo,reinforce")
 
 
 @pytest.fixture(scope="session")

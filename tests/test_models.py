@@ -101,6 +101,12 @@ def test_a_shared_prompt_is_computed_once_with_the_same_outputs_and_gradients(ti
         last = hidden[k][torch.arange(2 * k), mask.sum(1)]
         expected = preference_scores(pm, torch.cat([query, response], 1), torch.cat([query_mask, mask], 1))
         torch.testing.assert_close(pm.score(last).squeeze(-1).float(), expected, rtol=1e-5, atol=1e-5)
+        # reinforce's baseline V(x), from the prompts alone, is the value at the first response position (the state
+        # before the response) of the full pass
+        from cai.stages.ppo import _Batch, _prompt_values, _token_values
+
+        batch = _Batch(query, query_mask, response, mask, torch.ones(2 * k, dtype=torch.bool), k)
+        torch.testing.assert_close(_prompt_values(pm, batch), _token_values(pm, batch)[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_is_off(tiny_cfg):

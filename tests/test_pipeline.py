@@ -21,7 +21,7 @@ def _statuses(run_dir) -> dict[str, str]:
 
 def test_sweep_runs_every_stage_per_job_and_shares_upstream_stages(tiny_sweep):
     jobs = sweep_jobs(tiny_sweep)
-    assert len(jobs) == 3
+    assert len(jobs) == 4
     out = (tiny_sweep.parent / "pipeline.out").read_text()
     for stage in STAGES:
         assert f"=== cai.pipeline: {stage} ===" in out
@@ -36,13 +36,16 @@ def test_sweep_runs_every_stage_per_job_and_shares_upstream_stages(tiny_sweep):
         for stage in ("ppo", "evaluate"):
             assert other[stage] == "ran"
             assert (jobs[0] / stage).resolve() != (job / stage).resolve()
-    # the critic-free methods ran end to end in the pipeline: 4 responses per prompt, no value model
+    # the critic-free methods ran end to end in the pipeline: 4 responses per prompt, no value model; RLAIF's
+    # REINFORCE with one response per prompt and a value model as its baseline
     manifests = [read_manifest(job / "ppo") for job in jobs]
-    assert [m["algorithm"] for m in manifests] == ["ppo", "rloo", "grpo"]
-    assert [m["counts"]["samples_per_prompt"] for m in manifests] == [1, 4, 4]
-    assert ["value" in m["devices"] for m in manifests] == [True, False, False]
-    assert all("group_score_std" in row for job in jobs[1:] for row in read_metrics(job / "ppo"))
+    assert [m["algorithm"] for m in manifests] == ["ppo", "rloo", "grpo", "reinforce"]
+    assert [m["counts"]["samples_per_prompt"] for m in manifests] == [1, 4, 4, 1]
+    assert ["value" in m["devices"] for m in manifests] == [True, False, False, True]
+    assert all("group_score_std" in row for job in jobs[1:3] for row in read_metrics(job / "ppo"))
+    assert all("value_loss" in row and "group_score_std" not in row for row in read_metrics(jobs[3] / "ppo"))
     assert "<h2>RL-CAI (GRPO)</h2>" in (jobs[2] / "report.html").read_text()
+    assert "<h2>RL-CAI (REINFORCE)</h2>" in (jobs[3] / "report.html").read_text()
     for job in jobs:
         assert (job / "report.html").exists() and (job / "ppo" / "model" / "model.safetensors").exists()
 
@@ -152,7 +155,7 @@ def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
     for job in jobs:
         assert f"<td>{job.name}</td>" in page
     # one column per key the sweep varied (and none for the keys every job shares)
-    assert "<th>ppo.algorithm</th>" in page and all(f"<td>{name}</td>" in page for name in ("ppo", "rloo", "grpo"))
+    assert "<th>ppo.algorithm</th>" in page and all(f"<td>{name}</td>" in page for name in ("ppo", "rloo", "grpo", "reinforce"))
     assert "<th>debug</th>" not in page and "<h2>RL</h2>" in page
     copy = copy_stages(jobs[0], tmp_path / "copy", ["sl_generate", "sl_train"])
     result = run_module("cai.cli", "report", str(copy))

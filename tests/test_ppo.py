@@ -47,10 +47,11 @@ def babbler(tmp_path_factory):
     return tmp_path / "sft" / "sl_train" / "model", ids[1][0]
 
 
-@pytest.mark.parametrize("algorithm, prompts", [("ppo", 8), ("rloo", 2), ("grpo", 2), ("dr_grpo", 2)])
+@pytest.mark.parametrize("algorithm, prompts", [("ppo", 8), ("rloo", 2), ("grpo", 2), ("dr_grpo", 2), ("reinforce", 8)])
 def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, prompts):
     """The reward is the share of one word (" you") in the response: 8 responses a step for every algorithm (the
     critic-free ones as 2 prompts x 4)."""
+    critic = algorithm in ("ppo", "reinforce")
     model, token = babbler
     result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'rl'}", "ppo.reward=custom",
                         f"ppo.reward_fn={{_target_:tests.ppo_rewards.share_of_token,token:{token}}}",
@@ -62,11 +63,11 @@ def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, p
     assert len(scores) == 12
     first, last = scores[0], sum(scores[-4:]) / 4
     assert last > first + 0.1, scores  # about 0.12 of the tokens at the start
-    assert ("value_loss" in metrics[0]) == (algorithm == "ppo") and ("group_score_std" in metrics[0]) == (algorithm != "ppo")
+    assert ("value_loss" in metrics[0]) == critic and ("group_score_std" in metrics[0]) == (not critic)
     assert ("kl_loss" in metrics[0]) == (algorithm in ("grpo", "dr_grpo"))
     manifest = read_manifest(tmp_path / "rl" / "ppo")
-    assert manifest["algorithm"] == algorithm and manifest["counts"]["samples_per_prompt"] == (1 if algorithm == "ppo" else 4)
-    assert ("value" in manifest["devices"]) == (algorithm == "ppo")
+    assert manifest["algorithm"] == algorithm and manifest["counts"]["samples_per_prompt"] == (1 if critic else 4)
+    assert ("value" in manifest["devices"]) == critic
 
 
 def test_a_non_finite_reward_stops_the_run_and_names_the_step_and_checkpoint(tmp_path):
@@ -122,11 +123,11 @@ def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path, miss
         assert "each scored missing_eos_score=-1.0" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "reinforce"])
 def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path, algorithm):
     run_dir = _copy(tiny_run, tmp_path)
     args = [sys.executable, "-m", "cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.steps=10", "ppo.save_every=3",
-            "ppo.target_kl=0.5", f"ppo.algorithm={algorithm}", f"ppo.batch_size={4 if algorithm == 'ppo' else 2}"]
+            "ppo.target_kl=0.5", f"ppo.algorithm={algorithm}", f"ppo.batch_size={4 if algorithm in ('ppo', 'reinforce') else 2}"]
     latest = run_dir / "ppo" / "checkpoints" / "latest.json"
     again = kill_then_rerun(args, latest, at_step=3)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -183,7 +184,9 @@ def test_pairwise_labeler_reward_within_each_group(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coef=-0.1", "ppo.kl_coef (beta) must be >= 0, got -0.1"),
     ("ppo.batch_size=3", "ppo.batch_size=3 must be divisible by ppo.num_minibatches=2"),
-    ("ppo.algorithm=reinforce_pp", "ppo.algorithm must be one of ppo, rloo, grpo, dr_grpo, got 'reinforce_pp'"),
+    ("ppo.algorithm=reinforce_pp", "ppo.algorithm must be one of ppo, rloo, grpo, dr_grpo, reinforce, got 'reinforce_pp'"),
+    ("ppo.algorithm=reinforce ppo.kl_in=loss", "ppo.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
+                                               "ppo.kl_in must be reward or null"),
     ("ppo.algorithm=grpo ppo.samples_per_prompt=1",
      "ppo.algorithm=grpo measures each response against the other responses to its prompt: ppo.samples_per_prompt must be >= 2"),
     ("ppo.samples_per_prompt=0", "ppo.samples_per_prompt must be an integer >= 1 or null, got 0"),

@@ -120,6 +120,16 @@ def test_group_advantages_by_hand():
         rl.group_advantages(rewards, 4, "ppo")
 
 
+def test_reinforce_advantages_by_hand():
+    # alpha 0.1: rewards 0.9 * 1 - 0.1 * 2 = 0.7 and 0.9 * -0.5 - 0.1 * 0 = -0.45; less the baselines 0.3 and -0.2
+    rewards, advantages = rl.reinforce_advantages(t([1.0, -0.5]), t([2.0, 0.0]), t([0.3, -0.2]), alpha=0.1)
+    torch.testing.assert_close(rewards, torch.tensor([0.7, -0.45]))
+    torch.testing.assert_close(advantages, torch.tensor([0.4, -0.25]))
+    # alpha 0: the score alone; alpha 1: only the KL counts
+    torch.testing.assert_close(rl.reinforce_advantages(t([1.0]), t([3.0]), t([0.0]), alpha=0.0)[0], torch.tensor([1.0]))
+    torch.testing.assert_close(rl.reinforce_advantages(t([1.0]), t([3.0]), t([0.0]), alpha=1.0)[0], torch.tensor([-3.0]))
+
+
 def test_group_spread_is_the_mean_of_each_groups_population_std():
     # groups (0, 2): std 1; (5, 5): std 0 -> mean 0.5
     assert rl.group_spread(t([0.0, 2.0, 5.0, 5.0]), 2).item() == pytest.approx(0.5)

@@ -1,6 +1,7 @@
 """RL-CAI: PPO with the preference model as reward (or direct RLAIF), policy and value in DeepSpeed engines; or a
 critic-free method (``ppo.algorithm``: rloo, grpo, dr_grpo) that samples k responses per prompt and measures each
-against its siblings instead of a value model.
+against its siblings instead of a value model; or RLAIF's REINFORCE (``reinforce``), a value model's V(x) of the prompt
+as the baseline of each whole response.
 
     python -m cai.stages.ppo run_dir=R [ppo.kl_coef=0.05] [ppo.reward=direct_rlaif] [ppo.algorithm=rloo]
     torchrun --nproc_per_node 2 -m cai.stages.ppo run_dir=R deepspeed=zero3
@@ -28,13 +29,15 @@ One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); 
    policy and the reference with logits / T, values of the value model (ppo);
 4. ppo: rewards -beta * KL per token plus the score at the last token; GAE (gamma, lambda); advantages whitened.
    rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
-   the other responses to its prompt (``rl.group_advantages``), the same advantage at every token;
+   the other responses to its prompt (``rl.group_advantages``), the same advantage at every token; reinforce: the
+   reward (1 - beta) * score - beta * summed KL less the value model's V(x) (``rl.reinforce_advantages``), likewise;
 5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (aggregated over tokens as the
-   algorithm does, ``rl.aggregate``), plus beta * k3 KL when ``kl_in=loss``, plus the clipped value loss (ppo),
+   algorithm does, ``rl.aggregate``), plus beta * k3 KL when ``kl_in=loss``, plus the clipped value loss (ppo: per
+   token against the GAE returns; reinforce: V(x) against the reward),
    padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
 
 Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
-eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo: value_loss, value_clip_frac; k > 1:
+eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo, reinforce: value_loss, value_clip_frac; k > 1:
 group_score_std, the mean spread of the scores of one prompt's responses; kl_in=loss: kl_loss; and the step's
 seconds split into rollout_s (generation), score_s (reward, log-probs, values, advantages) and update_s),
 ``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
@@ -79,29 +82,32 @@ UPSTREAM = ("sl_train", "pm_finetune")
 HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
 REWARDS = ("pm", "direct_rlaif", "pairwise", "custom")
-ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo")
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce")
 
 
 @dataclass(frozen=True)
 class Algorithm:
     """What ``ppo.algorithm`` and its companion keys amount to, the nulls resolved to the algorithm's usual practice."""
-    name: str          # ppo | rloo | grpo | dr_grpo
+    name: str          # ppo | rloo | grpo | dr_grpo | reinforce
     k: int             # responses per prompt
     kl_in: str         # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss
     aggregation: str   # how per-token losses become one number (rl.aggregate)
 
     @property
     def critic(self) -> bool:
-        return self.name == "ppo"
+        """A value model trains beside the policy: ppo's per-token critic, reinforce's baseline V(x) of the prompt."""
+        return self.name in ("ppo", "reinforce")
 
 
 def algorithm(s: DictConfig) -> Algorithm:
     """ppo: 1 response per prompt, KL in the reward, token mean (Huang et al.). rloo: 4, KL in the reward, token mean
     (Ahmadian et al.). grpo: 4, a k3 KL loss, each response's token mean then the mean over responses (Shao et al.).
-    dr_grpo: as grpo without the std division, each response's token sum over max_new_tokens (Liu et al.)."""
-    k = s.samples_per_prompt or (1 if s.algorithm == "ppo" else 4)
-    kl_in = s.kl_in or ("reward" if s.algorithm in ("ppo", "rloo") else "loss")
-    aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant"}.get(s.algorithm, "token_mean")
+    dr_grpo: as grpo without the std division, each response's token sum over max_new_tokens (Liu et al.). reinforce: 1,
+    the KL weighed against the score in the reward, each response's token sum over max_new_tokens (Lee et al.: the
+    response is one action, so its log-probability is the sum over its tokens)."""
+    k = s.samples_per_prompt or (1 if s.algorithm in ("ppo", "reinforce") else 4)
+    kl_in = s.kl_in or ("reward" if s.algorithm in ("ppo", "rloo", "reinforce") else "loss")
+    aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant", "reinforce": "constant"}.get(s.algorithm, "token_mean")
     return Algorithm(s.algorithm, k, kl_in, aggregation)
 
 
@@ -218,7 +224,8 @@ def run(cfg: DictConfig) -> Path:
 
         # metrics (means over ranks), KL controller, samples, checkpoint
         seq_kl = ro.kl.sum(dim=1)
-        row = {"step": step + 1, "score": raw.mean().item(), "reward": (ro.scores - beta * seq_kl).mean().item(),
+        reward_ = ro.returns if algo.name == "reinforce" else ro.scores - beta * seq_kl
+        row = {"step": step + 1, "score": raw.mean().item(), "reward": reward_.mean().item(),
                "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
                "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
         if algo.k > 1:
@@ -278,8 +285,8 @@ class Rollout:
     advantages: torch.Tensor     # (B, R) ppo: GAE advantages, whitened over the batch's real tokens; critic-free: each
                                  # response's group advantage at every real token
     entropy: float               # mean per-token entropy of π_old over real tokens
-    values: torch.Tensor | None = None   # (B, R) V_old(s_t) of the value model (ppo)
-    returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo)
+    values: torch.Tensor | None = None   # (B, R) V_old(s_t) of the value model (ppo); reinforce: (B,) V_old(x)
+    returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo); reinforce: (B,) rewards
 
 
 def sample(policy_engine, rollout, tok, conversations: list[list[dict]], queries: list[list[int]], *, s, cfg, step: int,
@@ -309,7 +316,8 @@ def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Te
     """Log-probs of the policy and the reference (logits / T) and the advantages for the sampled ``batch`` and its raw
     scores (B,). ppo: values, per-token rewards (-beta * KL plus the score at the last real token), GAE, whitened
     advantages. Critic-free: each response's reward (score, less beta * summed KL when ``kl_in=reward``) against its
-    group's (``rl.group_advantages``), spread over its real tokens."""
+    group's (``rl.group_advantages``), spread over its real tokens. reinforce: RLAIF's reward less the value model's V(x)
+    (``rl.reinforce_advantages``), likewise spread."""
     scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty, s.missing_eos_score)
     logits = _response_logits(policy_engine.module, batch)
     logprobs = rl.logprobs_from_logits(logits, batch.response, s.temperature)
@@ -323,6 +331,11 @@ def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Te
         rewards_ = scores - beta * kl.sum(dim=1) if algo.kl_in == "reward" else scores
         ro.advantages = rl.group_advantages(rewards_, algo.k, algo.name).unsqueeze(1) * batch.mask
         return ro
+    if algo.name == "reinforce":
+        ro.values = _prompt_values(value_engine.module, batch)
+        ro.returns, advantages = rl.reinforce_advantages(scores, kl.sum(dim=1), ro.values, beta)
+        ro.advantages = advantages.unsqueeze(1) * batch.mask
+        return ro
     ro.values = _token_values(value_engine.module, batch)
     per_token = rl.token_rewards(scores, kl, batch.mask, beta if algo.kl_in == "reward" else 0.0)
     if s.whiten_rewards:
@@ -335,7 +348,7 @@ def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Te
 def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta: float, seed: int, step: int, rank: int,
            checkpoints: Path) -> dict:
     """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the rollout: the clipped policy loss (plus
-    beta * the k3 KL to the reference when ``kl_in=loss``) and, for ppo, the clipped value loss; one optimizer step each
+    beta * the k3 KL to the reference when ``kl_in=loss``) and, for ppo and reinforce, the clipped value loss; one optimizer step each
     per minibatch. Returns the mean of each loss statistic."""
     from cai import distributed
 
@@ -356,7 +369,11 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta
             if algo.kl_in == "loss":
                 losses["kl_loss"] = rl.aggregate(rl.kl_per_token(logp, ro.ref_logprobs[idx], "k3"), mb.mask,
                                                  algo.aggregation, s.max_new_tokens)
-            if algo.critic:
+            if algo.name == "reinforce":  # V(x) against the response's reward: one prediction per row
+                values = _prompt_values(value_engine.module, mb).unsqueeze(1)
+                losses["value_loss"], v_clip = rl.value_loss(values, ro.values[idx].unsqueeze(1), ro.returns[idx].unsqueeze(1),
+                                                             torch.ones_like(values), s.clip_range_value)
+            elif algo.critic:
                 values = _token_values(value_engine.module, mb)
                 losses["value_loss"], v_clip = rl.value_loss(values, ro.values[idx], ro.returns[idx], mb.mask,
                                                              s.clip_range_value)
@@ -403,6 +420,14 @@ def _token_values(value_model, b: _Batch) -> torch.Tensor:
     return value_model.score(hidden[:, :-1]).squeeze(-1).float()
 
 
+def _prompt_values(value_model, b: _Batch) -> torch.Tensor:
+    """(B,) V(x): the scalar head at each prompt's last token (the state before the response; ``_token_values``' first
+    column), the prompt run once per group."""
+    from cai.models import preference_scores
+
+    return preference_scores(value_model, b.query[::b.group], b.query_mask[::b.group]).repeat_interleave(b.group)
+
+
 def _clock(device: torch.device) -> float:
     """A wall-clock reading after the GPU has finished the work queued so far (CUDA runs asynchronously, so
     the per-phase times in metrics.jsonl would otherwise land on whichever phase waits first)."""
@@ -442,7 +467,10 @@ def _check_settings(s: DictConfig) -> None:
         raise StageInputError(f"{STAGE}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
     if s.samples_per_prompt is not None and (not isinstance(s.samples_per_prompt, int) or s.samples_per_prompt < 1):
         raise StageInputError(f"{STAGE}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
-    if s.algorithm != "ppo" and s.samples_per_prompt == 1:
+    if s.algorithm == "reinforce" and s.kl_in == "loss":
+        raise StageInputError(f"{STAGE}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
+                              f"{STAGE}.kl_in must be reward or null")
+    if s.algorithm in ("rloo", "grpo", "dr_grpo") and s.samples_per_prompt == 1:
         raise StageInputError(f"{STAGE}.algorithm={s.algorithm} measures each response against the other responses to its "
                               f"prompt: {STAGE}.samples_per_prompt must be >= 2 (null: 4)")
     if s.reward == "pairwise" and algorithm(s).k < 2:
