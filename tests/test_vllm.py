@@ -268,27 +268,30 @@ def test_ppo_samples_its_rollouts_on_vllm(tmp_path):
 
 # -- the whole pipeline ---------------------------------------------------------------------------------------------
 
-def test_the_pipeline_runs_every_stage_on_vllm_with_the_labeler_and_judge_served(server, checkpoint, tmp_path):
-    """Every role that generates or labels on an engine: the policy's roles on vLLM in each stage's process (SL
+def test_the_pipeline_runs_every_stage_on_vllm_then_with_the_labeler_served(server, checkpoint, tmp_path):
+    """A 2-job sweep over ``labeler.engine=vllm,served``, the policy's roles on vLLM in each stage's process in both (SL
     answers, critiques and revisions; ai_feedback's pairs; PPO's rollouts, given the policy's weights each step;
-    evaluate's replies), the labeler and the judge on the module's server (labels, evaluate's judgements and ratings)."""
-    from conftest import run_module
+    evaluate's replies). Job 1: the labeler and the judge (which follows it) on vLLM too; job 2: both on the module's
+    server, which job 2 runs every stage that reads the labeler again with (the others are job 1's)."""
+    from conftest import run_module, sweep_jobs
     from omegaconf import OmegaConf
 
     from cai import roles
     from cai.pipeline import STAGES
     from cai.runio import read_manifest, read_metrics
 
-    served = [f"{role}.{key}" for role in ("labeler", "judge") for key in
-              (f"path={checkpoint}", "engine=served", f"served.url={server.url}", "served.retries=1")]
-    result = run_module("cai.pipeline", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
-                        "model.engine=vllm", "model.vllm.cpu_kv_cache_gib=1", "ppo.rollout_engine=vllm", *served)
+    result = run_module("cai.pipeline", "-m", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
+                        "model.engine=vllm", "model.vllm.cpu_kv_cache_gib=1", "ppo.rollout_engine=vllm",
+                        f"labeler.path={checkpoint}", "labeler.engine=vllm,served", f"labeler.served.url={server.url}",
+                        "labeler.served.retries=1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    manifests = {stage: read_manifest(tmp_path / stage) for stage in STAGES}
-    assert all(m["status"] == "complete" for m in manifests.values())
-    for stage, role, engine in [("sl_generate", "policy", "vllm"), ("sl_generate", "reviser", "vllm"),
-                                ("ai_feedback", "policy", "vllm"), ("ai_feedback", "labeler", "served"),
-                                ("ppo", "sl_start", "vllm"), ("evaluate", "policy", "vllm"), ("evaluate", "judge", "served")]:
-        assert roles.spec(OmegaConf.create(manifests[stage]["config"]), role)["engine"] == engine, (stage, role)
-    assert manifests["ppo"]["config"]["ppo"]["rollout_engine"] == "vllm"
-    assert all(r["response_length"] > 0 for r in read_metrics(tmp_path / "ppo") if "score" in r)
+    for job, labeler in zip(sweep_jobs(tmp_path), ("vllm", "served")):
+        manifests = {stage: read_manifest(job / stage) for stage in STAGES}
+        assert all(m["status"] == "complete" for m in manifests.values())
+        for stage, role, engine in [("sl_generate", "policy", "vllm"), ("sl_generate", "reviser", "vllm"),
+                                    ("ai_feedback", "policy", "vllm"), ("ai_feedback", "labeler", labeler),
+                                    ("ppo", "sl_start", "vllm"), ("evaluate", "policy", "vllm"), ("evaluate", "judge", labeler)]:
+            assert roles.spec(OmegaConf.create(manifests[stage]["config"]), role)["engine"] == engine, (job, stage, role)
+        assert manifests["ppo"]["config"]["ppo"]["rollout_engine"] == "vllm"
+        assert all(r["response_length"] > 0 for r in read_metrics(job / "ppo") if "score" in r)
+        assert (job / "report.html").exists()
