@@ -15,8 +15,7 @@ TINY_ARGS = ["debug=tiny", "progress=false"]
 
 
 def test_every_role_falls_back_to_model_when_unset():
-    # the demo's engines set aside: it names the labeler's and the judge's, and pm_backbone never takes model's vllm
-    cfg = compose_cfg("pipeline", ["model.engine=hf", "labeler.engine=null", "judge.engine=null"])
+    cfg = compose_cfg("pipeline", [])
     model = {**roles.identity(roles.spec(cfg, "model"))}
     for role in roles.ROLES:
         spec = roles.spec(cfg, role)
