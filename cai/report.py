@@ -21,7 +21,7 @@ from pathlib import Path
 from cai.runio import atomic_write_text, read_manifest, read_metrics
 from cai.stages import STAGES
 
-PPO_CURVES = (("score", "mean score"), ("reward", "reward (score - beta KL)"), ("kl", "KL to reference (nats/seq)"),
+PPO_CURVES = (("score", "mean score"), ("reward", "reward (score with its KL term)"), ("kl", "KL to reference (nats/seq)"),
               ("response_length", "response length (tokens)"), ("group_score_std", "score spread within a prompt's group"))
 ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce": "REINFORCE"}
 

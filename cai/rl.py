@@ -215,16 +215,19 @@ class AdaptiveKL:
     """Ziegler et al. (2019)'s KL controller: beta follows the measured KL towards ``target``.
 
     beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) after each batch of n samples.
-    With ``target=None`` beta stays fixed. ``state()``/``load()`` go into checkpoints.
+    With ``target=None`` beta stays fixed; with ``ceiling`` it never grows past it (RLAIF's alpha weighs the score by
+    1 - alpha and stops at 1). ``state()``/``load()`` go into checkpoints.
     """
 
-    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
-        self.value, self.target, self.horizon = float(init), target, horizon
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000, ceiling: float | None = None):
+        self.value, self.target, self.horizon, self.ceiling = float(init), target, horizon, ceiling
 
     def update(self, kl: float, n_samples: int) -> float:
         if self.target is not None:
             error = max(-0.2, min(0.2, kl / self.target - 1.0))
             self.value *= 1.0 + error * n_samples / self.horizon
+            if self.ceiling is not None:
+                self.value = min(self.value, self.ceiling)
         return self.value
 
     def state(self) -> dict:

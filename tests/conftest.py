@@ -55,7 +55,7 @@ TINY_SWEEP = ("debug=tiny", "progress=false", "ppo.algorithm=ppo,rloo,grpo,reinf
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory) -> Path:
-    """One tiny 3-job sweep of the whole pipeline (``TINY_SWEEP``), shared by the test modules: its first
+    """One tiny 4-job sweep of the whole pipeline (``TINY_SWEEP``), shared by the test modules: its first
     job is ``tiny_run``. The pipeline's own output is kept beside it for the tests of the pipeline itself."""
     def build(root: Path) -> None:
         result = run_module("cai.pipeline", "-m", *TINY_SWEEP, f"run_dir={root / 'sweep'}")

@@ -99,6 +99,8 @@ def test_adaptive_kl_controller():
     assert restored.value == ctl.value
     fixed = rl.AdaptiveKL(0.05)
     assert fixed.update(kl=100.0, n_samples=64) == 0.05
+    capped = rl.AdaptiveKL(0.9, target=1.0, horizon=10, ceiling=1.0)  # reinforce's alpha
+    assert capped.update(kl=12.0, n_samples=10) == 1.0  # 0.9 * 1.2 = 1.08, held at the ceiling
 
 
 def test_group_advantages_by_hand():

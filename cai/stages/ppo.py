@@ -175,7 +175,7 @@ def run(cfg: DictConfig) -> Path:
     if algo.critic:
         value_engine, _ = training.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
         engines["value"] = value_engine
-    kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon)
+    kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon, ceiling=1.0 if algo.name == "reinforce" else None)
 
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
@@ -467,6 +467,9 @@ def _check_settings(s: DictConfig) -> None:
         raise StageInputError(f"{STAGE}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
     if s.samples_per_prompt is not None and (not isinstance(s.samples_per_prompt, int) or s.samples_per_prompt < 1):
         raise StageInputError(f"{STAGE}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
+    if s.algorithm == "reinforce" and s.kl_coef is not None and s.kl_coef > 1:
+        raise StageInputError(f"{STAGE}.algorithm=reinforce weighs the score by 1 - {STAGE}.kl_coef: {STAGE}.kl_coef must be "
+                              f"in [0, 1], got {s.kl_coef}")
     if s.algorithm == "reinforce" and s.kl_in == "loss":
         raise StageInputError(f"{STAGE}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
                               f"{STAGE}.kl_in must be reward or null")
