@@ -35,6 +35,8 @@ GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head size of 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from cai.errors import InputError
@@ -254,14 +256,26 @@ class ServedEngine:
                     return json.loads(answer.read())
             except urllib.error.HTTPError as e:
                 if e.code < 500:  # the server understood and refused: retrying will not help
-                    raise EngineError(f"{self.key}=served: {self.url}{path} answered {e.code}: "
-                                      f"{first_line(Exception(e.read().decode('utf-8', 'replace')))}") from None
+                    raise EngineError(f"{self.key}=served: {self.url}{path} answered {e.code}: {_refusal(e.read())}") from None
                 reason = f"HTTP {e.code}"
             except (OSError, http.client.HTTPException, ValueError) as e:  # refused, dropped, timed out, cut-off or
                 reason = str(getattr(e, "reason", e)) or type(e).__name__  # garbled answer: worth another try
             if attempt < self.retries:
                 time.sleep(2 ** attempt)
         raise EngineError(f"{self.key}=served: {self.url}{path} did not answer after {self.retries + 1} tries ({reason})")
+
+
+def _refusal(body: bytes) -> str:
+    """The message of a refused request: an OpenAI-style ``{"error": {"message": ...}}`` body's, else its first line."""
+    import json
+
+    text = body.decode("utf-8", "replace")
+    try:
+        error = json.loads(text).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return first_line(Exception(message if isinstance(message, str) and message else text))
 
 
 # what the server must not add (a checkpoint's repetition penalty, top-k, ...): cai samples from softmax(logits / T)
@@ -303,8 +317,9 @@ def engine_folder(model_spec: dict, tok) -> str:
 
 class LocalServer:
     """vLLM's OpenAI-compatible server for the model folder ``folder`` on 127.0.0.1 (a free port), started as a served
-    role needs it (``--generation-config vllm``, eager), for the tests and the bench; ``url`` is what ``served.url``
-    takes. ``start()`` returns once it answers; ``stop()`` ends its process group (and ``start()`` may follow again).
+    role needs it (``--generation-config vllm``, eager; ``env``: more of its environment), for the tests and the bench;
+    ``url`` is what ``served.url`` takes. ``start()`` returns once it answers; ``stop()`` ends its process group (and
+    ``start()`` may follow again). Its output goes to ``log``, a file in the temporary folder that a failed start names.
     It runs vLLM's server module: the ``vllm`` command of the vllm-cpu package looks for a package named vllm and fails."""
 
     def __init__(self, folder, dtype: str = "float32", max_model_len: int = 2048, cpu_kv_cache_gib: int = 1,
@@ -317,6 +332,7 @@ class LocalServer:
         self.folder, self.dtype, self.max_model_len, self.kv_gib = str(folder), dtype, max_model_len, cpu_kv_cache_gib
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.env, self.process = dict(env or {}), None
+        self.log = Path(tempfile.gettempdir()) / f"cai-vllm-server-{self.port}.log"
 
     def start(self, timeout: float = 240) -> None:
         import subprocess
@@ -324,23 +340,25 @@ class LocalServer:
         import time
         import urllib.request
 
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.folder, "--host", "127.0.0.1",
-             "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager", "--generation-config", "vllm",
-             "--max-model-len", str(self.max_model_len)],
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_gib), **self.env}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.folder, "--host", "127.0.0.1",
+                 "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager", "--generation-config", "vllm",
+                 "--max-model-len", str(self.max_model_len)],
+                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_gib), **self.env}, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server for {self.folder} exited while starting (code {self.process.returncode})")
+                raise RuntimeError(f"the vLLM server for {self.folder} exited while starting (code {self.process.returncode}; "
+                                   f"its output: {self.log})")
             try:
                 with urllib.request.urlopen(self.url + "/models", timeout=2):
                     return
             except OSError:
                 time.sleep(1)
         self.stop()
-        raise TimeoutError(f"the vLLM server for {self.folder} did not answer within {timeout} s")
+        raise TimeoutError(f"the vLLM server for {self.folder} did not answer within {timeout} s (its output: {self.log})")
 
     def stop(self) -> None:
         import signal

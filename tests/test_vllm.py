@@ -185,6 +185,21 @@ def test_an_unreachable_server_is_one_line_naming_the_address(checkpoint):
         load_generator(served_spec(checkpoint, None))
 
 
+def test_a_request_the_server_refuses_is_one_line_with_its_reason(server, checkpoint, engines):
+    """A prompt longer than the server's context: vLLM answers 400 with an OpenAI-style error body; the call fails at
+    once (a refusal is not retried) in one line naming the role's engine, the address and the server's own message."""
+    from cai.engines import EngineError, load_generator
+
+    _, _, tok = engines
+    remote, _ = load_generator(served_spec(checkpoint, server.url))
+    too_long = [[{"role": "user", "content": "word " * 3000}]]
+    with pytest.raises(EngineError) as refused:
+        generate(remote, tok, too_long, max_new_tokens=4, temperature=0.0, seed=0, progress=False)
+    message = str(refused.value)
+    assert message.startswith(f"labeler.engine=served: {server.url}/completions answered 400: ") and "\n" not in message
+    assert "2048" in message and "{" not in message, message  # the error's message, not its JSON
+
+
 def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_server_drops(server, checkpoint, tmp_path):
     """ai_feedback for real on both: the policy's pairs sampled by vLLM in the stage's process, the labels read from
     the server, which is stopped once the first shard is written. The stage stops with one line naming the server;
