@@ -125,6 +125,19 @@ def embedded_pm(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "embedded-run", build)
 
 
+def vllm_and_transformers(spec: dict):
+    """A module fixture's body: (vLLM engine in this process, transformers model, tokenizer) of one model spec, the
+    same weights both ways (fp32 on the CPU, 1 GiB of KV cache, 2048 tokens); the engine is closed after the module."""
+    from cai.engines import load_generator
+    from cai.models import load_policy
+
+    spec = {**spec, "device": "cpu", "dtype": "float32"}
+    engine, tok = load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 1, "max_model_len": 2048}})
+    model, _ = load_policy(spec)
+    yield engine, model, tok
+    engine.close()
+
+
 def copy_stages(run_dir: Path, target: Path, stages) -> Path:
     import shutil
 

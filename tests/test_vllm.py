@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, vllm_and_transformers
 
 from cai.constitution import load_constitution
 from cai.feedback import Pair, direct_scores, judge_pairs, next_token_logprobs, option_tokens
@@ -44,14 +44,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(checkpoint):
     """(vLLM engine, transformers model, tokenizer) on that one checkpoint."""
-    from cai.engines import load_generator
-    from cai.models import load_policy
-
-    spec = {"path": str(checkpoint), "key": "labeler.path", "role": "labeler", "device": "cpu", "dtype": "float32"}
-    engine, tok = load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 1, "max_model_len": 2048}})
-    model, _ = load_policy(spec)
-    yield engine, model, tok
-    engine.close()
+    yield from vllm_and_transformers({"path": str(checkpoint), "key": "labeler.path", "role": "labeler"})
 
 
 def test_greedy_replies_are_the_same_tokens_as_transformers_and_ignore_the_shipped_penalty(engines):

@@ -5,7 +5,7 @@ same comparison.)"""
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, vllm_and_transformers
 
 from cai.constitution import load_constitution
 from cai.feedback import Pair, judge_pairs
@@ -21,14 +21,7 @@ PROMPTS = [[{"role": "user", "content": text}] for text in (
 
 @pytest.fixture(scope="module")
 def engines():
-    from cai.engines import load_generator
-    from cai.models import load_policy
-
-    spec = {"path": "embedded", "key": "model.path", "role": "policy", "device": "cpu", "dtype": "float32"}
-    engine, tok = load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 1, "max_model_len": 2048}})
-    model, _ = load_policy(spec)
-    yield engine, model, tok
-    engine.close()
+    yield from vllm_and_transformers({"path": "embedded", "key": "model.path", "role": "policy"})
 
 
 def test_greedy_replies_are_the_same_tokens(engines):

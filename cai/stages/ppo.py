@@ -473,7 +473,7 @@ def _check_settings(s: DictConfig) -> None:
     if s.algorithm == "reinforce" and s.kl_in == "loss":
         raise StageInputError(f"{STAGE}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
                               f"{STAGE}.kl_in must be reward or null")
-    if s.algorithm in ("rloo", "grpo", "dr_grpo") and s.samples_per_prompt == 1:
+    if not algorithm(s).critic and s.samples_per_prompt == 1:
         raise StageInputError(f"{STAGE}.algorithm={s.algorithm} measures each response against the other responses to its "
                               f"prompt: {STAGE}.samples_per_prompt must be >= 2 (null: 4)")
     if s.reward == "pairwise" and algorithm(s).k < 2:
