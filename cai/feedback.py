@@ -296,15 +296,16 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
 SCORES = tuple(str(k) for k in range(1, 11))
 
 
-def score_logprobs(model, tok, texts: Sequence[str], batch_size: int = 8) -> list[list[float]]:
+def score_logprobs(model, tok, texts: Sequence[str]) -> list[list[float]]:
     """log P(score) for the scores "1".."10" written right after each text.
 
     Scores whose first token is unique are read from one prefill. Tokenizers that split digits (SmolLM2)
     make "10" = "1" + "0": then log P("10") = log P("1") + log P("0" | "1") and log P("1") is "1" *not*
-    followed by another digit, log P("1") + log(1 − P(digit | "1")) — a second prefill of the context
-    plus "1". Multi-token scores longer than two tokens are refused.
+    followed by another digit, log P("1") + log(1 − P(digit | "1")) — read from the context plus "1", which
+    shares the context's KV cache (``shared_prefix_logprobs``: the text is run once, and the rating instruction
+    that opens every text once per call). Multi-token scores longer than two tokens are refused.
     """
-    plans, contexts, candidates = [], [], []
+    plans, contexts, candidates, groups = [], [], [], []
     for text in texts:
         encoded = [tok(text + s, add_special_tokens=False)["input_ids"] for s in SCORES]
         n = _common_prefix_length(encoded)
@@ -315,12 +316,11 @@ def score_logprobs(model, tok, texts: Sequence[str], batch_size: int = 8) -> lis
         extended = sorted({f for f, r in zip(firsts, rests) if r})  # first tokens that some score continues
         digits = sorted(set(firsts) | {r[0] for r in rests if r})
         plans.append((len(contexts), firsts, rests, extended, digits))
-        contexts.append(context)
-        candidates.append(digits)
-        for f in extended:
-            contexts.append(context + [f])
+        for sequence in [context] + [context + [f] for f in extended]:
+            contexts.append(sequence)
             candidates.append(digits)
-    logprobs = next_token_logprobs(model, contexts, candidates, tok.pad_token_id, batch_size=batch_size)
+            groups.append(len(plans) - 1)
+    logprobs = shared_prefix_logprobs(model, contexts, candidates, groups, tok.pad_token_id)
     results = []
     for start, firsts, rests, extended, digits in plans:
         first_lp = dict(zip(digits, logprobs[start]))
@@ -338,8 +338,7 @@ def score_logprobs(model, tok, texts: Sequence[str], batch_size: int = 8) -> lis
     return results
 
 
-def direct_scores(model, tok, constitution, items: Sequence[tuple[list[dict], str]], *, batch_size: int = 8,
-                  kind: str = "score") -> list[float]:
+def direct_scores(model, tok, constitution, items: Sequence[tuple[list[dict], str]], *, kind: str = "score") -> list[float]:
     """The expected 1..10 rating in [-1, 1] of each ``(conversation, response)`` under one of the constitution's rating
     templates (a fixed instruction, so the same reply always gets the same rating): ``score`` (direct RLAIF's reward,
     evaluate's harmlessness rating) or ``evasive`` (evaluate's evasiveness rating)."""
@@ -350,7 +349,7 @@ def direct_scores(model, tok, constitution, items: Sequence[tuple[list[dict], st
     for conversation, response in items:
         messages, prefix = score_messages(constitution, conversation, response, kind)
         texts.append(render_chat(tok, messages, prefix))
-    return [normalised_score(lp) for lp in score_logprobs(model, tok, texts, batch_size=batch_size)]
+    return [normalised_score(lp) for lp in score_logprobs(model, tok, texts)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,8 +63,8 @@ class DirectRLAIFReward:
 
     value_start = None
 
-    def __init__(self, labeler_cfg, constitution, batch_size: int):
-        self.labeler_cfg, self.constitution, self.batch_size = labeler_cfg, constitution, batch_size
+    def __init__(self, labeler_cfg, constitution):
+        self.labeler_cfg, self.constitution = labeler_cfg, constitution
         self.fingerprint, self.constitution_hash = f"direct_rlaif:{constitution.hash}", constitution.hash
 
     def load(self, policy_tok) -> dict:
@@ -78,7 +78,7 @@ class DirectRLAIFReward:
         from cai.feedback import direct_scores
 
         items = [(conv, c.text) for conv, c in zip(conversations, completions)]
-        return torch.tensor(direct_scores(self.model, self.tok, self.constitution, items, batch_size=self.batch_size))
+        return torch.tensor(direct_scores(self.model, self.tok, self.constitution, items))
 
 
 class PairwiseLabelerReward:

@@ -229,13 +229,45 @@ def test_direct_scores_on_a_tiny_model():
     assert scores == direct_scores(model, tok, CONSTITUTION, items)
 
 
+def test_score_logprobs_equal_full_forward_passes_of_each_context():
+    """score_logprobs runs each text once (the "1" context continues its KV cache, the shared instruction is run once
+    per call); its log-probs equal separate full forward passes of the text and of the text plus "1"."""
+    import os
+
+    from cai.constitution import score_messages
+    from cai.feedback import SCORES, score_logprobs
+
+    model, tok = load_policy(TINY)
+    texts = [render_chat(tok, *score_messages(CONSTITUTION, p.conversation, reply, "score"))
+             for p in PAIRS for reply in (p.response_a, p.response_b + " and a longer tail")]
+    got = score_logprobs(model, tok, texts)
+
+    for text, row in zip(texts, got):
+        encoded = [tok(text + s, add_special_tokens=False)["input_ids"] for s in SCORES]
+        n = len(os.path.commonprefix(encoded))
+        digits = sorted({e[n] for e in encoded} | {e[n + 1] for e in encoded if len(e) > n + 1})
+
+        def full(context, digits=digits):
+            return dict(zip(digits, next_token_logprobs(model, [context], [digits], tok.pad_token_id)[0]))
+
+        first = full(encoded[0][:n])
+        assert any(len(e) > n + 1 for e in encoded)  # "10" is two tokens: the second context is exercised
+        for e, lp in zip(encoded, row):
+            want = first[e[n]]
+            if len(e) > n + 1:
+                want += full(e[:n + 1])[e[n + 1]]
+            elif any(len(x) > n + 1 and x[n] == e[n] for x in encoded):
+                want += math.log(1 - sum(math.exp(v) for v in full(e[:n + 1]).values()))
+            assert lp == pytest.approx(want, abs=1e-5)
+
+
 def test_direct_rlaif_gives_a_response_the_same_reward_at_every_step():
     """The reward is a function of (conversation, response) alone: the keys that name (prompt, step) change nothing,
     and a batch of one gives the same rating as the same reply inside a larger batch."""
     from cai.generation import Completion
     from cai.rewards import DirectRLAIFReward
 
-    reward = DirectRLAIFReward(TINY, CONSTITUTION, batch_size=8)
+    reward = DirectRLAIFReward(TINY, CONSTITUTION)
     reward.load(policy_tok=None)
     conversations = [p.conversation for p in PAIRS]
     completions = [Completion(text=p.response_a, token_ids=[5], finished=True) for p in PAIRS]

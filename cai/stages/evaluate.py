@@ -268,13 +268,11 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
     for name, rows in replies.items():
         asked = [(conversations[i], rows[i]["text"]) for i in range(len(items))]
-        harmless = direct_scores(model, tok, constitution, [asked[i] for i in red],
-                                 batch_size=cfg.generation.batch_size) if red else []
+        harmless = direct_scores(model, tok, constitution, [asked[i] for i in red]) if red else []
         ratings["harmless"][name] = [None] * len(items)
         for i, v in zip(red, harmless):
             ratings["harmless"][name][i] = v
-        ratings["evasive"][name] = direct_scores(model, tok, constitution, asked, batch_size=cfg.generation.batch_size,
-                                                 kind="evasive")
+        ratings["evasive"][name] = direct_scores(model, tok, constitution, asked, kind="evasive")
     alignment = None
     if human_pairs:
         human = judge_pairs(model, tok, constitution, human_pairs, **judging)  # under every comparison principle

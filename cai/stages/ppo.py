@@ -525,7 +525,7 @@ def _reward(cfg: DictConfig, s: DictConfig):
         if s.reward == "pairwise":
             return rewards.PairwiseLabelerReward(roles.spec(cfg, "labeler"), constitution, cfg.seed, cfg.generation.batch_size,
                                                  s.pairwise_principles)
-        return rewards.DirectRLAIFReward(roles.spec(cfg, "labeler"), constitution, cfg.generation.batch_size)
+        return rewards.DirectRLAIFReward(roles.spec(cfg, "labeler"), constitution)
     return rewards.FunctionReward(*rewards.function_from_config(s.reward_fn))
 
 
