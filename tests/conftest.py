@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY = {"path": "tiny-random", "tiny": {"seed": 0, "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4}}
+TINY = {"path": "tiny-random", "dtype": "float32",  # as conf/model/tiny_random.yaml: the same numbers on every CPU
+        "tiny": {"seed": 0, "vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 4}}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach for a hub
 
@@ -106,7 +107,9 @@ def sweep_jobs(sweep: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def embedded_pm(tmp_path_factory) -> Path:
     """The embedded SmolLM2 as labeler (ai_feedback on 6 prompts), then pm_finetune on its labels mixed with
-    human pairs, starting from the base model (no PMP); normalised on a two-row reference file."""
+    human pairs, starting from the base model (no PMP); normalised on a two-row reference file. The labeler runs in
+    ``model.dtype=auto`` (bf16 on a CPU with bf16 instructions); pm_finetune in fp32, so its centring is checked to 1e-3
+    (a bf16 score carries about 1e-2 of rounding)."""
     import json
 
     def build(run_dir: Path) -> None:
@@ -117,7 +120,8 @@ def embedded_pm(tmp_path_factory) -> Path:
         reference.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
                                      + "\n" for q, a in [("How do I boil an egg?", "Simmer it for about nine minutes."),
                                                          ("Name a prime number.", "Seven is prime.")]))
-        result = run_module("cai.stages.pm_finetune", f"run_dir={run_dir}", "progress=false", "pm_finetune.micro_batch_size=2",
+        result = run_module("cai.stages.pm_finetune", f"run_dir={run_dir}", "progress=false", "model.dtype=float32",
+                            "pm_finetune.micro_batch_size=2",
                             "pm_finetune.max_length=384", f"pm_finetune.reference={reference}", "pm_finetune.eval_fraction=0.34")
         assert result.returncode == 0, result.stderr[-2000:]
         (run_dir / "pm_finetune.stdout").write_text(result.stdout)

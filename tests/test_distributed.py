@@ -42,11 +42,11 @@ def process_group():
     os.environ.update(saved)
 
 
-def _engine(zero_file: str, seed: int = 0, compile: bool = False):
+def _engine(zero_file: str, seed: int = 0, compile: bool = False, dtype: str = "float32"):
     from cai.models import load_policy
 
     torch.manual_seed(seed)
-    model, _ = load_policy({"path": "tiny-random", "device": "cpu", "dtype": "float32", "trust_remote_code": False})
+    model, _ = load_policy({"path": "tiny-random", "device": "cpu", "dtype": dtype, "trust_remote_code": False})
     cfg = OmegaConf.create({"deepspeed": OmegaConf.load(f"conf/deepspeed/{zero_file}.yaml")})
     s = OmegaConf.create({"micro_batch_size": 2, "grad_accum": 1, "lr": 1e-2, "warmup_ratio": 0.0, "weight_decay": 0.0,
                           "grad_clip": 1.0, "compile": compile})
@@ -64,6 +64,22 @@ def _train_step(engine):
     ids = torch.arange(2 * 12).reshape(2, 12) % 100 + 5
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
+
+
+def test_bf16_training_on_the_cpu_keeps_fp32_master_weights(process_group):
+    """model.dtype=auto picks bf16 on a CPU with bf16 instructions: the engine then steps fp32 master weights and copies
+    them into the bf16 model (an update of lr 1e-6 would vanish in bf16's 8-bit mantissa otherwise)."""
+    engine = _engine("zero0", dtype="bfloat16")
+    masters = [p for group in engine.optimizer.optimizer.param_groups for p in group["params"]]
+    assert masters and {p.dtype for p in masters} == {torch.float32}
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    assert not engine.enable_backward_allreduce  # one rank: nothing to average
+    before = torch.cat([p.detach().float().flatten() for p in masters])
+    _train_step(engine)
+    after = torch.cat([p.detach().float().flatten() for p in engine.optimizer.optimizer.param_groups[0]["params"]])
+    assert not torch.equal(before, after)
+    model = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
+    torch.testing.assert_close(model, after.to(torch.bfloat16).float(), rtol=0, atol=0)  # the model is the masters, rounded
 
 
 @pytest.mark.parametrize("zero_file, stage", [("zero2", 0), ("zero3", 3)])

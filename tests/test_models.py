@@ -28,6 +28,19 @@ def test_tiny_tokenizer_is_chat_ready(tiny_cfg):
     assert tok.decode(tok("a (A) or (B)")["input_ids"]) == "a (A) or (B)"
 
 
+def test_auto_dtype_is_bf16_on_a_cpu_with_bf16_instructions():
+    from cai.models import cpu_has_bf16, pick_dtype
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire_rapids = "flags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+    skylake = "flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n"
+    assert cpu_has_bf16(zen4) and cpu_has_bf16(sapphire_rapids)
+    assert not cpu_has_bf16(skylake) and not cpu_has_bf16("")
+    want = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert pick_dtype("auto", torch.device("cpu")) == want
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
+
+
 def test_tiny_models_are_seeded(tiny_cfg):
     a, _ = load_policy(tiny_cfg)
     b, _ = load_policy(tiny_cfg)
@@ -146,7 +159,7 @@ def test_saved_checkpoint_round_trips(tiny_cfg, tmp_path):
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    again, tok2 = load_policy({"path": str(tmp_path)})
+    again, tok2 = load_policy({"path": str(tmp_path), "dtype": "float32"})
     assert tok2.pad_token_id == tok.pad_token_id and tok2.chat_template == tok.chat_template
     for p, q in zip(model.parameters(), again.parameters()):
         assert torch.equal(p, q)

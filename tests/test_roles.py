@@ -28,7 +28,8 @@ def test_a_role_takes_its_own_keys_over_the_chain_it_falls_back_to():
     assert policy["path"] == reviser["path"] == sl_start["path"] == pm["path"] == "/models/small"
     assert reviser["dtype"] == "bfloat16" and reviser["key"] == "policy.path"  # from the policy, not from model
     labeler, judge = roles.spec(cfg, "labeler"), roles.spec(cfg, "judge")
-    assert labeler["path"] == "/models/large" and labeler["dtype"] == "auto" and labeler["key"] == "labeler.path"
+    # the labeler's dtype is model's (debug=tiny pins float32), not the policy's bfloat16
+    assert labeler["path"] == "/models/large" and labeler["dtype"] == "float32" and labeler["key"] == "labeler.path"
     # debug=tiny gives the judge a tiny block of its own, merged key by key over the labeler's (from model's)
     assert judge["path"] == "/models/large" and judge["tiny"]["seed"] == 2 and judge["tiny"]["hidden_size"] == 64
 
@@ -39,7 +40,7 @@ def test_the_hash_of_a_stage_covers_exactly_the_roles_it_names():
     assert config_hash(base, ("seed", "labeler")) == config_hash(judged, ("seed", "labeler"))
     assert config_hash(base, ("seed", "judge")) != config_hash(judged, ("seed", "judge"))
     # naming the model a role falls back to is the same config as leaving the role unset
-    explicit = compose_cfg("pipeline", [*TINY_ARGS, "policy.path=tiny-random", "reviser.dtype=auto"])
+    explicit = compose_cfg("pipeline", [*TINY_ARGS, "policy.path=tiny-random", "reviser.dtype=float32"])
     assert config_hash(base, tuple(roles.ROLES)) == config_hash(explicit, tuple(roles.ROLES))
     # a role that falls back to `model` follows it
     other_model = compose_cfg("pipeline", [*TINY_ARGS, "model.tiny.seed=9"])
