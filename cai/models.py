@@ -57,9 +57,9 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on a GPU that supports it and on a CPU with bf16 instructions (``cpu_has_bf16``; on this
-    project's 2-core AMD EPYC, SmolLM2-135M's forward pass runs 2.2x, forward + backward 1.8x and generation 1.9x as
-    fast as in fp32), fp32 otherwise (a CPU without them emulates bf16). Training in bf16 keeps fp32 master weights
-    (DeepSpeed's mixed-precision optimizer)."""
+    project's 2-core AMD EPYC, SmolLM2-135M's forward pass runs 2.15x, forward + backward 1.74x and greedy generation
+    1.41x as fast as in fp32: ``scripts/bench.py --only precision``), fp32 otherwise (a CPU without them emulates
+    bf16). Training in bf16 keeps fp32 master weights (DeepSpeed's mixed-precision optimizer)."""
     if preference != "auto":
         try:
             return getattr(torch, preference)
