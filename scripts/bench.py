@@ -22,6 +22,8 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   ``steps_per_generation``), temperature, KL coefficient (TRL's ``beta``; RLOO: in the reward, GRPO: a k3 loss term
   with ``loss_type="grpo"``, as cai's) and learning rate; a TRL step is one generation and its optimizer steps. Then
   cai's PPO at the same 16 responses a step (16 prompts, one response each): the RLOO-to-PPO step-time ratio.
+- generation, labeling and engine run the model in fp32, as they did before ``model.dtype=auto`` chose bf16 on a CPU
+  with bf16 instructions, so their figures stay comparable (the precision part measures bf16 against fp32).
 - generation: ``cai.generation.generate`` on the same prompts at batch 4 and 16 against one prompt at a time
   (greedy, so all three produce the same tokens); tokens/s.
 - labeling: ``cai.feedback.judge_pairs`` — one prefill per (pair, principle, order) reading the next-token
@@ -180,7 +182,8 @@ def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution
     from cai.feedback import judge_pairs
     from cai.generation import generate
 
-    spec = {"path": model_path, "device": "auto", "dtype": "auto", "trust_remote_code": False, "key": "model.path"}
+    # fp32 as every engine figure before model.dtype=auto chose bf16 on this CPU (the precision part compares the two)
+    spec = {"path": model_path, "device": "auto", "dtype": "float32", "trust_remote_code": False, "key": "model.path"}
     starts = {}
     starts["hf"], (model, tok) = timed(lambda: load_generator({**spec, "engine": "hf"}))
     starts["vllm"], (engine, _) = timed(lambda: load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 2}}))
@@ -617,9 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     if {"generation", "labeling"} & set(parts):
         from cai.models import load_policy
 
-        model, tok = load_policy({"path": args.model, "device": "auto", "dtype": "auto", "trust_remote_code": False})
+        model, tok = load_policy({"path": args.model, "device": "auto", "dtype": "float32", "trust_remote_code": False})
         results["device"] = str(next(model.parameters()).device)
-        results["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")  # model.dtype=auto's choice
+        results["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     if "generation" in parts:
         n_prompts, max_new_tokens = (16, 32) if args.quick else (32, 64)
         prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", n_prompts, 0)]

@@ -74,9 +74,12 @@ def test_bf16_training_on_the_cpu_keeps_fp32_master_weights(process_group):
     assert masters and {p.dtype for p in masters} == {torch.float32}
     assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
     assert not engine.enable_backward_allreduce  # one rank: nothing to average
-    before = torch.cat([p.detach().float().flatten() for p in masters])
+    def flat_masters():
+        return torch.cat([p.detach().float().flatten() for g in engine.optimizer.optimizer.param_groups for p in g["params"]])
+
+    before = flat_masters()
     _train_step(engine)
-    after = torch.cat([p.detach().float().flatten() for p in engine.optimizer.optimizer.param_groups[0]["params"]])
+    after = flat_masters()
     assert not torch.equal(before, after)
     model = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
     torch.testing.assert_close(model, after.to(torch.bfloat16).float(), rtol=0, atol=0)  # the model is the masters, rounded

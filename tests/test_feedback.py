@@ -241,6 +241,8 @@ def test_score_logprobs_equal_full_forward_passes_of_each_context():
     texts = [render_chat(tok, *score_messages(CONSTITUTION, p.conversation, reply, "score"))
              for p in PAIRS for reply in (p.response_a, p.response_b + " and a longer tail")]
     got = score_logprobs(model, tok, texts)
+    assert score_logprobs(model, tok, []) == []
+    torch.testing.assert_close(torch.tensor(score_logprobs(model, tok, texts[1:2])), torch.tensor(got[1:2]), rtol=0, atol=1e-5)
 
     for text, row in zip(texts, got):
         encoded = [tok(text + s, add_special_tokens=False)["input_ids"] for s in SCORES]

@@ -51,6 +51,7 @@ def run_stage(stage: str, fn, cfg) -> None:
         other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
         with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
             fn(cfg)
+        _ranks_done()
     except (InputError, StageError) as e:  # StageBusy is a StageError
         fail_open_runs()
         raise SystemExit(f"cai {stage}: {e}") from None
@@ -153,6 +154,20 @@ def _close_engines() -> None:
         from cai.engines import close_all
 
         close_all()
+
+
+def _ranks_done() -> None:
+    """After a stage that finished on this rank, wait for every rank to finish before the group is shut down: a rank
+    that tore its gloo group down while another was still completing a collective aborted that one on its way out
+    (SIGABRT, "terminate called without an active exception"), seen twice in fresh-clone CI on 2-rank runs. A rank that
+    failed skips this, so the others stop at their next collective instead of waiting here."""
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
 
 
 def _close_process_group() -> None:
