@@ -116,13 +116,12 @@ def bench_precision(model_path: str, prompts: list[list[dict]], max_new_tokens: 
                         progress=False)
 
     kinds = {"forward": forward, "forward_backward": forward_backward, "generation": generation}
-    seconds = {}
+    seconds, warm = {}, {}
     for kind, fn in kinds.items():
-        for model, _ in loaded.values():
-            fn(model)  # warm-up
+        warm[kind] = {dtype: fn(model) for dtype, (model, _) in loaded.items()}  # warm-up (generation: the replies)
         times = alternate({dtype: (lambda m=model, f=fn: f(m)) for dtype, (model, _) in loaded.items()}, repeats)
         seconds[kind] = {dtype: statistics.median(ts) for dtype, ts in times.items()}
-    replies = {dtype: [c.token_ids for c in generation(model)] for dtype, (model, _) in loaded.items()}
+    replies = {dtype: [c.token_ids for c in outs] for dtype, outs in warm["generation"].items()}
     same = sum(a == b for a, b in zip(replies["float32"], replies["bfloat16"]))
     return {"cpu_has_bf16": cpu_has_bf16(), "prompts": len(prompts), "tokens": int(batch["attention_mask"].sum()),
             "max_new_tokens": max_new_tokens, "seconds": seconds, "same_greedy_replies": same,

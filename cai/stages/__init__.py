@@ -161,25 +161,29 @@ def _ranks_done() -> None:
     that tore its gloo group down while another was still completing a collective aborted that one on its way out
     (SIGABRT, "terminate called without an active exception"), seen twice in fresh-clone CI on 2-rank runs. A rank that
     failed skips this, so the others stop at their next collective instead of waiting here."""
-    import sys
-
-    if "torch.distributed" in sys.modules:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+    dist = _process_group()
+    if dist is not None and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _close_process_group() -> None:
     """Shut a multi-process group down before the interpreter exits: a gloo group left open can abort a
     rank on its way out ("terminate called without an active exception") after the stage has finished."""
+    dist = _process_group()
+    if dist is not None:
+        dist.destroy_process_group()
+
+
+def _process_group():
+    """``torch.distributed`` when this process has started a group (a stage that never imported it has none), else None."""
     import sys
 
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            return dist
+    return None
 
 
 def check_generation(gen, temperature: float | None = None) -> None:
