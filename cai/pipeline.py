@@ -44,8 +44,10 @@ from omegaconf import DictConfig
 
 from cai import roles
 from cai.errors import InputError
+from cai.files import atomic_write_json, safe_name
+from cai.lineage import MANIFEST, read_manifest, resolved_config
 from cai.report import key_figures, write_report
-from cai.runio import MANIFEST, atomic_write_json, config_hash, read_manifest, resolved_config, safe_name
+from cai.stage_folder import config_hash
 from cai.stages import CONFIG_PATH, STAGES, run_app
 
 

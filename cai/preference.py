@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from cai.data import DataError, parse_hh_transcript, read_table
 from cai.errors import StageInputError
+from cai.files import atomic_write_bytes, atomic_write_json
 from cai.models import preference_scores
-from cai.runio import atomic_write_bytes, atomic_write_json
 from cai.training import check_train_settings, encode_chat, keep_left, pad_batch
 
 BUILTIN = Path(__file__).parent / "prompts"

@@ -18,7 +18,9 @@ import json
 import time
 from pathlib import Path
 
-from cai.runio import atomic_write_text, read_manifest, read_metrics
+from cai.files import atomic_write_text
+from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.stages import STAGES
 
 PPO_CURVES = (("score", "mean score"), ("reward", "reward (score with its KL term)"), ("kl", "KL to reference (nats/seq)"),
@@ -305,6 +307,11 @@ def _line_plot(series: dict[str, tuple[list, list]], title: str, xlabel: str, yl
         ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=2)
         if ylim:
             ax.set_ylim(*ylim)
+        # room inside the axes for the labels, above a bar of 0 or more and below a negative one: a bar that reaches
+        # the axis' edge would otherwise put its label over the title or the tick labels
+        low, high = ax.get_ylim()
+        room = 0.15 * (high - low)
+        ax.set_ylim(low - room if min(values) < 0 else low, high + room if max(values) >= 0 else high)
         return _png(plt, fig, ax, title, None)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, marker=marker, markersize=3)

@@ -38,6 +38,7 @@ import re
 from pathlib import Path
 
 from cai.errors import StageInputError
+from cai.lineage import input_fingerprint
 
 # role -> the role it falls back to (every chain ends at ``model``)
 ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "sl_start",
@@ -98,10 +99,8 @@ def identity(model_spec: dict) -> dict:
 
 def fingerprint(model_spec: dict) -> str:
     """Which weights a spec loads, as 16 hex digits: the path (a local folder by its files' sizes and times or its
-    stage's lineage, ``runio.input_fingerprint``) and, for tiny-random, the shape and seed. Device and dtype
+    stage's lineage, ``lineage.input_fingerprint``) and, for tiny-random, the shape and seed. Device and dtype
     are left out: two roles with one fingerprint are the same model."""
-    from cai.runio import input_fingerprint
-
     path = str(model_spec["path"])
     local = Path(path).expanduser()
     parts = {"path": str(local.resolve()) if local.exists() else path,

@@ -20,7 +20,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from cai.runio import MetricsWriter, atomic_write_json, atomic_write_text, save_dataset
+from cai.files import atomic_write_json, atomic_write_text, save_dataset
+from cai.metrics import MetricsWriter
 
 
 def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], tuple[list[dict], dict]], *, features,

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from cai import distributed
 from cai.errors import StageError, StageInputError
-from cai.runio import MetricsWriter, atomic_write_text, read_metrics
+from cai.files import atomic_write_text
+from cai.metrics import MetricsWriter, read_metrics
 
 TRAIN_KEYS = ("lr", "epochs", "micro_batch_size", "grad_accum", "save_every")
 

@@ -34,7 +34,7 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   engine (``engine: vllm``, ``cai.engines``) on the same model, prompts and pairs: the engine's start time, greedy
   replies (how many are the same tokens both ways), tokens/s at batch 16, and labeling comparisons/s (few-shot
   exemplars on, so vLLM's prefix cache has a shared prefix to reuse within a run; it is emptied before each run); and
-  the same labeling asked of a local vLLM server of the model (``engine: served``, ``cai.engines.LocalServer``,
+  the same labeling asked of a local vLLM server of the model (``engine: served``, ``LocalServer`` of ``tests/local_server.py``,
   eight requests in flight), its start and comparisons/s.
 - precision: fp32 against bf16 on ``--model`` (``model.dtype=auto`` picks bf16 on a CPU with bf16 instructions,
   ``cai.models.cpu_has_bf16``): a forward pass, a forward and backward pass (logits at the last 48 positions, as
@@ -177,9 +177,10 @@ def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution
     server (``engine: served``) of the same model (see the module docstring)."""
     import urllib.request
 
-    from cai.engines import LocalServer, engine_folder, load_generator
+    from cai.engines import engine_folder, load_generator
     from cai.feedback import judge_pairs
     from cai.generation import generate
+    from tests.local_server import LocalServer  # a test harness, not part of cai (ROOT is on sys.path)
 
     # fp32 as every engine figure before model.dtype=auto chose bf16 on this CPU (the precision part compares the two)
     spec = {"path": model_path, "device": "auto", "dtype": "float32", "trust_remote_code": False, "key": "model.path"}
@@ -305,7 +306,7 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"cai ppo failed: {done.stderr.strip()[-2000:]}")
-    from cai.runio import read_metrics
+    from cai.metrics import read_metrics
 
     rows = [m for m in read_metrics(run_dir / "ppo") if "seconds" in m]
     return {"step_seconds": [m["seconds"] for m in rows], "response_length": [m["response_length"] for m in rows]}
@@ -506,7 +507,7 @@ def run_pipeline(run_dir: Path, threads: int) -> None:
 def pipeline_table(run_dir: Path) -> dict | None:
     """Per stage: status, amount, wall seconds of the run that computed it and that process's peak RSS (from
     its manifest), or None when ``run_dir`` holds no pipeline run."""
-    from cai.runio import read_manifest
+    from cai.lineage import read_manifest
 
     record = run_dir / "pipeline.json"
     if not record.exists():
@@ -576,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     def sizes(tiny: dict, full: dict, quick: dict):
         """(name, model path, settings, runs per side, work folder suffix) for the tiny models, then ``--model``: its
         steps take tens of seconds, so one alternated pair of runs in --quick."""
-        from cai.runio import safe_name
+        from cai.files import safe_name
 
         yield "tiny", "tiny-random", tiny, repeats, "tiny"
         yield args.model, args.model, quick if args.quick else full, 1 if args.quick else repeats, safe_name(args.model)

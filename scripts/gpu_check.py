@@ -249,7 +249,7 @@ def _last_line(text: str) -> str:
 
 
 def _manifest(folder: Path) -> dict:
-    from cai.runio import read_manifest
+    from cai.lineage import read_manifest
 
     manifest = read_manifest(folder)
     if not manifest or manifest.get("status") != "complete":
@@ -334,7 +334,7 @@ def part_zero3(c: Check) -> dict:
     c.run(c.command("cai.stages.ppo", *c.stage_args(run_dir), "deepspeed=zero3", "ppo.steps=1"), "ZeRO-3 PPO")
     manifest = _manifest(run_dir / "ppo")
     _on_device(manifest, c.sizes.device, "ppo under ZeRO-3")
-    from cai.runio import read_metrics
+    from cai.metrics import read_metrics
 
     step = read_metrics(run_dir / "ppo")[-1]
     return {"step_s": step["seconds"], "score": round(step["score"], 4)}
@@ -403,7 +403,7 @@ def train_llama(c: Check, zero: int, grad_accum: int, compiled: bool, profile: b
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from cai import distributed, training
-    from cai.runio import read_metrics
+    from cai.metrics import read_metrics
 
     distributed.init_distributed()
     dtype = getattr(torch, c.sizes.dtype)
@@ -467,8 +467,8 @@ def part_ppo(c: Check) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from cai.metrics import read_metrics
     from cai.models import tiny_tokenizer
-    from cai.runio import read_metrics
 
     tok = tiny_tokenizer()
     folder = c.work / "ppo-model"

@@ -37,7 +37,7 @@ SHAPES = {"ppo": ("ppo.batch_size=8",), "rloo": ("ppo.batch_size=2", "ppo.sample
 
 
 def run_one(source: Path, run_dir: Path, algorithm: str, seed: int, budget: float) -> dict:
-    from cai.runio import read_metrics
+    from cai.metrics import read_metrics
 
     shutil.rmtree(run_dir, ignore_errors=True)
     for stage in UPSTREAM:  # the stages' outputs without their resumable checkpoints (gigabytes a copy)

@@ -13,7 +13,8 @@ from datasets import load_from_disk
 
 from cai.constitution import load_constitution
 from cai.feedback import read_human_pairs
-from cai.runio import read_manifest, read_metrics
+from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.stages.ai_feedback import run as run_feedback
 from cai.stages.label_alignment import run as run_alignment
 

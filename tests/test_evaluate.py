@@ -11,7 +11,7 @@ import sys
 from conftest import ROOT, copy_stages, file_stamps, kill_when
 from datasets import load_from_disk
 
-from cai.runio import read_manifest
+from cai.lineage import read_manifest
 
 TINY = ["debug=tiny", "progress=false"]
 UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")  # checkpoints, PM, examples, overlap

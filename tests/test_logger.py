@@ -9,7 +9,8 @@ import pytest
 from conftest import assert_one_line_error, compose_cfg, outputs, run_module
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cai.runio import MetricsWriter, config_hash, read_metrics
+from cai.metrics import MetricsWriter, read_metrics
+from cai.stage_folder import config_hash
 
 TENSORBOARD = {"name": "tensorboard"}
 WANDB = {"name": "wandb", "project": "cai-tests", "entity": None, "mode": "offline", "group": None}
@@ -96,7 +97,8 @@ def test_wandb_offline_run_in_the_stage_folder(tmp_path, monkeypatch):
 def test_wandb_run_carries_the_stage_config_and_a_failure_exit_code(tmp_path, monkeypatch):
     """The run's config is the stage's resolved config (from the manifest the stage wrote first); a stage that ends in
     a one-line error (``run_stage`` calls ``fail_open_runs``) is recorded with exit code 1, not 0."""
-    from cai.runio import fail_open_runs, write_manifest
+    from cai.metrics import fail_open_runs
+    from cai.stage_folder import write_manifest
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

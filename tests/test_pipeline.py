@@ -8,8 +8,10 @@ import json
 import pytest
 from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
+from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.pipeline import STAGES, launch_command, stage_keys, up_to_date
-from cai.runio import config_hash, read_manifest, read_metrics
+from cai.stage_folder import config_hash
 from cai.stages.evaluate import judge_at_chance
 
 TINY_ARGS = ["debug=tiny", "progress=false"]

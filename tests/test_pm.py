@@ -15,8 +15,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.preference import SHIFT_KEY, score_conversations
-from cai.runio import read_manifest, read_metrics
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 

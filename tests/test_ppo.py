@@ -16,8 +16,9 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.models import load_tokenizer
-from cai.runio import read_manifest, read_metrics
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 PPO_KEYS = {"score", "reward", "kl", "kl_coef", "response_length", "eos_rate", "policy_loss", "value_loss", "clip_frac",

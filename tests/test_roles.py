@@ -9,7 +9,7 @@ from conftest import compose_cfg
 
 from cai import roles
 from cai.errors import StageInputError
-from cai.runio import config_hash, write_manifest
+from cai.stage_folder import config_hash, write_manifest
 
 TINY_ARGS = ["debug=tiny", "progress=false"]
 

@@ -6,7 +6,7 @@ import json
 
 from datasets import Features, Value
 
-from cai.runio import read_metrics
+from cai.metrics import read_metrics
 from cai.shards import join_shards, run_shards
 
 FEATURES = Features({"id": Value("string"), "n": Value("int64")})

@@ -15,7 +15,7 @@ from datasets import load_from_disk
 
 from cai.constitution import load_constitution
 from cai.errors import StageInputError
-from cai.runio import read_manifest
+from cai.lineage import read_manifest
 from cai.stages.sl_generate import run
 
 TINY = ["debug=tiny", "progress=false"]

@@ -15,8 +15,9 @@ from conftest import ROOT, TINY, kill_then_rerun, outputs, run_module
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.models import load_tokenizer
-from cai.runio import read_manifest, read_metrics
 from cai.stages.sl_train import IGNORE, collate, tokenize_sft
 from cai.training import epoch_order
 

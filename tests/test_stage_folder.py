@@ -14,7 +14,8 @@ from conftest import ROOT, assert_one_line_error, outputs, run_module
 from datasets import load_from_disk
 
 from cai.errors import StageBusy
-from cai.runio import hold_stage, read_manifest
+from cai.lineage import read_manifest
+from cai.stage_folder import hold_stage
 
 TINY = ["debug=tiny", "progress=false"]
 

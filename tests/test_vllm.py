@@ -135,13 +135,26 @@ def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install():
 # -- a served labeler: a real vLLM server on 127.0.0.1 -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    from cai.engines import LocalServer
+def servers(checkpoint):
+    """Two servers of the checkpoint started at the same moment, as two pytest-xdist workers may start theirs: the
+    first serves the module, the second only the first served test, which checks that the two did not collide."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    served = LocalServer(checkpoint)
-    served.start()
-    yield served
-    served.stop()
+    from local_server import LocalServer
+
+    both = [LocalServer(checkpoint), LocalServer(checkpoint)]
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(LocalServer.start, both))
+        yield both
+    finally:
+        for served in both:
+            served.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
 
 
 def served_spec(checkpoint, url: str, **served) -> dict:
@@ -149,18 +162,31 @@ def served_spec(checkpoint, url: str, **served) -> dict:
             "served": {"url": url, "retries": 1, "timeout_s": 60, **served}}
 
 
-def test_a_served_labeler_gives_the_labels_and_replies_of_transformers(server, checkpoint, engines):
+def test_two_servers_started_at_once_answer_each_as_itself_with_the_labels_and_replies_of_transformers(
+        servers, checkpoint, engines):
+    """Each of the two servers started together got a port of its own and answers there as itself (the name it was
+    started with, which the served engine takes); one gives the labeler's judgements, the other greedy replies, both
+    those of transformers."""
     from cai.engines import load_generator
 
+    first, second = servers
     _, model, tok = engines
-    remote, _ = load_generator(served_spec(checkpoint, server.url, concurrency=4))
-    pairs = [Pair(f"p{i}", p, "Here is how.", "I would rather not.") for i, p in enumerate(PROMPTS[:3])]
-    kwargs = dict(n_principles=2, seed=0, progress=False, few_shot=True)
-    assert [j.p_a for j in judge_pairs(remote, tok, CONSTITUTION, pairs, **kwargs)] == \
-        pytest.approx([j.p_a for j in judge_pairs(model, tok, CONSTITUTION, pairs, **kwargs)], abs=1e-4)
-    greedy = dict(max_new_tokens=16, temperature=0.0, seed=0, progress=False)
-    assert [c.token_ids for c in generate(remote, tok, PROMPTS, **greedy)] == \
-        [c.token_ids for c in generate(model, tok, PROMPTS, **greedy)]
+    try:
+        assert first.port != second.port
+        labeler, _ = load_generator(served_spec(checkpoint, first.url, concurrency=4))
+        replier, _ = load_generator(served_spec(checkpoint, second.url))
+        assert (labeler.model, replier.model) == (first.name, second.name) and first.name != second.name
+        pairs = [Pair(f"p{i}", p, "Here is how.", "I would rather not.") for i, p in enumerate(PROMPTS[:3])]
+        kwargs = dict(n_principles=2, seed=0, progress=False, few_shot=True)
+        assert [j.p_a for j in judge_pairs(labeler, tok, CONSTITUTION, pairs, **kwargs)] == \
+            pytest.approx([j.p_a for j in judge_pairs(model, tok, CONSTITUTION, pairs, **kwargs)], abs=1e-4)
+        greedy = dict(max_new_tokens=16, temperature=0.0, seed=0, progress=False)
+        assert [c.token_ids for c in generate(replier, tok, PROMPTS, **greedy)] == \
+            [c.token_ids for c in generate(model, tok, PROMPTS, **greedy)]
+    finally:
+        second.stop()  # no other test uses it
+    with pytest.raises(RuntimeError, match="is not running: its url is known from start"):
+        _ = second.url
 
 
 def test_an_unreachable_server_is_one_line_naming_the_address(checkpoint):
@@ -196,18 +222,22 @@ def test_a_request_the_server_refuses_is_one_line_with_its_reason(server, checkp
 def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_server_drops(server, checkpoint, tmp_path):
     """ai_feedback for real on both: the policy's pairs sampled by vLLM in the stage's process, the labels read from
     the server, which is stopped once the first shard is written. The stage stops with one line naming the server;
-    with the server back, the rerun keeps the finished shards and labels the rest, none twice."""
+    with the server back (on a new port: a served role's address is not part of what the stage's outputs depend on),
+    the rerun keeps the finished shards and labels the rest, none twice."""
     import time
 
     from conftest import run_module
     from datasets import load_from_disk
 
-    from cai.runio import read_manifest
+    from cai.lineage import read_manifest
 
-    args = [sys.executable, "-m", "cai.stages.ai_feedback", "debug=tiny", "progress=false", f"run_dir={tmp_path}",
-            "policy.engine=vllm", "model.tiny.num_heads=2", "policy.vllm.cpu_kv_cache_gib=1",
-            f"labeler.path={checkpoint}", "labeler.engine=served", f"labeler.served.url={server.url}",
-            "labeler.served.retries=1", "ai_feedback.num_prompts=8", "ai_feedback.shard_size=2", "ai_feedback.few_shot=false"]
+    def overrides(url: str) -> list[str]:
+        return ["debug=tiny", "progress=false", f"run_dir={tmp_path}", "policy.engine=vllm", "model.tiny.num_heads=2",
+                "policy.vllm.cpu_kv_cache_gib=1", f"labeler.path={checkpoint}", "labeler.engine=served",
+                f"labeler.served.url={url}", "labeler.served.retries=1", "ai_feedback.num_prompts=8",
+                "ai_feedback.shard_size=2", "ai_feedback.few_shot=false"]
+
+    args = [sys.executable, "-m", "cai.stages.ai_feedback", *overrides(server.url)]
     stage = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     shards = tmp_path / "ai_feedback" / "shards"
     deadline = time.time() + 300
@@ -220,7 +250,7 @@ def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_s
     assert 1 <= len(done) < 4
 
     server.start()
-    again = run_module("cai.stages.ai_feedback", *args[3:])
+    again = run_module("cai.stages.ai_feedback", *overrides(server.url))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming, {len(done)}/4 shards already done" in again.stdout
     assert {name: (shards / name).read_bytes() for name in done} == done  # kept, not labeled again
@@ -263,7 +293,8 @@ print(json.dumps({{"same_start": same_start, "stale": stale, "synced": tokens(en
 def test_ppo_samples_its_rollouts_on_vllm(tmp_path):
     from conftest import run_module
 
-    from cai.runio import read_manifest, read_metrics
+    from cai.lineage import read_manifest
+    from cai.metrics import read_metrics
 
     result = run_module("cai.stages.ppo", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
                         "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1", "ppo.reward=direct_rlaif", "ppo.steps=2",
@@ -285,8 +316,9 @@ def test_the_pipeline_runs_every_stage_on_vllm_then_with_the_labeler_served(serv
     from omegaconf import OmegaConf
 
     from cai import roles
+    from cai.lineage import read_manifest
+    from cai.metrics import read_metrics
     from cai.pipeline import STAGES
-    from cai.runio import read_manifest, read_metrics
 
     result = run_module("cai.pipeline", "-m", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
                         "model.engine=vllm", "model.vllm.cpu_kv_cache_gib=1", "ppo.rollout_engine=vllm",

@@ -1,5 +1,5 @@
 """One file per stage; each is a Hydra app (``python -m cai.stages.<stage> key=value ...``) that reads
-its upstream stages' folders in ``run_dir`` and writes only its own (see ``cai.runio``).
+its upstream stages' folders in ``run_dir`` and writes only its own (see ``cai.stage_folder``).
 
 Each stage module states its facts side by side at its top, and the pipeline reads them from there:
 
@@ -35,12 +35,14 @@ UNHASHED = ("run_dir", "progress", "logger", "deterministic")
 def run_stage(stage: str, fn, cfg) -> None:
     """Run a stage body; turn the expected kinds of bad input into one-line errors and exit 1.
 
-    The stage's folder is held for the whole run (``runio.hold_stage``): a second command on the same folder
+    The stage's folder is held for the whole run (``stage_folder.hold_stage``): a second command on the same folder
     is refused in one line naming the process that holds it, and the leftovers of a run killed mid-save are
     cleared first. A full disk ends the stage in one line too; what was complete before stays readable, since
     every write is atomic. Anything else is a bug and keeps its traceback.
     """
-    from cai.runio import disk_full, fail_open_runs, first_line, hold_stage, stage_dir
+    from cai.errors import disk_full, first_line
+    from cai.metrics import fail_open_runs
+    from cai.stage_folder import hold_stage, stage_dir
 
     try:
         check_types(cfg)
@@ -92,7 +94,7 @@ def run_app(main, who: str) -> None:
 def _one_line(e: Exception) -> str:
     """A Hydra composition error in one line: its first line, its cause's and the options it lists, e.g.
     "Could not override 'sl_generate.num_promptz': Key 'num_promptz' is not in struct"."""
-    from cai.runio import first_line
+    from cai.errors import first_line
 
     def first(x) -> str:
         return first_line(x).rstrip(".")
@@ -198,7 +200,7 @@ def check_generation(gen, temperature: float | None = None) -> None:
 
 def check_logger(logger) -> None:
     """Refuse an unknown ``logger.name`` or a missing TensorBoard/W&B package before a stage touches its folder."""
-    from cai.runio import logger_backend
+    from cai.metrics import logger_backend
 
     if logger is None:
         return

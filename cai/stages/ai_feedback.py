@@ -34,18 +34,11 @@ from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts
 from cai.errors import StageError, StageInputError
 from cai.feedback import Pair, judge_pairs, judging
+from cai.files import save_dataset
 from cai.generation import derive_seed, generate
-from cai.runio import (
-    config_hash,
-    input_fingerprint,
-    is_complete,
-    previous_run,
-    save_dataset,
-    stage_dir,
-    stage_summary,
-    write_manifest,
-)
+from cai.lineage import input_fingerprint
 from cai.shards import join_shards, run_shards
+from cai.stage_folder import config_hash, is_complete, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)

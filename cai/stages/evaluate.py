@@ -58,24 +58,13 @@ from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts, prompt_order
 from cai.errors import StageInputError
 from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, read_human_pairs
+from cai.files import atomic_write_json, atomic_write_text, safe_name, save_dataset
 from cai.generation import derive_seed, generate
+from cai.lineage import input_fingerprint, read_manifest
+from cai.metrics import MetricsWriter
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
-from cai.runio import (
-    MetricsWriter,
-    atomic_write_json,
-    atomic_write_text,
-    config_hash,
-    input_fingerprint,
-    is_complete,
-    previous_run,
-    read_manifest,
-    safe_name,
-    save_dataset,
-    stage_dir,
-    stage_summary,
-    write_manifest,
-)
+from cai.stage_folder import config_hash, is_complete, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)

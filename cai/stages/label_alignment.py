@@ -33,7 +33,8 @@ from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.errors import DataError, StageInputError
 from cai.feedback import alignment_metrics, judge_pairs, judging, read_human_pairs
-from cai.runio import atomic_write_json, stage_dir, stage_summary, write_manifest
+from cai.files import atomic_write_json
+from cai.stage_folder import stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 STAGE = "label_alignment"

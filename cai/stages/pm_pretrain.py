@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 
 from cai import preference, roles, training
 from cai.errors import StageInputError
-from cai.runio import config_hash, input_fingerprint, previous_run, stage_dir, stage_summary, write_manifest
+from cai.lineage import input_fingerprint
+from cai.stage_folder import config_hash, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)

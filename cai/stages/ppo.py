@@ -62,18 +62,9 @@ from cai.data import load_prompts
 from cai.engines import device_of
 from cai.errors import StageError, StageInputError
 from cai.generation import derive_seed, generate, render_chat
-from cai.runio import (
-    MetricsWriter,
-    config_hash,
-    input_fingerprint,
-    is_complete,
-    previous_run,
-    read_metrics,
-    stage_dir,
-    stage_summary,
-    upstream_complete,
-    write_manifest,
-)
+from cai.lineage import input_fingerprint
+from cai.metrics import MetricsWriter, read_metrics
+from cai.stage_folder import config_hash, is_complete, previous_run, stage_dir, stage_summary, upstream_complete, write_manifest
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)

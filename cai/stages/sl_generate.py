@@ -41,9 +41,10 @@ from cai.constitution import (
 )
 from cai.data import PromptItem, load_prompts
 from cai.errors import StageInputError
+from cai.files import save_dataset
 from cai.generation import derive_seed, generate
-from cai.runio import config_hash, previous_run, save_dataset, stage_dir, stage_summary, write_manifest
 from cai.shards import join_shards, run_shards
+from cai.stage_folder import config_hash, previous_run, stage_dir, stage_summary, write_manifest
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)

@@ -1,4 +1,4 @@
-"""Run-directory conventions: atomic writes, manifests, config hashes, metrics."""
+"""Atomic writes (cai.files), manifests and config hashes (cai.lineage, cai.stage_folder), metrics (cai.metrics)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,10 @@ import pytest
 from datasets import Dataset, load_from_disk
 from omegaconf import OmegaConf
 
-from cai.runio import (
-    MetricsWriter,
-    atomic_dir,
-    atomic_write_json,
-    config_hash,
-    input_fingerprint,
-    is_complete,
-    lineage,
-    read_manifest,
-    read_metrics,
-    save_dataset,
-    stage_summary,
-    tree_hash,
-    write_manifest,
-)
+from cai.files import atomic_dir, atomic_write_json, save_dataset
+from cai.lineage import input_fingerprint, lineage, read_manifest, tree_hash
+from cai.metrics import MetricsWriter, read_metrics
+from cai.stage_folder import config_hash, is_complete, stage_summary, write_manifest
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

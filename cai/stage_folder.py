@@ -1,0 +1,177 @@
+"""A stage's folder, ``${run_dir}/<stage>/``, the only place a stage writes:
+
+- ``manifest.json`` — resolved config, config hash, constitution hash, git SHA, the fingerprints of its inputs, counts,
+  timings and ``status`` ("running", "complete" or "failed"). A stage is complete only when its manifest says so.
+- ``metrics.jsonl`` (``cai.metrics``);
+- its dataset (``save_to_disk``) or checkpoint (``save_pretrained``, safetensors), written atomically (``cai.files``).
+
+``StageRun`` is a stage's one handle on its folder, from start to end (``cai.stages.run_stage`` makes it): whether a
+finished run of the same config and inputs is already here (``done``), the running manifest (``started``), the
+complete one (``complete``), and which model an upstream stage of the run saved (``upstream_model``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig
+
+from cai import roles
+from cai.errors import StageBusy, StageInputError
+from cai.files import atomic_write_json, clear_leftovers, current_umask, json_default
+from cai.lineage import MANIFEST, git_sha, input_stamps, read_manifest, resolved_config
+
+# Keys that say *where* a run lives, not *what* it computes: left out of the config hash so a
+# moved or copied run directory still recognises its finished stages.
+_HASH_EXCLUDED_KEYS = ("run_dir",)
+
+
+def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
+    """The one folder a stage may write to."""
+    return Path(run_dir) / stage
+
+@contextlib.contextmanager
+def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder`` (a stage's) for the duration: an exclusive lock on ``folder/hydra/stage.lock`` (Hydra's own
+    folder, which every invocation writes anyway), released when the holder ends, even by SIGKILL. Raises
+    ``StageBusy`` naming the holder's process id when another process holds it. Once held, the hidden
+    temporary files and folders a killed save left behind (``atomic_dir``, ``atomic_write_bytes``) are removed."""
+    import fcntl
+
+    lock = Path(folder) / "hydra" / "stage.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise StageBusy(f"{folder} is in use by process {holder}, started on the same folder earlier; "
+                            f"wait for it to finish (or stop it), then run again") from None
+        except OSError as e:  # a filesystem without flock (Lustre mounted without -o flock, some NFS)
+            print(f"cai: warning: cannot lock {lock} ({e.strerror}); a second command on this folder will not be refused")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        clear_leftovers(folder)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> str:
+    """sha256 of the resolved config (minus location keys), stable across key order, and of the size and
+    modification time of every local file, and every file inside every local folder, that a hashed value
+    names (a prompt file, a dataset folder, a model folder): editing an input in place is a change too,
+    so a stage and the pipeline both see it. The constitution is left to its own content hash.
+
+    ``keys`` limits the hash to the top-level keys a stage actually reads, so e.g. a DeepSpeed
+    setting does not invalidate a generation stage. A model role among them (``cai.roles``) counts as its
+    resolved spec: the model it falls back to when unset, not the null keys the config holds.
+    """
+    config = resolved_config(cfg)
+    data = {k: v for k, v in config.items() if k not in _HASH_EXCLUDED_KEYS and (keys is None or k in keys)}
+    if "model" in config:  # (a hand-made config without models has no roles either)
+        data.update({role: roles.identity(roles.spec(config, role)) for role in roles.ROLES if keys is None or role in keys})
+    inputs = input_stamps({k: v for k, v in data.items() if k != "constitution"})
+    blob = json.dumps([data, inputs] if inputs else data, sort_keys=True, default=json_default).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+def upstream_complete(folder: str | os.PathLike, what: str) -> None:
+    """Refuse to read an upstream stage folder whose manifest does not say complete."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise StageInputError(f"{folder}: no {what} here (no manifest.json); run that stage first")
+    if manifest.get("status") != "complete":
+        raise StageInputError(f"{folder}: the {what} stage is not complete (status {manifest.get('status')!r}); rerun it first")
+
+def stage_summary(amount: str, headline: str, **metrics: Any) -> dict:
+    """A complete stage's ``summary``, of one shape for every stage: how much it made (``"8 rows"``, ``"20 steps"``),
+    its headline figure as short text, and its key metrics as numbers."""
+    return {"amount": amount, "headline": headline, **metrics}
+
+def previous_run(out: str | os.PathLike, *, stage: str, config_hash: str, inputs: dict, product: str,
+                 world_size: int | None = None, announce: bool = True) -> tuple[bool, bool]:
+    """Reuse, resume or start over: ``(same, done)`` for the stage folder ``out``. ``same``: its manifest was written
+    with this config hash, these ``inputs`` (top-level manifest fields: the constitution hash, upstream
+    fingerprints) and, for a training stage, this many ranks (its schedule and partitions depend on them), so
+    the partial work there may be resumed; otherwise the stage starts over. ``done``: that run also finished —
+    status complete and its ``product`` (a file or folder in ``out``) there — so there is nothing to do, which is
+    said on stdout when ``announce``."""
+    out = Path(out)
+    previous = read_manifest(out)
+    same = (bool(previous) and previous.get("config_hash") == config_hash and all(previous.get(k) == v for k, v in inputs.items())
+            and (world_size is None or previous.get("counts", {}).get("world_size") == world_size))
+    done = same and previous["status"] == "complete" and (out / product).exists()
+    if done and announce:
+        print(f"cai {stage}: already complete in {out} (same config and inputs); nothing to do")
+    return same, done
+
+def is_complete(folder: str | os.PathLike, expected_config_hash: str | None = None) -> bool:
+    """True when the stage folder's manifest says complete (and, if given, with that config hash)."""
+    manifest = read_manifest(folder)
+    if not manifest or manifest.get("status") != "complete":
+        return False
+    return expected_config_hash is None or manifest.get("config_hash") == expected_config_hash
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+def write_manifest(
+    folder: str | os.PathLike,
+    *,
+    stage: str,
+    cfg: DictConfig | dict,
+    status: str,
+    constitution_hash: str | None = None,
+    counts: dict | None = None,
+    timings: dict | None = None,
+    hash_keys: tuple[str, ...] | None = None,
+    summary: dict | None = None,
+    models: dict[str, dict | None] | None = None,
+    **extra: Any,
+) -> dict:
+    """Write ``manifest.json`` atomically and return what was written (``hash_keys``: see config_hash). A complete
+    stage gives its ``summary`` (``stage_summary``), which the pipeline's table and the report read.
+
+    ``roles`` records the model behind each role the stage hashes (``cai.roles.describe``); ``models`` corrects it
+    with what the stage really loaded: ``{role: spec}`` for a role played by another model (ppo's policy is
+    sl_train's output), ``{role: None}`` for a role the run did not use (ppo's labeler under reward=pm)."""
+    if status not in ("running", "complete", "failed"):
+        raise ValueError(f"manifest status must be running|complete|failed, got {status!r}")
+    if status == "complete" and not {"amount", "headline"} <= set(summary or {}):
+        raise ValueError("a complete stage's manifest needs a summary with 'amount' and 'headline' (stage_summary)")
+    config = resolved_config(cfg)
+    # the models this stage read: the roles among its hash keys (or every one, for a stage that hashes everything)
+    read = ([r for r in roles.ROLES if hash_keys is None or r in hash_keys] or ["model"]) if "model" in config else []
+    used = {r: roles.spec(config, r) for r in read}
+    used.update(models or {})
+    used = {r: spec for r, spec in used.items() if spec is not None}
+    manifest = {
+        "stage": stage,
+        "status": status,
+        "config_hash": config_hash(cfg, hash_keys),
+        "constitution_hash": constitution_hash,
+        "git_sha": git_sha(),
+        "counts": counts or {},
+        "timings": timings or {},
+        "resources": {"peak_rss_mb": peak_rss_mb()},
+        "summary": summary or {},
+        # model code from the hub runs only when the config turned this on; said here, not only in the config
+        "trust_remote_code": any(bool(spec.get("trust_remote_code")) for spec in used.values()),
+        "roles": {r: roles.describe(spec) for r, spec in used.items() if r != "model"},
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+        "config": config,
+    }
+    atomic_write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
