@@ -13,9 +13,14 @@ The per-token reward is r_t = -beta * KL_t, plus the sequence score at the respo
 KL_t estimates KL(policy || reference) at token t from the sampled token:
 k1 = log pi(a) - log pi_ref(a) (unbiased, can be negative), or k3 = (ratio - 1) - log ratio with
 ratio = pi_ref(a) / pi(a) (unbiased, never negative; Schulman's estimator).
+
+What differs between the algorithms — the value model, the advantages, the losses, the reward logged — is said once, in
+``Algorithm`` (``algorithm()`` builds it from the stage's settings); the stage calls its methods and tests no names.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -235,3 +240,125 @@ class AdaptiveKL:
 
     def load(self, state: dict) -> None:
         self.value = float(state["value"])
+
+
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What ``ppo.algorithm`` and its companion keys amount to (``algorithm``: the nulls resolved to each algorithm's
+    usual practice), and what differs between the algorithms, each in one method: the value model (``critic``), the
+    advantages, the reward logged, the policy and value losses, the KL controller's ceiling. B responses (a prompt's k
+    consecutive), R response positions."""
+    name: str             # ppo | rloo | grpo | dr_grpo | reinforce
+    k: int                # responses per prompt
+    kl_in: str            # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss
+    aggregation: str      # how per-token losses become one number (aggregate)
+
+    @property
+    def critic(self) -> str | None:
+        """What the value model that trains beside the policy predicts: ``token``, V(s_t) before each response token
+        (ppo, GAE's baseline); ``prompt``, one V(x) per prompt (reinforce, the baseline of the whole response); None:
+        no value model (rloo, grpo, dr_grpo measure a response against its siblings instead)."""
+        return {"ppo": "token", "reinforce": "prompt"}.get(self.name)
+
+    @property
+    def kl_ceiling(self) -> float | None:
+        """The adaptive KL controller's ceiling on beta: reinforce's alpha weighs the score by 1 - alpha, so it stops at
+        1 (above, the policy would learn to lower the score); None for the others."""
+        return 1.0 if self.name == "reinforce" else None
+
+    def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                   values: torch.Tensor | None = None, *, gamma: float = 1.0, lam: float = 0.95,
+                   whiten_rewards: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B,) scores, (B, R) per-token KL (0 on padding), (B, R) mask, beta and the value model's values (``critic``
+        token: (B, R); prompt: (B,); None without one) -> (advantages (B, R), 0 on padding; the value model's targets,
+        shaped as ``values``, or None).
+
+        ppo: per-token rewards (``token_rewards``: -beta * KL with kl_in=reward, the score at the last real token),
+        rescaled by their std with ``whiten_rewards``, GAE (gamma, lam), advantages whitened; the targets are GAE's
+        returns. rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL with kl_in=reward)
+        against its group's (``group_advantages``). reinforce: (1 - beta) * score - beta * summed KL less V(x)
+        (``reinforce_advantages``), the reward the target. Both put a response's advantage at each of its real tokens.
+        """
+        if self.name == "ppo":
+            per_token = token_rewards(scores, kl, mask, beta if self.kl_in == "reward" else 0.0)
+            if whiten_rewards:
+                per_token = whiten(per_token, mask, shift_mean=False)
+            advantages, returns = gae(per_token, values, mask, gamma, lam)
+            return whiten(advantages, mask), returns
+        if self.name == "reinforce":
+            returns, advantages = reinforce_advantages(scores, kl.sum(dim=1), values, beta)
+            return advantages.unsqueeze(1) * mask, returns
+        rewards = scores - beta * kl.sum(dim=1) if self.kl_in == "reward" else scores
+        return group_advantages(rewards, self.k, self.name).unsqueeze(1) * mask, None
+
+    def reward(self, scores: torch.Tensor, seq_kl: torch.Tensor, beta: float,
+               targets: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) scores, (B,) summed KL, beta and the targets ``advantages`` returned -> (B,) the reward each response is
+        logged with: reinforce's own, (1 - beta) * score - beta * KL (its targets); for the others score - beta * KL,
+        wherever kl_in puts the KL."""
+        if self.name == "reinforce":
+            return targets
+        return scores - beta * seq_kl
+
+    def policy_losses(self, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip_range: float,
+                      max_len: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(B, R) log-probs of the policy being trained, of the rollout's policy and of the reference, the rollout's
+        advantages and the mask -> ({"policy_loss", and "kl_loss" with kl_in=loss}, clip fraction, approx KL); the
+        policy minimises policy_loss + beta * kl_loss.
+
+        policy_loss: the clipped surrogate with one ratio per token, aggregated as ``aggregation`` (``policy_loss``);
+        kl_loss: k3 per token, aggregated alike.
+        """
+        loss, clip_frac, approx_kl = policy_loss(logp, old_logp, advantages, mask, clip_range, self.aggregation, max_len)
+        losses = {"policy_loss": loss}
+        if self.kl_in == "loss":
+            losses["kl_loss"] = aggregate(kl_per_token(logp, ref_logp, "k3"), mask, self.aggregation, max_len)
+        return losses, clip_frac, approx_kl
+
+    def critic_loss(self, values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clipped ``value_loss`` against the targets ``advantages`` returned: per real token (critic token, (B, R)
+        each), or one V(x) per response against its reward (critic prompt, (B,) each) -> (loss, clip fraction)."""
+        if self.critic == "prompt":
+            v = values.unsqueeze(1)
+            return value_loss(v, old_values.unsqueeze(1), targets.unsqueeze(1), torch.ones_like(v), clip_range)
+        return value_loss(values, old_values, targets, mask, clip_range)
+
+
+def algorithm(s, section: str = "ppo") -> Algorithm:
+    """The ``Algorithm`` the stage's settings ``s`` ask for (``algorithm``, ``samples_per_prompt``, ``kl_in``;
+    ``kl_coef`` is checked against it), the nulls resolved to each algorithm's usual practice.
+
+    ppo: 1 response per prompt, KL in the reward, token mean (Huang et al.). rloo: 4, KL in the reward, token mean
+    (Ahmadian et al.). grpo: 4, a k3 KL loss, each response's token mean then the mean over responses (Shao et al.).
+    dr_grpo: as grpo without the std division, each response's token sum over max_new_tokens (Liu et al.). reinforce: 1,
+    the KL weighed against the score in the reward, each response's token sum over max_new_tokens (Lee et al.: the
+    response is one action, so its log-probability is the sum over its tokens).
+    A value or combination that cannot run raises ValueError, one line naming
+    ``<section>.<key>``.
+    """
+    name, key = s.algorithm, section  # the errors name key.<setting>
+    if name not in ALGORITHMS:
+        raise ValueError(f"{key}.algorithm must be one of {', '.join(ALGORITHMS)}, got {name!r}")
+    if s.kl_in not in (None, "reward", "loss"):
+        raise ValueError(f"{key}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
+    if s.samples_per_prompt is not None and (not isinstance(s.samples_per_prompt, int) or s.samples_per_prompt < 1):
+        raise ValueError(f"{key}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
+    if name == "reinforce" and s.kl_coef is not None and s.kl_coef > 1:
+        raise ValueError(f"{key}.algorithm=reinforce weighs the score by 1 - {key}.kl_coef: {key}.kl_coef must be in "
+                         f"[0, 1], got {s.kl_coef}")
+    if name == "reinforce" and s.kl_in == "loss":
+        raise ValueError(f"{key}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
+                         f"{key}.kl_in must be reward or null")
+    k = s.samples_per_prompt or (1 if name in ("ppo", "reinforce") else 4)
+    kl_in = s.kl_in or ("reward" if name in ("ppo", "rloo", "reinforce") else "loss")
+    aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant", "reinforce": "constant"}.get(name, "token_mean")
+    algo = Algorithm(name, k, kl_in, aggregation)
+    if not algo.critic and k < 2:
+        raise ValueError(f"{key}.algorithm={name} measures each response against the other responses to its prompt: "
+                         f"{key}.samples_per_prompt must be >= 2 (null: 4)")
+    return algo

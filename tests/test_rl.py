@@ -157,3 +157,66 @@ def test_one_pass_policy_loss_is_reinforce():
     loss.backward()
     assert loss.item() == pytest.approx(-2.0) and clip_frac.item() == 0.0
     torch.testing.assert_close(logp.grad, t([[-1.0, -1.0, 0.0]]))  # -A / (2 real tokens), nothing for padding
+
+
+def _settings(algorithm, **kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"algorithm": algorithm, "samples_per_prompt": None, "kl_in": None, "kl_coef": 0.05, **kw})
+
+
+@pytest.mark.parametrize("name, k, kl_in, aggregation, critic, ceiling", [
+    ("ppo", 1, "reward", "token_mean", "token", None),
+    ("rloo", 4, "reward", "token_mean", None, None),
+    ("grpo", 4, "loss", "sequence_mean", None, None),
+    ("dr_grpo", 4, "loss", "constant", None, None),
+    ("reinforce", 1, "reward", "constant", "prompt", 1.0),
+])
+def test_algorithm_resolves_the_nulls_to_each_algorithms_practice(name, k, kl_in, aggregation, critic, ceiling):
+    algo = rl.algorithm(_settings(name))
+    assert (algo.k, algo.kl_in, algo.aggregation, algo.critic, algo.kl_ceiling) == (k, kl_in, aggregation, critic, ceiling)
+    assert rl.algorithm(_settings(name, samples_per_prompt=2, kl_in="reward")).k == 2
+
+
+def test_each_algorithms_advantages_targets_and_logged_reward():
+    scores, mask = t([1.0, 0.0, 2.0, 0.5]), t([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    beta = 0.1
+    kl = t([[0.1, 0.2, 0.3], [0.4, -0.2, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    seq_kl = kl.sum(dim=1)  # 0.6, 0.2, 1.0, 0.5
+    # rloo (k = 2), KL in the reward: rewards 0.94, -0.02 | 1.9, 0.45 -> leave-one-out 0.96, -0.96 | 1.45, -1.45 at every real token
+    rloo = rl.algorithm(_settings("rloo", samples_per_prompt=2))
+    adv, targets = rloo.advantages(scores, kl, mask, beta)
+    torch.testing.assert_close(adv, t([0.96, -0.96, 1.45, -1.45]).unsqueeze(1) * mask)
+    assert targets is None
+    torch.testing.assert_close(rloo.reward(scores, seq_kl, beta), scores - beta * seq_kl)
+    # grpo puts the KL in the loss: its advantages read the scores alone
+    grpo = rl.algorithm(_settings("grpo", samples_per_prompt=2))
+    torch.testing.assert_close(grpo.advantages(scores, kl, mask, beta)[0],
+                               rl.group_advantages(scores, 2, "grpo").unsqueeze(1) * mask)
+    # reinforce: rewards 0.9 * score - 0.1 * KL = 0.84, -0.02, 1.7, 0.4 less V(x); the rewards are the targets and logged
+    reinforce = rl.algorithm(_settings("reinforce", kl_coef=0.1))
+    adv, targets = reinforce.advantages(scores, kl, mask, beta, t([0.5, 0.0, 1.0, 0.4]))
+    torch.testing.assert_close(targets, torch.tensor([0.84, -0.02, 1.7, 0.4]))
+    torch.testing.assert_close(adv, torch.tensor([0.34, -0.02, 0.7, 0.0]).double().unsqueeze(1) * mask)
+    assert reinforce.reward(scores, seq_kl, beta, targets) is targets
+    # ppo: GAE on the per-token rewards against per-token values, whitened
+    values = t([[0.1, 0.2, 0.3], [0.0, 0.1, 0.0], [0.5, 0.0, 0.0], [0.2, 0.2, 0.2]])
+    adv, targets = rl.algorithm(_settings("ppo")).advantages(scores, kl, mask, beta, values, gamma=1.0, lam=0.95)
+    expected, returns = rl.gae(rl.token_rewards(scores, kl, mask, beta), values, mask, 1.0, 0.95)
+    torch.testing.assert_close(adv, rl.whiten(expected, mask))
+    torch.testing.assert_close(targets, returns)
+
+
+def test_each_algorithms_losses():
+    logp, old, ref = t([[0.1, -0.2, 0.0], [0.3, 0.0, 0.0]]), t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), t([[-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask, adv = t([[1, 1, 0], [1, 0, 0]]), t([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]])
+    losses, clip_frac, _ = rl.algorithm(_settings("ppo")).policy_losses(logp, old, ref, adv, mask, 0.2)
+    assert losses.keys() == {"policy_loss"}
+    torch.testing.assert_close(losses["policy_loss"], rl.policy_loss(logp, old, adv, mask, 0.2)[0])
+    losses, _, _ = rl.algorithm(_settings("grpo", samples_per_prompt=2)).policy_losses(logp, old, ref, adv, mask, 0.2)
+    torch.testing.assert_close(losses["kl_loss"], rl.aggregate(rl.kl_per_token(logp, ref, "k3"), mask, "sequence_mean"))
+    # reinforce's value model predicts one V(x) per response: the clipped loss on (B, 1)
+    v, v_old, target = t([1.0, 0.0]), t([0.5, 0.0]), t([2.0, 1.0])
+    loss, v_clip = rl.algorithm(_settings("reinforce")).critic_loss(v, v_old, target, mask, 0.2)
+    # V 1.0 clipped to 0.7: (0.7 - 2)^2 = 1.69 > (1 - 2)^2 = 1; V 0.0: (0 - 1)^2 = 1 either way -> 0.5 * (1.69 + 1) / 2
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2) and v_clip.item() == pytest.approx(0.5)

@@ -19,21 +19,24 @@ compare the k responses to a prompt two by two (each one's mean soft win rate ag
 function ``ppo.reward_fn`` names (``cai.rewards`` has all four). Dropout is off everywhere.
 The PM must share the policy's tokenizer (the value model reads policy tokens): cai refuses otherwise.
 
-One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``:
+One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``, and what
+differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` reads it from the settings):
 1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
 2. generate k = ``samples_per_prompt`` responses each (temperature T, top_p 1; under ZeRO-3 the policy is gathered
    once for the whole rollout), cut after the first EOS; with ``ppo.rollout_engine=vllm`` a vLLM engine in this
    process samples them, given the policy's current weights first (``cai.engines.VLLMEngine.load_weights``);
 3. score: PM at the last real token (minus ``missing_eos_penalty``, or replaced by ``missing_eos_score``, when there
-   is no EOS); log-probs of the
-   policy and the reference with logits / T, values of the value model (ppo);
-4. ppo: rewards -beta * KL per token plus the score at the last token; GAE (gamma, lambda); advantages whitened.
+   is no EOS); log-probs of the policy and the reference with logits / T, values of the value model
+   (``Algorithm.critic``: ppo per token, reinforce per prompt);
+4. the advantages (``Algorithm.advantages``): ppo: rewards -beta * KL per token plus the score at the last token; GAE
+   (gamma, lambda); advantages whitened.
    rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
    the other responses to its prompt (``rl.group_advantages``), the same advantage at every token; reinforce: the
    reward (1 - beta) * score - beta * summed KL less the value model's V(x) (``rl.reinforce_advantages``), likewise;
-5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (aggregated over tokens as the
-   algorithm does, ``rl.aggregate``), plus beta * k3 KL when ``kl_in=loss``, plus the clipped value loss (ppo: per
-   token against the GAE returns; reinforce: V(x) against the reward),
+5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (``Algorithm.policy_losses``:
+   aggregated over tokens as the algorithm does, ``rl.aggregate``), plus beta * k3 KL when ``kl_in=loss``, plus the
+   clipped value loss (``Algorithm.critic_loss``;
+   ppo: per token against the GAE returns; reinforce: V(x) against the reward),
    padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
 
 Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
@@ -73,33 +76,6 @@ UPSTREAM = ("sl_train", "pm_finetune")
 HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
 REWARDS = ("pm", "direct_rlaif", "pairwise", "custom")
-ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce")
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What ``ppo.algorithm`` and its companion keys amount to, the nulls resolved to the algorithm's usual practice."""
-    name: str          # ppo | rloo | grpo | dr_grpo | reinforce
-    k: int             # responses per prompt
-    kl_in: str         # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss
-    aggregation: str   # how per-token losses become one number (rl.aggregate)
-
-    @property
-    def critic(self) -> bool:
-        """A value model trains beside the policy: ppo's per-token critic, reinforce's baseline V(x) of the prompt."""
-        return self.name in ("ppo", "reinforce")
-
-
-def algorithm(s: DictConfig) -> Algorithm:
-    """ppo: 1 response per prompt, KL in the reward, token mean (Huang et al.). rloo: 4, KL in the reward, token mean
-    (Ahmadian et al.). grpo: 4, a k3 KL loss, each response's token mean then the mean over responses (Shao et al.).
-    dr_grpo: as grpo without the std division, each response's token sum over max_new_tokens (Liu et al.). reinforce: 1,
-    the KL weighed against the score in the reward, each response's token sum over max_new_tokens (Lee et al.: the
-    response is one action, so its log-probability is the sum over its tokens)."""
-    k = s.samples_per_prompt or (1 if s.algorithm in ("ppo", "reinforce") else 4)
-    kl_in = s.kl_in or ("reward" if s.algorithm in ("ppo", "rloo", "reinforce") else "loss")
-    aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant", "reinforce": "constant"}.get(s.algorithm, "token_mean")
-    return Algorithm(s.algorithm, k, kl_in, aggregation)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -115,7 +91,7 @@ def run(cfg: DictConfig) -> Path:
     if s.rollout_engine == "vllm" and world > 1:  # each rank's in-process engine would take rank 0's place and device
         raise StageInputError(f"{STAGE}.rollout_engine=vllm runs in one process for now ({world} ranks here): launch one "
                               f"process, or sample with {STAGE}.rollout_engine=hf")
-    algo = algorithm(s)
+    algo = rl.algorithm(s, STAGE)
     check_generation(cfg.generation, temperature=s.temperature)
     policy_cfg, policy_fingerprint = _policy_source(cfg, s)
     reward = _reward(cfg, s)
@@ -166,7 +142,7 @@ def run(cfg: DictConfig) -> Path:
     if algo.critic:
         value_engine, _ = training.build_engine(value_model, cfg, OmegaConf.create({**optim, "lr": s.value_lr}), updates)
         engines["value"] = value_engine
-    kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon, ceiling=1.0 if algo.name == "reinforce" else None)
+    kl_ctl = rl.AdaptiveKL(s.kl_coef, s.target_kl, s.kl_horizon, ceiling=algo.kl_ceiling)
 
     # Step 4: resume from the newest checkpoint of the same config and inputs, or start over.
     checkpoints = out / "checkpoints"
@@ -215,8 +191,7 @@ def run(cfg: DictConfig) -> Path:
 
         # metrics (means over ranks), KL controller, samples, checkpoint
         seq_kl = ro.kl.sum(dim=1)
-        reward_ = ro.returns if algo.name == "reinforce" else ro.scores - beta * seq_kl
-        row = {"step": step + 1, "score": raw.mean().item(), "reward": reward_.mean().item(),
+        row = {"step": step + 1, "score": raw.mean().item(), "reward": algo.reward(ro.scores, seq_kl, beta, ro.returns).mean().item(),
                "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
                "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
         if algo.k > 1:
@@ -274,7 +249,7 @@ class Rollout:
     ref_logprobs: torch.Tensor   # (B, R) log π_ref(a_t | s_t) at temperature T
     kl: torch.Tensor             # (B, R) KL estimate to the reference, log π_old - log π_ref (k1) or k3; 0 on padding
     advantages: torch.Tensor     # (B, R) ppo: GAE advantages, whitened over the batch's real tokens; critic-free: each
-                                 # response's group advantage at every real token
+                                 # response's group advantage at every real token; reinforce: R - V(x), likewise
     entropy: float               # mean per-token entropy of π_old over real tokens
     values: torch.Tensor | None = None   # (B, R) V_old(s_t) of the value model (ppo); reinforce: (B,) V_old(x)
     returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo); reinforce: (B,) rewards
@@ -302,13 +277,12 @@ def sample(policy_engine, rollout, tok, conversations: list[list[dict]], queries
 
 
 @torch.no_grad()
-def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, algo: Algorithm,
+def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, algo: rl.Algorithm,
           beta: float) -> Rollout:
-    """Log-probs of the policy and the reference (logits / T) and the advantages for the sampled ``batch`` and its raw
-    scores (B,). ppo: values, per-token rewards (-beta * KL plus the score at the last real token), GAE, whitened
-    advantages. Critic-free: each response's reward (score, less beta * summed KL when ``kl_in=reward``) against its
-    group's (``rl.group_advantages``), spread over its real tokens. reinforce: RLAIF's reward less the value model's V(x)
-    (``rl.reinforce_advantages``), likewise spread."""
+    """What the update needs to know of the sampled ``batch`` and its raw scores (B,), computed without gradient: the
+    scores after the missing-EOS treatment, log-probs of the policy and the reference (logits / T), the per-token KL,
+    the value model's values (``algo.critic``) and the advantages with the value model's targets (``algo.advantages``:
+    ppo's GAE, the critic-free methods' group baselines, reinforce's V(x))."""
     scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty, s.missing_eos_score)
     logits = _response_logits(policy_engine.module, batch)
     logprobs = rl.logprobs_from_logits(logits, batch.response, s.temperature)
@@ -316,31 +290,19 @@ def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Te
     del logits
     ref_logprobs = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
     kl = rl.kl_per_token(logprobs, ref_logprobs, s.kl_estimator) * batch.mask
-    ro = Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, kl=kl,
-                 advantages=torch.zeros_like(logprobs), entropy=entropy)
-    if not algo.critic:
-        rewards_ = scores - beta * kl.sum(dim=1) if algo.kl_in == "reward" else scores
-        ro.advantages = rl.group_advantages(rewards_, algo.k, algo.name).unsqueeze(1) * batch.mask
-        return ro
-    if algo.name == "reinforce":
-        ro.values = _prompt_values(value_engine.module, batch)
-        ro.returns, advantages = rl.reinforce_advantages(scores, kl.sum(dim=1), ro.values, beta)
-        ro.advantages = advantages.unsqueeze(1) * batch.mask
-        return ro
-    ro.values = _token_values(value_engine.module, batch)
-    per_token = rl.token_rewards(scores, kl, batch.mask, beta if algo.kl_in == "reward" else 0.0)
-    if s.whiten_rewards:
-        per_token = rl.whiten(per_token, batch.mask, shift_mean=False)
-    advantages, ro.returns = rl.gae(per_token, ro.values, batch.mask, s.gamma, s.lam)
-    ro.advantages = rl.whiten(advantages, batch.mask)
-    return ro
+    values = _values(value_engine.module, batch, algo.critic) if algo.critic else None
+    advantages, returns = algo.advantages(scores, kl, batch.mask, beta, values, gamma=s.gamma, lam=s.lam,
+                                          whiten_rewards=s.whiten_rewards)
+    return Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, kl=kl,
+                   advantages=advantages, entropy=entropy, values=values, returns=returns)
 
 
-def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta: float, seed: int, step: int, rank: int,
+def update(policy_engine, value_engine, ro: Rollout, *, s, algo: rl.Algorithm, beta: float, seed: int, step: int, rank: int,
            checkpoints: Path) -> dict:
     """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the rollout: the clipped policy loss (plus
-    beta * the k3 KL to the reference when ``kl_in=loss``) and, for ppo and reinforce, the clipped value loss; one optimizer step each
-    per minibatch. Returns the mean of each loss statistic."""
+    beta * the k3 KL to the reference when ``kl_in=loss``; ``algo.policy_losses``) and, with a value model
+    (``algo.critic``: ppo, reinforce), its clipped loss (``algo.critic_loss``); one optimizer step each per minibatch.
+    Returns the mean of each loss statistic."""
     from cai import distributed
 
     k = ro.batch.group
@@ -354,23 +316,16 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, algo: Algorithm, beta
             idx = torch.tensor(order[m * micro:(m + 1) * micro], device=policy_engine.device)
             mb = ro.batch.select(idx)
             logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
-            p_loss, clip_frac, approx_kl = rl.policy_loss(logp, ro.logprobs[idx], ro.advantages[idx], mb.mask, s.clip_range,
-                                                          algo.aggregation, s.max_new_tokens)
-            losses = {"policy_loss": p_loss}
-            if algo.kl_in == "loss":
-                losses["kl_loss"] = rl.aggregate(rl.kl_per_token(logp, ro.ref_logprobs[idx], "k3"), mb.mask,
-                                                 algo.aggregation, s.max_new_tokens)
-            if algo.name == "reinforce":  # V(x) against the response's reward: one prediction per row
-                values = _prompt_values(value_engine.module, mb).unsqueeze(1)
-                losses["value_loss"], v_clip = rl.value_loss(values, ro.values[idx].unsqueeze(1), ro.returns[idx].unsqueeze(1),
-                                                             torch.ones_like(values), s.clip_range_value)
-            elif algo.critic:
-                values = _token_values(value_engine.module, mb)
-                losses["value_loss"], v_clip = rl.value_loss(values, ro.values[idx], ro.returns[idx], mb.mask,
-                                                             s.clip_range_value)
+            losses, clip_frac, approx_kl = algo.policy_losses(logp, ro.logprobs[idx], ro.ref_logprobs[idx], ro.advantages[idx],
+                                                              mb.mask, s.clip_range, s.max_new_tokens)
+            if algo.critic:
+                values = _values(value_engine.module, mb, algo.critic)
+                losses["value_loss"], v_clip = algo.critic_loss(values, ro.values[idx], ro.returns[idx], mb.mask,
+                                                                s.clip_range_value)
             if distributed.sum_over_ranks(int(not all(torch.isfinite(x) for x in losses.values()))) > 0:
                 raise StageError(f"a non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
                                  f"{training.latest_tag(checkpoints)} in {checkpoints}")
+            p_loss = losses["policy_loss"]
             policy_engine.backward(p_loss + beta * losses["kl_loss"] if "kl_loss" in losses else p_loss)
             policy_engine.step()
             if algo.critic:
@@ -419,6 +374,11 @@ def _prompt_values(value_model, b: _Batch) -> torch.Tensor:
     return preference_scores(value_model, b.query[::b.group], b.query_mask[::b.group]).repeat_interleave(b.group)
 
 
+def _values(value_model, b: _Batch, critic: str) -> torch.Tensor:
+    """The value model's estimates as ``rl.Algorithm.critic`` names them: token, (B, R) V(s_t); prompt, (B,) V(x)."""
+    return _token_values(value_model, b) if critic == "token" else _prompt_values(value_model, b)
+
+
 def _clock(device: torch.device) -> float:
     """A wall-clock reading after the GPU has finished the work queued so far (CUDA runs asynchronously, so
     the per-phase times in metrics.jsonl would otherwise land on whichever phase waits first)."""
@@ -452,22 +412,11 @@ def _check_settings(s: DictConfig) -> None:
         raise StageInputError(f"{STAGE}.rollout_engine must be hf or vllm, got {s.rollout_engine!r}")
     if s.reward not in REWARDS:
         raise StageInputError(f"{STAGE}.reward must be one of {', '.join(REWARDS)}, got {s.reward!r}")
-    if s.algorithm not in ALGORITHMS:
-        raise StageInputError(f"{STAGE}.algorithm must be one of {', '.join(ALGORITHMS)}, got {s.algorithm!r}")
-    if s.kl_in not in (None, "reward", "loss"):
-        raise StageInputError(f"{STAGE}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
-    if s.samples_per_prompt is not None and (not isinstance(s.samples_per_prompt, int) or s.samples_per_prompt < 1):
-        raise StageInputError(f"{STAGE}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
-    if s.algorithm == "reinforce" and s.kl_coef is not None and s.kl_coef > 1:
-        raise StageInputError(f"{STAGE}.algorithm=reinforce weighs the score by 1 - {STAGE}.kl_coef: {STAGE}.kl_coef must be "
-                              f"in [0, 1], got {s.kl_coef}")
-    if s.algorithm == "reinforce" and s.kl_in == "loss":
-        raise StageInputError(f"{STAGE}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
-                              f"{STAGE}.kl_in must be reward or null")
-    if not algorithm(s).critic and s.samples_per_prompt == 1:
-        raise StageInputError(f"{STAGE}.algorithm={s.algorithm} measures each response against the other responses to its "
-                              f"prompt: {STAGE}.samples_per_prompt must be >= 2 (null: 4)")
-    if s.reward == "pairwise" and algorithm(s).k < 2:
+    try:  # algorithm, samples_per_prompt, kl_in and what each algorithm cannot take
+        algo = rl.algorithm(s, STAGE)
+    except ValueError as e:
+        raise StageInputError(str(e)) from None
+    if s.reward == "pairwise" and algo.k < 2:
         raise StageInputError(f"{STAGE}.reward=pairwise compares the responses to one prompt with each other: "
                               f"{STAGE}.samples_per_prompt must be >= 2 (or a critic-free {STAGE}.algorithm)")
     if s.missing_eos_score is not None and (isinstance(s.missing_eos_score, bool)
