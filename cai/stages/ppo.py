@@ -19,15 +19,15 @@ compare the k responses to a prompt two by two (each one's mean soft win rate ag
 function ``ppo.reward_fn`` names (``cai.rewards`` has all four). Dropout is off everywhere.
 The PM must share the policy's tokenizer (the value model reads policy tokens): cai refuses otherwise.
 
-One step — ``sample`` (1–2), the reward, ``score`` (3–4), ``update`` (5); the maths is in ``cai.rl``, and what
-differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` reads it from the settings):
+One step — ``sample`` (1–2), the reward (3), ``make_experience`` (3–4), ``update`` (5); the maths is in ``cai.rl``, and
+what differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` reads it from the settings):
 1. sample ``batch_size`` prompts per rank from the pool (a seeded order, cycled; its position is the step);
 2. generate k = ``samples_per_prompt`` responses each (temperature T, top_p 1; under ZeRO-3 the policy is gathered
    once for the whole rollout), cut after the first EOS; with ``ppo.rollout_engine=vllm`` a vLLM engine in this
    process samples them, given the policy's current weights first (``cai.engines.VLLMEngine.load_weights``);
-3. score: PM at the last real token (minus ``missing_eos_penalty``, or replaced by ``missing_eos_score``, when there
-   is no EOS); log-probs of the policy and the reference with logits / T, values of the value model
-   (``Algorithm.critic``: ppo per token, reinforce per prompt);
+3. the reward: PM at the last real token (minus ``missing_eos_penalty``, or replaced by ``missing_eos_score``, when
+   there is no EOS); then the experience: log-probs of the policy and the reference with logits / T, values of the
+   value model (``Algorithm.critic``: ppo per token, reinforce per prompt);
 4. the advantages (``Algorithm.advantages``): ppo: rewards -beta * KL per token plus the score at the last token; GAE
    (gamma, lambda); advantages whitened.
    rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
@@ -42,7 +42,8 @@ differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` reads
 Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
 eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo, reinforce: value_loss, value_clip_frac; k > 1:
 group_score_std, the mean spread of the scores of one prompt's responses; kl_in=loss: kl_loss; and the step's
-seconds split into rollout_s (generation), score_s (reward, log-probs, values, advantages) and update_s),
+seconds split into rollout_s (generation), score_s (the reward and make_experience: log-probs, values, advantages) and
+update_s),
 ``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
 (the final policy, ``save_pretrained``) and ``manifest.json``.
 """
@@ -114,7 +115,7 @@ def run(cfg: DictConfig) -> Path:
     reference, _ = load_policy(policy_cfg)
     reference.requires_grad_(False)
     # rollout_engine=vllm: vLLM samples the responses in this process (started before a vLLM labeler, which then runs
-    # in its own), given the policy's weights before each rollout (log-probs stay the training policy's: score())
+    # in its own), given the policy's weights before each rollout (log-probs stay the training policy's: make_experience())
     rollout = None
     if s.rollout_engine == "vllm":
         from cai.engines import VLLMEngine
@@ -182,8 +183,8 @@ def run(cfg: DictConfig) -> Path:
             raise StageError(f"a non-finite reward (score) at step {step + 1}; stopping before any update on it. "
                              f"Last good checkpoint: {training.latest_tag(checkpoints)} in {checkpoints}")
         beta = kl_ctl.value
-        ro = score(policy_engine, reference, value_engine, batch, raw, s=s, algo=algo, beta=beta)
-        t_scored = _clock(device)
+        ro = make_experience(policy_engine, reference, value_engine, batch, raw, s=s, algo=algo, beta=beta)
+        t_experience = _clock(device)
         lr = policy_sched.get_last_lr()[0]
         stats = update(policy_engine, value_engine, ro, s=s, algo=algo, beta=beta, seed=cfg.seed, step=step, rank=rank,
                        checkpoints=checkpoints)
@@ -201,8 +202,8 @@ def run(cfg: DictConfig) -> Path:
         kl_ctl.update(row["kl"], n_samples)
         seconds = time.perf_counter() - t0
         row.update(lr=lr, samples_per_s=round(n_samples / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
-                   rollout_s=round(t_rollout - t0, 3), score_s=round(t_scored - t_rollout, 3),
-                   update_s=round(t_updated - t_scored, 3))
+                   rollout_s=round(t_rollout - t0, 3), score_s=round(t_experience - t_rollout, 3),
+                   update_s=round(t_updated - t_experience, 3))
         if row["eos_rate"] == 0 and main_rank and not warned:
             warned = True
             tqdm.write(f"cai {STAGE}: step {step + 1}: no response ended within {STAGE}.max_new_tokens={s.max_new_tokens}; "
@@ -238,7 +239,7 @@ def run(cfg: DictConfig) -> Path:
 
 @dataclass
 class Rollout:
-    """One step's samples with everything the update needs, computed without gradient before it.
+    """One step's samples with everything the update needs, computed without gradient before it (``make_experience``).
     B responses (a prompt's k responses consecutive), R response positions; response tensors are right-padded and
     masked by ``batch.mask``."""
     batch: "_Batch"              # prompt (B, Q) and response (B, R) tokens with their masks
@@ -277,8 +278,8 @@ def sample(policy_engine, rollout, tok, conversations: list[list[dict]], queries
 
 
 @torch.no_grad()
-def score(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, algo: rl.Algorithm,
-          beta: float) -> Rollout:
+def make_experience(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, algo: rl.Algorithm,
+                    beta: float) -> Rollout:
     """What the update needs to know of the sampled ``batch`` and its raw scores (B,), computed without gradient: the
     scores after the missing-EOS treatment, log-probs of the policy and the reference (logits / T), the per-token KL,
     the value model's values (``algo.critic``) and the advantages with the value model's targets (``algo.advantages``:
