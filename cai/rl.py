@@ -202,6 +202,28 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, clip_frac.detach(), approx_kl.detach()
 
 
+def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                         clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate with one importance ratio per response, the response being one action (RLOO as Ahmadian et
+    al. 2024 and TRL's ``RLOOTrainer`` write it). logp, old_logp, mask: (B, T); advantages: (B,) -> (loss, clip
+    fraction, approx KL) scalars.
+
+    ratio_b = exp(sum over row b's real tokens of (logp - old_logp)) = pi(y | x) / pi_old(y | x); loss = mean over rows
+    of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)); clip fraction = share of rows where the clipped term was the
+    larger; approx KL = as ``policy_loss``'s, the mean over real tokens of each token's (r - 1) - log r (a per-token
+    figure whichever ratio the loss clips, so runs compare). At ratio 1 the gradient is -A * sum_t grad log pi(y_t): a
+    response's tokens summed, where ``policy_loss`` averages them. With one token per row it equals ``policy_loss``.
+    """
+    log_ratio = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))  # padding adds nothing
+    ratio = log_ratio.sum(dim=1).exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    clip_frac = (clipped > unclipped).float().mean()
+    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss. (B, T) inputs -> (loss, clip fraction) scalars.
@@ -243,6 +265,7 @@ class AdaptiveKL:
 
 
 ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce")
+RATIOS = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -255,6 +278,7 @@ class Algorithm:
     k: int                # responses per prompt
     kl_in: str            # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss
     aggregation: str      # how per-token losses become one number (aggregate)
+    ratio: str = "token"  # the policy loss's importance ratio: token (policy_loss) | sequence (sequence_policy_loss, rloo)
 
     @property
     def critic(self) -> str | None:
@@ -310,10 +334,13 @@ class Algorithm:
         advantages and the mask -> ({"policy_loss", and "kl_loss" with kl_in=loss}, clip fraction, approx KL); the
         policy minimises policy_loss + beta * kl_loss.
 
-        policy_loss: the clipped surrogate with one ratio per token, aggregated as ``aggregation`` (``policy_loss``);
-        kl_loss: k3 per token, aggregated alike.
+        policy_loss: the clipped surrogate with one ratio per token, aggregated as ``aggregation`` (``policy_loss``), or
+        with one ratio per response (ratio=sequence: ``sequence_policy_loss``); kl_loss: k3 per token, aggregated alike.
         """
-        loss, clip_frac, approx_kl = policy_loss(logp, old_logp, advantages, mask, clip_range, self.aggregation, max_len)
+        if self.ratio == "sequence":  # a response's advantage sits at each of its real tokens, and position 0 is real
+            loss, clip_frac, approx_kl = sequence_policy_loss(logp, old_logp, advantages[:, 0], mask, clip_range)
+        else:
+            loss, clip_frac, approx_kl = policy_loss(logp, old_logp, advantages, mask, clip_range, self.aggregation, max_len)
         losses = {"policy_loss": loss}
         if self.kl_in == "loss":
             losses["kl_loss"] = aggregate(kl_per_token(logp, ref_logp, "k3"), mask, self.aggregation, max_len)
@@ -330,15 +357,15 @@ class Algorithm:
 
 
 def algorithm(s, section: str = "ppo") -> Algorithm:
-    """The ``Algorithm`` the stage's settings ``s`` ask for (``algorithm``, ``samples_per_prompt``, ``kl_in``;
-    ``kl_coef`` is checked against it), the nulls resolved to each algorithm's usual practice.
+    """The ``Algorithm`` the stage's settings ``s`` ask for (``algorithm``, ``samples_per_prompt``, ``kl_in``,
+    ``rloo_ratio``; ``kl_coef`` is checked against it), the nulls resolved to each algorithm's usual practice.
 
     ppo: 1 response per prompt, KL in the reward, token mean (Huang et al.). rloo: 4, KL in the reward, token mean
-    (Ahmadian et al.). grpo: 4, a k3 KL loss, each response's token mean then the mean over responses (Shao et al.).
-    dr_grpo: as grpo without the std division, each response's token sum over max_new_tokens (Liu et al.). reinforce: 1,
-    the KL weighed against the score in the reward, each response's token sum over max_new_tokens (Lee et al.: the
-    response is one action, so its log-probability is the sum over its tokens).
-    A value or combination that cannot run raises ValueError, one line naming
+    (Ahmadian et al.; rloo_ratio=sequence: one ratio per response, as the paper and TRL). grpo: 4, a k3 KL loss, each
+    response's token mean then the mean over responses (Shao et al.). dr_grpo: as grpo without the std division, each
+    response's token sum over max_new_tokens (Liu et al.). reinforce: 1, the KL weighed against the score in the reward,
+    each response's token sum over max_new_tokens (Lee et al.: the response is one action, so its log-probability is
+    the sum over its tokens). A value or combination that cannot run raises ValueError, one line naming
     ``<section>.<key>``.
     """
     name, key = s.algorithm, section  # the errors name key.<setting>
@@ -354,10 +381,15 @@ def algorithm(s, section: str = "ppo") -> Algorithm:
     if name == "reinforce" and s.kl_in == "loss":
         raise ValueError(f"{key}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
                          f"{key}.kl_in must be reward or null")
+    if s.rloo_ratio not in RATIOS:
+        raise ValueError(f"{key}.rloo_ratio must be token or sequence, got {s.rloo_ratio!r}")
+    if s.rloo_ratio == "sequence" and name != "rloo":
+        raise ValueError(f"{key}.rloo_ratio=sequence is RLOO's one ratio per response: it needs {key}.algorithm=rloo, "
+                         f"got {name}")
     k = s.samples_per_prompt or (1 if name in ("ppo", "reinforce") else 4)
     kl_in = s.kl_in or ("reward" if name in ("ppo", "rloo", "reinforce") else "loss")
     aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant", "reinforce": "constant"}.get(name, "token_mean")
-    algo = Algorithm(name, k, kl_in, aggregation)
+    algo = Algorithm(name, k, kl_in, aggregation, s.rloo_ratio)
     if not algo.critic and k < 2:
         raise ValueError(f"{key}.algorithm={name} measures each response against the other responses to its prompt: "
                          f"{key}.samples_per_prompt must be >= 2 (null: 4)")

@@ -48,16 +48,18 @@ def babbler(tmp_path_factory):
     return tmp_path / "sft" / "sl_train" / "model", ids[1][0]
 
 
-@pytest.mark.parametrize("algorithm, prompts", [("ppo", 8), ("rloo", 2), ("grpo", 2), ("dr_grpo", 2), ("reinforce", 8)])
-def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, prompts):
+@pytest.mark.parametrize("algorithm, prompts, ratio", [("ppo", 8, "token"), ("rloo", 2, "token"), ("rloo", 2, "sequence"),
+                                                       ("grpo", 2, "token"), ("dr_grpo", 2, "token"), ("reinforce", 8, "token")])
+def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, prompts, ratio):
     """The reward is the share of one word (" you") in the response: 8 responses a step for every algorithm (the
-    critic-free ones as 2 prompts x 4)."""
+    critic-free ones as 2 prompts x 4); rloo also with one importance ratio per response (``ppo.rloo_ratio=sequence``)."""
     critic = algorithm in ("ppo", "reinforce")
     model, token = babbler
     result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'rl'}", "ppo.reward=custom",
                         f"ppo.reward_fn={{_target_:tests.ppo_rewards.share_of_token,token:{token}}}",
                         f"ppo.policy={model}", "ppo.steps=12", "ppo.temperature=1.0", f"ppo.algorithm={algorithm}",
-                        "ppo.lr=3e-4", f"ppo.batch_size={prompts}", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0")
+                        "ppo.lr=3e-4", f"ppo.batch_size={prompts}", "ppo.ppo_epochs=4", "ppo.missing_eos_penalty=0",
+                        f"ppo.rloo_ratio={ratio}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path / "rl" / "ppo")
     scores = [m["score"] for m in metrics]
@@ -193,6 +195,9 @@ def test_pairwise_labeler_reward_within_each_group(tmp_path):
     ("ppo.algorithm=grpo ppo.samples_per_prompt=1",
      "ppo.algorithm=grpo measures each response against the other responses to its prompt: ppo.samples_per_prompt must be >= 2"),
     ("ppo.samples_per_prompt=0", "ppo.samples_per_prompt must be an integer >= 1 or null, got 0"),
+    ("ppo.algorithm=rloo ppo.rloo_ratio=response", "ppo.rloo_ratio must be token or sequence, got 'response'"),
+    ("ppo.algorithm=grpo ppo.rloo_ratio=sequence", "ppo.rloo_ratio=sequence is RLOO's one ratio per response: it needs "
+                                                   "ppo.algorithm=rloo, got grpo"),
     ("ppo.kl_in=both", "ppo.kl_in must be reward, loss or null"),
     ("ppo.reward=pairwise", "ppo.reward=pairwise compares the responses to one prompt with each other: ppo.samples_per_prompt"),
     ("ppo.pairwise_principles=0", "ppo.pairwise_principles must be an integer >= 1, got 0"),

@@ -159,10 +159,50 @@ def test_one_pass_policy_loss_is_reinforce():
     torch.testing.assert_close(logp.grad, t([[-1.0, -1.0, 0.0]]))  # -A / (2 real tokens), nothing for padding
 
 
+def test_sequence_policy_loss_by_hand():
+    """RLOO as its paper and TRL's RLOOTrainer write it: one ratio per response, the product of its tokens' ratios."""
+    old = t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    new = t([[math.log(2.0), math.log(0.75), 5.0], [math.log(0.5), math.log(1.8), -3.0]])  # the last column is padding
+    mask, adv = t([[1, 1, 0], [1, 1, 0]]), t([1.0, -1.0])
+    loss, clip_frac, approx_kl = rl.sequence_policy_loss(new, old, adv, mask, clip_range=0.2)
+    # ratios 2 * 0.75 = 1.5 and 0.5 * 1.8 = 0.9; max(-A r, -A clip(r)): max(-1.5, -1.2) = -1.2 (clipped),
+    # max(0.9, 0.9) = 0.9 (not clipped) -> mean over the two responses -0.15
+    assert loss.item() == pytest.approx((-1.2 + 0.9) / 2)
+    assert clip_frac.item() == pytest.approx(1 / 2)
+    # approx KL stays per token: (r - 1) - log r over the 4 real tokens
+    expected_kl = sum(r - 1 - math.log(r) for r in (2.0, 0.75, 0.5, 1.8)) / 4
+    assert approx_kl.item() == pytest.approx(expected_kl)
+    # the per-token form clips each token instead: max(-2, -1.2), max(-0.75, -0.8), max(0.5, 0.8), max(1.8, 1.2)
+    token_loss, _, _ = rl.policy_loss(new, old, adv.unsqueeze(1) * mask, mask, clip_range=0.2)
+    assert token_loss.item() == pytest.approx((-1.2 - 0.75 + 0.8 + 1.8) / 4)
+
+
+def test_sequence_policy_loss_gradient_sums_a_responses_tokens():
+    """At ratio 1 the gradient is -A at each real token (the response's log-probability is their sum); the token form's
+    sequence_mean gives -A / (real tokens)."""
+    logp = t([[math.log(0.5), math.log(0.25), 0.0]]).requires_grad_()
+    loss, clip_frac, _ = rl.sequence_policy_loss(logp, logp.detach(), t([2.0]), t([[1, 1, 0]]), clip_range=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(-2.0) and clip_frac.item() == 0.0
+    torch.testing.assert_close(logp.grad, t([[-2.0, -2.0, 0.0]]))
+
+
+def test_sequence_policy_loss_with_one_token_per_response_is_the_token_loss():
+    logp = t([[0.3, 9.0], [-0.4, -9.0], [0.05, 2.0], [-0.1, 0.0]])  # one real token per row, then padding
+    old = t([[0.0, 0.0], [0.0, 0.0], [0.1, 0.0], [0.0, 0.0]])
+    mask, adv = t([[1, 0]] * 4), t([1.0, 2.0, -1.0, -0.5])
+    sequence = rl.sequence_policy_loss(logp, old, adv, mask, clip_range=0.2)
+    token = rl.policy_loss(logp, old, adv.unsqueeze(1) * mask, mask, clip_range=0.2)
+    for a, b in zip(sequence, token):
+        torch.testing.assert_close(a, b)
+    assert 0 < sequence[1].item() < 1  # some rows were clipped, some not: both branches compared
+
+
 def _settings(algorithm, **kw):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{"algorithm": algorithm, "samples_per_prompt": None, "kl_in": None, "kl_coef": 0.05, **kw})
+    return SimpleNamespace(**{"algorithm": algorithm, "samples_per_prompt": None, "kl_in": None, "kl_coef": 0.05,
+                              "rloo_ratio": "token", **kw})
 
 
 @pytest.mark.parametrize("name, k, kl_in, aggregation, critic, ceiling", [
@@ -174,8 +214,15 @@ def _settings(algorithm, **kw):
 ])
 def test_algorithm_resolves_the_nulls_to_each_algorithms_practice(name, k, kl_in, aggregation, critic, ceiling):
     algo = rl.algorithm(_settings(name))
-    assert (algo.k, algo.kl_in, algo.aggregation, algo.critic, algo.kl_ceiling) == (k, kl_in, aggregation, critic, ceiling)
+    assert (algo.k, algo.kl_in, algo.aggregation, algo.critic, algo.kl_ceiling, algo.ratio) == (k, kl_in, aggregation, critic,
+                                                                                               ceiling, "token")
     assert rl.algorithm(_settings(name, samples_per_prompt=2, kl_in="reward")).k == 2
+    if name == "rloo":
+        assert rl.algorithm(_settings(name, rloo_ratio="sequence")).ratio == "sequence"
+    else:
+        with pytest.raises(ValueError, match=f"x.rloo_ratio=sequence is RLOO's one ratio per response: it needs "
+                                             f"x.algorithm=rloo, got {name}"):
+            rl.algorithm(_settings(name, rloo_ratio="sequence"), "x")
 
 
 def test_each_algorithms_advantages_targets_and_logged_reward():
@@ -215,6 +262,8 @@ def test_each_algorithms_losses():
     torch.testing.assert_close(losses["policy_loss"], rl.policy_loss(logp, old, adv, mask, 0.2)[0])
     losses, _, _ = rl.algorithm(_settings("grpo", samples_per_prompt=2)).policy_losses(logp, old, ref, adv, mask, 0.2)
     torch.testing.assert_close(losses["kl_loss"], rl.aggregate(rl.kl_per_token(logp, ref, "k3"), mask, "sequence_mean"))
+    sequence = rl.algorithm(_settings("rloo", rloo_ratio="sequence")).policy_losses(logp, old, ref, adv, mask, 0.2)
+    torch.testing.assert_close(sequence[0]["policy_loss"], rl.sequence_policy_loss(logp, old, t([1.0, -2.0]), mask, 0.2)[0])
     # reinforce's value model predicts one V(x) per response: the clipped loss on (B, 1)
     v, v_old, target = t([1.0, 0.0]), t([0.5, 0.0]), t([2.0, 1.0])
     loss, v_clip = rl.algorithm(_settings("reinforce")).critic_loss(v, v_old, target, mask, 0.2)

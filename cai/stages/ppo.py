@@ -33,9 +33,9 @@ what differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` 
    rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
    the other responses to its prompt (``rl.group_advantages``), the same advantage at every token; reinforce: the
    reward (1 - beta) * score - beta * summed KL less the value model's V(x) (``rl.reinforce_advantages``), likewise;
-5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (``Algorithm.policy_losses``:
-   aggregated over tokens as the algorithm does, ``rl.aggregate``), plus beta * k3 KL when ``kl_in=loss``, plus the
-   clipped value loss (``Algorithm.critic_loss``;
+5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (``Algorithm.policy_losses``: a
+   ratio per token, aggregated over tokens as the algorithm does, ``rl.aggregate``; rloo with ``rloo_ratio=sequence``
+   one ratio per response), plus beta * k3 KL when ``kl_in=loss``, plus the clipped value loss (``Algorithm.critic_loss``;
    ppo: per token against the GAE returns; reinforce: V(x) against the reward),
    padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
 
@@ -413,7 +413,7 @@ def _check_settings(s: DictConfig) -> None:
         raise StageInputError(f"{STAGE}.rollout_engine must be hf or vllm, got {s.rollout_engine!r}")
     if s.reward not in REWARDS:
         raise StageInputError(f"{STAGE}.reward must be one of {', '.join(REWARDS)}, got {s.reward!r}")
-    try:  # algorithm, samples_per_prompt, kl_in and what each algorithm cannot take
+    try:  # algorithm, samples_per_prompt, kl_in, rloo_ratio and what each algorithm cannot take
         algo = rl.algorithm(s, STAGE)
     except ValueError as e:
         raise StageInputError(str(e)) from None
