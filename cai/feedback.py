@@ -20,6 +20,7 @@ import torch
 from cai.constitution import OPTION_LABELS, PREAMBLES
 from cai.data import jsonl_rows, parse_hh_transcript
 from cai.errors import DataError, LabelerError, StageInputError
+from cai.generation import Engine
 from cai.models import position_ids_from_mask
 
 
@@ -42,11 +43,9 @@ def next_token_logprobs(model, contexts: Sequence[list[int]], candidates: Sequen
     (batched, left-padded, positions from the mask so padding changes nothing), no decoding.
 
     Contexts are sorted by length so each batch carries little padding; results come back in input order. A
-    ``cai.engines.VLLMEngine`` reads them from one generated step per context instead.
+    ``cai.generation.Engine`` (vLLM, a server) reads them from one generated step per context instead.
     """
-    from cai.engines import is_engine
-
-    if is_engine(model):
+    if isinstance(model, Engine):
         return model.next_token_logprobs(contexts, candidates)
     device = next(model.parameters()).device
     order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
@@ -83,9 +82,7 @@ def shared_prefix_logprobs(model, contexts: Sequence[list[int]], candidates: Seq
     """
     import copy
 
-    from cai.engines import is_engine
-
-    if is_engine(model):
+    if isinstance(model, Engine):
         return model.next_token_logprobs(contexts, candidates)
 
     members_of: dict = {}

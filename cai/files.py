@@ -30,13 +30,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
 
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
+
 @contextlib.contextmanager
+
+
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename.
 
@@ -64,6 +69,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
+
 def clear_leftovers(folder: str | os.PathLike) -> list[Path]:
     """Tidy what an interrupted atomic write leaves under ``folder``: ``.NAME.*.tmp`` files and folders are removed;
     a ``.NAME.old-PID`` folder (the previous version ``atomic_dir`` was replacing) is removed when ``NAME`` is there,
@@ -82,6 +88,7 @@ def clear_leftovers(folder: str | os.PathLike) -> list[Path]:
         tidied.append(path)
     return tidied
 
+
 def save_dataset(dataset, path: str | os.PathLike) -> Path:
     """``dataset.save_to_disk`` into ``path`` atomically."""
     import datasets
@@ -91,14 +98,17 @@ def save_dataset(dataset, path: str | os.PathLike) -> Path:
         dataset.save_to_disk(str(tmp))
     return Path(path)
 
+
 def safe_name(text: str) -> str:
     """``text`` as a file or folder name: letters, digits, "-", "_" and "." kept, anything else "_"."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
 
 def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
 
 def json_default(obj: Any) -> Any:
     if isinstance(obj, Path):

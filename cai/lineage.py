@@ -28,10 +28,12 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
+
 def resolved_config(cfg: DictConfig | dict) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     return dict(cfg)
+
 
 def input_stamps(value: Any) -> dict[str, list[int]]:
     """{path: [size, mtime_ns]} for every existing local file named by a string in ``value`` (nested dicts
@@ -53,6 +55,7 @@ def input_stamps(value: Any) -> dict[str, list[int]]:
                 stamps[str(f)] = [st.st_size, st.st_mtime_ns]
     return stamps
 
+
 def input_fingerprint(path: str | os.PathLike) -> str:
     """What an input named by a path was made from — the one fingerprint stages record of their inputs. A stage
     folder, or an output inside one (``R/sl_train/model``, ``R/sl_generate/dataset``): that stage's ``lineage``,
@@ -68,6 +71,7 @@ def input_fingerprint(path: str | os.PathLike) -> str:
         return "files:" + hashlib.sha256(json.dumps(stamps, sort_keys=True).encode("utf-8")).hexdigest()
     return f"name:{path}"
 
+
 def lineage(manifest: dict | None) -> str | None:
     """What a stage's output was made from: a hash of its config hash, constitution hash and every
     ``*_fingerprint`` it recorded of its own inputs. A downstream stage that records this reruns when
@@ -76,6 +80,7 @@ def lineage(manifest: dict | None) -> str | None:
         return None
     parts = {k: v for k, v in manifest.items() if k in ("config_hash", "constitution_hash") or k.endswith("_fingerprint")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+
 
 def tree_hash(folder: str | os.PathLike) -> str:
     """sha256 over every file below ``folder`` (relative path and content), in sorted order."""
@@ -88,6 +93,7 @@ def tree_hash(folder: str | os.PathLike) -> str:
         h.update(rel.encode("utf-8") + b"\0")
         h.update(p.read_bytes() + b"\0")
     return h.hexdigest()
+
 
 def git_sha() -> str | None:
     """The SHA of the cai checkout this code runs from (``-dirty`` when it has local changes)."""

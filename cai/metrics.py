@@ -65,6 +65,7 @@ class MetricsWriter:
             self.mirror.close()
             self.mirror = None
 
+
 def read_metrics(folder: str | os.PathLike, name: str = METRICS) -> list[dict]:
     path = Path(folder) / name
     if not path.exists():
@@ -77,7 +78,9 @@ def read_metrics(folder: str | os.PathLike, name: str = METRICS) -> list[dict]:
             continue  # a torn last line from a killed process
     return rows
 
+
 LOGGERS = {"jsonl": None, "tensorboard": "tensorboard", "wandb": "wandb"}  # logger.name -> the package it needs
+
 
 def logger_backend(logger: DictConfig | dict) -> str:
     """``logger.name``, checked: a known backend whose package is installed (found, not imported)."""
@@ -91,10 +94,12 @@ def logger_backend(logger: DictConfig | dict) -> str:
         raise ImportError(f"logger.name={name} needs the {package} package: pip install 'cai[logging]'")
     return name
 
+
 def _open_mirror(logger: DictConfig | dict, folder: Path, run_name: str, next_step: int):
     if logger["name"] == "tensorboard":
         return _TensorBoard(folder / "tensorboard", next_step)
     return _Wandb(logger, folder, run_name)
+
 
 class _TensorBoard:
     """Event files in ``<stage>/tensorboard/``: ``tensorboard --logdir RUN_DIR`` shows each stage as a run."""
@@ -113,6 +118,7 @@ class _TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
 
 class _Wandb:
     """A W&B run named after the stage in ``<stage>/wandb/``, grouped by run directory (``logger.group``), with the
@@ -139,6 +145,7 @@ class _Wandb:
         self.run.finish()
         wandb.teardown()  # finish() returns before W&B's service has written the run's file; this waits for it
 
+
 def fail_open_runs() -> None:
     """Finish a W&B run the failing stage left open, with exit code 1 (``run_stage`` calls this on a one-line error;
     W&B's own exit hook would record the SystemExit as a clean exit)."""
@@ -149,6 +156,7 @@ def fail_open_runs() -> None:
         with contextlib.suppress(Exception):  # the stage's own one-line error is what must reach the user
             wandb.run.finish(exit_code=1)
             wandb.teardown()
+
 
 def _is_scalar(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)

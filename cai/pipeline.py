@@ -123,6 +123,20 @@ def stage_state(cfg: DictConfig, folder: Path, stage: str) -> dict:
             "launcher": resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None}
 
 
+def check_loadable(cfg, names) -> None:
+    """Load the tokenizer of each named role (a tiny-random one is built in-process: nothing to check), so a missing
+    folder or a tokenizer without a chat template is refused in one line naming the role's key before the pipeline's
+    first stage, not when the stage that reads the role is reached."""
+    from cai.models import load_tokenizer
+
+    checked = []
+    for name in names:
+        model_spec = roles.spec(cfg, name)
+        if model_spec["path"] != roles.TINY_RANDOM and model_spec["path"] not in checked:
+            load_tokenizer(model_spec)
+            checked.append(model_spec["path"])
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="pipeline", version_base=None)
 def main(cfg: DictConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
@@ -142,7 +156,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir) / "jobs" / _job_name(hc.job.override_dirname) if sweep else Path(cfg.run_dir)
     try:  # a malformed model role, or one that cannot load, is refused before any stage starts (cai.roles)
         plan = stage_keys(cfg, constitution_hash)
-        roles.check_loadable(cfg, [r for r in roles.ROLES if any(r in facts(s).HASH_KEYS for s in cfg.stages)])
+        check_loadable(cfg, [r for r in roles.ROLES if any(r in facts(s).HASH_KEYS for s in cfg.stages)])
     except InputError as e:
         raise SystemExit(f"cai.pipeline: {e}") from None
     run_dir.mkdir(parents=True, exist_ok=True)

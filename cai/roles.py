@@ -5,25 +5,7 @@ Each role is a top-level config key holding a model spec like ``model``'s (``pat
 chain ends at ``model``: a config that sets only ``model`` runs every role on that one model, as before roles
 existed. ``labeler.path=DIR`` alone gives the labeler other weights on the device and dtype of ``model``.
 
-============  ============  ==============================================  =============================================
-role          falls back    read by                                         does
-============  ============  ==============================================  =============================================
-policy        model         sl_generate, ai_feedback, ppo, evaluate         answers the SL prompts; samples the comparison
-                                                                            pairs and starts RL when sl_train has not run;
-                                                                            evaluate's ``base`` checkpoint
-reviser       policy        sl_generate                                     writes the critiques and revisions
-sl_start      policy        sl_train; ai_feedback, ppo, evaluate            the model SL-CAI fine-tunes (later stages load
-                                                                            sl_train's model with its device, dtype and
-                                                                            trust_remote_code)
-labeler       model         ai_feedback, ppo (direct_rlaif, pairwise),      the AI comparisons and direct 1..10 ratings
-                            label_alignment
-pm_backbone   sl_start      pm_pretrain, pm_finetune, ppo, evaluate         the preference model's backbone (ppo and
-                                                                            evaluate: the device and dtype of the PM);
-                                                                            PPO needs it to share the tokenizer of the
-                                                                            model it trains, sl_start's
-judge         labeler       evaluate                                        AI-judge win rates, harmlessness ratings,
-                                                                            agreement with human labels
-============  ============  ==============================================  =============================================
+Which stage reads which role, and what each does: docs/configuration.md, "Model roles" (the one table of them).
 
 A stage names the roles it reads in its ``HASH_KEYS``; its config hash covers each role's resolved spec
 (``identity``), so changing the judge reruns evaluate only and a sweep over ``labeler.path`` shares every stage
@@ -40,11 +22,17 @@ from pathlib import Path
 from cai.errors import StageInputError
 from cai.lineage import input_fingerprint
 
+# what a spec's path may name besides a folder or a hub id: the model cai ships (SmolLM2-135M-Instruct, cai.models) and
+# a small random model built in-process from the spec's ``tiny`` sizes (tests, debug=tiny)
+EMBEDDED = "embedded"
+TINY_RANDOM = "tiny-random"
 # role -> the role it falls back to (every chain ends at ``model``)
 ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "sl_start",
          "judge": "labeler"}
 SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny", "engine", "vllm", "served")
-ENGINES = ("hf", "vllm", "served")  # cai.engines
+# what runs a role's generation and labeling: part of the spec a config writes, checked here with the other keys;
+# cai.generation runs hf (transformers), cai.engines runs vllm and served (load_generator dispatches on this name)
+ENGINES = ("hf", "vllm", "served")
 VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "cpu_kv_cache_gib")
 SERVED_KEYS = ("url", "concurrency", "timeout_s", "retries")
 MERGED = ("tiny", "vllm", "served")  # mappings a role overrides key by key
@@ -93,7 +81,7 @@ def identity(model_spec: dict) -> dict:
     connection settings). Two roles of one identity can share one loaded model."""
     engine = model_spec.get("engine") or "hf"
     return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served")
-            and (k != "tiny" or model_spec["path"] == "tiny-random") and (k != "engine" or engine != "hf")
+            and (k != "tiny" or model_spec["path"] == TINY_RANDOM) and (k != "engine" or engine != "hf")
             and (k != "vllm" or engine == "vllm")}
 
 
@@ -105,7 +93,7 @@ def fingerprint(model_spec: dict) -> str:
     local = Path(path).expanduser()
     parts = {"path": str(local.resolve()) if local.exists() else path,
              "files": input_fingerprint(local) if local.exists() else None,
-             "tiny": model_spec.get("tiny") if path == "tiny-random" else None}
+             "tiny": model_spec.get("tiny") if path == TINY_RANDOM else None}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
@@ -113,7 +101,7 @@ def label(model_spec: dict) -> str:
     """A short name for reports: the path (a stage's output as ``<stage>/model``), and a tiny-random model's seed
     and vocabulary."""
     path = str(model_spec["path"])
-    if path == "tiny-random":
+    if path == TINY_RANDOM:
         tiny = model_spec.get("tiny") or {}
         return f"tiny-random (seed {tiny.get('seed', 0)}, vocab {tiny.get('vocab_size', 512)})"
     local = Path(path).expanduser()
@@ -125,20 +113,6 @@ def label(model_spec: dict) -> str:
 def describe(model_spec: dict) -> dict:
     """``{"model": label, "path": ..., "fingerprint": ...}``: what a manifest records of a role."""
     return {"model": label(model_spec), "path": str(model_spec["path"]), "fingerprint": fingerprint(model_spec)}
-
-
-def check_loadable(cfg, names) -> None:
-    """Load the tokenizer of each named role (a tiny-random one is built in-process: nothing to check), so a missing
-    folder or a tokenizer without a chat template is refused in one line naming the role's key before the pipeline's
-    first stage, not when the stage that reads the role is reached."""
-    from cai.models import load_tokenizer
-
-    checked = []
-    for name in names:
-        model_spec = spec(cfg, name)
-        if model_spec["path"] != "tiny-random" and model_spec["path"] not in checked:
-            load_tokenizer(model_spec)
-            checked.append(model_spec["path"])
 
 
 def _checked(own: dict, role: str) -> dict:

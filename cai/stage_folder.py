@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,10 +26,12 @@ from omegaconf import DictConfig
 from cai import roles
 from cai.errors import StageBusy, StageInputError
 from cai.files import atomic_write_json, clear_leftovers, current_umask, json_default
-from cai.lineage import MANIFEST, git_sha, input_stamps, read_manifest, resolved_config
+from cai.lineage import MANIFEST, git_sha, input_fingerprint, input_stamps, read_manifest, resolved_config
 
 # Keys that say *where* a run lives, not *what* it computes: left out of the config hash so a
 # moved or copied run directory still recognises its finished stages.
+
+
 _HASH_EXCLUDED_KEYS = ("run_dir",)
 
 
@@ -36,7 +39,10 @@ def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
     """The one folder a stage may write to."""
     return Path(run_dir) / stage
 
+
 @contextlib.contextmanager
+
+
 def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
     """Hold ``folder`` (a stage's) for the duration: an exclusive lock on ``folder/hydra/stage.lock`` (Hydra's own
     folder, which every invocation writes anyway), released when the holder ends, even by SIGKILL. Raises
@@ -63,6 +69,7 @@ def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
     finally:
         os.close(fd)  # releases the lock
 
+
 def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> str:
     """sha256 of the resolved config (minus location keys), stable across key order, and of the size and
     modification time of every local file, and every file inside every local folder, that a hashed value
@@ -81,42 +88,18 @@ def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> 
     blob = json.dumps([data, inputs] if inputs else data, sort_keys=True, default=json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
 
-def upstream_complete(folder: str | os.PathLike, what: str) -> None:
-    """Refuse to read an upstream stage folder whose manifest does not say complete."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise StageInputError(f"{folder}: no {what} here (no manifest.json); run that stage first")
-    if manifest.get("status") != "complete":
-        raise StageInputError(f"{folder}: the {what} stage is not complete (status {manifest.get('status')!r}); rerun it first")
 
 def stage_summary(amount: str, headline: str, **metrics: Any) -> dict:
     """A complete stage's ``summary``, of one shape for every stage: how much it made (``"8 rows"``, ``"20 steps"``),
     its headline figure as short text, and its key metrics as numbers."""
     return {"amount": amount, "headline": headline, **metrics}
 
-def previous_run(out: str | os.PathLike, *, stage: str, config_hash: str, inputs: dict, product: str,
-                 world_size: int | None = None, announce: bool = True) -> tuple[bool, bool]:
-    """Reuse, resume or start over: ``(same, done)`` for the stage folder ``out``. ``same``: its manifest was written
-    with this config hash, these ``inputs`` (top-level manifest fields: the constitution hash, upstream
-    fingerprints) and, for a training stage, this many ranks (its schedule and partitions depend on them), so
-    the partial work there may be resumed; otherwise the stage starts over. ``done``: that run also finished —
-    status complete and its ``product`` (a file or folder in ``out``) there — so there is nothing to do, which is
-    said on stdout when ``announce``."""
-    out = Path(out)
-    previous = read_manifest(out)
-    same = (bool(previous) and previous.get("config_hash") == config_hash and all(previous.get(k) == v for k, v in inputs.items())
-            and (world_size is None or previous.get("counts", {}).get("world_size") == world_size))
-    done = same and previous["status"] == "complete" and (out / product).exists()
-    if done and announce:
-        print(f"cai {stage}: already complete in {out} (same config and inputs); nothing to do")
-    return same, done
 
-def is_complete(folder: str | os.PathLike, expected_config_hash: str | None = None) -> bool:
-    """True when the stage folder's manifest says complete (and, if given, with that config hash)."""
+def is_complete(folder: str | os.PathLike) -> bool:
+    """True when the stage folder's manifest says complete."""
     manifest = read_manifest(folder)
-    if not manifest or manifest.get("status") != "complete":
-        return False
-    return expected_config_hash is None or manifest.get("config_hash") == expected_config_hash
+    return bool(manifest) and manifest.get("status") == "complete"
+
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
@@ -125,6 +108,7 @@ def peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
 
 def write_manifest(
     folder: str | os.PathLike,
@@ -175,3 +159,105 @@ def write_manifest(
     }
     atomic_write_json(Path(folder) / MANIFEST, manifest)
     return manifest
+
+
+class StageRun:
+    """A stage's run in its folder, from start to end: the one handle ``cai.stages.run_stage`` gives a stage's
+    ``run(cfg, stage)``, so every stage starts, resumes and ends the same way::
+
+        if stage.done("model", data_fingerprint=...):   # this config and these inputs already finished here
+            return stage.out / "model"
+        stage.started(counts=...)                        # the running manifest; stage.resume: go on from partial work
+        ...                                              # the stage's own work
+        stage.complete(stage_summary(...), ...)          # the complete manifest, written last
+
+    A run's identity is its config hash (the stage's ``HASH_KEYS``) and the fingerprints of its inputs given to ``done``
+    (the constitution hash, upstream models and datasets; all recorded in the manifest), and, for a multi-rank stage,
+    the number of ranks (its schedule and partitions depend on it). Only the main rank (rank 0) writes the manifest.
+    """
+
+    def __init__(self, stage: str, cfg: DictConfig, hash_keys: tuple[str, ...] | None, rank: int = 0,
+                 world: int | None = None):
+        self.name, self.cfg, self.hash_keys = stage, cfg, hash_keys
+        self.out = stage_dir(cfg.run_dir, stage)
+        self.rank, self.world = rank, world  # world: the ranks of a multi-rank stage; None for a one-process stage
+        self.main = rank == 0
+        self.resume = False  # the partial work in ``out`` is this config's and these inputs': go on from it
+        self.inputs: dict[str, Any] = {}
+        self.product: str | None = None
+        self._fields: dict[str, Any] = {}
+        self._counts: dict[str, Any] = {}
+        self._start = time.time()
+
+    def done(self, product: str, **inputs: Any) -> bool:
+        """Whether a complete run of this config and these ``inputs`` (top-level manifest fields: ``constitution_hash``,
+        ``*_fingerprint``s of what the stage reads) already made ``product`` (a file or folder in ``out``): then there
+        is nothing to do, as said on stdout. Otherwise ``resume`` says whether the partial work there may be resumed
+        (a manifest of the same config, inputs and ranks) or the stage starts over."""
+        self.product, self.inputs = product, inputs
+        previous = read_manifest(self.out)
+        self.resume = (bool(previous) and previous.get("config_hash") == config_hash(self.cfg, self.hash_keys)
+                       and all(previous.get(k) == v for k, v in inputs.items())
+                       and (self.world is None or previous.get("counts", {}).get("world_size") == self.world))
+        finished = self.resume and previous["status"] == "complete" and (self.out / product).exists()
+        if finished and self.main:
+            print(f"cai {self.name}: already complete in {self.out} (same config and inputs); nothing to do")
+        return finished
+
+    def started(self, counts: dict | None = None, fresh: tuple[str, ...] = (), **fields: Any) -> None:
+        """The work begins: unless it resumes, the paths ``fresh`` names in ``out`` (another config's partial work:
+        shards, replies, metrics) are removed; then the running manifest, with ``counts`` and ``fields`` (kept for the
+        complete one)."""
+        self._counts, self._fields = dict(counts or {}), fields
+        if not self.main:
+            return
+        for name in () if self.resume else fresh:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        self._write("running", self._counts)
+
+    def complete(self, summary: dict, counts: dict | None = None, **fields: Any) -> None:
+        """The work is done: the complete manifest (``summary``: ``stage_summary``; ``counts`` replace the running
+        manifest's; ``fields`` add to its), the total time, and one line on stdout saying what was made and where."""
+        if not self.main:
+            return
+        self._write("complete", counts if counts is not None else self._counts, summary=summary,
+                    timings={"total_s": round(time.time() - self._start, 2)}, **fields)
+        made = self.out / self.product if self.product else self.out
+        print(f"cai {self.name}: {summary['amount']}, {summary['headline']} -> {made}")
+
+    def upstream(self, stage: str) -> Path:
+        """The folder of ``stage`` in this run, refused in one line unless that stage is complete."""
+        folder = stage_dir(self.cfg.run_dir, stage)
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise StageInputError(f"{folder}: no {stage} here (no manifest.json); run that stage first")
+        if manifest.get("status") != "complete":
+            raise StageInputError(f"{folder}: the {stage} stage is not complete (status {manifest.get('status')!r}); "
+                                  f"rerun it first")
+        return folder
+
+    def upstream_model(self, stage: str, role: str, required: bool = False) -> tuple[dict, str] | None:
+        """The model ``stage`` saved in this run (``<stage>/model``), as ``role``'s spec at that folder (loaded with the
+        role's device, dtype and trust_remote_code), and its fingerprint (that stage's lineage). None when the stage
+        has no complete model here; with ``required``, that is refused in one line instead."""
+        folder = self.upstream(stage) if required else stage_dir(self.cfg.run_dir, stage)
+        if is_complete(folder) and (folder / "model").is_dir():
+            return roles.spec(self.cfg, role, at=folder / "model"), input_fingerprint(folder)
+        if required:
+            raise StageInputError(f"{folder}: the {stage} run is complete but holds no model/; rerun {stage}")
+        return None
+
+    def role_model(self, role: str) -> tuple[dict, str]:
+        """``role``'s own model, when no upstream stage's stands in for it, and its fingerprint."""
+        model_spec = roles.spec(self.cfg, role)
+        return model_spec, "role:" + roles.fingerprint(model_spec)
+
+    def _write(self, status: str, counts: dict, **more: Any) -> None:
+        if self.world is not None:
+            counts = {**counts, "world_size": self.world}
+        write_manifest(self.out, stage=self.name, cfg=self.cfg, status=status, hash_keys=self.hash_keys, counts=counts,
+                       **self.inputs, **{**self._fields, **more})

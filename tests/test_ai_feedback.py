@@ -15,8 +15,9 @@ from cai.constitution import load_constitution
 from cai.feedback import read_human_pairs
 from cai.lineage import read_manifest
 from cai.metrics import read_metrics
-from cai.stages.ai_feedback import run as run_feedback
-from cai.stages.label_alignment import run as run_alignment
+from cai.stages import handle
+from cai.stages.ai_feedback import run as feedback_run
+from cai.stages.label_alignment import run as alignment_run
 
 TINY = ["debug=tiny", "progress=false"]
 COMPARISON_IDS = {p.id for p in load_constitution(ROOT / "constitutions" / "default").comparison}
@@ -218,3 +219,12 @@ def test_label_alignment_with_the_embedded_labeler(shared_data, tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "label_alignment" / "metrics.json").read_text())
     assert metrics["n"] == 16 and 0 <= metrics["position_bias_rate"] <= 1 and "all pairs" in result.stdout
+
+
+def run_feedback(cfg):
+    """ai_feedback in this process with its handle (``cai.stages.handle``), exceptions as they are."""
+    return feedback_run(cfg, handle(feedback_run, cfg))
+
+
+def run_alignment(cfg):
+    return alignment_run(cfg, handle(alignment_run, cfg))

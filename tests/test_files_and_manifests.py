@@ -8,10 +8,11 @@ import pytest
 from datasets import Dataset, load_from_disk
 from omegaconf import OmegaConf
 
+from cai.errors import StageInputError
 from cai.files import atomic_dir, atomic_write_json, save_dataset
 from cai.lineage import input_fingerprint, lineage, read_manifest, tree_hash
 from cai.metrics import MetricsWriter, read_metrics
-from cai.stage_folder import config_hash, is_complete, stage_summary, write_manifest
+from cai.stage_folder import StageRun, config_hash, is_complete, stage_summary, write_manifest
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -73,7 +74,7 @@ def test_manifest_records_status_and_config(tmp_path):
     assert not is_complete(tmp_path)
     done = stage_summary("4 rows", "final loss 0.5", final_loss=0.5)
     m = write_manifest(tmp_path, stage="s", cfg=cfg, status="complete", counts={"rows": 4}, timings={"total_s": 1.5}, summary=done)
-    assert is_complete(tmp_path) and is_complete(tmp_path, m["config_hash"]) and not is_complete(tmp_path, "other")
+    assert is_complete(tmp_path) and m["config_hash"] == read_manifest(tmp_path)["config_hash"]
     saved = read_manifest(tmp_path)
     assert saved["config"]["x"] == 3 and saved["counts"] == {"rows": 4} and "git_sha" in saved
     assert saved["resources"]["peak_rss_mb"] > 10 and saved["trust_remote_code"] is False  # a Python process with torch
@@ -117,3 +118,63 @@ def test_an_input_is_fingerprinted_by_the_stage_that_made_it_or_by_its_files(tmp
     own.write_text('{"a": 22}\n')  # edited
     assert input_fingerprint(own) != first
     assert input_fingerprint("org/some-dataset") == "name:org/some-dataset"  # not a local path: a hub name
+
+
+def test_a_stage_run_starts_resumes_and_completes_through_its_handle(tmp_path, capsys):
+    """The life every stage shares (``StageRun``): nothing done yet; a running manifest with its inputs; resumed by the
+    same config and inputs (its partial work kept), started over by other inputs (the paths named fresh removed); and,
+    once complete, done for the same config and inputs, with the ranks of a multi-rank stage part of its identity."""
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "seed": 0, "x": {"steps": 2}})
+    first = StageRun("x", cfg, ("seed", "x"), world=2)
+    assert not first.done("model", data_fingerprint="d1") and not first.resume
+    first.started(counts={"rows": 4}, fresh=("shards",), note="kept")
+    (first.out / "shards").mkdir()
+    running = read_manifest(first.out)
+    assert running["status"] == "running" and running["data_fingerprint"] == "d1" and running["note"] == "kept"
+    assert running["counts"] == {"rows": 4, "world_size": 2}
+
+    again = StageRun("x", cfg, ("seed", "x"), world=2)
+    assert not again.done("model", data_fingerprint="d1") and again.resume  # same config and inputs: go on
+    again.started(counts={"rows": 4}, fresh=("shards",))
+    assert (again.out / "shards").is_dir()
+    other = StageRun("x", cfg, ("seed", "x"), world=2)
+    assert not other.done("model", data_fingerprint="d2") and not other.resume  # other inputs: start over
+    other.started(counts={"rows": 4}, fresh=("shards",))
+    assert not (other.out / "shards").exists()
+
+    (other.out / "model").mkdir()
+    other.complete(stage_summary("2 steps", "final loss 0.5"), counts={"steps": 2}, final_loss=0.5)
+    done = read_manifest(other.out)
+    assert done["status"] == "complete" and done["counts"] == {"steps": 2, "world_size": 2} and done["final_loss"] == 0.5
+    assert done["data_fingerprint"] == "d2" and done["timings"]["total_s"] >= 0
+    assert f"cai x: 2 steps, final loss 0.5 -> {other.out / 'model'}" in capsys.readouterr().out
+    assert StageRun("x", cfg, ("seed", "x"), world=2).done("model", data_fingerprint="d2")
+    assert not StageRun("x", cfg, ("seed", "x"), world=1).done("model", data_fingerprint="d2")  # other ranks
+    assert not StageRun("x", cfg, ("seed", "x"), world=2).done("model", data_fingerprint="d1")
+    # another rank writes nothing
+    StageRun("x", cfg, ("seed", "x"), rank=1, world=2).complete(stage_summary("0 steps", "none"))
+    assert read_manifest(other.out)["summary"]["amount"] == "2 steps"
+
+
+def test_a_stage_run_finds_upstream_models(tmp_path):
+    """``upstream_model``: a complete upstream stage's model as the role's spec at that folder, fingerprinted by the
+    stage's lineage; None while the stage is missing or unfinished, refused in one line when required."""
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "seed": 0, "model": {"path": "tiny-random", "dtype": "float32"},
+                            "policy": None, "sl_start": None})
+    stage = StageRun("ppo", cfg, ("seed",))
+    assert stage.upstream_model("sl_train", "sl_start") is None
+    with pytest.raises(StageInputError, match="no sl_train here"):
+        stage.upstream_model("sl_train", "sl_start", required=True)
+    upstream = StageRun("sl_train", cfg, ("seed",))
+    upstream.done("model")
+    upstream.started()
+    (upstream.out / "model").mkdir(parents=True)
+    assert stage.upstream_model("sl_train", "sl_start") is None  # still running
+    with pytest.raises(StageInputError, match="not complete"):
+        stage.upstream_model("sl_train", "sl_start", required=True)
+    upstream.complete(stage_summary("1 step", "done"))
+    spec, fingerprint = stage.upstream_model("sl_train", "sl_start")
+    assert spec["path"] == str(upstream.out / "model") and spec["dtype"] == "float32"
+    assert fingerprint == input_fingerprint(upstream.out / "model")
+    base, role_fingerprint = stage.role_model("policy")
+    assert base["path"] == "tiny-random" and role_fingerprint.startswith("role:")

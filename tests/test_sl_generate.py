@@ -16,6 +16,7 @@ from datasets import load_from_disk
 from cai.constitution import load_constitution
 from cai.errors import StageInputError
 from cai.lineage import read_manifest
+from cai.stages import handle
 from cai.stages.sl_generate import run
 
 TINY = ["debug=tiny", "progress=false"]
@@ -24,7 +25,7 @@ TINY = ["debug=tiny", "progress=false"]
 def test_rows_show_every_round(tmp_path):
     cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path}", "data.num_red_team=5", "data.num_helpful=3",
                                       "n_revisions=3", "sl_generate.shard_size=3"])
-    path = run(cfg)
+    path = generate(cfg)
     ds = load_from_disk(str(path))
     assert len(ds) == 8 and len(set(ds["id"])) == 8
     assert set(ds.column_names) >= {"prompt", "messages", "initial_response", "critiques", "revisions", "principle_ids", "kind"}
@@ -46,7 +47,7 @@ def test_rows_show_every_round(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "sl_generate" / "metrics.jsonl").read_text().splitlines()]
     assert [m["shard"] for m in lines] == [0, 1, 2] and all(m["tokens_per_s"] > 0 for m in lines)
     # same command again: nothing to do, same data
-    assert load_from_disk(str(run(cfg)))["id"] == ds["id"]
+    assert load_from_disk(str(generate(cfg)))["id"] == ds["id"]
 
 
 def test_helpful_prompts_sampled_n_times_at_their_own_temperature(tmp_path):
@@ -54,7 +55,7 @@ def test_helpful_prompts_sampled_n_times_at_their_own_temperature(tmp_path):
     are as before."""
     cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path}", "data.num_red_team=2", "data.num_helpful=3",
                                       "n_revisions=1", "sl_generate.helpful_samples=2", "sl_generate.helpful_temperature=1.0"])
-    ds = load_from_disk(str(run(cfg)))
+    ds = load_from_disk(str(generate(cfg)))
     helpful = [row for row in ds if row["kind"] == "helpful"]
     assert len(ds) == 2 + 6 and len(set(ds["id"])) == 8 and len(helpful) == 6
     by_prompt = {}
@@ -67,16 +68,16 @@ def test_helpful_prompts_sampled_n_times_at_their_own_temperature(tmp_path):
     assert len(firsts) == 3 and sorted(firsts + [f"{i}:2" for i in firsts]) == ids
     assert any(a["initial_response"] != b["initial_response"] for a, b in by_prompt.values())  # two samples, not one twice
     with pytest.raises(StageInputError, match="sl_generate.helpful_samples must be an integer >= 1, got 0"):
-        run(compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path / 'bad'}", "sl_generate.helpful_samples=0"]))
+        generate(compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path / 'bad'}", "sl_generate.helpful_samples=0"]))
 
 
 def test_principle_subset_and_zero_rounds(tmp_path):
     cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path}", "data.num_red_team=3", "data.num_helpful=0",
                                       "n_revisions=1", "sl_generate.principle_ids=[privacy]"])
-    ds = load_from_disk(str(run(cfg)))
+    ds = load_from_disk(str(generate(cfg)))
     assert all(row["principle_ids"] == ["privacy"] for row in ds)
     cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={tmp_path / 'zero'}", "data.num_red_team=2", "data.num_helpful=0", "n_revisions=0"])
-    ds = load_from_disk(str(run(cfg)))
+    ds = load_from_disk(str(generate(cfg)))
     assert all(row["critiques"] == [] and row["messages"][-1]["content"] == row["initial_response"] for row in ds)
 
 
@@ -87,10 +88,10 @@ def test_user_prompt_file_and_hh_transcripts(tmp_path):
         "\n\nHuman: first question\n\nAssistant: an answer\n\nHuman: follow-up question\n\nAssistant: another",
     ]))
     base = [*TINY, "data.num_red_team=2", "data.num_helpful=0", "n_revisions=1", f"data.red_team_path={f}", "data.red_team_column=text"]
-    ds = load_from_disk(str(run(compose_cfg("sl_generate", [*base, f"run_dir={tmp_path / 'a'}"]))))
+    ds = load_from_disk(str(generate(compose_cfg("sl_generate", [*base, f"run_dir={tmp_path / 'a'}"]))))
     prompts = sorted(ds["prompt"])
     assert prompts == ["How do I pick a lock?", "first question"]
-    ds = load_from_disk(str(run(compose_cfg("sl_generate", [*base, f"run_dir={tmp_path / 'b'}", "data.hh_context=dialogue"]))))
+    ds = load_from_disk(str(generate(compose_cfg("sl_generate", [*base, f"run_dir={tmp_path / 'b'}", "data.hh_context=dialogue"]))))
     row = next(r for r in ds if r["prompt"] == "follow-up question")
     assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
 
@@ -158,7 +159,7 @@ def test_sigkill_then_rerun_resumes(tmp_path):
 def test_embedded_model_critiques_and_revises(tmp_path):
     cfg = compose_cfg("sl_generate", [f"run_dir={tmp_path}", "data.num_red_team=6", "data.num_helpful=0", "n_revisions=2",
                                       "progress=false", "generation.max_new_tokens=48"])
-    ds = load_from_disk(str(run(cfg)))
+    ds = load_from_disk(str(generate(cfg)))
     assert len(ds) == 6
     distinct = 0
     for row in ds:
@@ -169,3 +170,9 @@ def test_embedded_model_critiques_and_revises(tmp_path):
         distinct += len(set(texts)) == 5
     # A 135M model sometimes loops and repeats itself; most rows must still change every round.
     assert distinct >= 4, f"only {distinct}/6 rows have five distinct texts"
+
+
+def generate(cfg):
+    """sl_generate in this process, as its command runs it (the stage's handle on its folder), without the one-line
+    error handling, so a test sees the exception itself."""
+    return run(cfg, handle(run, cfg))

@@ -16,10 +16,14 @@ import pytest
 from cai import roles
 from cai.stages import STAGES, UNHASHED
 
+# methods of the stage handle (cai.stage_folder.StageRun) that load a model role: the position of the role argument
+ROLE_READERS = {"upstream_model": 1, "role_model": 0}
+
 
 def config_reads(fn_or_module, stage: str, seen: set | None = None) -> set[str]:
     """The top-level keys of ``cfg`` that the code of ``fn_or_module`` reads — ``cfg.KEY``, ``cfg["KEY"]``,
-    ``cfg[STAGE]``, ``cfg.get("KEY")``, a model role as ``roles.spec(cfg, "ROLE")`` — following the calls that hand
+    ``cfg[STAGE]``, ``cfg.get("KEY")``, a model role as ``roles.spec(cfg, "ROLE")`` or through the stage handle
+    (``stage.upstream_model(..., "ROLE")``, ``stage.role_model("ROLE")``) — following the calls that hand
     ``cfg`` to a function of the cai package."""
     seen = set() if seen is None else seen
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn_or_module)))
@@ -35,6 +39,10 @@ def config_reads(fn_or_module, stage: str, seen: set | None = None) -> set[str]:
         elif isinstance(node, ast.Call):
             if isinstance(node.func, ast.Attribute) and node.func.attr == "get" and _is_cfg(node.func.value):
                 reads.add(node.args[0].value)
+            elif isinstance(node.func, ast.Attribute) and node.func.attr in ROLE_READERS:
+                # the stage handle's stage.upstream_model(STAGE, "ROLE") and stage.role_model("ROLE") read the role
+                role = node.args[ROLE_READERS[node.func.attr]]
+                reads.add(role.value if isinstance(role, ast.Constant) else "<computed role>")
             elif any(_is_cfg(a) for a in [*node.args, *(k.value for k in node.keywords)]):
                 callee = _resolve(node.func, namespace)
                 if callee is roles.spec:  # roles.spec(cfg, "labeler") reads the role (and what it falls back to)
@@ -91,6 +99,12 @@ def _example_helper(cfg, s):
     return cfg.generation.batch_size + cfg.get("deterministic", 0) + s.steps + len(roles.spec(cfg, "judge"))
 
 
+def _example_handle(cfg, stage):
+    return stage.upstream_model("sl_train", "sl_start") or stage.role_model("policy")
+
+
 def test_the_check_sees_a_key_read_in_a_helper():
-    """The check itself: ``generation`` read in a helper the stage hands its config to is seen, and so is a role."""
+    """The check itself: ``generation`` read in a helper the stage hands its config to is seen, and so is a role, and
+    so are the roles the stage handle loads."""
     assert config_reads(_example_stage, "ppo") == {"ppo", "generation", "seed", "deterministic", "judge"}
+    assert config_reads(_example_handle, "ppo") == {"sl_start", "policy"}

@@ -12,15 +12,21 @@ Each stage module states its facts side by side at its top, and the pipeline rea
   check both);
 - ``MULTI_RANK``: whether a multi-process launcher runs it (the training stages, under ``launcher=deepspeed``).
 
+Each stage's ``run(cfg, stage)`` gets ``stage``, its handle on its folder (``cai.stage_folder.StageRun``), from
+``run_stage``: one place says how every stage starts, locks, resumes and ends.
+
 Adding a stage: its file here, its config (``conf/<stage>.yaml`` and ``conf/stage/<stage>.yaml``) and its name
-in ``STAGES``.
+in ``STAGES`` (docs/stages.md, "Adding a stage").
 """
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
-from cai.errors import InputError, StageError, StageInputError
+from cai.errors import InputError, StageError, StageInputError, disk_full, first_line
+from cai.metrics import fail_open_runs, logger_backend
+from cai.stage_folder import StageRun, hold_stage, stage_dir
 
 # The repository's conf/ folder, as an absolute path so every entry point (stages, pipeline) finds it.
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
@@ -32,18 +38,16 @@ STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune"
 UNHASHED = ("run_dir", "progress", "logger", "deterministic")
 
 
-def run_stage(stage: str, fn, cfg) -> None:
-    """Run a stage body; turn the expected kinds of bad input into one-line errors and exit 1.
+def run_stage(run, cfg) -> None:
+    """Run a stage: ``run(cfg, stage)``, the stage's function, with ``stage`` its handle on its folder
+    (``cai.stage_folder.StageRun``, made by ``handle`` from the facts of the module ``run`` is defined in).
 
     The stage's folder is held for the whole run (``stage_folder.hold_stage``): a second command on the same folder
     is refused in one line naming the process that holds it, and the leftovers of a run killed mid-save are
-    cleared first. A full disk ends the stage in one line too; what was complete before stays readable, since
-    every write is atomic. Anything else is a bug and keeps its traceback.
+    cleared first. The expected kinds of bad input end in one-line errors and exit 1, and so does a full disk; what
+    was complete before stays readable, since every write is atomic. Anything else is a bug and keeps its traceback.
     """
-    from cai.errors import disk_full, first_line
-    from cai.metrics import fail_open_runs
-    from cai.stage_folder import hold_stage, stage_dir
-
+    stage = sys.modules[run.__module__].STAGE
     try:
         check_types(cfg)
         check_logger(cfg.get("logger"))
@@ -52,7 +56,7 @@ def run_stage(stage: str, fn, cfg) -> None:
         # one holder per folder: rank 0 of a multi-process launch holds it (its other ranks write beside it, in the same run)
         other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
         with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
-            fn(cfg)
+            run(cfg, handle(run, cfg))
         _ranks_done()
     except (InputError, StageError) as e:  # StageBusy is a StageError
         fail_open_runs()
@@ -66,6 +70,19 @@ def run_stage(stage: str, fn, cfg) -> None:
     finally:
         _close_engines()
         _close_process_group()
+
+
+def handle(run, cfg) -> StageRun:
+    """The handle on its folder for the stage ``run`` is the function of, from the facts of its module (``STAGE``,
+    ``HASH_KEYS``, ``MULTI_RANK``); a multi-rank stage's process group is started here (``cai.distributed``, imported
+    here so that reading the stage list loads no torch)."""
+    facts = sys.modules[run.__module__]
+    rank, world = 0, None
+    if facts.MULTI_RANK:
+        from cai import distributed
+
+        rank, world = distributed.init_distributed()
+    return StageRun(facts.STAGE, cfg, facts.HASH_KEYS, rank, world)
 
 
 def deterministic_kernels() -> None:
@@ -94,8 +111,6 @@ def run_app(main, who: str) -> None:
 def _one_line(e: Exception) -> str:
     """A Hydra composition error in one line: its first line, its cause's and the options it lists, e.g.
     "Could not override 'sl_generate.num_promptz': Key 'num_promptz' is not in struct"."""
-    from cai.errors import first_line
-
     def first(x) -> str:
         return first_line(x).rstrip(".")
 
@@ -200,8 +215,6 @@ def check_generation(gen, temperature: float | None = None) -> None:
 
 def check_logger(logger) -> None:
     """Refuse an unknown ``logger.name`` or a missing TensorBoard/W&B package before a stage touches its folder."""
-    from cai.metrics import logger_backend
-
     if logger is None:
         return
     try:

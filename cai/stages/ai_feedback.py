@@ -22,7 +22,6 @@ no preference and are skipped (counted in the manifest). Resumable like sl_gener
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -36,9 +35,8 @@ from cai.errors import StageError, StageInputError
 from cai.feedback import Pair, judge_pairs, judging
 from cai.files import save_dataset
 from cai.generation import derive_seed, generate
-from cai.lineage import input_fingerprint
 from cai.shards import join_shards, run_shards
-from cai.stage_folder import config_hash, is_complete, previous_run, stage_dir, stage_summary, write_manifest
+from cai.stage_folder import StageRun, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -48,8 +46,7 @@ HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "constitution", "data", "g
 MULTI_RANK = False
 
 
-def run(cfg: DictConfig) -> Path:
-    start = time.time()
+def run(cfg: DictConfig, stage: StageRun) -> Path:
     s = cfg[STAGE]
 
     # Step 1: check the inputs before touching the run directory.
@@ -69,19 +66,11 @@ def run(cfg: DictConfig) -> Path:
                          key=f"data.num_red_team + {STAGE}.num_prompts" if first else f"{STAGE}.num_prompts")[first:]
 
     # Step 2: which policy samples the responses: the SL-CAI model when it exists, else the policy role.
-    sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
-    policy_spec, labeler_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "labeler")
-    if is_complete(sl_model.parent) and sl_model.is_dir():  # loaded with the settings of the model SL fine-tuned
-        policy_spec = roles.spec(cfg, "sl_start", at=sl_model)
-        policy_fingerprint = input_fingerprint(sl_model)
-    else:
-        policy_fingerprint = "role:" + roles.fingerprint(policy_spec)
-    out = stage_dir(cfg.run_dir, STAGE)
-    shards_dir = out / "shards"
-    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="dataset",
-                              inputs={"constitution_hash": constitution.hash, "policy_fingerprint": policy_fingerprint})
-    if done:
-        return out / "dataset"
+    # (sl_train's model is loaded with the settings of the model SL fine-tuned)
+    policy_spec, policy_fingerprint = stage.upstream_model("sl_train", "sl_start") or stage.role_model("policy")
+    labeler_spec = roles.spec(cfg, "labeler")
+    if stage.done("dataset", constitution_hash=constitution.hash, policy_fingerprint=policy_fingerprint):
+        return stage.out / "dataset"
 
     # Step 3: the models (before touching the run directory).
     from cai.engines import load_generator
@@ -91,13 +80,8 @@ def run(cfg: DictConfig) -> Path:
     policy, policy_tok = (labeler, tok) if same_model else load_generator(policy_spec)
 
     # Step 4: resume or start over, as in sl_generate.
-    if not same:  # another config's shards and metrics must not be mixed in
-        shutil.rmtree(shards_dir, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS,
-                    policy=str(policy_spec["path"]), policy_fingerprint=policy_fingerprint,
-                    models={"policy": policy_spec, "sl_start": None})  # the model that sampled, whichever role it came from
-    write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
+    stage.started(counts={"prompts": len(items)}, fresh=("shards", "metrics.jsonl"), policy=str(policy_spec["path"]),
+                  models={"policy": policy_spec, "sl_start": None})  # the model that sampled, whichever role it came from
 
     # Step 5: shard by shard (cai.shards): sample pairs, judge them, save.
     def make_rows(k: int, shard: list) -> tuple[list[dict], dict]:
@@ -114,26 +98,23 @@ def run(cfg: DictConfig) -> Path:
         return rows, {"skipped_identical": len(pairs) - len(kept), "comparisons_per_s": round(rate, 3)}
 
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
-    records = run_shards(out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
+    records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
 
     # Step 6: join the shards; the manifest is written last.
-    dataset = join_shards(out, records)
+    dataset = join_shards(stage.out, records)
     if dataset is None:
         raise StageError(f"all {len(items)} response pairs were identical: nothing to label "
                          f"(sample more diversely: {STAGE}.temperature, generation.top_p)")
     skipped = sum(r["skipped_identical"] for r in records)
     if len(set(dataset["id"])) != len(dataset) or len(dataset) + skipped != len(items):
-        raise RuntimeError(f"{shards_dir}: shards do not add up to {len(items)} prompts; delete the folder and rerun")
-    save_dataset(dataset, out / "dataset")
+        raise RuntimeError(f"{stage.out / 'shards'}: shards do not add up to {len(items)} prompts; delete the folder and rerun")
+    save_dataset(dataset, stage.out / "dataset")
     confident = [max(p, 1 - p) for p in dataset["p_chosen"]]
     mean_confidence = round(sum(confident) / max(len(confident), 1), 4)
-    write_manifest(out, status="complete", **manifest,
-                   counts={"pairs": len(dataset), "skipped_identical_responses": skipped, "shards": len(shards)},
-                   timings={"total_s": round(time.time() - start, 2)},
-                   summary=stage_summary(f"{len(dataset)} pairs", f"mean confidence {mean_confidence}", mean_confidence=mean_confidence,
-                                         mean_p_chosen=round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4)))
-    print(f"cai {STAGE}: {len(dataset)} labeled pairs -> {out / 'dataset'}")
-    return out / "dataset"
+    stage.complete(stage_summary(f"{len(dataset)} pairs", f"mean confidence {mean_confidence}", mean_confidence=mean_confidence,
+                                 mean_p_chosen=round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4)),
+                   counts={"pairs": len(dataset), "skipped_identical_responses": skipped, "shards": len(shards)})
+    return stage.out / "dataset"
 
 
 def preference_row(pair: Pair, judgement) -> dict:
@@ -169,7 +150,7 @@ def _features():
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

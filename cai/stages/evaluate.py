@@ -47,7 +47,6 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import time
 from pathlib import Path
 
 import hydra
@@ -64,7 +63,7 @@ from cai.lineage import input_fingerprint, read_manifest
 from cai.metrics import MetricsWriter
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
-from cai.stage_folder import config_hash, is_complete, previous_run, stage_dir, stage_summary, write_manifest
+from cai.stage_folder import StageRun, is_complete, stage_dir, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -78,8 +77,7 @@ AXIS = {"red_team": "harmlessness", "helpful": "helpfulness"}  # what a prompt k
 AXIS_NAME = {"red_team": "harmless", "helpful": "helpful"}  # results.json: elo_harmless, elo_helpful
 
 
-def run(cfg: DictConfig) -> dict:
-    start = time.time()
+def run(cfg: DictConfig, stage: StageRun) -> dict:
     s = cfg[STAGE]
 
     # Step 1: check settings and find every input before touching the run directory.
@@ -92,12 +90,9 @@ def run(cfg: DictConfig) -> dict:
     if s.num_examples < 0:
         raise StageInputError(f"{STAGE}.num_examples must be >= 0, got {s.num_examples}")
     check_generation(OmegaConf.merge(cfg.generation, {"max_new_tokens": s.max_new_tokens}), temperature=s.temperature)
-    checkpoints = {name: _checkpoint(cfg, name) for name in s.checkpoints}
-    pm_path, pm_fingerprint = _reward_model(cfg, s)
+    checkpoints = {name: _checkpoint(cfg, name, stage) for name in s.checkpoints}
+    pm_spec, pm_fingerprint = _reward_model(cfg, s, stage)
     judge_spec = roles.spec(cfg, "judge")
-    # the PM on the pm_backbone role's device and dtype
-    pm_key = f"{STAGE}.reward_model" if s.reward_model else None
-    pm_spec = roles.spec(cfg, "pm_backbone", at=pm_path, key=pm_key) if pm_path else None
     _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     # the principles each prompt kind's pairs are judged under (a constitution with none for a kind is refused now)
@@ -114,28 +109,24 @@ def run(cfg: DictConfig) -> dict:
     if s.pairs and not human_pairs:
         raise StageInputError(f"{STAGE}.pairs={s.pairs}: no usable pairs ({human_skipped or 'empty file'})")
 
-    out = stage_dir(cfg.run_dir, STAGE)
-    inputs = {"checkpoint_fingerprints": {k: v[1] for k, v in checkpoints.items()}, "reward_fingerprint": pm_fingerprint,
-              "examples_fingerprint": examples_fingerprint, "pairs_fingerprint": input_fingerprint(pairs_path) if pairs_path else None}
-    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), product="results.json",
-                              inputs={"constitution_hash": constitution.hash, **inputs})
-    if done:
+    out = stage.out
+    if stage.done("results.json", constitution_hash=constitution.hash,
+                  checkpoint_fingerprints={k: v[1] for k, v in checkpoints.items()}, reward_fingerprint=pm_fingerprint,
+                  examples_fingerprint=examples_fingerprint,
+                  pairs_fingerprint=input_fingerprint(pairs_path) if pairs_path else None):
         return json.loads((out / "results.json").read_text())
     if overlap:
         print(f"cai {STAGE}: warning: {overlap} of the {len(items)} held-out prompts were also used by training stages "
               f"(lower {STAGE}.num_prompts/num_helpful or the training counts)")
-    responses_dir = out / "responses"
-    if not same:  # another config's replies must not be reused
-        for old in responses_dir.glob("*.jsonl"):
-            old.unlink()
-    # the models behind the roles (sl_start's settings load sl_train's and ppo's checkpoints, listed in results.json)
+    # the models behind the roles (sl_start's settings load sl_train's and ppo's checkpoints, listed in results.json);
+    # another config's replies must not be reused, and the figures are written whole at the end (log_figures)
     models = {"policy": checkpoints["base"][0] if "base" in checkpoints else None, "sl_start": None, "pm_backbone": pm_spec,
               "judge": judge_spec}
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=constitution.hash, models=models, **inputs)
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
-    write_manifest(out, status="running", counts=counts, **manifest)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # the figures are written whole at the end (log_figures)
+    stage.started(counts=counts, fresh=("responses",), models=models)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    responses_dir = out / "responses"
     metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)  # opened now: a logger that cannot start fails early
 
     # Step 2: every checkpoint answers every prompt and the examples (kept on disk as each checkpoint finishes).
@@ -177,13 +168,10 @@ def run(cfg: DictConfig) -> dict:
     log_figures(metrics, results)
     last = names[-1]
     elo = {n: results["checkpoints"][n]["elo"] for n in names}
-    write_manifest(out, status="complete", counts={**counts, "games": len(games), "judged": judged},
-                   timings={"total_s": round(time.time() - start, 2)},
-                   summary=stage_summary(f"{len(items)} prompts", "Elo " + ", ".join(f"{n} {elo[n]:.0f}" for n in names), elo=elo,
-                                         **{f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])}),
-                   **manifest)
     print(format_table(results))
-    print(f"cai {STAGE}: results -> {out / 'results.json'}")
+    stage.complete(stage_summary(f"{len(items)} prompts", "Elo " + ", ".join(f"{n} {elo[n]:.0f}" for n in names), elo=elo,
+                                 **{f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])}),
+                   counts={**counts, "games": len(games), "judged": judged})
     return results
 
 
@@ -401,18 +389,17 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _checkpoint(cfg: DictConfig, name: str) -> tuple[dict, str]:
-    """(model config, fingerprint) of a checkpoint named in ``evaluate.checkpoints``."""
-    base = roles.spec(cfg, "policy")
+def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]:
+    """(model spec, fingerprint) of a checkpoint named in ``evaluate.checkpoints``."""
     if name == "base":
-        return base, "role:" + roles.fingerprint(base)
+        return stage.role_model("policy")
     if name in STAGE_CHECKPOINTS:
-        folder = stage_dir(cfg.run_dir, name)
-        if not is_complete(folder) or not (folder / "model").is_dir():
-            raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {folder} holds no complete {name} run; run that "
-                                  f"stage first or drop it from {STAGE}.checkpoints")
         # sl_train's model and ppo's (trained from it) load with the settings of the model SL fine-tuned
-        return roles.spec(cfg, "sl_start", at=folder / "model"), input_fingerprint(folder)
+        found = stage.upstream_model(name, "sl_start")
+        if found is None:
+            raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {stage_dir(cfg.run_dir, name)} holds no complete "
+                                  f"{name} run; run that stage first or drop it from {STAGE}.checkpoints")
+        return found
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
@@ -440,15 +427,17 @@ def _sl_examples(cfg: DictConfig, count: int) -> tuple[list[dict], str | None]:
     return rows, input_fingerprint(folder)
 
 
-def _reward_model(cfg: DictConfig, s: DictConfig) -> tuple[Path | None, str | None]:
+def _reward_model(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[dict | None, str | None]:
+    """(model spec, fingerprint) of the PM that scores the replies, on the pm_backbone role's device and dtype:
+    ``evaluate.reward_model``, else pm_finetune's model of this run; (None, None) when there is neither."""
     if s.reward_model:
         path = Path(s.reward_model).expanduser()
         if not (path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
-        return path, input_fingerprint(path)
-    folder = stage_dir(cfg.run_dir, "pm_finetune")
-    if is_complete(folder) and (folder / "model").is_dir():
-        return folder / "model", input_fingerprint(folder)
+        return roles.spec(cfg, "pm_backbone", at=path, key=f"{STAGE}.reward_model"), input_fingerprint(path)
+    found = stage.upstream_model("pm_finetune", "pm_backbone")
+    if found:
+        return found
     print(f"cai {STAGE}: no complete pm_finetune in {cfg.run_dir}: reporting no PM score (set {STAGE}.reward_model= for one)")
     return None, None
 
@@ -502,7 +491,7 @@ def _fmt(value, width: int, digits: int = 3) -> str:
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes ``${run_dir}/label_alignment/metrics.json`` (and ``manifest.json``) with
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import hydra
@@ -34,14 +33,15 @@ from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.errors import DataError, StageInputError
 from cai.feedback import alignment_metrics, judge_pairs, judging, read_human_pairs
 from cai.files import atomic_write_json
-from cai.stage_folder import stage_dir, stage_summary, write_manifest
+from cai.stage_folder import StageRun, stage_summary
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 STAGE = "label_alignment"
+HASH_KEYS = None  # a stand-alone check: its config hash covers every key
+MULTI_RANK = False
 
 
-def run(cfg: DictConfig) -> dict:
-    start = time.time()
+def run(cfg: DictConfig, stage: StageRun) -> dict:
     s = cfg.ai_feedback  # the labeler is configured once, for ai_feedback and for this check
     if not cfg.pairs:
         raise StageInputError("pairs= is required: a JSONL file of human-labeled pairs (hh-rlhf or ai_feedback format)")
@@ -64,17 +64,14 @@ def run(cfg: DictConfig) -> dict:
     # Step 3: the report.
     metrics = alignment_metrics(judgements)
     metrics.update(n=len(pairs), skipped=skipped, pairs_file=str(cfg.pairs), model=roles.label(labeler),
-                   n_principles=s.n_principles, cot=bool(s.cot), seconds=round(time.time() - start, 1))
-    out = stage_dir(cfg.run_dir, STAGE)
-    atomic_write_json(out / "metrics.json", metrics)
-    write_manifest(out, stage=STAGE, cfg=cfg, status="complete", constitution_hash=constitution.hash,
-                   models={**{role: None for role in roles.ROLES}, "labeler": labeler},  # the only model it loads
-                   counts={"pairs": len(pairs), **{f"skipped_{k}": v for k, v in skipped.items()}},
-                   timings={"total_s": metrics["seconds"]},
-                   summary=stage_summary(f"{len(pairs)} pairs", f"alignment {metrics['alignment']:.3f}", **{
-                       k: metrics[k] for k in ("alignment", "position_bias_rate", "same_position_preferred")}))
+                   n_principles=s.n_principles, cot=bool(s.cot))
+    atomic_write_json(stage.out / "metrics.json", metrics)
     print(format_table(metrics))
-    print(f"cai {STAGE}: metrics -> {out / 'metrics.json'}")
+    stage.complete(stage_summary(f"{len(pairs)} pairs", f"alignment {metrics['alignment']:.3f}", **{
+                       k: metrics[k] for k in ("alignment", "position_bias_rate", "same_position_preferred")}),
+                   counts={"pairs": len(pairs), **{f"skipped_{k}": v for k, v in skipped.items()}},
+                   constitution_hash=constitution.hash,
+                   models={**{role: None for role in roles.ROLES}, "labeler": labeler})  # the only model it loads
     return metrics
 
 
@@ -93,7 +90,7 @@ def format_table(metrics: dict) -> str:
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes ``${run_dir}/pm_finetune/``: ``model/`` (``AutoModelForSequenceClassifica
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import hydra
@@ -34,7 +33,7 @@ from cai import preference, roles, training
 from cai.data import read_table
 from cai.errors import DataError, StageInputError
 from cai.lineage import input_fingerprint, read_manifest
-from cai.stage_folder import config_hash, previous_run, stage_dir, stage_summary, upstream_complete, write_manifest
+from cai.stage_folder import StageRun, stage_dir, stage_summary
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -44,13 +43,10 @@ HASH_KEYS = ("seed", "pm_backbone", "deepspeed", STAGE)
 MULTI_RANK = True
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, stage: StageRun) -> Path:
     from cai import distributed
 
-    start = time.time()
     s = cfg[STAGE]
-    rank, world = distributed.init_distributed()
-    main_rank = rank == 0
 
     # Step 1: check settings, find the starting PM and read every input before touching the run directory.
     preference.check_pm_settings(STAGE, s)
@@ -58,10 +54,8 @@ def run(cfg: DictConfig) -> Path:
         raise StageInputError(f"{STAGE}.human_fraction must be in [0, 1), got {s.human_fraction}")
     if s.normalize and (s.reference_rows is None or s.reference_rows < 1):
         raise StageInputError(f"{STAGE}.reference_rows must be >= 1, got {s.reference_rows}")
-    init_model, init_fingerprint = _starting_point(cfg, s)
-    ai_path = Path(s.ai_dataset) if s.ai_dataset else stage_dir(cfg.run_dir, "ai_feedback") / "dataset"
-    if not s.ai_dataset:
-        upstream_complete(ai_path.parent, "ai_feedback")
+    init_model, init_fingerprint = _starting_point(cfg, s, stage)
+    ai_path = Path(s.ai_dataset) if s.ai_dataset else stage.upstream("ai_feedback") / "dataset"
     ai, ai_identical = preference.load_comparisons(str(ai_path), "pairs", key=f"{STAGE}.ai_dataset", builtin=ai_path, seed=cfg.seed)
     human, human_identical = [], 0
     if s.human_fraction > 0:
@@ -75,17 +69,11 @@ def run(cfg: DictConfig) -> Path:
     ai_train, ai_eval = preference.split_holdout(ai, s.eval_fraction, cfg.seed, "ai", f"{STAGE}.eval_fraction")
     human_train, human_eval = (preference.split_holdout(human, s.eval_fraction, cfg.seed, "human", f"{STAGE}.eval_fraction")
                                if human else ([], []))
-    reference = _reference_conversations(cfg, s) if s.normalize else []
-    out = stage_dir(cfg.run_dir, STAGE)
-    fingerprint = config_hash(cfg, HASH_KEYS)
-    inputs = {"init_fingerprint": init_fingerprint,
-              "ai_fingerprint": input_fingerprint(ai_path),
-              "human_fingerprint": input_fingerprint(s.human_source or preference.BUILTIN_HUMAN) if human else None,
-              "reference_fingerprint": _reference_fingerprint(cfg, s) if s.normalize else None}
-    same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs=inputs, product="model", world_size=world,
-                              announce=main_rank)
-    if done:
-        return out / "model"
+    reference, reference_fingerprint = _reference_conversations(cfg, s, stage) if s.normalize else ([], None)
+    if stage.done("model", init_fingerprint=init_fingerprint, ai_fingerprint=input_fingerprint(ai_path),
+                  human_fingerprint=input_fingerprint(s.human_source or preference.BUILTIN_HUMAN) if human else None,
+                  reference_fingerprint=reference_fingerprint):
+        return stage.out / "model"
 
     # Step 2: the starting PM and the tokenised pairs (held-out: AI pairs first, then human ones).
     from cai.models import load_preference_model
@@ -98,20 +86,17 @@ def run(cfg: DictConfig) -> Path:
     eval_pairs = ai_eval_pairs + human_eval_pairs
     n_ai = len(ai_eval_pairs)
     counts = {"ai_pairs": len(ai), "human_pairs": len(human), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-              "identical_dropped": ai_identical + human_identical, "world_size": world,
+              "identical_dropped": ai_identical + human_identical,
               **{k: train_counts[k] + ai_counts[k] + human_counts[k] for k in train_counts}}
 
     # Step 3: train (resuming from the newest checkpoint of the same config and inputs), held-out metrics each epoch.
-    plan = training.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
+    plan = training.plan_for(STAGE, s, len(train_pairs), stage.world, cfg.seed)
     engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, init=init_model["path"], models={"pm_backbone": init_model},
-                    **inputs)
-    if main_rank:
-        write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
-    evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
-                                             main_rank=main_rank,
+    stage.started(counts={**counts, "total_steps": plan.total_steps}, init=init_model["path"], models={"pm_backbone": init_model})
+    evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, stage.out,
+                                             title=f"{STAGE}: held-out pairs", main_rank=stage.main,
                                              groups={"ai": list(range(n_ai)), "human": list(range(n_ai, len(eval_pairs)))})
-    training.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+    training.fit(engine, scheduler, plan, stage=STAGE, out=stage.out, save_every=s.save_every, resume=stage.resume, rank=stage.rank,
                  loss_fn=lambda rows: preference.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
                  after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
 
@@ -124,73 +109,60 @@ def run(cfg: DictConfig) -> Path:
         except ValueError as e:  # a reference reply longer than the context
             raise StageInputError(f"{STAGE}.reference: {e}; raise {STAGE}.max_length") from None
         shift = -float(raw.mean())
-        if main_rank:
+        if stage.main:
             print(f"cai {STAGE}: reward shift {shift:+.4f} (mean raw score over {len(reference)} SL-CAI samples)")
     engine.module.config.update({preference.SHIFT_KEY: shift})
 
     # Step 5: the final checkpoint, then the manifest (last).
-    distributed.save_final_model(engine, tok, out / "model")
-    if main_rank:
-        final = {k: training.final_metric(out, k, split="eval")
+    distributed.save_final_model(engine, tok, stage.out / "model")
+    if stage.main:
+        final = {k: training.final_metric(stage.out, k, split="eval")
                  for k in ("accuracy", "accuracy_ai", "accuracy_human", "ece", "mean_margin")}
-        write_manifest(out, status="complete", counts={**counts, "reference_rows": len(reference), "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"),
-                       eval=final, reward_shift=shift, **manifest,
-                       summary=stage_summary(f"{plan.total_steps} steps",
-                                             f"held-out accuracy {final['accuracy']}, ECE {final['ece']}", **final))
-        print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final['accuracy']}, ECE {final['ece']} "
-              f"-> {out / 'model'}")
-    distributed.barrier()
-    return out / "model"
+        stage.complete(stage_summary(f"{plan.total_steps} steps", f"held-out accuracy {final['accuracy']}, ECE {final['ece']}",
+                                     **final),
+                       counts={**counts, "reference_rows": len(reference), "steps": plan.total_steps},
+                       final_loss=training.final_metric(stage.out, "loss"), eval=final, reward_shift=shift)
+    return stage.out / "model"
 
 
-def _starting_point(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
-    """The model config to load the starting PM from, and a fingerprint of it."""
-
-    base = roles.spec(cfg, "pm_backbone")
-    pmp = stage_dir(cfg.run_dir, "pm_pretrain")
-    if s.init == "auto":
-        use_pmp = read_manifest(pmp) is not None
-        if not use_pmp:
-            print(f"cai {STAGE}: no pm_pretrain in {cfg.run_dir}; starting from {base['key']}={base['path']} with a fresh head")
-    elif s.init in ("pm_pretrain", "base"):
-        use_pmp = s.init == "pm_pretrain"
-    else:
+def _starting_point(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[dict, str]:
+    """The model spec to load the starting PM from, and its fingerprint: pm_pretrain's model (``init=auto``: when that
+    stage has run here), the ``pm_backbone`` role's own, or a checkpoint folder."""
+    if s.init not in ("auto", "pm_pretrain", "base"):
         folder = Path(s.init).expanduser()
         if not (folder / "config.json").exists():
             raise StageInputError(f"{STAGE}.init={s.init!r}: not auto, pm_pretrain, base or a checkpoint folder")
         return roles.spec(cfg, "pm_backbone", at=folder, key=f"{STAGE}.init"), input_fingerprint(folder)
-    if not use_pmp:
-        return base, "role:" + roles.fingerprint(base)
-    upstream_complete(pmp, "pm_pretrain")
-    return roles.spec(cfg, "pm_backbone", at=pmp / "model"), input_fingerprint(pmp)
+    use_pmp = s.init == "pm_pretrain" or (s.init == "auto" and read_manifest(stage_dir(cfg.run_dir, "pm_pretrain")) is not None)
+    if use_pmp:
+        return stage.upstream_model("pm_pretrain", "pm_backbone", required=True)
+    base, fingerprint = stage.role_model("pm_backbone")
+    if s.init == "auto":
+        print(f"cai {STAGE}: no pm_pretrain in {cfg.run_dir}; starting from {base['key']}={base['path']} with a fresh head")
+    return base, fingerprint
 
 
-def _reference_conversations(cfg: DictConfig, s: DictConfig) -> list[list[dict]]:
-    """SL-CAI samples (conversations ending with the model's final answer) to centre the reward on."""
-
+def _reference_conversations(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[list[list[dict]], str]:
+    """SL-CAI samples (conversations ending with the model's final answer) to centre the reward on, and their
+    fingerprint."""
     path = Path(s.reference) if s.reference else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
     if not s.reference:
         if read_manifest(path.parent) is None:
             raise StageInputError(f"{path.parent}: no sl_generate here for reward normalisation; run that stage, set "
                                   f"{STAGE}.reference=, or {STAGE}.normalize=false")
-        upstream_complete(path.parent, "sl_generate")
+        stage.upstream("sl_generate")
     table = read_table(str(path), str(path))
     if "messages" not in table.column_names:
         raise DataError(f"{path}: no 'messages' column for {STAGE}.reference (columns: {', '.join(table.column_names)})")
     rows = [m for m in table["messages"] if m and m[-1].get("role") == "assistant" and str(m[-1].get("content", "")).strip()]
     if not rows:
         raise DataError(f"{path}: no conversation ending with an assistant reply to normalise the reward on")
-    return rows[:s.reference_rows]
-
-
-def _reference_fingerprint(cfg: DictConfig, s: DictConfig) -> str:
-    return input_fingerprint(s.reference or stage_dir(cfg.run_dir, "sl_generate"))
+    return rows[:s.reference_rows], input_fingerprint(s.reference or path.parent)
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

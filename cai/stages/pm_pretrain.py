@@ -20,7 +20,6 @@ step: loss, batch accuracy, margin, tokens/s; per epoch a ``split: eval`` row) a
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 
 import hydra
@@ -30,7 +29,7 @@ from omegaconf import DictConfig
 from cai import preference, roles, training
 from cai.errors import StageInputError
 from cai.lineage import input_fingerprint
-from cai.stage_folder import config_hash, previous_run, stage_dir, stage_summary, write_manifest
+from cai.stage_folder import StageRun, stage_summary
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -40,13 +39,10 @@ HASH_KEYS = ("seed", "pm_backbone", "deepspeed", STAGE)
 MULTI_RANK = True
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, stage: StageRun) -> Path:
     from cai import distributed
 
-    start = time.time()
     s = cfg[STAGE]
-    rank, world = distributed.init_distributed()
-    main_rank = rank == 0
 
     # Step 1: check settings and read the comparisons before touching the run directory.
     preference.check_pm_settings(STAGE, s)
@@ -61,13 +57,8 @@ def run(cfg: DictConfig) -> Path:
         if len(comparisons) > s.max_pairs:
             comparisons = random.Random(f"cai-{STAGE}:{cfg.seed}").sample(comparisons, s.max_pairs)
     train, held_out = preference.split_holdout(comparisons, s.eval_fraction, cfg.seed, "pretrain", f"{STAGE}.eval_fraction")
-    out = stage_dir(cfg.run_dir, STAGE)
-    fingerprint = config_hash(cfg, HASH_KEYS)
-    data_fingerprint = input_fingerprint(s.source or preference.BUILTIN_PRETRAIN)
-    same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"data_fingerprint": data_fingerprint},
-                              product="model", world_size=world, announce=main_rank)
-    if done:
-        return out / "model"
+    if stage.done("model", data_fingerprint=input_fingerprint(s.source or preference.BUILTIN_PRETRAIN)):
+        return stage.out / "model"
 
     # Step 2: the PM (backbone + fresh scalar head) and the tokenised pairs.
     from cai.models import load_preference_model
@@ -78,37 +69,32 @@ def run(cfg: DictConfig) -> Path:
     train_pairs, train_counts = preference.encode_pairs(tok, train, s.max_length, where)
     eval_pairs, eval_counts = preference.encode_pairs(tok, held_out, s.max_length, where)
     counts = {"comparisons": len(comparisons), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-              "identical_dropped": identical, "world_size": world,
+              "identical_dropped": identical,
               **{k: train_counts[k] + eval_counts[k] for k in train_counts}}
 
     # Step 3: train (resuming from the newest checkpoint of the same config), held-out metrics each epoch.
-    plan = training.plan_for(STAGE, s, len(train_pairs), world, cfg.seed)
+    plan = training.plan_for(STAGE, s, len(train_pairs), stage.world, cfg.seed)
     engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, data_fingerprint=data_fingerprint)
-    if main_rank:
-        write_manifest(out, status="running", counts={**counts, "total_steps": plan.total_steps}, **manifest)
-    evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, out, title=f"{STAGE}: held-out pairs",
-                                             main_rank=main_rank)
-    training.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+    stage.started(counts={**counts, "total_steps": plan.total_steps})
+    evaluate = preference.held_out_evaluator(engine, tok, eval_pairs, s.calibration_bins, stage.out,
+                                             title=f"{STAGE}: held-out pairs", main_rank=stage.main)
+    training.fit(engine, scheduler, plan, stage=STAGE, out=stage.out, save_every=s.save_every, resume=stage.resume, rank=stage.rank,
                  loss_fn=lambda rows: preference.pair_batch_loss(engine.module, [train_pairs[i] for i in rows], tok.pad_token_id, s.margin),
                  after_epoch=evaluate, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: the final checkpoint, then the manifest (last).
-    distributed.save_final_model(engine, tok, out / "model")
-    if main_rank:
-        final = training.final_metric(out, "accuracy", split="eval")
-        write_manifest(out, status="complete", counts={**counts, "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=training.final_metric(out, "loss"),
-                       eval_accuracy=final, summary=stage_summary(f"{plan.total_steps} steps", f"held-out accuracy {final}",
-                                                                  eval_accuracy=final), **manifest)
-        print(f"cai {STAGE}: {plan.total_steps} steps, held-out accuracy {final} -> {out / 'model'}")
-    distributed.barrier()
-    return out / "model"
+    distributed.save_final_model(engine, tok, stage.out / "model")
+    if stage.main:
+        final = training.final_metric(stage.out, "accuracy", split="eval")
+        stage.complete(stage_summary(f"{plan.total_steps} steps", f"held-out accuracy {final}", eval_accuracy=final),
+                       counts={**counts, "steps": plan.total_steps}, final_loss=training.final_metric(stage.out, "loss"),
+                       eval_accuracy=final)
+    return stage.out / "model"
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ from cai.errors import StageError, StageInputError
 from cai.generation import derive_seed, generate, render_chat
 from cai.lineage import input_fingerprint
 from cai.metrics import MetricsWriter, read_metrics
-from cai.stage_folder import config_hash, is_complete, previous_run, stage_dir, stage_summary, upstream_complete, write_manifest
+from cai.stage_folder import StageRun, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -79,32 +79,26 @@ MULTI_RANK = True
 REWARDS = ("pm", "direct_rlaif", "pairwise", "custom")
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, stage: StageRun) -> Path:
     from cai import distributed
 
-    start = time.time()
     s = cfg[STAGE]
-    rank, world = distributed.init_distributed()
-    main_rank = rank == 0
+    rank, world, main_rank = stage.rank, stage.world, stage.main
 
     # Step 1: check settings and find the inputs before touching the run directory.
-    _check_settings(s)
+    algo = _check_settings(s)
     if s.rollout_engine == "vllm" and world > 1:  # each rank's in-process engine would take rank 0's place and device
         raise StageInputError(f"{STAGE}.rollout_engine=vllm runs in one process for now ({world} ranks here): launch one "
                               f"process, or sample with {STAGE}.rollout_engine=hf")
-    algo = rl.algorithm(s, STAGE)
     check_generation(cfg.generation, temperature=s.temperature)
-    policy_cfg, policy_fingerprint = _policy_source(cfg, s)
-    reward = _reward(cfg, s)
+    policy_cfg, policy_fingerprint = _policy_source(cfg, s, stage)
+    reward = _reward(cfg, s, stage)
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
                          cfg.data.hh_context, key=f"{STAGE}.num_prompts")
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
                           cfg.data.hh_context, key=f"{STAGE}.num_helpful")
-    out = stage_dir(cfg.run_dir, STAGE)
-    inputs = {"policy_fingerprint": policy_fingerprint, "reward_fingerprint": reward.fingerprint}
-    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS), inputs=inputs, product="model",
-                              world_size=world, announce=main_rank)
-    if done:
+    out = stage.out
+    if stage.done("model", policy_fingerprint=policy_fingerprint, reward_fingerprint=reward.fingerprint):
         return out / "model"
 
     # Step 2: the models. Policy and value (ppo) train in engines; the reference and the reward's models are frozen.
@@ -151,14 +145,11 @@ def run(cfg: DictConfig) -> Path:
     # the models behind the roles: the policy's start, the PM (reward=pm) or the labeler (direct_rlaif, pairwise)
     models = {"policy": policy_cfg, "sl_start": None, "pm_backbone": reward.value_start if s.reward == "pm" else None,
               "labeler": getattr(reward, "labeler_cfg", None)}
-    manifest = dict(stage=STAGE, cfg=cfg, hash_keys=HASH_KEYS, constitution_hash=reward.constitution_hash,
-                    policy=policy_cfg["path"], reward=s.reward, algorithm=algo.name, models=models, **inputs,
-                    devices={name: device_of(m) for name, m in loaded.items()})
-    counts = {"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "world_size": world, "steps": s.steps,
-              "samples_per_prompt": algo.k}
-    if main_rank:
-        write_manifest(out, status="running", counts=counts, **manifest)
-    state = training.resume_or_restart(engines, out, same, stage=STAGE, total_steps=s.steps, rank=rank,
+    stage.started(counts={"prompts": len(pool), "prompts_too_long": len(items) - len(pool), "steps": s.steps,
+                          "samples_per_prompt": algo.k},
+                  constitution_hash=reward.constitution_hash, policy=policy_cfg["path"], reward=s.reward, algorithm=algo.name,
+                  models=models, devices={name: device_of(m) for name, m in loaded.items()})
+    state = training.resume_or_restart(engines, out, stage.resume, stage=STAGE, total_steps=s.steps, rank=rank,
                                        logs=("metrics.jsonl", "samples.jsonl"))
     first_step = state["step"] if state else 0
     if state:
@@ -230,10 +221,7 @@ def run(cfg: DictConfig) -> Path:
         means = {f"{k}_{where}": round(sum(m[k] for m in part) / len(part), 6)
                  for k in ("score", "kl") for where, part in (("first", head), ("last", tail))}
         headline = f"score {means['score_first']:+.3f} -> {means['score_last']:+.3f}, KL {means['kl_last']:.3f}"
-        write_manifest(out, status="complete", counts=counts, timings={"total_s": round(time.time() - start, 2)},
-                       summary=stage_summary(f"{s.steps} steps", headline, **means), **manifest)
-        print(f"cai {STAGE}: {s.steps} steps, mean {headline} (first/last quarter) -> {out / 'model'}")
-    distributed.barrier()
+        stage.complete(stage_summary(f"{s.steps} steps", headline, **means))
     return out / "model"
 
 
@@ -408,7 +396,8 @@ def _gathered(module):
     return deepspeed.zero.GatheredParameters(list(module.parameters()))
 
 
-def _check_settings(s: DictConfig) -> None:
+def _check_settings(s: DictConfig) -> rl.Algorithm:
+    """The checked settings' algorithm (``rl.algorithm``); a bad setting is refused in one line naming its key."""
     if s.rollout_engine not in ("hf", "vllm"):
         raise StageInputError(f"{STAGE}.rollout_engine must be hf or vllm, got {s.rollout_engine!r}")
     if s.reward not in REWARDS:
@@ -446,18 +435,19 @@ def _check_settings(s: DictConfig) -> None:
                               f"num_helpful >= 0")
     if s.num_prompts + s.num_helpful < 1:
         raise StageInputError(f"{STAGE}.num_prompts + {STAGE}.num_helpful must be >= 1")
+    return algo
 
 
-def _reward(cfg: DictConfig, s: DictConfig):
-    """The reward ``ppo.reward`` names, from its checked inputs (``cai.rewards``); nothing is loaded yet."""
-
+def _reward(cfg: DictConfig, s: DictConfig, stage: StageRun):
+    """The reward ``ppo.reward`` names, from its checked inputs (``cai.rewards``); nothing is loaded yet. The PM loads
+    on the pm_backbone role's device and dtype."""
     if s.reward == "pm":
-        pm_path = Path(s.reward_model) if s.reward_model else stage_dir(cfg.run_dir, "pm_finetune") / "model"
         if not s.reward_model:
-            upstream_complete(pm_path.parent, "pm_finetune")
-        elif not (pm_path / "config.json").exists():
+            return rewards.PreferenceModelReward(*stage.upstream_model("pm_finetune", "pm_backbone", required=True))
+        pm_path = Path(s.reward_model)
+        if not (pm_path / "config.json").exists():
             raise StageInputError(f"{STAGE}.reward_model={s.reward_model!r}: no checkpoint (config.json) there")
-        pm_cfg = roles.spec(cfg, "pm_backbone", at=pm_path, key=f"{STAGE}.reward_model" if s.reward_model else None)
+        pm_cfg = roles.spec(cfg, "pm_backbone", at=pm_path, key=f"{STAGE}.reward_model")
         return rewards.PreferenceModelReward(pm_cfg, input_fingerprint(pm_path))
     if s.reward in ("direct_rlaif", "pairwise"):
         from cai.constitution import load_constitution, resolve_constitution_dir
@@ -470,22 +460,19 @@ def _reward(cfg: DictConfig, s: DictConfig):
     return rewards.FunctionReward(*rewards.function_from_config(s.reward_fn))
 
 
-def _policy_source(cfg: DictConfig, s: DictConfig) -> tuple[dict, str]:
-    base = roles.spec(cfg, "policy")
+def _policy_source(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[dict, str]:
+    """(model spec, fingerprint) of the policy RL starts from: ``ppo.policy``, else sl_train's model of this run (loaded
+    with the settings of the model SL fine-tuned), else the policy role's own."""
     if s.policy:
         if not (Path(s.policy).expanduser() / "config.json").exists():
             raise StageInputError(f"{STAGE}.policy={s.policy!r}: no checkpoint (config.json) there")
         return roles.spec(cfg, "policy", at=Path(s.policy).expanduser(), key=f"{STAGE}.policy"), input_fingerprint(s.policy)
-    sl_model = stage_dir(cfg.run_dir, "sl_train") / "model"
-    if is_complete(sl_model.parent) and sl_model.is_dir():
-        # loaded with the settings of the model SL fine-tuned
-        return roles.spec(cfg, "sl_start", at=sl_model), input_fingerprint(sl_model)
-    return base, "role:" + roles.fingerprint(base)
+    return stage.upstream_model("sl_train", "sl_start") or stage.role_model("policy")
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

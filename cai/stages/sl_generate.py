@@ -22,7 +22,6 @@ Resume: rerunning the same command keeps the finished shards and generates only 
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from cai.errors import StageInputError
 from cai.files import save_dataset
 from cai.generation import derive_seed, generate
 from cai.shards import join_shards, run_shards
-from cai.stage_folder import config_hash, previous_run, stage_dir, stage_summary, write_manifest
+from cai.stage_folder import StageRun, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -54,8 +53,7 @@ HASH_KEYS = ("seed", "n_revisions", "policy", "reviser", "constitution", "data",
 MULTI_RANK = False
 
 
-def run(cfg: DictConfig) -> Path:
-    start = time.time()
+def run(cfg: DictConfig, stage: StageRun) -> Path:
     settings = cfg[STAGE]
 
     # Step 1: check the inputs before touching the run directory, so bad input leaves it as it was.
@@ -79,12 +77,8 @@ def run(cfg: DictConfig) -> Path:
         raise StageInputError("data.num_red_team and data.num_helpful are both 0: nothing to generate")
 
     # Step 2: a finished run with the same config and constitution has nothing left to do.
-    out = stage_dir(cfg.run_dir, STAGE)
-    shards_dir = out / "shards"
-    same, done = previous_run(out, stage=STAGE, config_hash=config_hash(cfg, HASH_KEYS),
-                              inputs={"constitution_hash": constitution.hash}, product="dataset")
-    if done:
-        return out / "dataset"
+    if stage.done("dataset", constitution_hash=constitution.hash):
+        return stage.out / "dataset"
 
     # Step 3: the models (still before touching the run directory: a bad path changes nothing).
     from cai.engines import load_generator
@@ -93,12 +87,9 @@ def run(cfg: DictConfig) -> Path:
     policy = load_generator(policy_spec)
     reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_generator(reviser_spec)
 
-    # Step 4: resume when the previous attempt had the same config and constitution; else start over.
-    if not same:  # another config's shards and metrics must not be mixed in
-        shutil.rmtree(shards_dir, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    manifest = dict(stage=STAGE, cfg=cfg, constitution_hash=constitution.hash, hash_keys=HASH_KEYS)
-    write_manifest(out, status="running", counts={"prompts": len(items)}, **manifest)
+    # Step 4: resume when the previous attempt had the same config and constitution; else start over (another
+    # config's shards and metrics must not be mixed in).
+    stage.started(counts={"prompts": len(items)}, fresh=("shards", "metrics.jsonl"))
 
     # Step 5: generate shard by shard; each shard is saved atomically the moment it is done (cai.shards).
     def make_rows(k: int, shard: list[PromptItem]) -> tuple[list[dict], dict]:
@@ -107,25 +98,22 @@ def run(cfg: DictConfig) -> Path:
         return rows, {"generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / max(time.time() - t0, 1e-9), 2)}
 
     shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
-    records = run_shards(out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
+    records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
 
     # Step 6: join the shards into one dataset; the manifest is written last.
-    dataset = join_shards(out, records)
+    dataset = join_shards(stage.out, records)
     expected = sum(settings.helpful_samples if it.kind == "helpful" else 1 for it in items)  # rows: one per red-team prompt
     if len(set(dataset["id"])) != len(dataset) or len(dataset) != expected:
-        raise RuntimeError(f"{shards_dir}: shards hold {len(dataset)} rows where {len(items)} prompts give {expected}; "
+        raise RuntimeError(f"{stage.out / 'shards'}: shards hold {len(dataset)} rows where {len(items)} prompts give {expected}; "
                            f"delete the folder and rerun")
-    save_dataset(dataset, out / "dataset")
+    save_dataset(dataset, stage.out / "dataset")
     kinds = dataset["kind"]
-    write_manifest(out, status="complete", **manifest,
+    stage.complete(stage_summary(f"{len(dataset)} rows", f"{cfg.n_revisions} revision rounds"),
                    counts={"rows": len(dataset), "red_team": kinds.count("red_team"), "helpful": kinds.count("helpful"),
                            "shards": len(shards), "n_revisions": cfg.n_revisions,
                            # an empty revision keeps the previous answer as the one carried forward
-                           "empty_revisions": sum(not r.strip() for revs in dataset["revisions"] for r in revs)},
-                   timings={"total_s": round(time.time() - start, 2)},
-                   summary=stage_summary(f"{len(dataset)} rows", f"{cfg.n_revisions} revision rounds"))
-    print(f"cai {STAGE}: {len(dataset)} rows -> {out / 'dataset'}")
-    return out / "dataset"
+                           "empty_revisions": sum(not r.strip() for revs in dataset["revisions"] for r in revs)})
+    return stage.out / "dataset"
 
 
 def generate_rows(items: list[PromptItem], policy: tuple, reviser: tuple, c: Constitution, principles: list[CritiquePrinciple],
@@ -209,7 +197,7 @@ def _features():
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Writes ``${run_dir}/sl_train/``:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import hydra
@@ -32,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from cai import roles, training
 from cai.errors import StageInputError
 from cai.lineage import input_fingerprint
-from cai.stage_folder import config_hash, previous_run, stage_dir, stage_summary, upstream_complete, write_manifest
+from cai.stage_folder import StageRun, stage_summary
 from cai.stages import CONFIG_PATH, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -43,31 +42,21 @@ MULTI_RANK = True
 IGNORE = -100  # label of positions that carry no loss
 
 
-def run(cfg: DictConfig) -> Path:
+def run(cfg: DictConfig, stage: StageRun) -> Path:
     from cai import distributed
 
-    start = time.time()
     s = cfg[STAGE]
-    rank, world = distributed.init_distributed()
-    main_rank = rank == 0
 
     # Step 1: check settings and inputs before touching the run directory.
     training.check_train_settings(STAGE, s)
     if s.max_length is None or s.max_length < 2:  # room for at least one prompt token and one reply token
         raise StageInputError(f"{STAGE}.max_length must be >= 2, got {s.max_length}")
-    out = stage_dir(cfg.run_dir, STAGE)
-    data_path = Path(s.dataset) if s.dataset else stage_dir(cfg.run_dir, "sl_generate") / "dataset"
-    if not s.dataset:
-        upstream_complete(data_path.parent, "sl_generate")
+    data_path = Path(s.dataset) if s.dataset else stage.upstream("sl_generate") / "dataset"
     if s.revisions not in ("every", "final"):
         raise StageInputError(f"{STAGE}.revisions must be every or final, got {s.revisions!r}")
     rows = training_rows(_load_rows(data_path), s.revisions)
-    fingerprint = config_hash(cfg, HASH_KEYS)
-    data_fingerprint = input_fingerprint(data_path)
-    same, done = previous_run(out, stage=STAGE, config_hash=fingerprint, inputs={"dataset_fingerprint": data_fingerprint},
-                              product="model", world_size=world, announce=main_rank)
-    if done:
-        return out / "model"
+    if stage.done("model", dataset_fingerprint=input_fingerprint(data_path)):
+        return stage.out / "model"
 
     from cai.models import load_policy
 
@@ -84,34 +73,29 @@ def run(cfg: DictConfig) -> Path:
 
     # Step 2: the schedule (every rank runs the same number of steps; no row is dropped) and the engine
     # (optionally LoRA adapters only).
-    plan = training.plan_for(STAGE, s, len(examples), world, cfg.seed)
+    plan = training.plan_for(STAGE, s, len(examples), stage.world, cfg.seed)
     if s.lora:
         model = _add_lora(model, s.lora, cfg)
     engine, scheduler = training.build_engine(model, cfg, s, plan.total_steps)
 
     # Step 3: train, resuming from the newest checkpoint of the same config.
-    if main_rank:
-        write_manifest(out, stage=STAGE, cfg=cfg, status="running", hash_keys=HASH_KEYS, dataset_fingerprint=data_fingerprint,
-                       counts={"rows": len(examples), "world_size": world, "total_steps": plan.total_steps})
+    stage.started(counts={"rows": len(examples), "total_steps": plan.total_steps})
 
     def loss_fn(mine: list[int]):
         batch = {key: value.to(engine.device) for key, value in collate([examples[i] for i in mine], tok.pad_token_id).items()}
         return engine(**batch).loss, {"tokens": int(batch["attention_mask"].sum())}
 
-    training.fit(engine, scheduler, plan, stage=STAGE, out=out, save_every=s.save_every, resume=same, rank=rank,
+    training.fit(engine, scheduler, plan, stage=STAGE, out=stage.out, save_every=s.save_every, resume=stage.resume, rank=stage.rank,
                  loss_fn=loss_fn, progress=cfg.progress, logger=cfg.logger)
 
     # Step 4: the final checkpoint, then the manifest (last).
-    distributed.save_final_model(engine, tok, out / "model", merge_lora=bool(s.lora))
-    if main_rank:
-        final_loss = training.final_metric(out, "loss")
-        write_manifest(out, stage=STAGE, cfg=cfg, status="complete", hash_keys=HASH_KEYS, dataset_fingerprint=data_fingerprint,
-                       counts={"rows": len(examples), "truncated_rows": truncated, "world_size": world, "steps": plan.total_steps},
-                       timings={"total_s": round(time.time() - start, 2)}, final_loss=final_loss,
-                       summary=stage_summary(f"{plan.total_steps} steps", f"final loss {final_loss}", final_loss=final_loss))
-        print(f"cai {STAGE}: {plan.total_steps} steps -> {out / 'model'}")
-    distributed.barrier()
-    return out / "model"
+    distributed.save_final_model(engine, tok, stage.out / "model", merge_lora=bool(s.lora))
+    if stage.main:
+        final_loss = training.final_metric(stage.out, "loss")
+        stage.complete(stage_summary(f"{plan.total_steps} steps", f"final loss {final_loss}", final_loss=final_loss),
+                       counts={"rows": len(examples), "truncated_rows": truncated, "steps": plan.total_steps},
+                       final_loss=final_loss)
+    return stage.out / "model"
 
 
 def training_rows(rows: list[dict], revisions: str) -> list[dict]:
@@ -188,7 +172,7 @@ def _add_lora(model, lora_cfg, cfg):
 
 @hydra.main(config_path=CONFIG_PATH, config_name=STAGE, version_base=None)
 def main(cfg: DictConfig) -> None:
-    run_stage(STAGE, run, cfg)
+    run_stage(run, cfg)
 
 
 if __name__ == "__main__":
