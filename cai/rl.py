@@ -368,29 +368,29 @@ def algorithm(s, section: str = "ppo") -> Algorithm:
     the sum over its tokens). A value or combination that cannot run raises ValueError, one line naming
     ``<section>.<key>``.
     """
-    name, key = s.algorithm, section  # the errors name key.<setting>
+    name = s.algorithm
     if name not in ALGORITHMS:
-        raise ValueError(f"{key}.algorithm must be one of {', '.join(ALGORITHMS)}, got {name!r}")
+        raise ValueError(f"{section}.algorithm must be one of {', '.join(ALGORITHMS)}, got {name!r}")
     if s.kl_in not in (None, "reward", "loss"):
-        raise ValueError(f"{key}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
+        raise ValueError(f"{section}.kl_in must be reward, loss or null (the algorithm's usual), got {s.kl_in!r}")
     if s.samples_per_prompt is not None and (not isinstance(s.samples_per_prompt, int) or s.samples_per_prompt < 1):
-        raise ValueError(f"{key}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
+        raise ValueError(f"{section}.samples_per_prompt must be an integer >= 1 or null, got {s.samples_per_prompt!r}")
     if name == "reinforce" and s.kl_coef is not None and s.kl_coef > 1:
-        raise ValueError(f"{key}.algorithm=reinforce weighs the score by 1 - {key}.kl_coef: {key}.kl_coef must be in "
+        raise ValueError(f"{section}.algorithm=reinforce weighs the score by 1 - {section}.kl_coef: {section}.kl_coef must be in "
                          f"[0, 1], got {s.kl_coef}")
     if name == "reinforce" and s.kl_in == "loss":
-        raise ValueError(f"{key}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
-                         f"{key}.kl_in must be reward or null")
+        raise ValueError(f"{section}.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
+                         f"{section}.kl_in must be reward or null")
     if s.rloo_ratio not in RATIOS:
-        raise ValueError(f"{key}.rloo_ratio must be token or sequence, got {s.rloo_ratio!r}")
+        raise ValueError(f"{section}.rloo_ratio must be token or sequence, got {s.rloo_ratio!r}")
     if s.rloo_ratio == "sequence" and name != "rloo":
-        raise ValueError(f"{key}.rloo_ratio=sequence is RLOO's one ratio per response: it needs {key}.algorithm=rloo, "
+        raise ValueError(f"{section}.rloo_ratio=sequence is RLOO's one ratio per response: it needs {section}.algorithm=rloo, "
                          f"got {name}")
     k = s.samples_per_prompt or (1 if name in ("ppo", "reinforce") else 4)
     kl_in = s.kl_in or ("reward" if name in ("ppo", "rloo", "reinforce") else "loss")
     aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant", "reinforce": "constant"}.get(name, "token_mean")
     algo = Algorithm(name, k, kl_in, aggregation, s.rloo_ratio)
     if not algo.critic and k < 2:
-        raise ValueError(f"{key}.algorithm={name} measures each response against the other responses to its prompt: "
-                         f"{key}.samples_per_prompt must be >= 2 (null: 4)")
+        raise ValueError(f"{section}.algorithm={name} measures each response against the other responses to its prompt: "
+                         f"{section}.samples_per_prompt must be >= 2 (null: 4)")
     return algo

@@ -30,8 +30,6 @@ from cai.lineage import MANIFEST, git_sha, input_fingerprint, input_stamps, read
 
 # Keys that say *where* a run lives, not *what* it computes: left out of the config hash so a
 # moved or copied run directory still recognises its finished stages.
-
-
 _HASH_EXCLUDED_KEYS = ("run_dir",)
 
 
@@ -41,8 +39,6 @@ def stage_dir(run_dir: str | os.PathLike, stage: str) -> Path:
 
 
 @contextlib.contextmanager
-
-
 def hold_stage(folder: str | os.PathLike) -> Iterator[None]:
     """Hold ``folder`` (a stage's) for the duration: an exclusive lock on ``folder/hydra/stage.lock`` (Hydra's own
     folder, which every invocation writes anyway), released when the holder ends, even by SIGKILL. Raises
@@ -257,7 +253,10 @@ class StageRun:
         return model_spec, "role:" + roles.fingerprint(model_spec)
 
     def _write(self, status: str, counts: dict, **more: Any) -> None:
+        fields = {**self._fields, **more}
+        if clash := set(self.inputs) & set(fields):  # an input's fingerprint is given to done() only
+            raise ValueError(f"{self.name}: {sorted(clash)} given to done() and again to started() or complete()")
         if self.world is not None:
             counts = {**counts, "world_size": self.world}
         write_manifest(self.out, stage=self.name, cfg=self.cfg, status=status, hash_keys=self.hash_keys, counts=counts,
-                       **self.inputs, **{**self._fields, **more})
+                       **self.inputs, **fields)

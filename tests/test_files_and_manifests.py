@@ -139,6 +139,8 @@ def test_a_stage_run_starts_resumes_and_completes_through_its_handle(tmp_path, c
     assert (again.out / "shards").is_dir()
     other = StageRun("x", cfg, ("seed", "x"), world=2)
     assert not other.done("model", data_fingerprint="d2") and not other.resume  # other inputs: start over
+    with pytest.raises(ValueError, match="given to done"):  # an input is stated once, to done()
+        other.started(data_fingerprint="d3")
     other.started(counts={"rows": 4}, fresh=("shards",))
     assert not (other.out / "shards").exists()
 

@@ -15,8 +15,8 @@ Each stage module states its facts side by side at its top, and the pipeline rea
 Each stage's ``run(cfg, stage)`` gets ``stage``, its handle on its folder (``cai.stage_folder.StageRun``), from
 ``run_stage``: one place says how every stage starts, locks, resumes and ends.
 
-Adding a stage: its file here, its config (``conf/<stage>.yaml`` and ``conf/stage/<stage>.yaml``) and its name
-in ``STAGES`` (docs/stages.md, "Adding a stage").
+Adding a stage: its file here, its config (``conf/<stage>.yaml`` and ``conf/stage/<stage>.yaml``) and its name in
+``STAGES`` and ``conf/pipeline.yaml`` (docs/stages.md, "Adding a stage").
 """
 
 import contextlib
@@ -165,8 +165,6 @@ def _check_like(default: dict, given: dict, prefix: str) -> None:
 def _close_engines() -> None:
     """Shut the stage's vLLM engines down while the process group they set up still exists (their own clean-up at
     exit would find it gone and print a traceback after the stage has finished)."""
-    import sys
-
     if "cai.engines" in sys.modules:
         from cai.engines import close_all
 
@@ -193,8 +191,6 @@ def _close_process_group() -> None:
 
 def _process_group():
     """``torch.distributed`` when this process has started a group (a stage that never imported it has none), else None."""
-    import sys
-
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist
 

@@ -118,12 +118,12 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     if overlap:
         print(f"cai {STAGE}: warning: {overlap} of the {len(items)} held-out prompts were also used by training stages "
               f"(lower {STAGE}.num_prompts/num_helpful or the training counts)")
-    # the models behind the roles (sl_start's settings load sl_train's and ppo's checkpoints, listed in results.json);
-    # another config's replies must not be reused, and the figures are written whole at the end (log_figures)
+    # the models behind the roles (sl_start's settings load sl_train's and ppo's checkpoints, listed in results.json)
     models = {"policy": checkpoints["base"][0] if "base" in checkpoints else None, "sl_start": None, "pm_backbone": pm_spec,
               "judge": judge_spec}
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
+    # another config's replies must not be reused; the figures are written whole at the end (log_figures)
     stage.started(counts=counts, fresh=("responses",), models=models)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     responses_dir = out / "responses"

@@ -23,6 +23,7 @@ Writes ``${run_dir}/label_alignment/metrics.json`` (and ``manifest.json``) with
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import hydra
@@ -42,6 +43,7 @@ MULTI_RANK = False
 
 
 def run(cfg: DictConfig, stage: StageRun) -> dict:
+    start = time.time()
     s = cfg.ai_feedback  # the labeler is configured once, for ai_feedback and for this check
     if not cfg.pairs:
         raise StageInputError("pairs= is required: a JSONL file of human-labeled pairs (hh-rlhf or ai_feedback format)")
@@ -64,7 +66,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     # Step 3: the report.
     metrics = alignment_metrics(judgements)
     metrics.update(n=len(pairs), skipped=skipped, pairs_file=str(cfg.pairs), model=roles.label(labeler),
-                   n_principles=s.n_principles, cot=bool(s.cot))
+                   n_principles=s.n_principles, cot=bool(s.cot), seconds=round(time.time() - start, 1))
     atomic_write_json(stage.out / "metrics.json", metrics)
     print(format_table(metrics))
     stage.complete(stage_summary(f"{len(pairs)} pairs", f"alignment {metrics['alignment']:.3f}", **{

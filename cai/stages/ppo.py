@@ -220,7 +220,8 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         head, tail = history[: max(1, len(history) // 4)], history[-max(1, len(history) // 4):]
         means = {f"{k}_{where}": round(sum(m[k] for m in part) / len(part), 6)
                  for k in ("score", "kl") for where, part in (("first", head), ("last", tail))}
-        headline = f"score {means['score_first']:+.3f} -> {means['score_last']:+.3f}, KL {means['kl_last']:.3f}"
+        headline = (f"mean score {means['score_first']:+.3f} -> {means['score_last']:+.3f}, KL {means['kl_last']:.3f} "
+                    f"(first/last quarter)")
         stage.complete(stage_summary(f"{s.steps} steps", headline, **means))
     return out / "model"
 
