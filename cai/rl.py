@@ -14,6 +14,9 @@ KL_t estimates KL(policy || reference) at token t from the sampled token:
 k1 = log pi(a) - log pi_ref(a) (unbiased, can be negative), or k3 = (ratio - 1) - log ratio with
 ratio = pi_ref(a) / pi(a) (unbiased, never negative; Schulman's estimator).
 
+The direct-alignment losses (``dpo_loss``: DPO, IPO, and the soft cross-entropy that trains on a labeler's probability)
+work on whole responses' log-probs, for the DPO stage and online DPO.
+
 What differs between the algorithms — the value model, the advantages, the losses, the reward logged — is said once, in
 ``Algorithm`` (``algorithm()`` builds it from the stage's settings); the stage calls its methods and tests no names.
 """
@@ -236,6 +239,40 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss_clipped = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
     return loss, masked_mean((loss_clipped > loss_unclipped).float(), mask).detach()
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "soft")
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float, loss: str = "sigmoid",
+             p_chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The direct-alignment losses on preference pairs. (B,) summed log-probs of each pair's chosen and rejected
+    response under the policy and the frozen reference -> (per-pair losses (B,), implicit rewards of chosen and of
+    rejected (B,) each, beta times the policy-to-reference log-ratio; detached).
+
+    h = (log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r)), the log-ratio margin of chosen over rejected.
+    sigmoid (DPO, Rafailov et al. 2023): -log sigma(beta * h).
+    ipo (Azar et al. 2023): (h - 1 / (2 * beta))^2, beta the regularisation tau.
+    soft: the cross-entropy of sigma(beta * h) against the pair's probability p = ``p_chosen`` (B,) that chosen is the
+    better one, -[p * log sigma(beta * h) + (1 - p) * log sigma(-beta * h)]: cDPO with its label smoothing 1 - p set per
+    pair. With p = 1 it is sigmoid exactly; its gradient in beta * h is sigma(beta * h) - p, so a pair labelled 1/2 pulls
+    the margin to 0 rather than pushing it up.
+    """
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"DPO loss must be one of {', '.join(DPO_LOSSES)}, got {loss!r}")
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    if loss == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        if p_chosen is None:
+            raise ValueError("the soft DPO loss needs each pair's probability p_chosen")
+        p = p_chosen.to(h.dtype)
+        losses = -(p * F.logsigmoid(beta * h) + (1.0 - p) * F.logsigmoid(-beta * h))
+    return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
 class AdaptiveKL:

@@ -269,3 +269,36 @@ def test_each_algorithms_losses():
     loss, v_clip = rl.algorithm(_settings("reinforce")).critic_loss(v, v_old, target, mask, 0.2)
     # V 1.0 clipped to 0.7: (0.7 - 2)^2 = 1.69 > (1 - 2)^2 = 1; V 0.0: (0 - 1)^2 = 1 either way -> 0.5 * (1.69 + 1) / 2
     assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0) / 2) and v_clip.item() == pytest.approx(0.5)
+
+
+def test_dpo_losses_by_hand():
+    # beta 0.5; chosen -1 (ref -2), rejected -3 (ref -2.5): h = 1 - (-0.5) = 1.5, beta * h = 0.75
+    args = (t([-1.0]), t([-3.0]), t([-2.0]), t([-2.5]), 0.5)
+    sigmoid, chosen, rejected = rl.dpo_loss(*args, loss="sigmoid")
+    torch.testing.assert_close(sigmoid, t([math.log(1 + math.exp(-0.75))]))  # -log sigma(0.75) = 0.386871
+    torch.testing.assert_close(chosen, t([0.5]))  # beta * (-1 + 2)
+    torch.testing.assert_close(rejected, t([-0.25]))  # beta * (-3 + 2.5)
+    # ipo: (h - 1 / (2 beta))^2 = (1.5 - 1)^2
+    torch.testing.assert_close(rl.dpo_loss(*args, loss="ipo")[0], t([0.25]))
+    # soft, p = 0.8: 0.8 * 0.386871 + 0.2 * (0.75 + 0.386871) = 0.536871 (= sigmoid + (1 - p) * beta * h)
+    torch.testing.assert_close(rl.dpo_loss(*args, loss="soft", p_chosen=t([0.8]))[0], t([0.536871]),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="p_chosen"):
+        rl.dpo_loss(*args, loss="soft")
+    with pytest.raises(ValueError, match="sigmoid, ipo, soft"):
+        rl.dpo_loss(*args, loss="hinge")
+
+
+def test_soft_dpo_is_sigmoid_at_hard_labels_and_pulls_half_labels_to_a_zero_margin():
+    g = torch.Generator().manual_seed(0)
+    logps = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(4)]
+    sigmoid = rl.dpo_loss(*logps, 0.1, loss="sigmoid")[0]
+    assert torch.equal(rl.dpo_loss(*logps, 0.1, loss="soft", p_chosen=torch.ones(6))[0], sigmoid)
+    # p = 0: the pair read the other way round
+    swapped = rl.dpo_loss(logps[1], logps[0], logps[3], logps[2], 0.1, loss="sigmoid")[0]
+    torch.testing.assert_close(rl.dpo_loss(*logps, 0.1, loss="soft", p_chosen=torch.zeros(6))[0], swapped)
+    # the gradient in the margin is sigma(beta * h) - p: a pair labelled 1/2 at margin 0 teaches nothing
+    chosen = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    rl.dpo_loss(chosen, t([0.0]), t([0.0]), t([0.0]), 0.1, loss="soft", p_chosen=t([0.5]))[0].sum().backward()
+    assert chosen.grad.abs().item() < 1e-12
+
