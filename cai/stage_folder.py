@@ -240,12 +240,15 @@ class StageRun:
         """The model ``stage`` saved in this run (``<stage>/model``), as ``role``'s spec at that folder (loaded with the
         role's device, dtype and trust_remote_code), and its fingerprint (that stage's lineage). None when the stage
         has no complete model here; with ``required``, that is refused in one line instead."""
-        folder = self.upstream(stage) if required else stage_dir(self.cfg.run_dir, stage)
-        if is_complete(folder) and (folder / "model").is_dir():
-            return roles.spec(self.cfg, role, at=folder / "model"), input_fingerprint(folder)
-        if required:
-            raise StageInputError(f"{folder}: the {stage} run is complete but holds no model/; rerun {stage}")
-        return None
+        if required:  # complete, or refused in one line
+            folder = self.upstream(stage)
+            if not (folder / "model").is_dir():
+                raise StageInputError(f"{folder}: the {stage} run is complete but holds no model/; rerun {stage}")
+        else:
+            folder = stage_dir(self.cfg.run_dir, stage)
+            if not (is_complete(folder) and (folder / "model").is_dir()):
+                return None
+        return roles.spec(self.cfg, role, at=folder / "model"), input_fingerprint(folder)
 
     def role_model(self, role: str) -> tuple[dict, str]:
         """``role``'s own model, when no upstream stage's stands in for it, and its fingerprint."""
