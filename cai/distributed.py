@@ -88,6 +88,17 @@ def sum_over_ranks(value: int) -> int:
     return int(_all_reduce_sum(value, torch.int64))
 
 
+def gather_objects(value) -> list:
+    """``value`` from every rank, in rank order (any picklable object; one rank: ``[value]``)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def world_size() -> int:
     import torch.distributed as dist
 

@@ -32,7 +32,7 @@ from cai.stage_folder import StageRun, hold_stage, stage_dir
 CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
 # The pipeline's stages, in the order it runs them (label_alignment is a stand-alone check, not a pipeline stage).
-STAGES = ("sl_generate", "sl_train", "ai_feedback", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
+STAGES = ("sl_generate", "sl_train", "ai_feedback", "dpo", "pm_pretrain", "pm_finetune", "ppo", "evaluate")
 
 # Settings that change where or how a stage runs, never what it computes: no config hash covers them.
 UNHASHED = ("run_dir", "progress", "logger", "deterministic")
