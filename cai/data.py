@@ -127,10 +127,22 @@ def read_table(source: str | Path, where: str):
     except Exception as e:  # datasets raises many types; keep the message to one line
         if path.suffix == ".jsonl":
             _check_jsonl_lines(path, where)  # name the line when one is not a JSON object
+        if _saved_without_rows(path):  # datasets cannot load back a dataset of no rows that it saved
+            raise DataError(f"{where}: no rows") from None
         from cai.errors import first_line
 
         raise DataError(f"{where}: could not be read as a dataset ({first_line(e)})") from None
     return ds
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """Whether ``path`` is a ``save_to_disk`` folder of a dataset with no rows (its state lists no data files)."""
+    import json
+
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError):
+        return False
 
 
 def jsonl_rows(path: Path, where: str | None = None):

@@ -129,6 +129,21 @@ def embedded_pm(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "embedded-run", build)
 
 
+@pytest.fixture
+def process_group():
+    """A process group of one in this (pytest) process, for DeepSpeed engines and multi-rank stages run in-process. It
+    stays up (DeepSpeed caches its groups, so it cannot be torn down and made again), but the environment it set is
+    restored after each test: stages started later as subprocesses must not inherit its RANK/WORLD_SIZE/MASTER_PORT,
+    whose port this process holds."""
+    from cai import distributed
+
+    saved = dict(os.environ)
+    distributed.init_distributed()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def vllm_and_transformers(spec: dict):
     """A module fixture's body: (vLLM engine in this process, transformers model, tokenizer) of one model spec, the
     same weights both ways (fp32 on the CPU, 1 GiB of KV cache, 2048 tokens); the engine is closed after the module."""

@@ -28,20 +28,6 @@ def test_other_zero_blocks_are_kept(zero, world, dtype):
     assert distributed.zero_for_world(zero, world, dtype) == zero
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A process group of one in this (pytest) process. It stays up (DeepSpeed caches its groups, so it cannot
-    be torn down and made again), but the environment it set is restored: stages started later as subprocesses
-    must not inherit its RANK/WORLD_SIZE/MASTER_PORT, whose port this process holds."""
-    import os
-
-    saved = dict(os.environ)
-    distributed.init_distributed()
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def _engine(zero_file: str, seed: int = 0, compile: bool = False, dtype: str = "float32"):
     from cai.models import load_policy
 

@@ -74,7 +74,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         raise StageInputError(f"{STAGE}.loss must be auto, {', '.join(rl.DPO_LOSSES)}; got {s.loss!r}")
     if s.max_length is None or s.max_length < 2:  # room for one prompt token and one reply token
         raise StageInputError(f"{STAGE}.max_length must be >= 2, got {s.max_length}")
-    comparisons, source, identical = _comparisons(cfg, s, stage)
+    comparisons, source, dropped = _comparisons(cfg, s, stage)
     loss_name = s.loss if s.loss != "auto" else "soft" if any(c.p_chosen != 1.0 for c in comparisons) else "sigmoid"
     train, held_out = preference.split_holdout(comparisons, s.eval_fraction, cfg.seed, STAGE, f"{STAGE}.eval_fraction")
     start_spec, start_fingerprint = stage.upstream_model("sl_train", "sl_start") or stage.role_model("sl_start")
@@ -91,7 +91,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     train_pairs, train_counts = encode_pairs(tok, train, s.max_length, f"{source}: {STAGE} training pairs")
     eval_pairs, eval_counts = encode_pairs(tok, held_out, s.max_length, f"{source}: {STAGE} held-out pairs")
     counts = {"pairs": len(comparisons), "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-              "identical_dropped": identical, **{k: train_counts[k] + eval_counts[k] for k in train_counts}}
+              **dropped, **{k: train_counts[k] + eval_counts[k] for k in train_counts}}
     stage.started(counts=counts, fresh=(REFERENCE_FILE, "eval.json"), loss=loss_name, pairs_source=str(source))
 
     # Step 3: the reference's log-probs, once (kept on disk for a resume); then the reference is let go.
@@ -175,8 +175,9 @@ def revision_pairs(rows: list[dict]) -> tuple[list[preference.Comparison], int]:
     return pairs, len(rows) - len(pairs)
 
 
-def _comparisons(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[list[preference.Comparison], Path | str, int]:
-    """(the pairs ``dpo.pairs`` names, where they come from, identical or unusable pairs dropped)."""
+def _comparisons(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[list[preference.Comparison], Path | str, dict]:
+    """(the pairs ``dpo.pairs`` names, where they come from, the count of what was left out: pairs of identical replies,
+    or for ``revisions`` the rows without a usable revision)."""
     if s.pairs == "revisions":
         path = stage.upstream("sl_generate") / "dataset"
         table = read_table(path, str(path))
@@ -186,10 +187,10 @@ def _comparisons(cfg: DictConfig, s: DictConfig, stage: StageRun) -> tuple[list[
         pairs, dropped = revision_pairs(table.to_list())
         if not pairs:
             raise DataError(f"{path}: no red-team row has a revision that differs from its answer ({STAGE}.pairs=revisions)")
-        return pairs, path, dropped
+        return pairs, path, {"unrevised_rows": dropped}
     path = stage.upstream("ai_feedback") / "dataset" if s.pairs == "ai_feedback" else s.pairs
     pairs, identical = preference.load_comparisons(str(path), "pairs", key=f"{STAGE}.pairs", builtin=Path(path), seed=cfg.seed)
-    return pairs, path, identical
+    return pairs, path, {"identical_dropped": identical}
 
 
 def _reference(cfg: DictConfig, s: DictConfig, start_spec: dict) -> tuple[dict | None, str | None]:
