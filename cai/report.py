@@ -26,6 +26,12 @@ from cai.stages import STAGES
 PPO_CURVES = (("score", "mean score"), ("reward", "reward (score with its KL term)"), ("kl", "KL to reference (nats/seq)"),
               ("response_length", "response length (tokens)"), ("group_score_std", "score spread within a prompt's group"))
 ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce": "REINFORCE"}
+DPO_LOSSES = {"sigmoid": "sigmoid (DPO, Rafailov et al. 2023)", "ipo": "ipo (IPO, Azar et al. 2023)",
+              "soft": "soft (the cross-entropy against each pair's P(chosen better): cDPO, smoothed 1 - p per pair)"}
+# evaluate's checkpoint names as the report shows them (a checkpoint folder keeps its path); PARENT: what each was
+# trained from when that stage ran (the Elo plane joins each point to its parent's)
+CHECKPOINT_LABELS = {"base": "base", "sl_train": "SL-CAI", "dpo": "DPO", "ppo": "RL-CAI"}
+PARENT = {"sl_train": "base", "dpo": "sl_train", "ppo": "sl_train"}
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;color:#1d2733;padding:0 1em}
@@ -52,6 +58,7 @@ def write_report(run_dir: str | Path) -> Path:
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>", _stage_table(run_dir, manifests)]
     parts.append(_section_sl(run_dir, manifests))
     parts.append(_section_feedback(run_dir, manifests))
+    parts.append(_section_dpo(run_dir, manifests))
     parts.append(_section_pm(run_dir, manifests))
     parts.append(_section_ppo(run_dir, manifests))
     parts.append(_section_evaluate(run_dir, manifests))
@@ -80,14 +87,15 @@ def write_comparison(run_dirs: list[str | Path], out: str | Path | None = None) 
         results = _read_json(d / "evaluate" / "results.json") or {}
         ppo = m["ppo"].get("summary", {})
         pmf = m["pm_finetune"].get("eval") or {}
-        elo = ", ".join(f"{k} {v['elo']:.0f}" for k, v in results.get("checkpoints", {}).items())
+        elo = ", ".join(f"{checkpoint_label(k)} {v['elo']:.0f}" for k, v in results.get("checkpoints", {}).items())
         names = list(results.get("checkpoints", {}))
         win = results.get("win_rate", {}).get(names[-1], {}).get(names[0]) if len(names) > 1 else None
         rows.append([d.name, *(overrides[d].get(k, "-") for k in varied), _fmt(m["sl_train"].get("final_loss")),
-                     _fmt(m["ai_feedback"].get("summary", {}).get("mean_confidence")), _fmt(pmf.get("accuracy")),
+                     _fmt(m["ai_feedback"].get("summary", {}).get("mean_confidence")),
+                     _fmt((m["dpo"].get("eval") or {}).get("accuracy")), _fmt(pmf.get("accuracy")),
                      _fmt(ppo.get("score_first")), _fmt(ppo.get("score_last")), _fmt(ppo.get("kl_last")),
                      elo or "-", _fmt(win)])
-    head = ["run", *varied, "SL final loss", "AI label confidence", "PM held-out acc.", "RL score first",
+    head = ["run", *varied, "SL final loss", "AI label confidence", "DPO held-out acc.", "PM held-out acc.", "RL score first",
             "RL score last", "RL KL last", "Elo", "win rate last vs first"]
     body = "<h1>cai runs side by side</h1>" + _table(head, rows)
     curves = {d.name: [m for m in read_metrics(d / "ppo") if "score" in m] for d in dirs}
@@ -158,6 +166,41 @@ def _section_feedback(run_dir: Path, manifests: dict) -> str:
     return f"<h2>AI feedback</h2><p>{_e(str(m.get('counts', {}).get('pairs')))} labeled pairs.</p><div class=plots>{hist}</div>{table}"
 
 
+def _section_dpo(run_dir: Path, manifests: dict) -> str:
+    """DPO's per-step curves (loss, the implicit rewards of chosen and rejected, their margin, accuracy), its held-out
+    figures after each epoch, the loss it used and where its pairs came from."""
+    m = manifests["dpo"]
+    if not m:
+        return "<h2>DPO</h2><p class=muted>dpo has not run.</p>"
+    metrics = read_metrics(run_dir / "dpo")
+    train = [r for r in metrics if "loss" in r and r.get("split") is None]
+    steps = [r["step"] for r in train]
+
+    def curve(key: str) -> tuple[list, list]:
+        return steps, [r[key] for r in train]
+
+    plots = "".join(_img(_line_plot(series, title, "DPO step")) for series, title in (
+        ({"train loss": curve("loss")}, "DPO loss"),
+        ({"chosen": curve("reward_chosen"), "rejected": curve("reward_rejected")},
+         "implicit rewards: beta log(policy / reference)"),
+        ({"margin": curve("margin")}, "margin: reward chosen - rejected"),
+        ({"accuracy": curve("accuracy")}, "accuracy: share of pairs with margin > 0"))) if train else ""
+    evals = [r for r in metrics if r.get("split") == "eval"]
+    held_out = _table(["epoch", "step", "pairs", "loss", "reward chosen", "reward rejected", "margin", "accuracy",
+                       "log-prob chosen", "log-prob rejected"],
+                      [[r.get("epoch", ""), r["step"], r.get("pairs", ""), _fmt(r["loss"]), _fmt(r["reward_chosen"]),
+                        _fmt(r["reward_rejected"]), _fmt(r["margin"]), _fmt(r["accuracy"]), _fmt(r["logp_chosen"], 1),
+                        _fmt(r["logp_rejected"], 1)] for r in evals]) if evals else "<p class=muted>No held-out figures yet.</p>"
+    counts = m.get("counts", {})
+    loss = m.get("loss")
+    beta = ((m.get("config") or {}).get("dpo") or {}).get("beta")
+    about = (f"<p>Loss: {_e(DPO_LOSSES.get(loss, str(loss)))}" + (f", beta {_e(str(beta))}" if beta is not None else "")
+             + f". Pairs: {_e(str(m.get('pairs_source', '-')))} &middot; {_e(str(counts.get('train_pairs', '-')))} trained on, "
+             f"{_e(str(counts.get('eval_pairs', '-')))} held out ({_e(str(counts.get('identical_dropped', 0)))} identical and "
+             f"{_e(str(counts.get('dropped_too_long', 0)))} too long dropped).</p>")
+    return f"<h2>DPO</h2>{about}<div class=plots>{plots}</div><h3>Held-out pairs, after each epoch</h3>{held_out}"
+
+
 def _section_pm(run_dir: Path, manifests: dict) -> str:
     out = ["<h2>Preference model</h2>"]
     for stage in ("pm_pretrain", "pm_finetune"):
@@ -198,15 +241,16 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         return "<h2>Evaluation</h2><p class=muted>evaluate has not run to completion.</p>"
     results = _read_json(run_dir / "evaluate" / "results.json")
     names = list(results["checkpoints"])
-    rows = [[n, _fmt(c["elo"], 1), _fmt(c.get("elo_harmless"), 1), _fmt(c.get("elo_helpful"), 1), _fmt(c.get("pm_score")),
+    rows = [[checkpoint_label(n), _fmt(c["elo"], 1), _fmt(c.get("elo_harmless"), 1), _fmt(c.get("elo_helpful"), 1), _fmt(c.get("pm_score")),
              _fmt(c["harmless_rate"]), f"{_fmt(c['judge_rating'])} ± {_fmt(c.get('judge_rating_sd'))}",
              _fmt(c.get("evasive_rate")), _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)]
             for n, c in results["checkpoints"].items()]
     table = _table(["checkpoint", "Elo", "harmlessness Elo", "helpfulness Elo", "PM score", "harmless rate",
                     "harmlessness rating [-1, 1], mean ± sd", "evasive rate", "reply tokens", "EOS rate"], rows)
     wins = "".join(
-        f"<p>{caption}</p>" + _table(["row beats column"] + names, [[a] + [("-" if a == b else _fmt(results[key][a].get(b)))
-                                                                   for b in names] for a in names])
+        f"<p>{caption}</p>" + _table(["row beats column"] + [checkpoint_label(n) for n in names],
+                                     [[checkpoint_label(a)] + [("-" if a == b else _fmt(results[key][a].get(b))) for b in names]
+                                      for a in names])
         for key, caption in (("win_rate", "As judged, both orders averaged:"),
                              ("lc_win_rate", "Length-controlled (RLAIF): the same games, the win rate read at equal reply "
                                              "lengths from a logistic fit on the log length ratio:"))
@@ -224,14 +268,15 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         same_position = al.get("same_position_preferred", al.get("flip_rate"))  # its name before RLAIF's
         alignment = (f"<p>Judge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs, position bias "
                      f"{al['position_bias_rate']:.3f}, same position preferred {same_position:.3f}.</p>")
-    elo = _img(_bar_plot({n: c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
+    elo = _img(_bar_plot({checkpoint_label(n): c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
     axes = {n: (c["elo_helpful"], c["elo_harmless"]) for n, c in results["checkpoints"].items()
             if c.get("elo_helpful") is not None and c.get("elo_harmless") is not None}
     if axes:  # CAI's figure 2 shape: each checkpoint on the helpfulness x harmlessness plane
         elo += _img(_frontier_plot(axes))
     ds = _dataset(run_dir / "evaluate" / "dataset")
     if ds is not None:  # the harmlessness ratings' distribution per checkpoint: a rate alone can read 0 for all
-        rated = {n: [r for r, c in zip(ds["judge_rating"], ds["checkpoint"]) if c == n and r is not None] for n in names}
+        rated = {checkpoint_label(n): [r for r, c in zip(ds["judge_rating"], ds["checkpoint"]) if c == n and r is not None]
+                 for n in names}
         if any(rated.values()):
             elo += _img(_ratings_plot(rated, results.get("harmless_threshold")))
     held_out = _held_out_examples(run_dir, names)
@@ -248,7 +293,7 @@ def _held_out_examples(run_dir: Path, names: list[str], count: int = 3) -> str:
     shown = list(by_prompt.values())[:count]
     if not shown:
         return ""
-    table = _table(["prompt"] + names, [[f"[{p['kind']}] {p['prompt']}"] + [
+    table = _table(["prompt"] + [checkpoint_label(n) for n in names], [[f"[{p['kind']}] {p['prompt']}"] + [
         f"{_said(p[n]['response'])}\n(PM {_fmt(p[n]['pm_score'])})" if n in p else "" for n in names] for p in shown])
     return f"<h3>Held-out replies</h3>{table}"
 
@@ -264,7 +309,7 @@ def _section_examples(run_dir: Path, manifests: dict) -> str:
         for k, (pid, critique, revision) in enumerate(zip(ex["principle_ids"], ex["critiques"], ex["revisions"]), 1):
             steps += [(f"critique {k} (principle {pid})", critique), (f"revision {k}", revision)]
         body = "".join(f"<div class=step><span class=label>{_e(label)}</span><pre>{_e(_said(text))}</pre></div>" for label, text in steps)
-        replies = "".join(f"<div><span class=label>{_e(name)} answers</span><pre>{_e(_said(text))}</pre></div>"
+        replies = "".join(f"<div><span class=label>{_e(checkpoint_label(name))} answers</span><pre>{_e(_said(text))}</pre></div>"
                           for name, text in ex["replies"].items())
         out.append(f"<div class=example>{body}<div class=replies>{replies}</div></div>")
     return "".join(out)
@@ -343,16 +388,38 @@ def _ratings_plot(ratings: dict[str, list[float]], threshold: float | None) -> b
 
 
 def _frontier_plot(points: dict[str, tuple[float, float]]) -> bytes:
-    """Each checkpoint at (helpfulness Elo, harmlessness Elo), joined in the order evaluated (base -> SL -> RL)."""
+    """Each checkpoint at (helpfulness Elo, harmlessness Elo), joined to the one it was trained from (``joins``:
+    base -> SL-CAI, then SL-CAI -> DPO and SL-CAI -> RL-CAI)."""
     plt, fig, ax = _figure()
-    xs, ys = [x for x, _ in points.values()], [y for _, y in points.values()]
-    ax.plot(xs, ys, color="#9fb3c8", linewidth=1, zorder=1)
-    ax.scatter(xs, ys, color="#4c78a8", zorder=2)
+    for parent, child in joins(list(points)):
+        (x0, y0), (x1, y1) = points[parent], points[child]
+        ax.plot([x0, x1], [y0, y1], color="#9fb3c8", linewidth=1, zorder=1)
+    ax.scatter([x for x, _ in points.values()], [y for _, y in points.values()], color="#4c78a8", zorder=2)
     for name, (x, y) in points.items():
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(checkpoint_label(name), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.margins(0.2)
     ax.set_ylabel("harmlessness Elo")
     return _png(plt, fig, ax, "harmlessness vs helpfulness (AI judge)", "helpfulness Elo")
+
+
+def checkpoint_label(name: str) -> str:
+    """How the report names one of evaluate's checkpoints: "SL-CAI", "DPO", "RL-CAI"; a folder by its path."""
+    return CHECKPOINT_LABELS.get(name, name)
+
+
+def joins(names: list[str]) -> list[tuple[str, str]]:
+    """(parent, child) lines of the Elo plane: each checkpoint joined to its nearest evaluated ancestor (``PARENT``:
+    DPO and RL-CAI both start from SL-CAI), a checkpoint of no known lineage (a folder) to the one evaluated before it."""
+    out = []
+    for k, name in enumerate(names[1:], 1):
+        parent = PARENT.get(name)
+        while parent is not None and parent not in names:
+            parent = PARENT.get(parent)
+        if parent is None and name not in PARENT:
+            parent = names[k - 1]
+        if parent is not None:
+            out.append((parent, name))
+    return out
 
 
 def _histogram(values: list[float], title: str, xlabel: str) -> bytes:

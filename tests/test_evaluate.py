@@ -8,13 +8,15 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, copy_stages, file_stamps, kill_when
+import pytest
+from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when
 from datasets import load_from_disk
 
+from cai.errors import StageInputError
 from cai.lineage import read_manifest
 
 TINY = ["debug=tiny", "progress=false"]
-UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")  # checkpoints, PM, examples, overlap
+UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "dpo", "pm_finetune", "ppo")  # checkpoints, PM, examples, overlap
 
 
 def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_results(tiny_run, tmp_path):
@@ -24,11 +26,11 @@ def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_resu
     kill_when(args, lambda: any((out / "responses").glob("*.jsonl")))  # the first checkpoint's replies are saved
     assert read_manifest(out)["status"] == "running" and not (out / "results.json").exists()
     saved = file_stamps(out / "responses", "*.jsonl")
-    assert 1 <= len(saved) < 3  # of base, sl_train, ppo
+    assert 1 <= len(saved) < 4  # of base, sl_train, dpo, ppo
 
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming, the replies of {len(saved)}/3 checkpoints already saved" in again.stdout
+    assert f"resuming, the replies of {len(saved)}/4 checkpoints already saved" in again.stdout
     replies = file_stamps(out / "responses", "*.jsonl")
     assert {k: replies[k] for k in saved} == saved  # kept, not generated again
 
@@ -43,6 +45,30 @@ def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_resu
     assert {k: v[2] for k, v in replies.items()} == {k: v[2] for k, v in file_stamps(clean / "responses", "*.jsonl").items()}
     assert (out / "examples.jsonl").read_bytes() == (clean / "examples.jsonl").read_bytes()
     assert load_from_disk(str(out / "dataset")).to_list() == load_from_disk(str(clean / "dataset")).to_list()
+
+
+def test_trained_stands_for_exactly_the_training_stages_complete_in_the_run(tiny_run, tmp_path, capsys):
+    """The default evaluate.checkpoints, [base, trained]: ``trained`` is sl_train, dpo and ppo, in that order, those
+    complete in run_dir (a stage killed mid-run, its manifest still running, is not), said on stdout; a checkpoint
+    named twice once it is expanded, or none at all, is refused in one line."""
+    from cai.stages.evaluate import checkpoint_names
+
+    def names(run_dir, listed=None) -> list[str]:
+        cfg = compose_cfg("evaluate", [*TINY, f"run_dir={run_dir}"])
+        return checkpoint_names(cfg, cfg.evaluate.checkpoints if listed is None else listed)
+
+    assert names(tiny_run) == ["base", "sl_train", "dpo", "ppo"]
+    assert f"trained = sl_train, dpo, ppo: complete in {tiny_run}\n" in capsys.readouterr().out
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_train", "dpo", "ppo"])
+    manifest = run_dir / "dpo" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "running"}))  # as a killed dpo leaves it
+    assert names(run_dir) == ["base", "sl_train", "ppo"]
+    assert "trained = sl_train, ppo: complete in" in capsys.readouterr().out
+    with pytest.raises(StageInputError, match=r"evaluate.checkpoints names a checkpoint twice: \['ppo', 'sl_train', 'ppo'\] "
+                                              r"\(trained = sl_train, ppo\)"):
+        names(run_dir, ["ppo", "trained"])
+    with pytest.raises(StageInputError, match=r"evaluate.checkpoints=\['trained'\]: none of sl_train, dpo, ppo is complete"):
+        names(tmp_path / "empty", ["trained"])
 
 
 def test_a_judge_at_chance_on_human_pairs_is_said_to_be():

@@ -97,7 +97,7 @@ def test_summary_table_names_every_stage_with_its_key_figures(tiny_sweep):
 
 def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
     results = json.loads((tiny_run / "evaluate" / "results.json").read_text())
-    names = ["base", "sl_train", "ppo"]
+    names = ["base", "sl_train", "dpo", "ppo"]  # the default [base, trained]: every training stage the pipeline ran
     assert list(results["checkpoints"]) == names
     for entry in results["checkpoints"].values():
         assert {"elo", "pm_score", "harmless_rate", "judge_rating", "judge_rating_sd", "response_tokens", "eos_rate"} <= set(entry)
@@ -106,7 +106,7 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
         assert {"elo_harmless", "elo_helpful", "evasive_rate", "evasive_rate_red_team", "evasive_rate_helpful"} <= set(entry)
         assert all(0 <= entry[k] <= 1 for k in ("evasive_rate", "evasive_rate_red_team", "evasive_rate_helpful"))
     for axis in ("elo", "elo_harmless", "elo_helpful"):
-        assert sum(c[axis] for c in results["checkpoints"].values()) / 3 == pytest.approx(1000, abs=0.5)
+        assert sum(c[axis] for c in results["checkpoints"].values()) / len(names) == pytest.approx(1000, abs=0.5)
     # the figures as metrics rows too (what TensorBoard and W&B mirror): one per checkpoint, in order
     rows = read_metrics(tiny_run / "evaluate")
     assert [(r["step"], r["checkpoint"]) for r in rows] == list(enumerate(names))
@@ -116,7 +116,7 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
             if a != b:
                 assert results["win_rate"][a][b] + results["win_rate"][b][a] == pytest.approx(1, abs=1e-3)
                 assert 0 < results["lc_win_rate"][a][b] < 1
-    assert results["games"] == 3 * (results["prompts"]["red_team"] + results["prompts"]["helpful"])
+    assert results["games"] == 6 * (results["prompts"]["red_team"] + results["prompts"]["helpful"])  # 4 choose 2 pairs
     manifest = read_manifest(tiny_run / "evaluate")
     assert manifest["status"] == "complete" and manifest["counts"]["held_out_overlap"] == 0
     # debug=tiny's judge is not the labeler; the PM score is read with ppo's own reward model, and says so; the judge
@@ -127,7 +127,7 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
     from datasets import load_from_disk
 
     rows = load_from_disk(str(tiny_run / "evaluate" / "dataset"))
-    assert len(rows) == 3 * manifest["counts"]["prompts"] and set(rows["checkpoint"]) == set(names)
+    assert len(rows) == len(names) * manifest["counts"]["prompts"] and set(rows["checkpoint"]) == set(names)
     examples = [json.loads(line) for line in (tiny_run / "evaluate" / "examples.jsonl").read_text().splitlines()]
     sl_rows = load_from_disk(str(tiny_run / "sl_generate" / "dataset"))
     assert examples and all(set(ex["replies"]) == set(names) for ex in examples)
@@ -137,16 +137,24 @@ def test_evaluate_compares_every_checkpoint_in_both_directions(tiny_run):
 
 def test_report_shows_every_stage_with_plots_and_examples(tiny_run):
     page = (tiny_run / "report.html").read_text()
-    for section in ("<h2>Stages</h2>", "<h2>SL-CAI</h2>", "<h2>AI feedback</h2>", "<h2>Preference model</h2>",
+    for section in ("<h2>Stages</h2>", "<h2>SL-CAI</h2>", "<h2>AI feedback</h2>", "<h2>DPO</h2>", "<h2>Preference model</h2>",
                     "<h2>RL-CAI (PPO)</h2>", "<h2>Evaluation</h2>", "Examples: from red-team prompt to RL answer"):
         assert section in page, section
     assert "has not run" not in page and "not run" not in page
-    assert page.count('src="data:image/png;base64,') >= 11  # SL loss, labels, PM curves + reliability, PPO x4, Elo, frontier
+    # SL loss, labels, DPO x4, PM curves + reliability, PPO x4, Elo, frontier
+    assert page.count('src="data:image/png;base64,') >= 15
+    # DPO: its loss and pairs from the manifest, a held-out row per epoch; every checkpoint under its label
+    dpo = read_manifest(tiny_run / "dpo")
+    assert f"Loss: {dpo['loss']} (" in page and f"Pairs: {dpo['pairs_source']} &middot;" in page
+    held_out = page[page.index("Held-out pairs, after each epoch"):page.index("<h2>Preference model</h2>")]
+    assert held_out.count("<tr>") == 1 + sum(r.get("split") == "eval" for r in read_metrics(tiny_run / "dpo"))
+    assert "<th>row beats column</th><th>base</th><th>SL-CAI</th><th>DPO</th><th>RL-CAI</th>" in page
     assert "harmlessness Elo" in page and "helpfulness Elo" in page and "Length-controlled (RLAIF)" in page
     # the model behind each role, in the stage table; the circular PM score, next to the evaluation's figures
     assert "labeler: tiny-random (seed 1, vocab 384)" in page and "policy: sl_train/model" in page
     assert "judge: tiny-random (seed 2, vocab 448)" in page and "Read with care:</b> The PM score is read with" in page
-    assert "critique 1 (principle " in page and "ppo answers" in page and "<script" not in page
+    assert "critique 1 (principle " in page and "DPO answers" in page and "RL-CAI answers" in page
+    assert "<script" not in page
 
 
 def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
@@ -162,7 +170,7 @@ def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
     copy = copy_stages(jobs[0], tmp_path / "copy", ["sl_generate", "sl_train"])
     result = run_module("cai.cli", "report", str(copy))
     assert result.returncode == 0 and (copy / "report.html").exists()
-    assert "ppo has not run" in (copy / "report.html").read_text()
+    assert "ppo has not run" in (copy / "report.html").read_text() and "dpo has not run." in (copy / "report.html").read_text()
     result = run_module("cai.cli", "report", str(tmp_path / "missing"))
     assert result.returncode == 1 and "no such run directory" in result.stderr
 
@@ -243,7 +251,8 @@ def test_evaluate_refuses_bad_checkpoints_and_keeps_earlier_outputs(tiny_run, tm
     for override, text in [("evaluate.checkpoints=[]", "evaluate.checkpoints is empty"),
                            ("evaluate.checkpoints=[base,base]", "names a checkpoint twice"),
                            ("evaluate.checkpoints=[base,ppo]", "holds no complete ppo run"),
-                           (f"evaluate.checkpoints=[{tmp_path / 'nowhere'}]", "is not base, sl_train, ppo or a checkpoint"),
+                           (f"evaluate.checkpoints=[{tmp_path / 'nowhere'}]",
+                            "is not base, trained, sl_train, dpo, ppo or a checkpoint"),
                            ("evaluate.num_examples=-1", "evaluate.num_examples must be >= 0")]:
         assert_one_line_error(run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", override), text)
     assert outputs(run_dir) == before
@@ -255,10 +264,12 @@ def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: A helpful answer {i}.",
                                          "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}) + "\n" for i in range(3)))
-    result = run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", "evaluate.checkpoints=[base,sl_train]",
-                        f"evaluate.pairs={pairs}", "evaluate.num_examples=0", "judge.tiny={seed:1,vocab_size:384}")
+    result = run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", f"evaluate.pairs={pairs}",
+                        "evaluate.num_examples=0", "judge.tiny={seed:1,vocab_size:384}")
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
+    # the default [base, trained], with neither dpo nor ppo in the run
+    assert "trained = sl_train: complete in" in result.stdout and "(dpo, ppo: not complete there)" in result.stdout
     assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
     assert "judge vs human labels" in result.stdout
     # no ppo checkpoint: the PM score is not circular; the judge is; and 3 pairs cannot tell any judge from chance

@@ -134,6 +134,11 @@ def test_evaluate_names_each_circular_reading(tmp_path):
     assert judge.startswith("The judge is the model that labeled ai_feedback's pairs")
     assert pm.startswith("The PM score is read with the PM that PPO optimised") and "evaluate.reward_model" in pm
     assert circular_readings(cfg, "J", "P", ["base", "sl_train"], s=s) == []  # no ppo checkpoint among them
+    manifest("dpo", config={"dpo": {"pairs": "ai_feedback"}})  # DPO trained on the labeler's pairs themselves
+    assert circular_readings(cfg, "L", None, ["base", "dpo"], s=s)[0].startswith(
+        "The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL policy), "
+        "and the dpo checkpoint directly:")
+    assert "dpo checkpoint" not in circular_readings(cfg, "L", None, ["base", "ppo"], s=s)[0]
     manifest("ppo", reward="direct_rlaif", reward_fingerprint="direct_rlaif:c", roles={"labeler": {"fingerprint": "L"}})
     assert [n.split(":")[0] for n in circular_readings(cfg, "L", "P", ["ppo"], s=s)] == [
         "The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL policy)",

@@ -1,11 +1,13 @@
 """Evaluation: checkpoints compared on held-out prompts.
 
-    python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,sl_train,ppo]] [evaluate.pairs=harmless.jsonl]
+    python -m cai.stages.evaluate run_dir=R [evaluate.checkpoints=[base,trained]] [evaluate.pairs=harmless.jsonl]
 
-Each checkpoint (``base`` = the ``policy`` role before any training; ``sl_train``/``ppo`` = that stage's ``model/``
-in ``run_dir``; or a folder) answers the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful``
-helpful prompts of the data sources' seeded order (training stages take the first ones; any overlap is
-counted in the manifest and said on stdout). Then:
+The checkpoints (``evaluate.checkpoints``): ``base`` = the ``policy`` role before any training; ``sl_train``, ``dpo``,
+``ppo`` = that stage's ``model/`` in ``run_dir`` (SL-CAI, direct alignment, RL-CAI; refused in one line when that stage
+is not complete); ``trained`` = every one of those three that is complete in ``run_dir``, in that order (said on
+stdout), so the default ``[base, trained]`` fits the RL route, the direct route and both; or a folder. Each answers
+the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful`` helpful prompts of the data sources'
+seeded order (training stages take the first ones; any overlap is counted in the manifest and said on stdout). Then:
 
 - PM score: mean reward of each checkpoint's replies under the PM of ``pm_finetune`` (or
   ``evaluate.reward_model``), per prompt kind;
@@ -28,8 +30,8 @@ counted in the manifest and said on stdout). Then:
   human-labeled pairs (as ``label_alignment``), and a note when it cannot be told from chance there.
 
 Circular readings are said next to the figures (``notes`` in results.json, stdout and the report): a judge that is
-the model whose labels trained the PM (ai_feedback's labeler) or rewarded PPO (direct RLAIF), and a PM score read
-with the very PM PPO optimised. The honest reading: a ``judge`` independent of the labeler, an
+the model whose labels trained the PM and DPO (ai_feedback's labeler) or rewarded PPO (direct RLAIF), and a PM score
+read with the very PM PPO optimised. The honest reading: a ``judge`` independent of the labeler, an
 ``evaluate.reward_model`` trained apart from this run, and the judge's agreement with human labels (``evaluate.pairs``).
 
 Each checkpoint also answers the first ``num_examples`` red-team prompts of ``sl_generate`` (training
@@ -68,11 +70,13 @@ from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "evaluate"
-# sl_generate: the report's examples; ai_feedback and ppo: which prompts training used (held out here)
-UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "pm_finetune", "ppo")
+# sl_generate: the report's examples; ai_feedback and ppo: which prompts training used (held out here); the
+# checkpoints of sl_train, dpo and ppo; pm_finetune: the PM score
+UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "dpo", "pm_finetune", "ppo")
 HASH_KEYS = ("seed", "policy", "sl_start", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
-STAGE_CHECKPOINTS = ("sl_train", "ppo")
+STAGE_CHECKPOINTS = ("sl_train", "dpo", "ppo")  # in the order ``trained`` lists them
+TRAINED = "trained"  # in evaluate.checkpoints: every stage of STAGE_CHECKPOINTS that is complete in run_dir
 AXIS = {"red_team": "harmlessness", "helpful": "helpfulness"}  # what a prompt kind's pairs are judged on
 AXIS_NAME = {"red_team": "harmless", "helpful": "helpful"}  # results.json: elo_harmless, elo_helpful
 
@@ -81,16 +85,13 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     s = cfg[STAGE]
 
     # Step 1: check settings and find every input before touching the run directory.
-    if not s.checkpoints:
-        raise StageInputError(f"{STAGE}.checkpoints is empty: name at least one (base, sl_train, ppo or a folder)")
-    if len(set(s.checkpoints)) != len(s.checkpoints):
-        raise StageInputError(f"{STAGE}.checkpoints names a checkpoint twice: {list(s.checkpoints)}")
+    names = checkpoint_names(cfg, s.checkpoints)
     if s.n_principles < 1 or s.num_prompts < 0 or s.num_helpful < 0 or s.num_prompts + s.num_helpful < 1:
         raise StageInputError(f"{STAGE}.n_principles must be >= 1 and {STAGE}.num_prompts + {STAGE}.num_helpful >= 1")
     if s.num_examples < 0:
         raise StageInputError(f"{STAGE}.num_examples must be >= 0, got {s.num_examples}")
     check_generation(OmegaConf.merge(cfg.generation, {"max_new_tokens": s.max_new_tokens}), temperature=s.temperature)
-    checkpoints = {name: _checkpoint(cfg, name, stage) for name in s.checkpoints}
+    checkpoints = {name: _checkpoint(cfg, name, stage) for name in names}
     pm_spec, pm_fingerprint = _reward_model(cfg, s, stage)
     judge_spec = roles.spec(cfg, "judge")
     _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
@@ -118,7 +119,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     if overlap:
         print(f"cai {STAGE}: warning: {overlap} of the {len(items)} held-out prompts were also used by training stages "
               f"(lower {STAGE}.num_prompts/num_helpful or the training counts)")
-    # the models behind the roles (sl_start's settings load sl_train's and ppo's checkpoints, listed in results.json)
+    # the models behind the roles (sl_start's settings load sl_train's, dpo's and ppo's checkpoints, listed in results.json)
     models = {"policy": checkpoints["base"][0] if "base" in checkpoints else None, "sl_start": None, "pm_backbone": pm_spec,
               "judge": judge_spec}
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
@@ -139,7 +140,6 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg) if pm_spec else {}
 
     # Step 4: the AI judge: pairwise comparisons, harmlessness and evasiveness ratings, agreement with humans.
-    names = list(checkpoints)
     games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, axes, human_pairs,
                                               s=s, cfg=cfg)
     if alignment is not None:
@@ -173,6 +173,29 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
                                  **{f"win_rate_{last}_vs_{names[0]}": results["win_rate"].get(last, {}).get(names[0])}),
                    counts={**counts, "games": len(games), "judged": judged})
     return results
+
+
+def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
+    """``evaluate.checkpoints`` with ``trained`` expanded to the stages of ``STAGE_CHECKPOINTS`` complete in run_dir, in
+    that order (which ones is said on stdout). Refused in one line: no checkpoint after the expansion, or one twice."""
+    what = f"base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)} or a folder"
+    if not listed:
+        raise StageInputError(f"{STAGE}.checkpoints is empty: name at least one ({what})")
+    names, trained = [], []
+    for name in listed:
+        if name == TRAINED:
+            trained = [st for st in STAGE_CHECKPOINTS if is_complete(stage_dir(cfg.run_dir, st))]
+            absent = [st for st in STAGE_CHECKPOINTS if st not in trained]
+            print(f"cai {STAGE}: {TRAINED} = {', '.join(trained) or 'none'}: complete in {cfg.run_dir}"
+                  + (f" ({', '.join(absent)}: not complete there)" if absent else ""))
+        names += trained if name == TRAINED else [name]
+    if not names:
+        raise StageInputError(f"{STAGE}.checkpoints={list(listed)}: none of {', '.join(STAGE_CHECKPOINTS)} is complete in "
+                              f"{cfg.run_dir}; run one first or name another checkpoint ({what})")
+    if len(set(names)) != len(names):
+        expanded = f" ({TRAINED} = {', '.join(trained)})" if TRAINED in listed else ""
+        raise StageInputError(f"{STAGE}.checkpoints names a checkpoint twice: {names}{expanded}")
+    return names
 
 
 def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg) -> tuple[dict, dict]:
@@ -337,17 +360,20 @@ def judge_at_chance(alignment: dict | None) -> list[str]:
 
 def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: str | None, names: list[str], *, s) -> list[str]:
     """Plain sentences for the figures that partly measure agreement with the training signal rather than
-    harmlessness: the judge is the labeler whose labels trained the PM (or that rewarded PPO directly), or the PM
-    score comes from the PM that PPO optimised. Read from the ai_feedback and ppo manifests of this run."""
+    harmlessness: the judge is the labeler whose labels trained the PM and DPO (or that rewarded PPO directly), or the
+    PM score comes from the PM that PPO optimised. Read from the ai_feedback, dpo and ppo manifests of this run."""
     notes = []
-    complete = {stage: m for stage in ("ai_feedback", "ppo")
+    complete = {stage: m for stage in ("ai_feedback", "dpo", "ppo")
                 if (m := read_manifest(stage_dir(cfg.run_dir, stage))) and m.get("status") == "complete"}
     labeler_of = {stage: (m.get("roles") or {}).get("labeler", {}).get("fingerprint") for stage, m in complete.items()}
     ppo = complete.get("ppo", {})
+    dpo_on_labels = "dpo" in names and _dig(complete.get("dpo", {}).get("config") or {}, "dpo", "pairs") == "ai_feedback"
     if labeler_of.get("ai_feedback") == judge_fingerprint:
-        notes.append("The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL "
-                     "policy): its win rates and harmlessness ratings partly measure agreement with the training labeler. "
-                     "Set judge.path to an independent model, and check the judge against human labels (evaluate.pairs).")
+        also = ", and the dpo checkpoint directly" if dpo_on_labels else ""
+        notes.append(f"The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL "
+                     f"policy){also}: its win rates and harmlessness ratings partly measure agreement with the training "
+                     f"labeler. Set judge.path to an independent model, and check the judge against human labels "
+                     f"(evaluate.pairs).")
     if ppo.get("reward") in ("direct_rlaif", "pairwise") and labeler_of.get("ppo") == judge_fingerprint:
         what = "direct 1-10 ratings" if ppo["reward"] == "direct_rlaif" else "pairwise comparisons"
         notes.append(f"The judge is the labeler whose {what} were the RL stage's reward: the ppo checkpoint was trained "
@@ -394,7 +420,7 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
     if name == "base":
         return stage.role_model("policy")
     if name in STAGE_CHECKPOINTS:
-        # sl_train's model and ppo's (trained from it) load with the settings of the model SL fine-tuned
+        # sl_train's model, and dpo's and ppo's (trained from it), load with the settings of the model SL fine-tuned
         found = stage.upstream_model(name, "sl_start")
         if found is None:
             raise StageInputError(f"{STAGE}.checkpoints names {name!r} but {stage_dir(cfg.run_dir, name)} holds no complete "
@@ -402,7 +428,8 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
         return found
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
-        raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, sl_train, ppo or a checkpoint folder (config.json)")
+        raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)} or a "
+                              f"checkpoint folder (config.json)")
     return roles.spec(cfg, "policy", at=folder, key=f"{STAGE}.checkpoints"), input_fingerprint(folder)
 
 
