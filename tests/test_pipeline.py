@@ -64,7 +64,7 @@ def test_a_sweep_over_the_labeler_shares_every_stage_that_does_not_read_it(tiny_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     same, other = sweep_jobs(sweep)
     assert set(_statuses(same).values()) == {"skipped"}, _statuses(same)
-    reads_labeler = ("ai_feedback", "pm_finetune", "ppo", "evaluate")  # ai_feedback and its downstream
+    reads_labeler = ("ai_feedback", "dpo", "pm_finetune", "ppo", "evaluate")  # ai_feedback and its downstream
     assert _statuses(other) == {s: "ran" if s in reads_labeler else "skipped" for s in STAGES}, _statuses(other)
     for stage in STAGES:
         assert ((same / stage).resolve() == (other / stage).resolve()) is (stage not in reads_labeler), stage
