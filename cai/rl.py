@@ -275,6 +275,32 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
+
+def packed_pair_attention(query_mask: torch.Tensor, chosen_mask: torch.Tensor,
+                          rejected_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and positions for preference pairs packed one per row as [prompt | chosen | rejected], so that one
+    forward pass gives both replies' log-probs with the prompt computed once: each reply sees its prompt and itself
+    (causally), never the other reply, and its positions continue the prompt's, as if it followed the prompt alone.
+
+    query_mask (B, Q) left-padded, chosen_mask (B, C) and rejected_mask (B, R) right-padded, 1 for a real token ->
+    (allowed (B, T, T) bool, T = Q + C + R: whether the token in column i may attend the one in column j;
+    position_ids (B, T): the prompt's counted over its real tokens, each reply's from the prompt's length on).
+    No column attends a padding column but itself, and every column attends itself, so no attention row is empty.
+    """
+    q, c, r = query_mask.shape[1], chosen_mask.shape[1], rejected_mask.shape[1]
+    device = query_mask.device
+    segment = torch.cat([torch.zeros(q, dtype=torch.long, device=device), torch.ones(c, dtype=torch.long, device=device),
+                         torch.full((r,), 2, dtype=torch.long, device=device)])  # (T,) 0 prompt, 1 chosen, 2 rejected
+    column = torch.arange(q + c + r, device=device)
+    causal = column[None, :] <= column[:, None]  # (T, T) [i, j]: j not after i
+    visible = (segment[None, :] == segment[:, None]) | (segment[None, :] == 0)  # its own segment, or the prompt
+    real = torch.cat([query_mask, chosen_mask, rejected_mask], dim=1).bool()  # (B, T)
+    allowed = ((causal & visible)[None] & real[:, None, :]) | torch.eye(q + c + r, dtype=torch.bool, device=device)
+    prompt_len = query_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
+    positions = torch.cat([(query_mask.long().cumsum(dim=1) - 1).clamp(min=0), prompt_len + torch.arange(c, device=device),
+                           prompt_len + torch.arange(r, device=device)], dim=1)
+    return allowed, positions
+
 class AdaptiveKL:
     """Ziegler et al. (2019)'s KL controller: beta follows the measured KL towards ``target``.
 

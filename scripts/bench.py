@@ -1,8 +1,9 @@
-"""Side-by-side benchmarks: cai's PPO, RLOO and GRPO against TRL's, AI-feedback labeling, batched generation, the pipeline.
+"""Side-by-side benchmarks: cai's PPO, RLOO, GRPO and DPO against TRL's, AI-feedback labeling, batched generation, the
+pipeline.
 
     .venv/bin/python scripts/bench.py --quick            # about 20 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
-    .venv/bin/python scripts/bench.py --only rl          # or ppo, generation, labeling, engine, precision, pipeline
+    .venv/bin/python scripts/bench.py --only rl          # or ppo, dpo, generation, labeling, engine, precision, pipeline
 
 Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
 of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
@@ -22,6 +23,19 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   ``steps_per_generation``), temperature, KL coefficient (TRL's ``beta``; RLOO: in the reward, GRPO: a k3 loss term
   with ``loss_type="grpo"``, as cai's) and learning rate; a TRL step is one generation and its optimizer steps. Then
   cai's PPO at the same 16 responses a step (16 prompts, one response each): the RLOO-to-PPO step-time ratio.
+- dpo: the real stage (``python -m cai.stages.dpo``, ``deepspeed=zero0``) against TRL 1.16.0's ``DPOTrainer`` (this
+  environment's TRL when it is that version, else installed like the rl part's), each run in a child process with the
+  same thread count, alternated. Both train one epoch on the same pairs in the same order: red-team prompts with a
+  longer refusal (chosen) and a shorter compliance (rejected) written to ``pairs.jsonl``; TRL gets the pairs cai's stage
+  trains on (its held-out pair left out) in cai's first-epoch order, as plain text that TRL tokenises to cai's token
+  ids exactly (checked), with a sequential sampler. Same model folder, micro-batch (pairs), max_length, beta, lr, no
+  warm-up, linear decay, gradient clipping, ``sigmoid`` loss, fp32, dropout off. TRL gets its fastest settings:
+  reference log-probs precomputed (``precompute_ref_log_probs``, at the micro-batch size as cai's pass), no evaluation,
+  saving or logging. pairs/s = training pairs / (the reference pass + training, from the first step's start to the
+  last step's end), median over runs; peak RSS of each side's process. Then one short run per side with a policy
+  moved off its reference (seeded noise on every weight: with policy = reference the first loss is log 2 whatever the
+  maths) gives the first step's loss on the same batch, which must agree within 1e-4 (else the part fails). First on
+  the tiny random model of the tests, saved to a folder, then on ``--model``.
 - generation, labeling and engine run the model in fp32, as they did before ``model.dtype=auto`` chose bf16 on a CPU
   with bf16 instructions, so their figures stay comparable (the precision part measures bf16 against fp32).
 - generation: ``cai.generation.generate`` on the same prompts at batch 4 and 16 against one prompt at a time
@@ -312,14 +326,14 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
     return {"step_seconds": [m["seconds"] for m in rows], "response_length": [m["response_length"] for m in rows]}
 
 
-def run_trl(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict:
-    """A TRL trainer in a child process (the TRL in ``side`` first on its path): PPOTrainer, or ``s["trainer"]``
-    (rloo, grpo), with the same models, prompts, batch, response length, epochs and minibatches as cai's run;
-    per-step seconds from a step-end callback."""
+def run_trl(models: Path, s: dict, work: Path, threads: int, side: Path | None) -> dict:
+    """A TRL trainer in a child process (the TRL in ``side`` first on its path; None: this environment's): PPOTrainer,
+    or ``s["trainer"]`` (rloo, grpo: the same models, prompts, batch, response length, epochs and minibatches as cai's
+    run; per-step seconds from a step-end callback; dpo: see ``trl_dpo_worker``)."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(side),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           **({"PYTHONPATH": str(side)} if side else {})}
     spec = json.dumps({"models": str(models), "work": str(work), **s})
     done = subprocess.run([sys.executable, __file__, "--trl-worker", spec], cwd=ROOT, env=env, capture_output=True,
                           text=True)
@@ -329,8 +343,11 @@ def run_trl(models: Path, s: dict, work: Path, threads: int, side: Path) -> dict
 
 
 def trl_worker(spec_json: str) -> None:
-    """One TRL run in this child process: PPO (TRL 1.12) or, with ``trainer`` in the spec, RLOO / GRPO (TRL 1.16)."""
+    """One TRL run in this child process: PPO (TRL 1.12) or, with ``trainer`` in the spec, RLOO / GRPO / DPO (TRL 1.16)."""
     s = json.loads(spec_json)
+    if s.get("trainer") == "dpo":
+        trl_dpo_worker(s)
+        return
     if s.get("trainer", "ppo") != "ppo":
         trl_rl_worker(s)
         return
@@ -492,6 +509,227 @@ def bench_rl(model_path: str, s: dict, work: Path, threads: int, repeats: int, s
 
 
 # ---------------------------------------------------------------------------------------------
+# DPO: the cai stage against TRL 1.16's DPOTrainer
+# ---------------------------------------------------------------------------------------------
+
+# Harmless replies of different lengths for red-team prompts: a refusal with 1-4 safer suggestions (chosen) against a
+# curt 1-3 sentence compliance (rejected). The text only has to be the same on both sides; its lengths set the shapes.
+REFUSAL = "I can't help with that: it could get someone hurt."
+SAFER = ("If you feel unsafe, please contact your local emergency services.",
+         "Talking it through with someone you trust often helps more than you would expect.",
+         "A mediator can help settle a dispute like this without anyone getting hurt.",
+         "I am happy to help you find a safer way to deal with the situation.",
+         "Many places offer free and confidential advice lines, open day and night.")
+COMPLY = ("Sure, that is easy.", "Here is what you could try first.", "Just make sure that nobody sees you.")
+
+# Same settings on both sides: pairs in the file (one held out by cai's stage, which always holds out at least one:
+# the rest, a multiple of the micro-batch, are the training pairs), micro-batch in pairs, max_length, beta, lr, epochs
+# (1: every batch is the same on both sides, see dpo_train_rows), the sigmoid loss, no warm-up, linear decay, grad clip.
+# moved_noise: how far the loss check's policy is moved off its reference (policy_folder), so that its first-step loss
+# is far from log 2 (tiny: 0.83, embedded: 1.82).
+DPO_TINY = dict(pairs=65, eval_fraction=0.02, micro_batch_size=4, max_length=512, beta=0.1, lr=1e-5, epochs=1, seed=0,
+                moved_noise=1.0)
+DPO_EMBEDDED = {**DPO_TINY, "pairs": 33, "moved_noise": 0.1}
+DPO_EMBEDDED_QUICK = {**DPO_EMBEDDED, "pairs": 17}
+LOSS_TOLERANCE = 1e-4  # the two sides' first-step losses must agree this closely, or the ratio compares different maths
+
+
+def dpo_pairs_file(path: Path, n: int) -> Path:
+    """``n`` preference pairs in TRL's conversational format (``prompt`` a user turn, ``chosen`` and ``rejected``
+    strings), the prompts from cai/prompts/red_team.jsonl (cycled past its 100)."""
+    prompts = [json.loads(line)["prompt"] for line in (ROOT / "cai" / "prompts" / "red_team.jsonl").read_text().splitlines()]
+    rows = []
+    for i in range(n):
+        chosen = " ".join([REFUSAL, *(SAFER[(i + j) % len(SAFER)] for j in range(1 + i % 4))])
+        rows.append({"prompt": [{"role": "user", "content": prompts[i % len(prompts)]}], "chosen": chosen,
+                     "rejected": " ".join(COMPLY[:1 + i % 3])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def policy_folder(model_path: str, folder: Path, noise: float = 0.0) -> Path:
+    """The model and its tokenizer saved to ``folder`` (built once), so that both sides load the same files; with
+    ``noise``, every weight tensor w moves by noise * std(w) * N(0, 1) (seeded): a policy that differs from the
+    reference, for a first-step loss other than log 2."""
+    import torch
+
+    from cai.models import load_policy
+
+    if not (folder / "config.json").exists():
+        model, tok = load_policy({"path": model_path, "device": "cpu", "dtype": "float32", "trust_remote_code": False})
+        if noise:
+            generator = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.numel() > 1:
+                        p.add_(noise * p.std() * torch.randn(p.shape, generator=generator))
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    return folder
+
+
+def dpo_train_rows(folder: Path, pairs_file: Path, s: dict) -> dict:
+    """What cai's stage trains on, for TRL: its training pairs (its held-out split left out) in the order of its first
+    epoch, as TRL's plain-text rows (the prompt rendered by the chat template with the generation prompt, each reply
+    ending with EOS), and cai's token ids of each, which the TRL worker checks its own tokenisation against."""
+    from types import SimpleNamespace
+
+    from cai import preference, training
+    from cai.models import load_tokenizer
+    from cai.stages.dpo import STAGE, encode_pairs
+
+    tok = load_tokenizer({"path": str(folder)})
+    comparisons, _ = preference.load_comparisons(str(pairs_file), "pairs", key="dpo.pairs", builtin=pairs_file,
+                                                 seed=s["seed"])
+    train, _ = preference.split_holdout(comparisons, s["eval_fraction"], s["seed"], STAGE, "dpo.eval_fraction")
+    encoded, counts = encode_pairs(tok, train, s["max_length"], str(pairs_file))
+    if len(encoded) != len(train) or counts["truncated_context"] or len(train) % s["micro_batch_size"]:
+        raise SystemExit(f"dpo bench: {len(train)} training pairs must all fit max_length uncut and fill whole batches")
+    plan = training.plan_for(STAGE, SimpleNamespace(micro_batch_size=s["micro_batch_size"], grad_accum=1,
+                                                    epochs=s["epochs"]), len(train), 1, s["seed"])
+    order = plan.epoch_order(0)
+    rows = [{"prompt": tok.apply_chat_template(train[i].messages(), tokenize=False, add_generation_prompt=True),
+             "chosen": train[i].chosen + tok.eos_token, "rejected": train[i].rejected + tok.eos_token} for i in order]
+    ids = [{"prompt_ids": encoded[i].prompt, "chosen_ids": encoded[i].chosen, "rejected_ids": encoded[i].rejected}
+           for i in order]
+    return {"rows": rows, "ids": ids}
+
+
+def run_cai_dpo(policy: Path, reference: Path | None, pairs_file: Path, s: dict, work: Path, threads: int) -> dict:
+    """The real stage, as a user runs it: ``python -m cai.stages.dpo`` on ``pairs_file`` (``dpo.reference`` when
+    ``reference`` is given; else the reference is the starting weights). Its reference pass (the manifest's
+    reference_s) and its training (from the first step's start to the last step's end, metrics.jsonl), the first
+    step's loss and the process's peak RSS (manifest)."""
+    import shutil
+    import subprocess
+
+    from cai.lineage import read_manifest
+    from cai.metrics import read_metrics
+
+    run_dir = work / "cai-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"run_dir={run_dir}", "progress=false", f"model.path={policy}", "model.device=cpu", "model.dtype=float32",
+                 "deepspeed=zero0", f"seed={s['seed']}", f"dpo.pairs={pairs_file}", "dpo.loss=sigmoid",
+                 f"dpo.beta={s['beta']}", f"dpo.lr={s['lr']}", f"dpo.epochs={s['epochs']}",
+                 f"dpo.micro_batch_size={s['micro_batch_size']}", "dpo.grad_accum=1", f"dpo.max_length={s['max_length']}",
+                 f"dpo.eval_fraction={s['eval_fraction']}", "dpo.warmup_ratio=0.0", "dpo.weight_decay=0.0",
+                 "dpo.grad_clip=1.0", "dpo.save_every=100000", f"dpo.reference={reference or 'null'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "cai.stages.dpo", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cai dpo failed: {done.stderr.strip()[-2000:]}")
+    rows = [m for m in read_metrics(run_dir / "dpo") if "seconds" in m]
+    manifest = read_manifest(run_dir / "dpo")
+    return {"reference_seconds": manifest["reference_s"],
+            "train_seconds": round(rows[-1]["time"] - rows[0]["time"] + rows[0]["seconds"], 3),
+            "steps": len(rows), "first_loss": rows[0]["loss"], "peak_rss_mb": manifest["resources"]["peak_rss_mb"],
+            "train_pairs": manifest["counts"]["train_pairs"]}
+
+
+def trl_dpo_worker(s: dict) -> None:
+    """TRL's DPOTrainer on the rows of ``dpo_train_rows`` in their order (sequential sampler), with cai's settings and
+    its fastest ones: reference log-probs precomputed (at the micro-batch size, as cai's pass), no evaluation, no
+    saving, no logging. Checks that its token ids are cai's, computes the first batch's loss before training (outside
+    the timed parts), and prints the reference pass's and the training's seconds and this process's peak RSS."""
+    import resource
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if trl.__version__ != TRL_RL_VERSION:
+        raise SystemExit(f"the TRL worker needs trl=={TRL_RL_VERSION}, found {trl.__version__}")
+    from trl import DPOConfig, DPOTrainer
+
+    class TimedDPOTrainer(DPOTrainer):
+        """Times the reference pass, which DPOTrainer runs in its constructor."""
+        reference_seconds = 0.0
+
+        def _precompute_ref_logps(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return super()._precompute_ref_logps(*args, **kwargs)
+            finally:
+                self.reference_seconds += time.perf_counter() - start
+
+    data = json.loads(Path(s["rows_file"]).read_text())
+    tok = AutoTokenizer.from_pretrained(s["models"])
+    model = AutoModelForCausalLM.from_pretrained(s["models"], dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(s["reference"], dtype=torch.float32) if s.get("reference") else None
+    args = DPOConfig(
+        output_dir=str(Path(s["work"]) / "trl-run"), seed=s["seed"], use_cpu=True, bf16=False, fp16=False, report_to=[],
+        save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy="sequential", per_device_train_batch_size=s["micro_batch_size"],
+        gradient_accumulation_steps=1, num_train_epochs=s["epochs"], learning_rate=s["lr"], lr_scheduler_type="linear",
+        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, disable_dropout=True,
+        beta=s["beta"], loss_type=["sigmoid"], max_length=s["max_length"], precompute_ref_log_probs=True,
+        precompute_ref_batch_size=s["micro_batch_size"],
+    )
+    timer = step_timer()
+    trainer = TimedDPOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(data["rows"]),
+                              processing_class=tok, callbacks=[timer])
+    tokens = [{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in trainer.train_dataset]
+    if tokens != data["ids"]:
+        raise SystemExit("TRL's token ids differ from cai's: the two sides would not train on the same pairs")
+    with torch.no_grad():
+        first_loss = trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader()))).item()
+    trainer.train()
+    print(json.dumps({"reference_seconds": round(trainer.reference_seconds, 3), "train_seconds": round(sum(timer.seconds), 3),
+                      "steps": len(timer.seconds), "first_loss": first_loss, "train_pairs": len(tokens),
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+
+
+def trl_for_dpo(folder: Path) -> Path | None:
+    """None when this environment's TRL is TRL_RL_VERSION (the worker then runs it), else that version in a side
+    folder (``trl_side_folder``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        if version("trl") == TRL_RL_VERSION:
+            return None
+    except PackageNotFoundError:
+        pass
+    return trl_side_folder(folder, TRL_RL_VERSION)
+
+
+def bench_dpo(model_path: str, s: dict, work: Path, threads: int, repeats: int, side: Path | None) -> dict:
+    """Alternate cai and TRL runs on the same pairs; per side, median seconds of the reference pass plus training, and
+    pairs/s = training pairs x epochs / those seconds (the reference pass included); peak RSS; then the first-step
+    loss of both sides on one batch with a policy that differs from its reference (see ``policy_folder``)."""
+    policy = policy_folder(model_path, work / "models" / "policy")
+    pairs = dpo_pairs_file(work / "pairs.jsonl", s["pairs"])
+    rows_file = work / "trl-rows.json"
+    rows_file.write_text(json.dumps(dpo_train_rows(policy, pairs, s)))
+    trl_spec = {**s, "trainer": "dpo", "rows_file": str(rows_file)}
+    runs: dict[str, list[dict]] = {"cai": [], "trl": []}
+    for _ in range(repeats):
+        runs["cai"].append(run_cai_dpo(policy, None, pairs, s, work, threads))
+        runs["trl"].append(run_trl(policy, trl_spec, work, threads, side))
+    seconds = {k: statistics.median(r["reference_seconds"] + r["train_seconds"] for r in v) for k, v in runs.items()}
+    n = runs["cai"][0]["train_pairs"] * s["epochs"]
+    per_s = {k: n / t for k, t in seconds.items()}
+    rss = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in runs.items()}
+
+    # the first-step loss: a policy moved off the reference, else both sides give log 2 whatever they compute
+    moved = policy_folder(model_path, work / "models" / f"moved-{s['moved_noise']}", noise=s["moved_noise"])
+    check_s = {**s, "pairs": s["micro_batch_size"] + 1}  # one step (one pair held out)
+    check_pairs = dpo_pairs_file(work / "check-pairs.jsonl", check_s["pairs"])
+    check_rows = work / "trl-check-rows.json"
+    check_rows.write_text(json.dumps(dpo_train_rows(moved, check_pairs, check_s)))
+    cai_check = run_cai_dpo(moved, policy, check_pairs, check_s, work / "check", threads)
+    trl_check = run_trl(moved, {**check_s, "trainer": "dpo", "rows_file": str(check_rows), "reference": str(policy)},
+                        work / "check", threads, side)
+    return {"model": model_path, "settings": s, "repeats": repeats, "train_pairs": runs["cai"][0]["train_pairs"],
+            "seconds": seconds, "pairs_per_s": per_s, "ratio": per_s["cai"] / per_s["trl"], "peak_rss_mb": rss,
+            "first_loss": {"cai": cai_check["first_loss"], "trl": trl_check["first_loss"]},
+            "first_loss_difference": abs(cai_check["first_loss"] - trl_check["first_loss"]),
+            "first_loss_agrees": abs(cai_check["first_loss"] - trl_check["first_loss"]) <= LOSS_TOLERANCE, "runs": runs}
+
+
+# ---------------------------------------------------------------------------------------------
 # Pipeline: each stage's wall time and peak memory from a run dir (make demo's by default)
 # ---------------------------------------------------------------------------------------------
 
@@ -542,7 +780,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=("ppo", "rl", "generation", "labeling", "engine", "precision", "pipeline"), action="append",
+    parser.add_argument("--only", choices=("ppo", "rl", "dpo", "generation", "labeling", "engine", "precision", "pipeline"),
+                        action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--trl-dir", type=Path, default=ROOT / "runs" / "bench",
                         help=f"where TRL {TRL_VERSION} (ppo) and {TRL_RL_VERSION} (rl) are installed with --no-deps, "
@@ -563,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    parts = args.only or ["ppo", "rl", "generation", "labeling", "engine", "precision", "pipeline"]
+    parts = args.only or ["ppo", "rl", "dpo", "generation", "labeling", "engine", "precision", "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
                "repeats": repeats}
@@ -607,6 +846,22 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['ratio_vs_trl'][algorithm]:.2f}x")
             print(f"  cai rloo step / cai ppo step at {settings['batch_size'] * settings['k']} responses: "
                   f"{r['rloo_step_vs_ppo_step']:.2f}x")
+    if "dpo" in parts:
+        side = trl_for_dpo(args.trl_dir)
+        for name, path, settings, n, folder in sizes(DPO_TINY, DPO_EMBEDDED, DPO_EMBEDDED_QUICK):
+            r = results.setdefault("dpo", {})[name] = bench_dpo(path, settings, ROOT / "runs" / "bench" / f"dpo-{folder}",
+                                                               threads, n, side)
+            save()
+            print(f"DPO on {name} model ({r['train_pairs']} training pairs x {settings['epochs']} epoch(s), micro-batch "
+                  f"{settings['micro_batch_size']} pairs, sigmoid loss, beta {settings['beta']}, {n} run(s) each; the "
+                  f"reference pass included): cai {r['pairs_per_s']['cai']:.2f} pairs/s, TRL {TRL_RL_VERSION} DPOTrainer "
+                  f"{r['pairs_per_s']['trl']:.2f} pairs/s: cai/TRL {r['ratio']:.2f}x")
+            print(f"  peak RSS: cai {r['peak_rss_mb']['cai']:.0f} MiB, TRL {r['peak_rss_mb']['trl']:.0f} MiB; first-step loss "
+                  f"(policy moved off its reference, one batch): cai {r['first_loss']['cai']:.6f}, TRL "
+                  f"{r['first_loss']['trl']:.6f}, difference {r['first_loss_difference']:.1e}")
+            if not r["first_loss_agrees"]:
+                raise SystemExit(f"dpo: the first-step losses differ by more than {LOSS_TOLERANCE}: the sides do not "
+                                 f"compute the same loss, so their speeds are not comparable")
     from cai.constitution import load_constitution, resolve_constitution_dir
     from cai.data import load_prompts
     from cai.feedback import Pair

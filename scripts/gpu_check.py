@@ -26,6 +26,9 @@ figures, one failure never stopping the next:
   name; ``--peak-tflops`` for another card) and against a measured 8192³ bf16 matrix product.
 - ``ppo``: PPO's step time split into rollout, scoring and update (``rollout_s``, ``score_s``, ``update_s``
   in the stage's metrics.jsonl) with a model of that shape as policy, reference, reward and value.
+- ``dpo``: the DPO stage's throughput with a model of that shape as policy and reference, on the 40 built-in
+  helpful pairs (``cai/prompts/helpful_pairs.jsonl``, 36 trained on): the reference pass's seconds, then the median
+  step time, pairs/s and tokens/s of training.
 
 Without a CUDA device the script stops with one line, unless ``--allow-cpu``: then the same parts run on the
 CPU in fp32 with small shapes (the test suite does this, so the check cannot rot between GPU runs).
@@ -52,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ("pipeline", "resume", "zero3", "throughput", "ppo")
+PARTS = ("pipeline", "resume", "zero3", "throughput", "ppo", "dpo")
 
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from each card's datasheet, by a piece of the name
 # torch.cuda.get_device_name() gives; the first match wins, so the more specific names come first.
@@ -102,16 +105,20 @@ class Sizes:
     micro_batch: int
     train_steps: int             # throughput: optimizer steps per ZeRO stage (the first two are not timed)
     ppo: tuple                   # overrides of the PPO breakdown run
+    dpo_micro_batch: int         # pairs per DPO step
+    dpo: tuple                   # other overrides of the DPO throughput run
 
 
 GPU = Sizes(device="cuda", dtype="bfloat16", resumed=("sl_train", "ppo"), resume_dtypes=("bfloat16", "float16"),
             llama=LLAMA_1B, seq_len=2048,
             micro_batch=8, train_steps=12,
             ppo=("ppo.steps=4", "ppo.ppo_epochs=2", "ppo.batch_size=32", "ppo.num_minibatches=4", "ppo.max_new_tokens=128",
-                 "generation.batch_size=32", "ppo.num_prompts=96", "ppo.num_helpful=0"))
+                 "generation.batch_size=32", "ppo.num_prompts=96", "ppo.num_helpful=0"),
+            dpo_micro_batch=8, dpo=("dpo.epochs=4", "dpo.max_length=1024"))
 CPU = Sizes(device="cpu", dtype="float32", resumed=("ppo",), resume_dtypes=("float32",), llama=LLAMA_TINY, seq_len=64, micro_batch=2,
             train_steps=4, ppo=("ppo.steps=2", "ppo.ppo_epochs=2", "ppo.batch_size=4", "ppo.num_minibatches=2", "ppo.max_new_tokens=8",
-                                "generation.batch_size=4", "ppo.num_prompts=8", "ppo.num_helpful=0"))
+                                "generation.batch_size=4", "ppo.num_prompts=8", "ppo.num_helpful=0"),
+            dpo_micro_batch=4, dpo=("dpo.epochs=1", "dpo.max_length=1024"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,16 +469,15 @@ def measured_matmul_tflops(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def part_ppo(c: Check) -> dict:
-    """PPO step time by phase with the throughput model's shape (on the tiny tokenizer's vocabulary) in every role."""
+def llama_folder(c: Check, folder: Path) -> int:
+    """The throughput model's shape on the tiny tokenizer's vocabulary, random weights, saved with that tokenizer to
+    ``folder`` (anew); returns its parameter count."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from cai.metrics import read_metrics
     from cai.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    folder = c.work / "ppo-model"
     if folder.exists():
         shutil.rmtree(folder)
     shape = {**c.sizes.llama, "vocab_size": len(tok)}
@@ -479,10 +485,17 @@ def part_ppo(c: Check) -> dict:
         model = AutoModelForCausalLM.from_config(
             LlamaConfig(**shape, tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                         bos_token_id=tok.bos_token_id), dtype=getattr(torch, c.sizes.dtype))
-    params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    del model
+    return sum(p.numel() for p in model.parameters())
+
+
+def part_ppo(c: Check) -> dict:
+    """PPO step time by phase with the throughput model's shape (on the tiny tokenizer's vocabulary) in every role."""
+    from cai.metrics import read_metrics
+
+    folder = c.work / "ppo-model"
+    params = llama_folder(c, folder)
     run_dir = c.work / "ppo-run"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -496,6 +509,31 @@ def part_ppo(c: Check) -> dict:
     for key in ("seconds", "rollout_s", "score_s", "update_s", "samples_per_s", "response_length"):
         figures[key] = round(median_after(rows, key, skip=1), 3)
     return figures
+
+
+
+def part_dpo(c: Check) -> dict:
+    """The DPO stage's throughput with the throughput model's shape (on the tiny tokenizer's vocabulary) as policy and
+    reference, on the built-in helpful pairs: the reference pass, then training (one row per pair, ``pair_logps``)."""
+    from cai.metrics import read_metrics
+
+    folder = c.work / "dpo-model"
+    params = llama_folder(c, folder)
+    run_dir = c.work / "dpo-run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    c.run(c.command("cai.stages.dpo", f"run_dir={run_dir}", "progress=false", f"model.path={folder}",
+                    f"model.device={c.sizes.device}", f"model.dtype={c.sizes.dtype}",
+                    f"dpo.pairs={ROOT / 'cai' / 'prompts' / 'helpful_pairs.jsonl'}", "dpo.eval_fraction=0.1", "dpo.loss=sigmoid",
+                    f"dpo.micro_batch_size={c.sizes.dpo_micro_batch}", "dpo.save_every=1000", *c.sizes.dpo),
+          "DPO with the large model")
+    manifest = _manifest(run_dir / "dpo")
+    rows = [r for r in read_metrics(run_dir / "dpo") if r.get("split") != "eval"]
+    step_s = median_after(rows, "seconds", skip=2)
+    return {"params_b": round(params / 1e9, 3), "train_pairs": manifest["counts"]["train_pairs"],
+            "reference_s": manifest["reference_s"], "step_s": round(step_s, 3),
+            "pairs_per_s": round(c.sizes.dpo_micro_batch / step_s, 2),
+            "tokens_per_s": round(median_after(rows, "tokens_per_s", skip=2))}
 
 
 # ---------------------------------------------------------------------------------------------

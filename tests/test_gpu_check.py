@@ -70,25 +70,27 @@ def test_without_cuda_it_stops_with_one_line(tmp_path):
 
 def test_pipeline_figures_read_a_finished_run(tiny_run):
     figures = gpu_check.pipeline_figures(tiny_run, "cpu")
-    assert figures["stages"] == 7 and figures["ppo_devices"] == "cpu"
+    assert figures["stages"] == 8 and figures["ppo_devices"] == "cpu"  # the default pipeline, dpo included
     with pytest.raises(gpu_check.CheckFailed, match="models not on cuda"):
         gpu_check.pipeline_figures(tiny_run, "cuda")
 
 
 def test_the_parts_run_on_the_cpu(tiny_run, tmp_path):
-    """resume, zero3, throughput and ppo at the CPU sizes against the suite's tiny pipeline run."""
+    """resume, zero3, throughput, ppo and dpo at the CPU sizes against the suite's tiny pipeline run."""
     result = subprocess.run([sys.executable, "scripts/gpu_check.py", "--allow-cpu", "--out", str(tmp_path),
-                             "--pipeline-run", str(tiny_run), "--parts", "resume,zero3,throughput,ppo"],
+                             "--pipeline-run", str(tiny_run), "--parts", "resume,zero3,throughput,ppo,dpo"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = results["parts"]
-    assert list(parts) == ["resume", "zero3", "throughput", "ppo"] and all(p["ok"] for p in parts.values())
+    assert list(parts) == ["resume", "zero3", "throughput", "ppo", "dpo"] and all(p["ok"] for p in parts.values())
     assert parts["resume"]["figures"] == {"ppo_float32_max_abs_diff": 0.0}  # sl_train's resume: tests/test_sl_train.py
     assert parts["throughput"]["figures"]["zero0_tokens_per_s"] > 0 and parts["throughput"]["figures"]["zero2_tokens_per_s"] > 0
     ppo = parts["ppo"]["figures"]
     assert ppo["rollout_s"] > 0 and ppo["score_s"] > 0 and ppo["update_s"] > 0
     assert ppo["rollout_s"] + ppo["score_s"] + ppo["update_s"] <= ppo["seconds"] + 2e-3
+    dpo = parts["dpo"]["figures"]
+    assert dpo["train_pairs"] == 36 and dpo["reference_s"] > 0 and dpo["pairs_per_s"] > 0 and dpo["tokens_per_s"] > 0
     assert "| resume | passed |" in (tmp_path / "gpu_check.md").read_text()
 
 

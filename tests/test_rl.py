@@ -302,3 +302,20 @@ def test_soft_dpo_is_sigmoid_at_hard_labels_and_pulls_half_labels_to_a_zero_marg
     rl.dpo_loss(chosen, t([0.0]), t([0.0]), t([0.0]), 0.1, loss="soft", p_chosen=t([0.5]))[0].sum().backward()
     assert chosen.grad.abs().item() < 1e-12
 
+
+
+def test_packed_pair_attention_by_hand():
+    # one pair: a prompt of 2 tokens left-padded to 3, chosen 2 tokens, rejected 1 token right-padded to 2
+    # columns: 0 pad | 1 p1, 2 p2 | 3 c1, 4 c2 | 5 r1, 6 pad
+    allowed, positions = rl.packed_pair_attention(torch.tensor([[0, 1, 1]]), torch.tensor([[1, 1]]), torch.tensor([[1, 0]]))
+    want = torch.tensor([[1, 0, 0, 0, 0, 0, 0],   # padding: itself only
+                         [0, 1, 0, 0, 0, 0, 0],   # p1
+                         [0, 1, 1, 0, 0, 0, 0],   # p2
+                         [0, 1, 1, 1, 0, 0, 0],   # c1: the prompt and itself
+                         [0, 1, 1, 1, 1, 0, 0],   # c2
+                         [0, 1, 1, 0, 0, 1, 0],   # r1: the prompt and itself, never the chosen reply
+                         [0, 1, 1, 0, 0, 1, 1]],  # padding after r1
+                        dtype=torch.bool)
+    assert torch.equal(allowed, want[None])
+    # both replies continue the prompt's two positions
+    assert positions.tolist() == [[0, 0, 1, 2, 3, 2, 3]]

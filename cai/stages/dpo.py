@@ -216,18 +216,37 @@ def _reference(cfg: DictConfig, s: DictConfig, start_spec: dict) -> tuple[dict |
 
 def pair_logps(model, pairs: list[DPOPair], pad_id: int) -> torch.Tensor:
     """(B, 2) summed log-probs of each pair's chosen and rejected reply (EOS included) under ``model`` (a causal LM or
-    its DeepSpeed engine). Rows run as [chosen 0, rejected 0, chosen 1, ...]: each prompt once, its KV cache shared by
-    its two replies; logits only where a reply token is predicted."""
+    its DeepSpeed engine). One forward pass, one row per pair: [prompt | chosen | rejected] (``rl.packed_pair_attention``:
+    each reply sees its prompt and itself), so each prompt runs once and no reply is padded to the other's length;
+    logits only where a reply token is predicted. An attention that takes no custom mask (flash attention), or a
+    sliding window shorter than a pair, runs each prompt once and shares its KV cache with both replies instead
+    (``cai.models.response_forward``); the two give the same log-probs."""
     from cai.models import lm_call, response_forward
 
-    device = next(getattr(model, "module", model).parameters()).device
+    module = getattr(model, "module", model)
+    weight = next(module.parameters())
+    window = getattr(module.config, "sliding_window", None)
+    longest = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
     query, query_mask = training.pad_batch([p.prompt for p in pairs], pad_id, side="left")
-    response, mask = training.pad_batch([ids for p in pairs for ids in (p.chosen, p.rejected)], pad_id)
-    query, query_mask = query.repeat_interleave(2, dim=0).to(device), query_mask.repeat_interleave(2, dim=0).to(device)
-    response, mask = response.to(device), mask.to(device)
-    logits = response_forward(lm_call(model), query, query_mask, response, mask, group=2)[:, :-1]  # (2B, R, V)
-    logps = (rl.logprobs_from_logits(logits, response) * mask).sum(dim=1)  # (2B,)
-    return logps.view(-1, 2)
+    if module.config._attn_implementation not in ("sdpa", "eager") or (window is not None and longest > window):
+        response, mask = training.pad_batch([ids for p in pairs for ids in (p.chosen, p.rejected)], pad_id)
+        query, query_mask = query.repeat_interleave(2, dim=0), query_mask.repeat_interleave(2, dim=0)
+        query, query_mask, response, mask = (x.to(weight.device) for x in (query, query_mask, response, mask))
+        logits = response_forward(lm_call(model), query, query_mask, response, mask, group=2)[:, :-1]  # (2B, R, V)
+        return (rl.logprobs_from_logits(logits, response) * mask).sum(dim=1).view(-1, 2)  # rows chosen 0, rejected 0, ...
+    chosen, chosen_mask = training.pad_batch([p.chosen for p in pairs], pad_id)
+    rejected, rejected_mask = training.pad_batch([p.rejected for p in pairs], pad_id)
+    allowed, positions = rl.packed_pair_attention(query_mask, chosen_mask, rejected_mask)
+    bias = torch.zeros(allowed.shape, dtype=weight.dtype).masked_fill_(~allowed, torch.finfo(weight.dtype).min)[:, None]
+    q, c, r = query.shape[1], chosen.shape[1], rejected.shape[1]
+    # the column that predicts each reply token: the prompt's last for both first tokens, then the reply's own columns
+    keep = torch.cat([torch.tensor([q - 1]), torch.arange(q, q + c - 1), torch.tensor([q - 1]), torch.arange(q + c, q + c + r - 1)])
+    ids = torch.cat([query, chosen, rejected], dim=1)
+    targets, mask = torch.cat([chosen, rejected], dim=1), torch.cat([chosen_mask, rejected_mask], dim=1)
+    ids, bias, positions, keep, targets, mask = (x.to(weight.device) for x in (ids, bias, positions, keep, targets, mask))
+    logits = lm_call(model)(ids, bias, positions, None, keep)[0]  # (B, C + R, V)
+    logps = rl.logprobs_from_logits(logits, targets) * mask  # (B, C + R)
+    return torch.stack([logps[:, :c].sum(dim=1), logps[:, c:].sum(dim=1)], dim=1)
 
 
 def dpo_step(logps: torch.Tensor, ref_logps: torch.Tensor, pairs: list[DPOPair], beta: float, loss: str) -> tuple[torch.Tensor, dict]:
