@@ -275,7 +275,6 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     return losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
 
 
-
 def packed_pair_attention(query_mask: torch.Tensor, chosen_mask: torch.Tensor,
                           rejected_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and positions for preference pairs packed one per row as [prompt | chosen | rejected], so that one
@@ -300,6 +299,7 @@ def packed_pair_attention(query_mask: torch.Tensor, chosen_mask: torch.Tensor,
     positions = torch.cat([(query_mask.long().cumsum(dim=1) - 1).clamp(min=0), prompt_len + torch.arange(c, device=device),
                            prompt_len + torch.arange(r, device=device)], dim=1)
     return allowed, positions
+
 
 class AdaptiveKL:
     """Ziegler et al. (2019)'s KL controller: beta follows the measured KL towards ``target``.

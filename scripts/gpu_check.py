@@ -511,7 +511,6 @@ def part_ppo(c: Check) -> dict:
     return figures
 
 
-
 def part_dpo(c: Check) -> dict:
     """The DPO stage's throughput with the throughput model's shape (on the tiny tokenizer's vocabulary) as policy and
     reference, on the built-in helpful pairs: the reference pass, then training (one row per pair, ``pair_logps``)."""
