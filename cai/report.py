@@ -192,12 +192,14 @@ def _section_dpo(run_dir: Path, manifests: dict) -> str:
                         _fmt(r["reward_rejected"]), _fmt(r["margin"]), _fmt(r["accuracy"]), _fmt(r["logp_chosen"], 1),
                         _fmt(r["logp_rejected"], 1)] for r in evals]) if evals else "<p class=muted>No held-out figures yet.</p>"
     counts = m.get("counts", {})
+    left_out = (f"{_e(str(counts['unrevised_rows']))} sl_generate rows without a usable revision left out"
+                if "unrevised_rows" in counts else f"{_e(str(counts.get('identical_dropped', 0)))} pairs of identical replies dropped")
     loss = m.get("loss")
     beta = ((m.get("config") or {}).get("dpo") or {}).get("beta")
     about = (f"<p>Loss: {_e(DPO_LOSSES.get(loss, str(loss)))}" + (f", beta {_e(str(beta))}" if beta is not None else "")
              + f". Pairs: {_e(str(m.get('pairs_source', '-')))} &middot; {_e(str(counts.get('train_pairs', '-')))} trained on, "
-             f"{_e(str(counts.get('eval_pairs', '-')))} held out ({_e(str(counts.get('identical_dropped', 0)))} identical and "
-             f"{_e(str(counts.get('dropped_too_long', 0)))} too long dropped).</p>")
+             f"{_e(str(counts.get('eval_pairs', '-')))} held out ({left_out}, {_e(str(counts.get('dropped_too_long', 0)))} "
+             f"too long for max_length dropped).</p>")
     return f"<h2>DPO</h2>{about}<div class=plots>{plots}</div><h3>Held-out pairs, after each epoch</h3>{held_out}"
 
 
