@@ -6,7 +6,8 @@ floor or above, not even inside a function — so imports run one way and there 
 """
 
 LAYERS = (
-    ("cai.errors", "cai.files", "cai.rl", "cai.ratings"),  # one-line errors; atomic writes; pure RL and rating maths
+    ("cai.errors", "cai.files", "cai.rl", "cai.ratings", "cai.oracles"),  # one-line errors; atomic writes; pure RL and
+    #                                                          rating maths; labelers whose preference is known
     ("cai.lineage", "cai.data"),  # manifests read back, input fingerprints; prompt and table files
     ("cai.metrics", "cai.roles", "cai.constitution"),  # metrics.jsonl and loggers; model roles and specs; the constitution
     ("cai.models", "cai.constitution_import"),  # loading a model spec; importing other constitution formats

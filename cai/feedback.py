@@ -19,6 +19,7 @@ import torch
 
 from cai.constitution import OPTION_LABELS, PREAMBLES
 from cai.data import jsonl_rows, parse_hh_transcript
+from cai.engines import FunctionLabeler
 from cai.errors import DataError, LabelerError, StageInputError
 from cai.generation import Engine
 from cai.models import position_ids_from_mask
@@ -226,7 +227,12 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
     the query's (``"independent"``, as CAI did). With ``cot``, ``self_consistency`` > 1 samples that many rationales per
     comparison at ``cot_temperature`` and averages the (clamped) probabilities read after each (RLAIF). ``preamble``
     (base | detailed) picks RLAIF's prompt variant where the constitution's templates offer both.
+
+    A function labeler (``cai.engines.FunctionLabeler``) is asked each pair in both orders instead, with no principles
+    or prompts (``function_judgements``).
     """
+    if isinstance(model, FunctionLabeler):
+        return function_judgements(model, pairs)
     from cai.constitution import comparison_messages, sample_principles
     from cai.generation import derive_seed, generate, render_chat
 
@@ -284,6 +290,16 @@ def judge_pairs(model, tok, constitution, pairs: Sequence[Pair], *, n_principles
         judgements.append(Judgement(p_a, ab, ba, [p.id for p in chosen_principles], why))
     return judgements
 
+
+def function_judgements(labeler: FunctionLabeler, pairs: Sequence[Pair]) -> list[Judgement]:
+    """A function labeler's verdicts, shaped as a model's: each pair asked in both orders (a function with a position
+    bias has it cancelled, as a model's is), ``p_a`` their average; no principles, no rationale."""
+    judgements = []
+    for pair in pairs:
+        ab = labeler.prefer(pair.conversation, pair.response_a, pair.response_b, where=f"pair {pair.key}")
+        ba = 1.0 - labeler.prefer(pair.conversation, pair.response_b, pair.response_a, where=f"pair {pair.key}")
+        judgements.append(Judgement(swap_average(ab, ba), [ab], [ba], []))
+    return judgements
 
 
 # ---------------------------------------------------------------------------------------------

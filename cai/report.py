@@ -245,10 +245,12 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
     names = list(results["checkpoints"])
     rows = [[checkpoint_label(n), _fmt(c["elo"], 1), _fmt(c.get("elo_harmless"), 1), _fmt(c.get("elo_helpful"), 1), _fmt(c.get("pm_score")),
              _fmt(c["harmless_rate"]), f"{_fmt(c['judge_rating'])} ± {_fmt(c.get('judge_rating_sd'))}",
-             _fmt(c.get("evasive_rate")), _fmt(c["response_tokens"], 1), _fmt(c["eos_rate"], 2)]
+             _fmt(c.get("evasive_rate")), _fmt(c["response_tokens"], 1), _fmt(c.get("response_chars"), 1),
+             _fmt(c["eos_rate"], 2)]
             for n, c in results["checkpoints"].items()]
     table = _table(["checkpoint", "Elo", "harmlessness Elo", "helpfulness Elo", "PM score", "harmless rate",
-                    "harmlessness rating [-1, 1], mean ± sd", "evasive rate", "reply tokens", "EOS rate"], rows)
+                    "harmlessness rating [-1, 1], mean ± sd", "evasive rate", "reply tokens", "reply characters", "EOS rate"],
+                   rows)
     wins = "".join(
         f"<p>{caption}</p>" + _table(["row beats column"] + [checkpoint_label(n) for n in names],
                                      [[checkpoint_label(a)] + [("-" if a == b else _fmt(results[key][a].get(b))) for b in names]
@@ -271,6 +273,9 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         alignment = (f"<p>Judge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs, position bias "
                      f"{al['position_bias_rate']:.3f}, same position preferred {same_position:.3f}.</p>")
     elo = _img(_bar_plot({checkpoint_label(n): c["elo"] for n, c in results["checkpoints"].items()}, "Elo (Bradley-Terry fit)"))
+    if all(c.get("response_chars") is not None for c in results["checkpoints"].values()):
+        elo += _img(_bar_plot({checkpoint_label(n): c["response_chars"] for n, c in results["checkpoints"].items()},
+                              "mean reply length (characters), held-out prompts"))
     axes = {n: (c["elo_helpful"], c["elo_harmless"]) for n, c in results["checkpoints"].items()
             if c.get("elo_helpful") is not None and c.get("elo_harmless") is not None}
     if axes:  # CAI's figure 2 shape: each checkpoint on the helpfulness x harmlessness plane

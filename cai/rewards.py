@@ -64,6 +64,9 @@ class DirectRLAIFReward:
     value_start = None
 
     def __init__(self, labeler_cfg, constitution):
+        if labeler_cfg.get("engine") == "function":
+            raise StageInputError("ppo.reward=direct_rlaif asks the labeler for 1..10 ratings, but labeler.engine=function "
+                                  "compares two replies: use ppo.reward=pairwise (or ppo.reward=custom for a scoring function)")
         self.labeler_cfg, self.constitution = labeler_cfg, constitution
         self.fingerprint, self.constitution_hash = f"direct_rlaif:{constitution.hash}", constitution.hash
 
@@ -147,19 +150,15 @@ class FunctionReward:
 
 def function_from_config(spec) -> tuple[Callable, str]:
     """``(fn, name)`` for ``ppo.reward_fn``: ``{_target_: package.module.fn, ...}``, its other keys bound as keyword
-    arguments (Hydra's ``instantiate`` with ``_partial_``)."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+    arguments (``cai.roles.instantiate_function``)."""
     from omegaconf import DictConfig, OmegaConf
+
+    from cai.roles import instantiate_function
 
     if not isinstance(spec, (dict, DictConfig)) or "_target_" not in spec:
         raise StageInputError("ppo.reward=custom needs ppo.reward_fn={_target_: package.module.function, ...}")
     container = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
-    try:
-        fn = instantiate(OmegaConf.create({**container, "_partial_": True}))
-    except InstantiationException as e:
-        raise StageInputError(f"ppo.reward_fn._target_={spec['_target_']!r}: {str(e).splitlines()[0]}") from None
-    return fn, str(spec["_target_"])
+    return instantiate_function(container, "ppo.reward_fn"), str(spec["_target_"])
 
 
 def same_tokenizer(policy_tok, reward_tok, where: str) -> None:

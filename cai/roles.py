@@ -29,10 +29,15 @@ TINY_RANDOM = "tiny-random"
 # role -> the role it falls back to (every chain ends at ``model``)
 ROLES = {"policy": "model", "reviser": "policy", "sl_start": "policy", "labeler": "model", "pm_backbone": "sl_start",
          "judge": "labeler"}
-SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny", "engine", "vllm", "served")
+SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny", "engine", "vllm", "served", "function")
 # what runs a role's generation and labeling: part of the spec a config writes, checked here with the other keys;
-# cai.generation runs hf (transformers), cai.engines runs vllm and served (load_generator dispatches on this name)
-ENGINES = ("hf", "vllm", "served")
+# cai.generation runs hf (transformers), cai.engines runs vllm, served and function (load_generator dispatches on this
+# name). ``function`` is a Python function as the labeler or judge (``<role>.function``: {_target_: package.module.fn,
+# ...keyword arguments}, called as fn(conversation, reply_a, reply_b) -> P(reply_a is better)): it compares replies
+# and generates nothing, so only the roles in FUNCTION_ROLES may be one.
+ENGINES = ("hf", "vllm", "served", "function")
+FUNCTION = "function"
+FUNCTION_ROLES = ("labeler", "judge")
 VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "cpu_kv_cache_gib")
 SERVED_KEYS = ("url", "concurrency", "timeout_s", "retries")
 MERGED = ("tiny", "vllm", "served")  # mappings a role overrides key by key
@@ -50,7 +55,11 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
     if at is not None:
         return {**spec(cfg, role), "path": str(at), "key": key}
     if role == "model":
-        return {**_checked(_plain(cfg["model"], "model"), "model"), "key": "model.path", "role": "model"}
+        own = _checked(_plain(cfg["model"], "model"), "model")
+        if own.get("engine") == FUNCTION:
+            raise StageInputError(f"model.engine=function: only the {' and the '.join(FUNCTION_ROLES)} can be a function; "
+                                  f"set {FUNCTION_ROLES[0]}.engine=function instead")
+        return {**own, "key": "model.path", "role": "model"}
     own = _checked(_plain(cfg.get(role), role), role)
     unknown = sorted(set(own) - set(SPEC_KEYS))
     if unknown:
@@ -66,6 +75,13 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
     if own.get("path") is not None:
         merged["key"] = f"{role}.path"
     merged["role"] = role  # whose engine settings these are, for messages naming <role>.engine, <role>.vllm
+    if merged.get("engine") == FUNCTION:
+        where = f"{role}.engine" if own.get("engine") else f"{role}.engine (from {ROLES[role]})"
+        if role not in FUNCTION_ROLES:
+            raise StageInputError(f"{where}=function: only the {' and the '.join(FUNCTION_ROLES)} can be a function (they "
+                                  f"compare replies; the {role} generates): set {role}.engine=hf")
+        if not merged.get("function"):
+            raise StageInputError(f"{role}.engine=function needs {role}.function={{_target_: package.module.function, ...}}")
     if role == "pm_backbone":  # a scalar-head model: transformers runs it, whatever engine the roles above it name
         if own.get("engine") not in (None, "hf"):
             raise StageInputError(f"pm_backbone.engine={own['engine']}: the preference model is a scalar-head model that "
@@ -78,17 +94,23 @@ def identity(model_spec: dict) -> dict:
     """What a config hash covers of a role: its resolved spec, without the key it was named by (and without the
     ``tiny`` sizes unless it is a tiny-random model; the engine only when it is not ``hf``, so hashes from before
     engines existed still match, with the ``vllm`` settings only for ``vllm``, and never a server's address or
-    connection settings). Two roles of one identity can share one loaded model."""
+    connection settings); a function's only its ``function`` (target and arguments). Two roles of one identity can share
+    one loaded model."""
     engine = model_spec.get("engine") or "hf"
+    if engine == FUNCTION:
+        return {"engine": FUNCTION, "function": model_spec["function"]}
     return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served")
             and (k != "tiny" or model_spec["path"] == TINY_RANDOM) and (k != "engine" or engine != "hf")
-            and (k != "vllm" or engine == "vllm")}
+            and (k != "vllm" or engine == "vllm") and k != "function"}
 
 
 def fingerprint(model_spec: dict) -> str:
     """Which weights a spec loads, as 16 hex digits: the path (a local folder by its files' sizes and times or its
     stage's lineage, ``lineage.input_fingerprint``) and, for tiny-random, the shape and seed. Device and dtype
-    are left out: two roles with one fingerprint are the same model."""
+    are left out: two roles with one fingerprint are the same model. A function: its target and arguments."""
+    if model_spec.get("engine") == FUNCTION:
+        blob = json.dumps(identity(model_spec), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
     path = str(model_spec["path"])
     local = Path(path).expanduser()
     parts = {"path": str(local.resolve()) if local.exists() else path,
@@ -99,7 +121,10 @@ def fingerprint(model_spec: dict) -> str:
 
 def label(model_spec: dict) -> str:
     """A short name for reports: the path (a stage's output as ``<stage>/model``), and a tiny-random model's seed
-    and vocabulary."""
+    and vocabulary; a function as ``target(arguments)``."""
+    if model_spec.get("engine") == FUNCTION:
+        arguments = {k: v for k, v in model_spec["function"].items() if k != "_target_"}
+        return f"{model_spec['function']['_target_']}({', '.join(f'{k}={v!r}' for k, v in arguments.items())})"
     path = str(model_spec["path"])
     if path == TINY_RANDOM:
         tiny = model_spec.get("tiny") or {}
@@ -111,8 +136,24 @@ def label(model_spec: dict) -> str:
 
 
 def describe(model_spec: dict) -> dict:
-    """``{"model": label, "path": ..., "fingerprint": ...}``: what a manifest records of a role."""
+    """``{"model": label, "path": ..., "fingerprint": ...}``: what a manifest records of a role (a function: ``function``,
+    its target and arguments, instead of a path)."""
+    if model_spec.get("engine") == FUNCTION:
+        return {"model": label(model_spec), "function": model_spec["function"], "fingerprint": fingerprint(model_spec)}
     return {"model": label(model_spec), "path": str(model_spec["path"]), "fingerprint": fingerprint(model_spec)}
+
+
+def instantiate_function(function: dict, key: str):
+    """The callable ``{_target_: package.module.fn, ...}`` names, its other keys bound as keyword arguments (Hydra's
+    ``instantiate`` with ``_partial_``); one that does not import is refused in one line naming ``<key>._target_``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    try:
+        return instantiate(OmegaConf.create({**function, "_partial_": True}))
+    except InstantiationException as e:
+        raise StageInputError(f"{key}._target_={function['_target_']!r}: {str(e).splitlines()[0]}") from None
 
 
 def _checked(own: dict, role: str) -> dict:
@@ -125,7 +166,9 @@ def _checked(own: dict, role: str) -> dict:
               "tiny": (lambda v: isinstance(v, dict), "a mapping of tiny-random sizes"),
               "engine": (lambda v: v in ENGINES, " | ".join(ENGINES)),
               "vllm": (lambda v: isinstance(v, dict) and set(v) <= set(VLLM_KEYS), f"a mapping of {', '.join(VLLM_KEYS)}"),
-              "served": (lambda v: isinstance(v, dict) and set(v) <= set(SERVED_KEYS), f"a mapping of {', '.join(SERVED_KEYS)}")}
+              "served": (lambda v: isinstance(v, dict) and set(v) <= set(SERVED_KEYS), f"a mapping of {', '.join(SERVED_KEYS)}"),
+              "function": (lambda v: isinstance(v, dict) and isinstance(v.get("_target_"), str) and bool(v["_target_"]),
+                           "{_target_: package.module.function, ...keyword arguments}")}
     for key, (ok, expected) in checks.items():
         if own.get(key) is not None and not ok(own[key]):
             raise StageInputError(f"{role}.{key} must be {expected}, got {own[key]!r}")

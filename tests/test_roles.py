@@ -69,7 +69,7 @@ def test_an_engine_and_its_settings_fall_back_key_by_key_and_hash_only_where_the
     assert roles.spec(everything, "pm_backbone")["engine"] == "hf" and roles.spec(everything, "sl_start")["engine"] == "vllm"
     for override, message in (("pm_backbone.engine=vllm", "pm_backbone.engine=vllm: the preference model is a scalar-head "
                                                           "model that only transformers runs; leave pm_backbone.engine unset"),
-                              ("labeler.engine=vlm", "labeler.engine must be hf | vllm | served, got 'vlm'")):
+                              ("labeler.engine=vlm", "labeler.engine must be hf | vllm | served | function, got 'vlm'")):
         with pytest.raises(StageInputError, match=f"^{re.escape(message)}$"):
             roles.spec(compose_cfg("pipeline", [*TINY_ARGS, override]), override.split(".")[0])
 
@@ -105,8 +105,9 @@ def test_a_manifest_records_the_model_behind_each_role_the_stage_used(tmp_path):
 
 @pytest.mark.parametrize("role_cfg, message", [
     ({"path": "x", "pth": "y"},
-     "labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny, engine, vllm, served)"),
-    ("big-model", "labeler must be a model spec (path, device, dtype, trust_remote_code, tiny, engine, vllm, served), got 'big-model'"),
+     "labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny, engine, vllm, served, function)"),
+    ("big-model",
+     "labeler must be a model spec (path, device, dtype, trust_remote_code, tiny, engine, vllm, served, function), got 'big-model'"),
 ])
 def test_a_malformed_role_is_one_line_naming_its_key(role_cfg, message):
     with pytest.raises(StageInputError, match=re.escape(message)):

@@ -10,7 +10,8 @@ of its own tokenizer and chat template, reading the responses as text) then sees
 and its next-token probabilities of "A" vs "B" after the answer cue — one prefill, no decoding — give
 P(first shown is better). Orders are averaged (the labeler's position bias cancels), principles
 ensembled (mean). With ``cot`` the labeler first writes a rationale; those probabilities are clamped
-to ``cot_clamp`` (the CAI paper clamps them to 40–60 %: a rationale makes the labeler overconfident).
+to ``cot_clamp`` (the CAI paper clamps them to 40–60 %: a rationale makes the labeler overconfident). A labeler that
+is a function (``labeler.engine=function``: ``cai.engines.FunctionLabeler``) is asked each pair in both orders instead.
 
 Writes ``${run_dir}/ai_feedback/``: ``shards/``, ``dataset/`` (TRL's conversational preference format
 ``prompt``/``chosen``/``rejected`` plus ``p_chosen``, ``p_order_ab``, ``p_order_ba``, ``principle_ids``,
@@ -94,7 +95,8 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         kept = [p for p in pairs if p.response_a.strip() != p.response_b.strip()]
         judgements = judge_pairs(labeler, tok, constitution, kept, principles=principles, **settings)
         rows = [preference_row(p, j) for p, j in zip(kept, judgements)]
-        rate = 2 * s.n_principles * len(rows) / max(time.time() - t0, 1e-9)
+        asked = sum(2 * len(j.p_order_ab) for j in judgements)  # both orders of each principle (a function: of one)
+        rate = asked / max(time.time() - t0, 1e-9)
         return rows, {"skipped_identical": len(pairs) - len(kept), "comparisons_per_s": round(rate, 3)}
 
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]

@@ -24,7 +24,7 @@ seeded order (training stages take the first ones; any overlap is counted in the
   constitution's rating template, direct RLAIF's, mapped to [-1, 1]; ``cai.feedback.direct_scores``);
 - evasiveness rate: share of replies (all prompts, and per kind) the judge rates above ``evasive_threshold`` with the
   constitution's evasiveness template (``evasive.j2``): refusals and deflections, so boilerplate Goodharting shows;
-- mean reply length (tokens) and the share that ended with EOS;
+- mean reply length (tokens, and characters: what a length oracle judges) and the share that ended with EOS;
 - the spread of the harmlessness ratings (``judge_rating_sd``);
 - with ``evaluate.pairs`` (default ``builtin``: cai's 40 human helpfulness pairs): the judge's agreement with
   human-labeled pairs (as ``label_alignment``), and a note when it cannot be told from chance there.
@@ -33,6 +33,8 @@ Circular readings are said next to the figures (``notes`` in results.json, stdou
 the model whose labels trained the PM and DPO (ai_feedback's labeler) or rewarded PPO (direct RLAIF), and a PM score
 read with the very PM PPO optimised. The honest reading: a ``judge`` independent of the labeler, an
 ``evaluate.reward_model`` trained apart from this run, and the judge's agreement with human labels (``evaluate.pairs``).
+A function judge (``judge.engine=function``, an oracle) gives no 1..10 ratings; its one note (``oracle_note``) replaces
+those.
 
 Each checkpoint also answers the first ``num_examples`` red-team prompts of ``sl_generate`` (training
 prompts, not scored): ``examples.jsonl`` puts them beside that stage's initial answer, critiques,
@@ -94,7 +96,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     checkpoints = {name: _checkpoint(cfg, name, stage) for name in names}
     pm_spec, pm_fingerprint = _reward_model(cfg, s, stage)
     judge_spec = roles.spec(cfg, "judge")
-    _check_tokenizers([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
+    _check_loadable([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     # the principles each prompt kind's pairs are judged under (a constitution with none for a kind is refused now)
     axes = {kind: constitution.judging(axis) for kind, axis in AXIS.items()
@@ -147,9 +149,8 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
 
     # Step 5: the figures, the per-reply dataset, then the manifest (last).
     results = figures(names, items, replies, pm_scores, games, ratings, s=s)
-    results.update(judged=judged, alignment=alignment, judge=roles.label(judge_spec),
-                   notes=circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s)
-                   + judge_at_chance(alignment),
+    notes = oracle_note(cfg, judge_spec) or circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s)
+    results.update(judged=judged, alignment=alignment, judge=roles.label(judge_spec), notes=notes + judge_at_chance(alignment),
                    prompts={"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap})
     for name in names:
         results["checkpoints"][name]["source"] = checkpoints[name][0]["path"]
@@ -267,6 +268,9 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
     ratings: dict[str, dict[str, list[float | None]]] = {"harmless": {}, "evasive": {}}
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
     for name, rows in replies.items():
+        if not _is_model(judge_spec):  # a function compares replies; it gives no 1..10 ratings
+            ratings["harmless"][name] = ratings["evasive"][name] = [None] * len(items)
+            continue
         asked = [(conversations[i], rows[i]["text"]) for i in range(len(items))]
         harmless = direct_scores(model, tok, constitution, [asked[i] for i in red]) if red else []
         ratings["harmless"][name] = [None] * len(items)
@@ -301,10 +305,11 @@ def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games
                  **{f"elo_{AXIS_NAME[kind]}": round(fitted[name], 1) for kind, fitted in axis_elo.items()},
                  "harmless_rate": _mean([float(v > s.harmless_threshold) for v in rated]),
                  "judge_rating": _mean(rated), "judge_rating_sd": _sd(rated),
-                 "evasive_rate": _mean([float(v > s.evasive_threshold) for v in evasive[name]]),
+                 "evasive_rate": _mean([float(v > s.evasive_threshold) for v in evasive[name] if v is not None]),
                  **{f"evasive_rate_{kind}": _mean([float(v > s.evasive_threshold) for v, it in zip(evasive[name], items)
-                                                   if it.kind == kind]) for kind in axis_elo},
+                                                   if it.kind == kind and v is not None]) for kind in axis_elo},
                  "response_tokens": _mean([r["tokens"] for r in rows]),
+                 "response_chars": _mean([len(r["text"].strip()) for r in rows]),
                  "eos_rate": _mean([float(r["finished"]) for r in rows])}
         if name in pm_scores:
             entry["pm_score"] = _mean(pm_scores[name])
@@ -389,17 +394,33 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
     return notes
 
 
+def oracle_note(cfg: DictConfig, judge_spec: dict) -> list[str]:
+    """For a function judge (an oracle, ``judge.engine=function``), the one note its figures need instead of
+    ``circular_readings``: a judge that labeled the training signal is the measurement when its preference is known.
+    Empty for a model judge."""
+    if judge_spec.get("engine") != roles.FUNCTION:
+        return []
+    judge_fingerprint = roles.fingerprint(judge_spec)
+    trained = [stage for stage in ("ai_feedback", "ppo") if (m := read_manifest(stage_dir(cfg.run_dir, stage)))
+               and m.get("status") == "complete" and (m.get("roles") or {}).get("labeler", {}).get("fingerprint") == judge_fingerprint]
+    return [f"The judge is the function {roles.label(judge_spec)}"
+            + (f", which also labeled this run's training signal ({', '.join(trained)}): its win rates measure how far "
+               f"training moved the replies toward its known preference, the point of such a run, not harmlessness."
+               if trained else ".")
+            + " A function gives no 1-10 ratings: the harmlessness and evasiveness figures are empty."]
+
+
 def format_table(results: dict) -> str:
     """The per-checkpoint figures and the win-rate matrices as text."""
     names = list(results["checkpoints"])
     head = (f"{'checkpoint':<14} {'elo':>7} {'harm elo':>8} {'help elo':>8} {'pm score':>9} {'harmless':>9} {'judge':>7} "
-            f"{'± sd':>6} {'evasive':>8} {'tokens':>7} {'eos':>5}")
+            f"{'± sd':>6} {'evasive':>8} {'tokens':>7} {'chars':>6} {'eos':>5}")
     lines = [head, "-" * len(head)]
     for name, m in results["checkpoints"].items():
         lines.append(f"{name[:14]:<14} {m['elo']:>7.1f} {_fmt(m.get('elo_harmless'), 8, 1)} {_fmt(m.get('elo_helpful'), 8, 1)} "
                      f"{_fmt(m.get('pm_score'), 9)} {_fmt(m['harmless_rate'], 9)} {_fmt(m['judge_rating'], 7)} "
                      f"{_fmt(m.get('judge_rating_sd'), 6)} {_fmt(m.get('evasive_rate'), 8)} "
-                     f"{m['response_tokens']:>7.1f} {m['eos_rate']:>5.2f}")
+                     f"{m['response_tokens']:>7.1f} {_fmt(m.get('response_chars'), 6, 0)} {m['eos_rate']:>5.2f}")
     for key, title in (("win_rate", "win rate (row beats column, AI judge, both orders):"),
                        ("lc_win_rate", "length-controlled win rate (the same games at equal reply lengths):")):
         if len(names) > 1 and key in results:
@@ -433,13 +454,23 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
     return roles.spec(cfg, "policy", at=folder, key=f"{STAGE}.checkpoints"), input_fingerprint(folder)
 
 
-def _check_tokenizers(model_specs: list[dict]) -> None:
-    """Load every checkpoint's tokenizer, the judge's and the PM's now: one that cannot load (no folder, no chat
-    template) is refused before the run directory changes, not after the replies of the checkpoints before it."""
+def _is_model(model_spec: dict) -> bool:
+    """False for a function judge (``judge.engine=function``): it has no tokenizer, and rates nothing 1..10."""
+    return model_spec.get("engine") != roles.FUNCTION
+
+
+def _check_loadable(model_specs: list[dict]) -> None:
+    """Load every checkpoint's tokenizer, the judge's and the PM's now (a function judge: import it and ask it the probe
+    pair): one that cannot load (no folder, no chat template, a bad function) is refused before the run directory
+    changes, not after the replies of the checkpoints before it."""
+    from cai.engines import FunctionLabeler
     from cai.models import load_tokenizer
 
     for model_spec in model_specs:
-        load_tokenizer(model_spec)
+        if _is_model(model_spec):
+            load_tokenizer(model_spec)
+        else:
+            FunctionLabeler(model_spec)
 
 
 def _sl_examples(cfg: DictConfig, count: int) -> tuple[list[dict], str | None]:
