@@ -24,7 +24,8 @@ from cai.metrics import read_metrics
 from cai.stages import STAGES
 
 PPO_CURVES = (("score", "mean score"), ("reward", "reward (score with its KL term)"), ("kl", "KL to reference (nats/seq)"),
-              ("response_length", "response length (tokens)"), ("group_score_std", "score spread within a prompt's group"))
+              ("response_length", "response length (tokens)"), ("response_chars", "response length (characters)"),
+              ("group_score_std", "score spread within a prompt's group"))
 ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce": "REINFORCE"}
 DPO_LOSSES = {"sigmoid": "sigmoid (DPO, Rafailov et al. 2023)", "ipo": "ipo (IPO, Azar et al. 2023)",
               "soft": "soft (the cross-entropy against each pair's P(chosen better): cDPO, smoothed 1 - p per pair)"}
@@ -163,7 +164,13 @@ def _section_feedback(run_dir: Path, manifests: dict) -> str:
     table = _table(["prompt", "chosen", "rejected", "p_chosen", "principles"],
                    [[r["prompt"][-1]["content"], r["chosen"][-1]["content"], r["rejected"][-1]["content"],
                      f"{r['p_chosen']:.3f}", ", ".join(r["principle_ids"])] for r in rows])
-    return f"<h2>AI feedback</h2><p>{_e(str(m.get('counts', {}).get('pairs')))} labeled pairs.</p><div class=plots>{hist}</div>{table}"
+    labeler = (m.get("roles") or {}).get("labeler") or {}
+    by = f" by {_e(labeler['model'])}" if labeler.get("model") else ""
+    if labeler.get("function"):  # an oracle: what the PM and DPO learn from it can be checked against it
+        by += (", a function (an oracle whose preference is known): the held-out accuracy of DPO and of the preference "
+               "model below is their agreement with it")
+    return (f"<h2>AI feedback</h2><p>{_e(str(m.get('counts', {}).get('pairs')))} labeled pairs{by}.</p>"
+            f"<div class=plots>{hist}</div>{table}")
 
 
 def _section_dpo(run_dir: Path, manifests: dict) -> str:

@@ -127,7 +127,7 @@ def test_a_bad_function_is_refused_before_anything_is_written(tiny_run, tmp_path
 # The end-to-end run: experiment=oracle on tiny models, sized so both routes learn the oracle's preference in a minute
 LEARNING = ["experiment=oracle", *TINY_ARGS, "labeler.function={_target_:cai.oracles.shorter,scale:2}",
             "judge.function={_target_:cai.oracles.shorter,scale:2}", "stages=[sl_generate,sl_train,ai_feedback,dpo,ppo,evaluate]",
-            "ai_feedback.num_prompts=96", "ai_feedback.shard_size=32",
+            "ai_feedback.num_prompts=72", "ai_feedback.shard_size=24",
             "dpo.loss=sigmoid", "dpo.epochs=8", "dpo.lr=5e-3", "dpo.micro_batch_size=8",
             "ppo.algorithm=grpo", "ppo.reward=pairwise", "ppo.steps=24", "ppo.lr=5e-3",
             "evaluate.checkpoints=[sl_train,dpo,ppo]", "evaluate.temperature=1.0", "evaluate.num_prompts=24",

@@ -39,11 +39,11 @@ what differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` 
    ppo: per token against the GAE returns; reinforce: V(x) against the reward),
    padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
 
-Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length,
-eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo, reinforce: value_loss, value_clip_frac; k > 1:
-group_score_std, the mean spread of the scores of one prompt's responses; kl_in=loss: kl_loss; and the step's
-seconds split into rollout_s (generation), score_s (the reward and make_experience: log-probs, values, advantages) and
-update_s),
+Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length (tokens),
+response_chars (characters), eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo, reinforce:
+value_loss, value_clip_frac; k > 1: group_score_std, the mean spread of the scores of one prompt's responses;
+kl_in=loss: kl_loss; and the step's seconds split into rollout_s (generation), score_s (the reward and make_experience:
+log-probs, values, advantages) and update_s),
 ``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
 (the final policy, ``save_pretrained``) and ``manifest.json``.
 """
@@ -185,6 +185,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         seq_kl = ro.kl.sum(dim=1)
         row = {"step": step + 1, "score": raw.mean().item(), "reward": algo.reward(ro.scores, seq_kl, beta, ro.returns).mean().item(),
                "kl": seq_kl.mean().item(), "kl_coef": beta, "response_length": batch.mask.sum(dim=1).float().mean().item(),
+               "response_chars": sum(len(c.text.strip()) for c in completions) / len(completions),
                "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
         if algo.k > 1:
             row["group_score_std"] = rl.group_spread(ro.scores, algo.k).item()  # after the missing-EOS treatment
