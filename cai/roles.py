@@ -153,7 +153,8 @@ def instantiate_function(function: dict, key: str):
     try:
         return instantiate(OmegaConf.create({**function, "_partial_": True}))
     except InstantiationException as e:
-        raise StageInputError(f"{key}._target_={function['_target_']!r}: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0].split(", set env var HYDRA_FULL_ERROR")[0]  # Hydra's hint names no key of ours
+        raise StageInputError(f"{key}._target_={function['_target_']!r}: {reason}") from None
 
 
 def _checked(own: dict, role: str) -> dict:
