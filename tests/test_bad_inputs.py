@@ -1,13 +1,18 @@
-"""Bad inputs across the stages (issue #9), as one table. Every case is refused the same way: exit 1, one line
-on stderr (the last; no traceback) naming the file, line or config key, and the stages already in the run
-directory left byte for byte as they were.
+"""Bad inputs across the stages (issue #9), as one table. Every case is refused the same way: one line naming
+the file, line or config key, and the stages already in the run directory left byte for byte as they were.
 
 A case starts from a copy of the tiny pipeline run's folders for its stage and the stages upstream of it
-(``tiny_run``), writes its bad input under ``tmp_path`` (or damages a copied upstream folder), runs the stage
-as its own process, and compares the run directory's files before and after."""
+(``tiny_run``), writes its bad input under ``tmp_path`` (or damages a copied upstream folder), runs the stage and
+compares the run directory's files before and after. Most cases run the stage in this process, as ``run_stage``
+would: the config composed with ``compose_cfg`` and the stage's ``run(cfg, handle(run, cfg))``, which must raise
+``InputError`` with a one-line message. The cases marked ``cli`` run as their own process (exit 1, the last line of
+stderr, no traceback): the checks made before a stage's ``run`` — Hydra's and ``run_app``'s refusal of an override
+(an unknown key or group option, a syntax error), ``run_stage``'s type check of the values, the pipeline's own
+checks — and one stage ``InputError`` for ``run_stage``'s ``cai <stage>: <message>`` line."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -16,9 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import ROOT, TINY, assert_one_line_error, copy_stages, outputs, run_module
+from conftest import ROOT, TINY, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module
 
+from cai.errors import InputError
 from cai.pipeline import STAGES, facts
+from cai.stages import handle
 
 TINY_ARGS = ("debug=tiny", "progress=false")
 DEFAULT = ROOT / "constitutions" / "default"
@@ -35,9 +42,10 @@ class Case:
     id: str
     stage: str                     # cai.stages.<stage>, or "pipeline" for cai.pipeline
     args: tuple[str, ...]          # overrides; {tmp} is the test's tmp_path, {run} the run directory
-    expect: str                    # in the last line of stderr ({tmp} and {run} as in args)
+    expect: str                    # in the error's message, or in the last line of stderr ({tmp} and {run} as in args)
     setup: Callable[[Path, Path], None] | None = None  # setup(tmp, run): write or break the input
     copies: tuple[str, ...] | None = None  # the tiny run's stages to start from (default: the stage's own and upstream)
+    cli: bool = False              # run as its own process: refused before the stage's run, or for the CLI's own line
 
 
 # -- setups -----------------------------------------------------------------------------------
@@ -166,19 +174,20 @@ CASES = [
          "pm_pretrain.eval_fraction must be in (0, 1), got 1.5"),
     # -- config keys and types (Hydra) ---------------------------------------------------------
     Case("unknown-config-key", "sl_generate", ("sl_generate.num_promptz=3",),
-         "cai sl_generate: Could not override 'sl_generate.num_promptz': Key 'num_promptz' is not in struct"),
+         "cai sl_generate: Could not override 'sl_generate.num_promptz': Key 'num_promptz' is not in struct", cli=True),
     Case("unknown-config-key-in-pipeline", "pipeline", ("ppo.kl_coeff=0.1",),
-         "cai.pipeline: Could not override 'ppo.kl_coeff': Key 'kl_coeff' is not in struct", copies=STAGES),
+         "cai.pipeline: Could not override 'ppo.kl_coeff': Key 'kl_coeff' is not in struct", copies=STAGES, cli=True),
     Case("unknown-group-option", "sl_train", ("model=tiny_randm",),
-         "Could not find 'model/tiny_randm' (options: smollm2_135m, tiny_random)"),
+         "Could not find 'model/tiny_randm' (options: smollm2_135m, tiny_random)", cli=True),
     Case("override-syntax-error", "ai_feedback", ("ai_feedback.num_prompts=[1",),
-         "cai ai_feedback: ai_feedback.num_prompts=[1: no viable alternative at input '[1'"),
+         "cai ai_feedback: ai_feedback.num_prompts=[1: no viable alternative at input '[1'", cli=True),
     Case("string-for-integer", "ai_feedback", ("ai_feedback.num_prompts=abc",),
-         "cai ai_feedback: ai_feedback.num_prompts must be an integer, got 'abc'"),
-    Case("fraction-for-integer", "ppo", ("ppo.steps=2.5",), "cai ppo: ppo.steps must be an integer, got 2.5"),
+         "cai ai_feedback: ai_feedback.num_prompts must be an integer, got 'abc'", cli=True),
+    Case("fraction-for-integer", "ppo", ("ppo.steps=2.5",), "cai ppo: ppo.steps must be an integer, got 2.5", cli=True),
     Case("word-for-boolean", "sl_generate", ("sl_generate.few_shot=maybe",),
-         "cai sl_generate: sl_generate.few_shot must be true or false, got 'maybe'"),
-    Case("text-for-list", "evaluate", ("evaluate.checkpoints=base",), "cai evaluate: evaluate.checkpoints must be a list, got 'base'"),
+         "cai sl_generate: sl_generate.few_shot must be true or false, got 'maybe'", cli=True),
+    Case("text-for-list", "evaluate", ("evaluate.checkpoints=base",), "cai evaluate: evaluate.checkpoints must be a list, got 'base'",
+         cli=True),
     # -- models --------------------------------------------------------------------------------
     Case("model-path-missing", "sl_generate", ("model.path={tmp}/no-model",),
          "model.path='{tmp}/no-model': model folder does not exist"),
@@ -190,19 +199,19 @@ CASES = [
     Case("role-tokenizer-without-chat-template", "evaluate", ("judge.path={tmp}/plain",),
          "judge.path='{tmp}/plain': the tokenizer has no chat template", no_chat_template("plain")),
     Case("role-path-missing-in-pipeline", "pipeline", ("judge.path={tmp}/no-model",),  # refused before the first stage
-         "cai.pipeline: judge.path='{tmp}/no-model': model folder does not exist", copies=STAGES),
+         "cai.pipeline: judge.path='{tmp}/no-model': model folder does not exist", copies=STAGES, cli=True),
     Case("role-value-of-another-type", "sl_generate", ("reviser.dtype=bf16",),
-         "cai sl_generate: reviser.dtype must be auto | float32 | bfloat16 | float16 | float64, got 'bf16'"),
+         "reviser.dtype must be auto | float32 | bfloat16 | float16 | float64, got 'bf16'"),
     Case("unknown-role-key", "sl_train", ("sl_start.pth={tmp}/m",),
-         "cai sl_train: Could not override 'sl_start.pth': Key 'pth' is not in struct"),
+         "cai sl_train: Could not override 'sl_start.pth': Key 'pth' is not in struct", cli=True),
     Case("unknown-role-key-added", "pipeline", ("+labeler.pth={tmp}/m",),
          "cai.pipeline: labeler.pth: not a model-role key (a role takes path, device, dtype, trust_remote_code, tiny, "
-         "engine, vllm, served)", copies=STAGES),
+         "engine, vllm, served, function)", copies=STAGES, cli=True),
 
     # -- upstream stages -----------------------------------------------------------------------
-    Case("upstream-still-running", "sl_train", (),
-         "{run}/sl_generate: the sl_generate stage is not complete (status 'running'); rerun it first",
-         manifest("sl_generate", status="running")),
+    Case("upstream-still-running", "sl_train", (),  # a stage's InputError as run_stage prints it
+         "cai sl_train: {run}/sl_generate: the sl_generate stage is not complete (status 'running'); rerun it first",
+         manifest("sl_generate", status="running"), cli=True),
     Case("upstream-manifest-damaged", "sl_train", (),
          "{run}/sl_generate/manifest.json: not valid JSON (Unterminated string starting at, line 1)",
          manifest("sl_generate", text='{"stage": "sl_gen')),
@@ -223,7 +232,7 @@ def _with_upstream(stage: str) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, tiny_run, tmp_path):
+def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, tiny_run, tmp_path, request):
     run_dir = copy_stages(tiny_run, tmp_path / "run", case.copies or _with_upstream(case.stage))
     if case.setup is not None:
         case.setup(tmp_path, run_dir)
@@ -232,8 +241,19 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, tiny_run, tm
     def fill(text: str) -> str:
         return text.replace("{tmp}", str(tmp_path)).replace("{run}", str(run_dir))
 
-    module = "cai.pipeline" if case.stage == "pipeline" else f"cai.stages.{case.stage}"
-    result = run_module(module, *TINY_ARGS, f"run_dir={run_dir}", *map(fill, case.args))
-    assert_one_line_error(result, fill(case.expect))
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    args = [*TINY_ARGS, f"run_dir={run_dir}", *map(fill, case.args)]
+    if case.cli:
+        module = "cai.pipeline" if case.stage == "pipeline" else f"cai.stages.{case.stage}"
+        result = run_module(module, *args)
+        assert_one_line_error(result, fill(case.expect))
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    else:  # as run_stage runs it, less its folder lock and its type check (the cli cases' own)
+        stage = importlib.import_module(f"cai.stages.{case.stage}")
+        if stage.MULTI_RANK:
+            request.getfixturevalue("process_group")
+        cfg = compose_cfg(case.stage, args)
+        with pytest.raises(InputError) as refused:
+            stage.run(cfg, handle(stage.run, cfg))
+        message = str(refused.value)
+        assert fill(case.expect) in message and "\n" not in message, message
     assert outputs(run_dir) == before
