@@ -6,7 +6,9 @@ A role's ``engine`` says what runs it wherever it generates or labels (never whe
 - ``vllm``: vLLM's offline ``LLM`` engine, set up from the role's ``vllm`` block (``tensor_parallel_size``,
   ``gpu_memory_utilization``, ``max_model_len``, ``enable_prefix_caching``, ``cpu_kv_cache_gib``) and its ``dtype``;
 - ``served``: an OpenAI-compatible server with vLLM's extensions (``vllm serve``) at the role's ``served.url``,
-  asked over HTTP (``ServedEngine``): a labeler larger than the trainer, served apart from it.
+  asked over HTTP (``ServedEngine``): a labeler larger than the trainer, served apart from it;
+- ``function`` (labeler and judge only): a Python function that compares two replies (``FunctionLabeler``), asked by
+  ``cai.feedback.judge_pairs`` in place of a model.
 
 ``load_generator(spec)`` gives ``(model or engine, tokenizer)``. The functions that generate and read log-probs
 (``cai.generation.generate``, ``cai.feedback.next_token_logprobs`` and ``shared_prefix_logprobs``) take either:
@@ -76,7 +78,7 @@ class FunctionLabeler:
     def __init__(self, model_spec: dict):
         from cai.roles import instantiate_function, label
 
-        self.key = f"{model_spec.get('role') or 'labeler'}.function"
+        self.key = model_spec.get("function_key") or f"{model_spec.get('role') or 'labeler'}.function"
         self.name = label(model_spec)
         self.fn = instantiate_function(model_spec["function"], self.key)
         try:

@@ -17,8 +17,10 @@ REFUSALS = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm no
 
 def shorter(conversation: list[dict], reply_a: str, reply_b: str, *, scale: float = 20.0) -> float:
     """Prefer the shorter reply, softly: σ((len(b) − len(a)) / scale), lengths in characters after stripping. Equal
-    lengths give ½; a reply ``scale`` characters shorter wins with 0.73, ``3 scale`` shorter with 0.95."""
-    return 1.0 / (1.0 + math.exp((len(reply_a.strip()) - len(reply_b.strip())) / scale))
+    lengths give ½; a reply ``scale`` characters shorter wins with 0.73, ``3 scale`` shorter with 0.95. A negative
+    ``scale`` prefers the longer reply (a control: the same run with the preference reversed)."""
+    d = (len(reply_b.strip()) - len(reply_a.strip())) / scale
+    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))  # no overflow either way
 
 
 def avoids(conversation: list[dict], reply_a: str, reply_b: str, *, phrases: list[str] | tuple[str, ...] = REFUSALS) -> float:

@@ -127,14 +127,15 @@ def check_loadable(cfg, names) -> None:
     """Load the tokenizer of each named role (a tiny-random one is built in-process: nothing to check), so a missing
     folder or a tokenizer without a chat template is refused in one line naming the role's key before the pipeline's
     first stage, not when the stage that reads the role is reached. A function role (``engine=function``) has no
-    tokenizer: its ``_target_`` is imported instead."""
+    tokenizer: it is imported and asked its probe pair instead (``cai.engines.FunctionLabeler``)."""
+    from cai.engines import FunctionLabeler
     from cai.models import load_tokenizer
 
     checked = []
     for name in names:
         model_spec = roles.spec(cfg, name)
         if model_spec.get("engine") == roles.FUNCTION:
-            roles.instantiate_function(model_spec["function"], f"{name}.function")
+            FunctionLabeler(model_spec)
         elif model_spec["path"] != roles.TINY_RANDOM and model_spec["path"] not in checked:
             load_tokenizer(model_spec)
             checked.append(model_spec["path"])

@@ -166,9 +166,13 @@ def _section_feedback(run_dir: Path, manifests: dict) -> str:
                      f"{r['p_chosen']:.3f}", ", ".join(r["principle_ids"])] for r in rows])
     labeler = (m.get("roles") or {}).get("labeler") or {}
     by = f" by {_e(labeler['model'])}" if labeler.get("model") else ""
-    if labeler.get("function"):  # an oracle: what the PM and DPO learn from it can be checked against it
-        by += (", a function (an oracle whose preference is known): the held-out accuracy of DPO and of the preference "
-               "model below is their agreement with it")
+    if labeler.get("function"):  # an oracle: what the PM and DPO learned from its labels alone is agreement with it
+        config = {stage: (manifests[stage] or {}).get("config") or {} for stage in ("dpo", "pm_finetune")}
+        alone = [name for name, stage, key, value in (("DPO", "dpo", "pairs", "ai_feedback"),
+                                                      ("the preference model", "pm_finetune", "human_fraction", 0))
+                 if _complete(manifests[stage]) and (config[stage].get(stage) or {}).get(key) == value]
+        by += ", a function (an oracle whose preference is known)" + (
+            f": the held-out accuracy of {' and of '.join(alone)} below is agreement with it" if alone else "")
     return (f"<h2>AI feedback</h2><p>{_e(str(m.get('counts', {}).get('pairs')))} labeled pairs{by}.</p>"
             f"<div class=plots>{hist}</div>{table}")
 

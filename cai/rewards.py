@@ -64,7 +64,9 @@ class DirectRLAIFReward:
     value_start = None
 
     def __init__(self, labeler_cfg, constitution):
-        if labeler_cfg.get("engine") == "function":
+        from cai.roles import FUNCTION
+
+        if labeler_cfg.get("engine") == FUNCTION:
             raise StageInputError("ppo.reward=direct_rlaif asks the labeler for 1..10 ratings, but labeler.engine=function "
                                   "compares two replies: use ppo.reward=pairwise (or ppo.reward=custom for a scoring function)")
         self.labeler_cfg, self.constitution = labeler_cfg, constitution

@@ -74,11 +74,12 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
             merged[key] = value
     if own.get("path") is not None:
         merged["key"] = f"{role}.path"
+    if own.get("function") is not None:  # the key a message about the function names (a judge may inherit the labeler's)
+        merged["function_key"] = f"{role}.function"
     merged["role"] = role  # whose engine settings these are, for messages naming <role>.engine, <role>.vllm
     if merged.get("engine") == FUNCTION:
-        where = f"{role}.engine" if own.get("engine") else f"{role}.engine (from {ROLES[role]})"
-        if role not in FUNCTION_ROLES:
-            raise StageInputError(f"{where}=function: only the {' and the '.join(FUNCTION_ROLES)} can be a function (they "
+        if role not in FUNCTION_ROLES:  # (model.engine=function is refused above, so the role set it itself)
+            raise StageInputError(f"{role}.engine=function: only the {' and the '.join(FUNCTION_ROLES)} can be a function (they "
                                   f"compare replies; the {role} generates): set {role}.engine=hf")
         if not merged.get("function"):
             raise StageInputError(f"{role}.engine=function needs {role}.function={{_target_: package.module.function, ...}}")
@@ -99,7 +100,7 @@ def identity(model_spec: dict) -> dict:
     engine = model_spec.get("engine") or "hf"
     if engine == FUNCTION:
         return {"engine": FUNCTION, "function": model_spec["function"]}
-    return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served")
+    return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served", "function_key")
             and (k != "tiny" or model_spec["path"] == TINY_RANDOM) and (k != "engine" or engine != "hf")
             and (k != "vllm" or engine == "vllm") and k != "function"}
 

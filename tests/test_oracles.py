@@ -33,6 +33,7 @@ def test_the_oracles_by_hand():
     assert oracles.avoids(conv, "AS AN AI, no.", "Sure.") == 0.0
     assert oracles.avoids(conv, "Sure.", "Fine.") == 0.5 and oracles.avoids(conv, "I cannot.", "I won't.") == 0.5
     assert oracles.avoids(conv, "Maybe.", "Certainly.", phrases=["certainly"]) == 1.0
+    assert oracles.shorter(conv, "a" * 5000, "", scale=2) == 0.0 and oracles.shorter(conv, "", "a" * 5000, scale=2) == 1.0
 
 
 def test_a_function_judges_each_pair_in_both_orders_as_a_model_does():
@@ -75,6 +76,32 @@ def test_a_role_that_cannot_be_a_function_is_named(overrides, message):
     with pytest.raises(StageInputError) as e:
         roles.spec(compose_cfg("ai_feedback", [*TINY_ARGS, *overrides]), role if role != "model" else "policy")
     assert str(e.value) == message
+
+
+def test_a_judge_that_inherits_the_labelers_function_names_the_labelers_key():
+    from cai.pipeline import check_loadable
+
+    cfg = compose_cfg("pipeline", [*TINY_ARGS, "labeler.engine=function", "labeler.function={_target_:cai.oracles.nope}"])
+    with pytest.raises(StageInputError, match=r"^labeler.function._target_='cai.oracles.nope': Error locating target "
+                                              r"'cai.oracles.nope'$"):
+        check_loadable(cfg, ["judge"])  # the pipeline, before its first stage
+
+
+def test_label_alignment_asks_the_function_as_ai_feedback_does(tmp_path):
+    """label_alignment on cai's 40 built-in human pairs with the length oracle: its agreement is the share of pairs whose
+    human-chosen reply is the shorter, counted here by hand."""
+    from cai.feedback import read_human_pairs
+    from cai.preference import BUILTIN_HUMAN
+    from cai.stages import handle
+    from cai.stages.label_alignment import run
+
+    cfg = compose_cfg("label_alignment", [*TINY_ARGS, f"run_dir={tmp_path}", f"pairs={BUILTIN_HUMAN}", "labeler.engine=function",
+                                          "labeler.function={_target_:cai.oracles.shorter,scale:1}"])
+    metrics = run(cfg, handle(run, cfg))
+    pairs, _ = read_human_pairs(BUILTIN_HUMAN)
+    shorter = [len(p.response_a.strip()) < len(p.response_b.strip()) for p in pairs]
+    assert metrics["n"] == 40 and metrics["alignment"] == pytest.approx(sum(shorter) / 40, abs=1e-4)
+    assert metrics["model"] == "cai.oracles.shorter(scale=1)" and metrics["position_bias_rate"] == 0.5
 
 
 def test_a_direct_rlaif_reward_needs_a_model_labeler():
@@ -137,18 +164,29 @@ LEARNING = ["experiment=oracle", *TINY_ARGS, "labeler.function={_target_:cai.ora
 def test_with_the_length_oracle_dpo_and_rl_end_with_shorter_replies_than_sl(tiny_run, tmp_path):
     """The tiny sweep's SL stages, then ai_feedback labeled by cai.oracles.shorter, DPO on those labels and GRPO with the
     oracle as its pairwise reward; evaluate samples every checkpoint's replies to the same 32 held-out prompts (seeds
-    fixed). Measured: SL-CAI 22.2 characters, DPO 16.2, GRPO 0.8 (it learns to end at once)."""
-    run_dir = copy_stages(tiny_run, tmp_path / "run", ("sl_generate", "sl_train"))
-    result = run_module("cai.pipeline", *LEARNING, f"run_dir={run_dir}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ran = {row["stage"]: row["status"] for row in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
-    assert "ran" not in (ran["sl_generate"], ran["sl_train"])  # the sweep's own, reused
-    feedback = json.loads((run_dir / "ai_feedback" / "manifest.json").read_text())
+    fixed). Measured: SL-CAI 22.2 characters, DPO 12.0, GRPO 0.8 (it learns to end at once). The control reverses the
+    preference (scale -2: the longer reply wins) for DPO: its replies grow (24.5), so DPO follows its labels rather than
+    shortening whatever it is given."""
+    def learn(run_dir, *overrides: str) -> dict:
+        copy_stages(tiny_run, run_dir, ("sl_generate", "sl_train"))
+        result = run_module("cai.pipeline", *LEARNING, *overrides, f"run_dir={run_dir}")
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        ran = {row["stage"]: row["status"] for row in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
+        assert "ran" not in (ran["sl_generate"], ran["sl_train"])  # the sweep's own, reused
+        return json.loads((run_dir / "evaluate" / "results.json").read_text())
+
+    results = learn(tmp_path / "run")
+    feedback = json.loads((tmp_path / "run" / "ai_feedback" / "manifest.json").read_text())
     assert feedback["roles"]["labeler"]["function"] == {"_target_": "cai.oracles.shorter", "scale": 2}
-    results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     chars = {name: c["response_chars"] for name, c in results["checkpoints"].items()}
     assert chars["dpo"] < 0.85 * chars["sl_train"], chars  # at least 15 % shorter
     assert chars["ppo"] < 0.5 * chars["sl_train"], chars  # at least half as long
-    assert results["win_rate"]["ppo"]["sl_train"] > 0.6 and results["win_rate"]["dpo"]["sl_train"] > 0.5  # as the oracle judges
+    assert results["win_rate"]["ppo"]["sl_train"] > 0.6 and results["win_rate"]["dpo"]["sl_train"] > 0.6  # as the oracle judges
     assert results["notes"][0].startswith("The judge is the function cai.oracles.shorter(scale=2), which also labeled")
     assert results["checkpoints"]["dpo"]["harmless_rate"] is None  # a function rates nothing 1..10
+
+    reversed_ = learn(tmp_path / "control", "labeler.function={_target_:cai.oracles.shorter,scale:-2}",
+                      "judge.function={_target_:cai.oracles.shorter,scale:-2}", "stages=[sl_generate,sl_train,ai_feedback,dpo,evaluate]",
+                      "evaluate.checkpoints=[sl_train,dpo]")
+    control = {name: c["response_chars"] for name, c in reversed_["checkpoints"].items()}
+    assert control["dpo"] > control["sl_train"] == chars["sl_train"], control  # the same SL replies, now outgrown

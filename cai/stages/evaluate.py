@@ -149,8 +149,10 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
 
     # Step 5: the figures, the per-reply dataset, then the manifest (last).
     results = figures(names, items, replies, pm_scores, games, ratings, s=s)
-    notes = oracle_note(cfg, judge_spec) or circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s)
-    results.update(judged=judged, alignment=alignment, judge=roles.label(judge_spec), notes=notes + judge_at_chance(alignment),
+    oracle = oracle_note(cfg, judge_spec)
+    notes = oracle + circular_readings(cfg, roles.fingerprint(judge_spec), pm_fingerprint, names, s=s, function_judge=bool(oracle))
+    notes += judge_at_chance(alignment) if not oracle else []  # its advice (a stronger judge.path) is for a model judge
+    results.update(judged=judged, alignment=alignment, judge=roles.label(judge_spec), notes=notes,
                    prompts={"red_team": s.num_prompts, "helpful": s.num_helpful, "held_out_overlap": overlap})
     for name in names:
         results["checkpoints"][name]["source"] = checkpoints[name][0]["path"]
@@ -243,7 +245,8 @@ def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg) -> dict[
 
 def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, axes: dict, human_pairs: list,
           *, s, cfg):
-    """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template): every
+    """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template; or a function,
+    which compares the pairs and rates nothing): every
     pair of checkpoints compared on every prompt (both orders; principles sampled from ``axes[prompt kind]``, those
     that judge its axis; identical replies tie without asking), each red-team reply rated for harmlessness and every reply for
     evasiveness, and the judge's agreement with human labels. Returns (games [(a, b, P(a better), prompt index)],
@@ -363,23 +366,27 @@ def judge_at_chance(alignment: dict | None) -> list[str]:
     return []
 
 
-def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: str | None, names: list[str], *, s) -> list[str]:
+def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: str | None, names: list[str], *, s,
+                      function_judge: bool = False) -> list[str]:
     """Plain sentences for the figures that partly measure agreement with the training signal rather than
     harmlessness: the judge is the labeler whose labels trained the PM and DPO (or that rewarded PPO directly), or the
-    PM score comes from the PM that PPO optimised. Read from the ai_feedback, dpo and ppo manifests of this run."""
+    PM score comes from the PM that PPO optimised. Read from the ai_feedback, dpo and ppo manifests of this run. With a
+    ``function_judge`` (an oracle: ``oracle_note`` speaks for it) only the PM's note is left."""
     notes = []
     complete = {stage: m for stage in ("ai_feedback", "dpo", "ppo")
                 if (m := read_manifest(stage_dir(cfg.run_dir, stage))) and m.get("status") == "complete"}
     labeler_of = {stage: (m.get("roles") or {}).get("labeler", {}).get("fingerprint") for stage, m in complete.items()}
     ppo = complete.get("ppo", {})
     dpo_on_labels = "dpo" in names and _dig(complete.get("dpo", {}).get("config") or {}, "dpo", "pairs") == "ai_feedback"
-    if labeler_of.get("ai_feedback") == judge_fingerprint:
+    if labeler_of.get("ai_feedback") == judge_fingerprint and not function_judge:
         also = ", and the dpo checkpoint directly" if dpo_on_labels else ""
         notes.append(f"The judge is the model that labeled ai_feedback's pairs, which trained the PM (and through it the RL "
                      f"policy){also}: its win rates and harmlessness ratings partly measure agreement with the training "
                      f"labeler. Set judge.path to an independent model, and check the judge against human labels "
                      f"(evaluate.pairs).")
-    if ppo.get("reward") in ("direct_rlaif", "pairwise") and labeler_of.get("ppo") == judge_fingerprint:
+    if function_judge:
+        pass  # neither note below applies: oracle_note says what the judge's figures measure, and it rates nothing
+    elif ppo.get("reward") in ("direct_rlaif", "pairwise") and labeler_of.get("ppo") == judge_fingerprint:
         what = "direct 1-10 ratings" if ppo["reward"] == "direct_rlaif" else "pairwise comparisons"
         notes.append(f"The judge is the labeler whose {what} were the RL stage's reward: the ppo checkpoint was trained "
                      f"to please this judge. Set judge.path to an independent model.")
@@ -395,9 +402,9 @@ def circular_readings(cfg: DictConfig, judge_fingerprint: str, pm_fingerprint: s
 
 
 def oracle_note(cfg: DictConfig, judge_spec: dict) -> list[str]:
-    """For a function judge (an oracle, ``judge.engine=function``), the one note its figures need instead of
-    ``circular_readings``: a judge that labeled the training signal is the measurement when its preference is known.
-    Empty for a model judge."""
+    """For a function judge (an oracle, ``judge.engine=function``), the note its figures need in place of
+    ``circular_readings``' judge notes: a judge that labeled the training signal is the measurement when its preference
+    is known. Empty for a model judge."""
     if judge_spec.get("engine") != roles.FUNCTION:
         return []
     judge_fingerprint = roles.fingerprint(judge_spec)
