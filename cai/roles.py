@@ -100,9 +100,9 @@ def identity(model_spec: dict) -> dict:
     engine = model_spec.get("engine") or "hf"
     if engine == FUNCTION:
         return {"engine": FUNCTION, "function": model_spec["function"]}
-    return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served", "function_key")
+    return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served", "function", "function_key")
             and (k != "tiny" or model_spec["path"] == TINY_RANDOM) and (k != "engine" or engine != "hf")
-            and (k != "vllm" or engine == "vllm") and k != "function"}
+            and (k != "vllm" or engine == "vllm")}
 
 
 def fingerprint(model_spec: dict) -> str:
