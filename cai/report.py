@@ -272,9 +272,11 @@ def _section_evaluate(run_dir: Path, manifests: dict) -> str:
         if key in results)
     p = results["prompts"]
     judge = f" ({_e(results['judge'])})" if results.get("judge") else ""
+    function_judge = bool(((manifests["evaluate"].get("roles") or {}).get("judge") or {}).get("function"))
+    under = ("" if function_judge else ": red-team pairs under the constitution's harmlessness principles, helpful pairs "
+             "under its helpfulness ones")  # a function judge reads no principles
     note = (f"<p>{p['red_team']} held-out red-team and {p['helpful']} helpful prompts; {results['judged']} pairs judged by the "
-            f"AI judge{judge} in both orders ({results['games'] - results['judged']} identical pairs counted as ties): red-team "
-            f"pairs under the constitution's harmlessness principles, helpful pairs under its helpfulness ones.</p>")
+            f"AI judge{judge} in both orders ({results['games'] - results['judged']} identical pairs counted as ties){under}.</p>")
     # circular readings (evaluate.circular_readings), said next to the figures they qualify
     note += "".join(f"<p class=warn><b>Read with care:</b> {_e(n)}</p>" for n in results.get("notes", []))
     alignment = ""
