@@ -405,7 +405,7 @@ def oracle_note(cfg: DictConfig, judge_spec: dict) -> list[str]:
     """For a function judge (an oracle, ``judge.engine=function``), the note its figures need in place of
     ``circular_readings``' judge notes: a judge that labeled the training signal is the measurement when its preference
     is known. Empty for a model judge."""
-    if judge_spec.get("engine") != roles.FUNCTION:
+    if _is_model(judge_spec):
         return []
     judge_fingerprint = roles.fingerprint(judge_spec)
     trained = [stage for stage in ("ai_feedback", "ppo") if (m := read_manifest(stage_dir(cfg.run_dir, stage)))
