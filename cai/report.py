@@ -25,8 +25,10 @@ from cai.stages import STAGES
 
 PPO_CURVES = (("score", "mean score"), ("reward", "reward (score with its KL term)"), ("kl", "KL to reference (nats/seq)"),
               ("response_length", "response length (tokens)"), ("response_chars", "response length (characters)"),
-              ("group_score_std", "score spread within a prompt's group"))
-ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce": "REINFORCE"}
+              ("group_score_std", "score spread within a prompt's group"),
+              ("label_decisiveness", "labeler decisiveness, mean |p - 1/2|"), ("margin", "DPO margin, beta * h"))
+ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "reinforce": "REINFORCE",
+                   "online_dpo": "online DPO"}
 DPO_LOSSES = {"sigmoid": "sigmoid (DPO, Rafailov et al. 2023)", "ipo": "ipo (IPO, Azar et al. 2023)",
               "soft": "soft (the cross-entropy against each pair's P(chosen better): cDPO, smoothed 1 - p per pair)"}
 # evaluate's checkpoint names as the report shows them (a checkpoint folder keeps its path); PARENT: what each was

@@ -15,7 +15,8 @@ k1 = log pi(a) - log pi_ref(a) (unbiased, can be negative), or k3 = (ratio - 1) 
 ratio = pi_ref(a) / pi(a) (unbiased, never negative; Schulman's estimator).
 
 The direct-alignment losses (``dpo_loss``: DPO, IPO, and the soft cross-entropy that trains on a labeler's probability)
-work on whole responses' log-probs, for the DPO stage and online DPO.
+work on whole responses' log-probs, for the DPO stage and online DPO (Guo et al. 2024: the policy samples two responses
+per prompt, the reward labels the pair, ``pair_labels``, and the DPO loss trains on it, ``online_dpo_loss``).
 
 What differs between the algorithms — the value model, the advantages, the losses, the reward logged — is said once, in
 ``Algorithm`` (``algorithm()`` builds it from the stage's settings); the stage calls its methods and tests no names.
@@ -327,7 +328,51 @@ class AdaptiveKL:
         self.value = float(state["value"])
 
 
-ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce")
+def pair_labels(scores: torch.Tensor, win_rates: bool) -> torch.Tensor:
+    """(B,) scores of responses in consecutive pairs (a prompt's two) -> (B,) each response's probability of being the
+    better of its pair (a pair's two sum to 1).
+
+    win_rates: the scores are each response's probability of beating the other (``ppo.reward=pairwise``: p and 1 - p),
+    possibly lowered by a missing-EOS penalty, so the difference d = s_a - s_b is 2p - 1 and p = clamp(1/2 + d/2, 0, 1):
+    the labeler's own p where no penalty applied, and a response that lost a penalty of 1 or more loses outright.
+    Otherwise the scores are a scalar reward's (a PM's, a function's) and p = sigma(d), the Bradley-Terry probability
+    a PM is trained to give.
+    """
+    pairs = scores.view(-1, 2)
+    d = pairs[:, 0] - pairs[:, 1]
+    p = (0.5 + d / 2).clamp(0.0, 1.0) if win_rates else torch.sigmoid(d)
+    return torch.stack([p, 1.0 - p], dim=1).view(-1)
+
+
+def online_dpo_loss(logp: torch.Tensor, ref_logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, beta: float,
+                    loss: str = "sigmoid") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO-family loss (``dpo_loss``) on freshly sampled pairs. (B, R) per-token log-probs of the policy and the
+    reference, (B,) ``pair_labels`` and the (B, R) mask, rows in consecutive pairs -> (the mean loss over the pairs
+    that count, figures: ``margin`` (mean of beta * h, h the chosen-over-rejected log-ratio margin), ``accuracy`` (share
+    of pairs with h > 0), ``pairs_used`` (share of pairs that count), all detached).
+
+    Each reply's log-probability is the sum over its real tokens; the better-labelled reply of a pair is chosen, with
+    p_chosen = its label. A tie (p = 1/2) says nothing about which reply is better under sigmoid and ipo, whose labels
+    are hard: it does not count there; soft trains it towards a zero margin. Two identical replies give h = 0 whatever
+    the weights, so no gradient.
+    """
+    seq = (logp * mask).sum(dim=1).view(-1, 2)  # (P, 2)
+    ref = (ref_logp * mask).sum(dim=1).view(-1, 2)
+    p_first = labels.view(-1, 2)[:, 0]
+    first = p_first >= 0.5
+    chosen, rejected = torch.where(first, seq[:, 0], seq[:, 1]), torch.where(first, seq[:, 1], seq[:, 0])
+    ref_chosen, ref_rejected = torch.where(first, ref[:, 0], ref[:, 1]), torch.where(first, ref[:, 1], ref[:, 0])
+    p_chosen = torch.where(first, p_first, 1.0 - p_first)
+    losses, reward_chosen, reward_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss, p_chosen)
+    counts = torch.ones_like(p_first) if loss == "soft" else (p_first != 0.5).to(p_first.dtype)
+    n = counts.sum().clamp(min=1)
+    margin = reward_chosen - reward_rejected
+    figures = {"margin": (margin * counts).sum() / n, "accuracy": ((margin > 0).float() * counts).sum() / n,
+               "pairs_used": counts.mean()}
+    return (losses * counts.to(losses.dtype)).sum() / n, {k: v.detach() for k, v in figures.items()}
+
+
+ALGORITHMS = ("ppo", "rloo", "grpo", "dr_grpo", "reinforce", "online_dpo")
 RATIOS = ("token", "sequence")
 
 
@@ -337,11 +382,13 @@ class Algorithm:
     usual practice), and what differs between the algorithms, each in one method: the value model (``critic``), the
     advantages, the reward logged, the policy and value losses, the KL controller's ceiling. B responses (a prompt's k
     consecutive), R response positions."""
-    name: str             # ppo | rloo | grpo | dr_grpo | reinforce
+    name: str             # ppo | rloo | grpo | dr_grpo | reinforce | online_dpo
     k: int                # responses per prompt
-    kl_in: str            # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss
+    kl_in: str            # reward: -beta * KL in the reward | loss: + beta * k3 KL in the loss | implicit: online_dpo's
+                          # DPO loss, whose beta is the KL's weight in the objective it optimises
     aggregation: str      # how per-token losses become one number (aggregate)
     ratio: str = "token"  # the policy loss's importance ratio: token (policy_loss) | sequence (sequence_policy_loss, rloo)
+    dpo_loss: str = "sigmoid"  # online_dpo's loss (dpo_loss): sigmoid | ipo | soft
 
     @property
     def critic(self) -> str | None:
@@ -351,6 +398,19 @@ class Algorithm:
         return {"ppo": "token", "reinforce": "prompt"}.get(self.name)
 
     @property
+    def preference(self) -> bool:
+        """Whether the policy learns from pairs the reward labels (online_dpo: ``pair_labels``, ``online_dpo_loss``)
+        rather than from advantages."""
+        return self.name == "online_dpo"
+
+    @property
+    def tempered(self) -> bool:
+        """Whether the losses read log-probs under logits / T, the distribution the responses were sampled from (the
+        policy-gradient methods, whose ratios and KL are of the sampler); online_dpo reads the model's own (T = 1), as
+        the DPO stage does: DPO trains the policy itself, whatever temperature explored."""
+        return not self.preference
+
+    @property
     def kl_ceiling(self) -> float | None:
         """The adaptive KL controller's ceiling on beta: reinforce's alpha weighs the score by 1 - alpha, so it stops at
         1 (above, the policy would learn to lower the score); None for the others."""
@@ -358,10 +418,13 @@ class Algorithm:
 
     def advantages(self, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
                    values: torch.Tensor | None = None, *, gamma: float = 1.0, lam: float = 0.95,
-                   whiten_rewards: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   whiten_rewards: bool = False, win_rates: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B,) scores, (B, R) per-token KL (0 on padding), (B, R) mask, beta and the value model's values (``critic``
         token: (B, R); prompt: (B,); None without one) -> (advantages (B, R), 0 on padding; the value model's targets,
         shaped as ``values``, or None).
+
+        online_dpo: in place of advantages, each response's label, its probability of being the better of its pair
+        (``pair_labels``; ``win_rates``: the scores are the pairwise labeler's), at each of its real tokens.
 
         ppo: per-token rewards (``token_rewards``: -beta * KL with kl_in=reward, the score at the last real token),
         rescaled by their std with ``whiten_rewards``, GAE (gamma, lam), advantages whitened; the targets are GAE's
@@ -375,6 +438,8 @@ class Algorithm:
                 per_token = whiten(per_token, mask, shift_mean=False)
             advantages, returns = gae(per_token, values, mask, gamma, lam)
             return whiten(advantages, mask), returns
+        if self.preference:
+            return pair_labels(scores, win_rates).unsqueeze(1) * mask, None
         if self.name == "reinforce":
             returns, advantages = reinforce_advantages(scores, kl.sum(dim=1), values, beta)
             return advantages.unsqueeze(1) * mask, returns
@@ -391,15 +456,20 @@ class Algorithm:
         return scores - beta * seq_kl
 
     def policy_losses(self, logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-                      mask: torch.Tensor, clip_range: float,
-                      max_len: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor, clip_range: float, max_len: int | None = None,
+                      beta: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(B, R) log-probs of the policy being trained, of the rollout's policy and of the reference, the rollout's
-        advantages and the mask -> ({"policy_loss", and "kl_loss" with kl_in=loss}, clip fraction, approx KL); the
-        policy minimises policy_loss + beta * kl_loss.
+        advantages and the mask -> ({"policy_loss", and "kl_loss" with kl_in=loss}, figures, detached); the policy
+        minimises policy_loss + beta * kl_loss.
 
         policy_loss: the clipped surrogate with one ratio per token, aggregated as ``aggregation`` (``policy_loss``), or
-        with one ratio per response (ratio=sequence: ``sequence_policy_loss``); kl_loss: k3 per token, aggregated alike.
+        with one ratio per response (ratio=sequence: ``sequence_policy_loss``), figures ``clip_frac`` and ``approx_kl``;
+        kl_loss: k3 per token, aggregated alike. online_dpo: ``online_dpo_loss`` with this ``beta`` on the labels
+        ``advantages`` carries (old_logp and clip_range unused), figures ``margin``, ``accuracy``, ``pairs_used``.
         """
+        if self.preference:
+            loss, figures = online_dpo_loss(logp, ref_logp, advantages[:, 0], mask, beta, self.dpo_loss)
+            return {"policy_loss": loss}, figures
         if self.ratio == "sequence":  # a response's advantage sits at each of its real tokens, and position 0 is real
             loss, clip_frac, approx_kl = sequence_policy_loss(logp, old_logp, advantages[:, 0], mask, clip_range)
         else:
@@ -407,7 +477,7 @@ class Algorithm:
         losses = {"policy_loss": loss}
         if self.kl_in == "loss":
             losses["kl_loss"] = aggregate(kl_per_token(logp, ref_logp, "k3"), mask, self.aggregation, max_len)
-        return losses, clip_frac, approx_kl
+        return losses, {"clip_frac": clip_frac, "approx_kl": approx_kl}
 
     def critic_loss(self, values: torch.Tensor, old_values: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                     clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -421,14 +491,15 @@ class Algorithm:
 
 def algorithm(s, section: str = "ppo") -> Algorithm:
     """The ``Algorithm`` the stage's settings ``s`` ask for (``algorithm``, ``samples_per_prompt``, ``kl_in``,
-    ``rloo_ratio``; ``kl_coef`` is checked against it), the nulls resolved to each algorithm's usual practice.
+    ``rloo_ratio``, ``dpo_loss``; ``kl_coef`` is checked against it), the nulls resolved to each algorithm's usual practice.
 
     ppo: 1 response per prompt, KL in the reward, token mean (Huang et al.). rloo: 4, KL in the reward, token mean
     (Ahmadian et al.; rloo_ratio=sequence: one ratio per response, as the paper and TRL). grpo: 4, a k3 KL loss, each
     response's token mean then the mean over responses (Shao et al.). dr_grpo: as grpo without the std division, each
     response's token sum over max_new_tokens (Liu et al.). reinforce: 1, the KL weighed against the score in the reward,
     each response's token sum over max_new_tokens (Lee et al.: the response is one action, so its log-probability is
-    the sum over its tokens). A value or combination that cannot run raises ValueError, one line naming
+    the sum over its tokens). online_dpo: 2, the KL implicit in the DPO loss (``kl_coef`` is DPO's beta), the loss
+    ``dpo_loss`` (Guo et al. 2024). A value or combination that cannot run raises ValueError, one line naming
     ``<section>.<key>``.
     """
     name = s.algorithm
@@ -449,6 +520,18 @@ def algorithm(s, section: str = "ppo") -> Algorithm:
     if s.rloo_ratio == "sequence" and name != "rloo":
         raise ValueError(f"{section}.rloo_ratio=sequence is RLOO's one ratio per response: it needs {section}.algorithm=rloo, "
                          f"got {name}")
+    if name == "online_dpo":
+        if s.samples_per_prompt not in (None, 2):
+            raise ValueError(f"{section}.algorithm=online_dpo samples a pair per prompt: {section}.samples_per_prompt must be "
+                             f"2 or null, got {s.samples_per_prompt}")
+        if s.kl_in is not None:
+            raise ValueError(f"{section}.algorithm=online_dpo keeps the KL inside its DPO loss ({section}.kl_coef is its beta): "
+                             f"{section}.kl_in must be null, got {s.kl_in}")
+        if s.dpo_loss not in DPO_LOSSES:
+            raise ValueError(f"{section}.dpo_loss must be one of {', '.join(DPO_LOSSES)}, got {s.dpo_loss!r}")
+        if not s.kl_coef:
+            raise ValueError(f"{section}.algorithm=online_dpo: {section}.kl_coef is DPO's beta and must be > 0, got {s.kl_coef}")
+        return Algorithm(name, 2, "implicit", "token_mean", "token", s.dpo_loss)
     k = s.samples_per_prompt or (1 if name in ("ppo", "reinforce") else 4)
     kl_in = s.kl_in or ("reward" if name in ("ppo", "rloo", "reinforce") else "loss")
     aggregation = {"grpo": "sequence_mean", "dr_grpo": "constant", "reinforce": "constant"}.get(name, "token_mean")

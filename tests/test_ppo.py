@@ -49,10 +49,12 @@ def babbler(tmp_path_factory):
 
 
 @pytest.mark.parametrize("algorithm, prompts, ratio", [("ppo", 8, "token"), ("rloo", 2, "token"), ("rloo", 2, "sequence"),
-                                                       ("grpo", 2, "token"), ("dr_grpo", 2, "token"), ("reinforce", 8, "token")])
+                                                       ("grpo", 2, "token"), ("dr_grpo", 2, "token"), ("reinforce", 8, "token"),
+                                                       ("online_dpo", 4, "token")])
 def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, prompts, ratio):
     """The reward is the share of one word (" you") in the response: 8 responses a step for every algorithm (the
-    critic-free ones as 2 prompts x 4); rloo also with one importance ratio per response (``ppo.rloo_ratio=sequence``)."""
+    critic-free ones as 2 prompts x 4, online DPO as 4 pairs labelled sigma(score difference)); rloo also with one
+    importance ratio per response (``ppo.rloo_ratio=sequence``)."""
     critic = algorithm in ("ppo", "reinforce")
     model, token = babbler
     result = run_module("cai.stages.ppo", *TINY_ARGS, f"run_dir={tmp_path / 'rl'}", "ppo.reward=custom",
@@ -69,7 +71,8 @@ def test_each_algorithm_learns_to_prefer_a_token(babbler, tmp_path, algorithm, p
     assert ("value_loss" in metrics[0]) == critic and ("group_score_std" in metrics[0]) == (not critic)
     assert ("kl_loss" in metrics[0]) == (algorithm in ("grpo", "dr_grpo"))
     manifest = read_manifest(tmp_path / "rl" / "ppo")
-    assert manifest["algorithm"] == algorithm and manifest["counts"]["samples_per_prompt"] == (1 if critic else 4)
+    k = 1 if critic else 2 if algorithm == "online_dpo" else 4
+    assert manifest["algorithm"] == algorithm and manifest["counts"]["samples_per_prompt"] == k
     assert ("value" in manifest["devices"]) == critic
 
 
@@ -126,11 +129,14 @@ def test_every_response_hitting_max_length_still_trains(tiny_run, tmp_path, miss
         assert "each scored missing_eos_score=-1.0" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "reinforce"])
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "reinforce", "online_dpo"])
 def test_sigkill_then_rerun_resumes_to_the_same_weights(tiny_run, tmp_path, algorithm):
+    """rloo resumes as grpo does (no value model, group advantages); online DPO is labelled by the tiny labeler
+    (``reward=pairwise``: principles drawn per prompt and step, so a resumed step draws what the clean run drew)."""
     run_dir = _copy(tiny_run, tmp_path)
     args = [sys.executable, "-m", "cai.stages.ppo", *TINY_ARGS, f"run_dir={run_dir}", "ppo.steps=10", "ppo.save_every=3",
-            "ppo.target_kl=0.5", f"ppo.algorithm={algorithm}", f"ppo.batch_size={4 if algorithm in ('ppo', 'reinforce') else 2}"]
+            "ppo.target_kl=0.5", f"ppo.algorithm={algorithm}", f"ppo.batch_size={4 if algorithm in ('ppo', 'reinforce') else 2}",
+            *(["ppo.reward=pairwise", "ppo.dpo_loss=soft"] if algorithm == "online_dpo" else [])]
     latest = run_dir / "ppo" / "checkpoints" / "latest.json"
     again = kill_then_rerun(args, latest, at_step=3)
     assert again.returncode == 0, again.stderr[-3000:]

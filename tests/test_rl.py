@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def _settings(algorithm, **kw):
     from types import SimpleNamespace
 
     return SimpleNamespace(**{"algorithm": algorithm, "samples_per_prompt": None, "kl_in": None, "kl_coef": 0.05,
-                              "rloo_ratio": "token", **kw})
+                              "rloo_ratio": "token", "dpo_loss": "sigmoid", **kw})
 
 
 @pytest.mark.parametrize("name, k, kl_in, aggregation, critic, ceiling", [
@@ -257,10 +258,10 @@ def test_each_algorithms_advantages_targets_and_logged_reward():
 def test_each_algorithms_losses():
     logp, old, ref = t([[0.1, -0.2, 0.0], [0.3, 0.0, 0.0]]), t([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), t([[-0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])
     mask, adv = t([[1, 1, 0], [1, 0, 0]]), t([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]])
-    losses, clip_frac, _ = rl.algorithm(_settings("ppo")).policy_losses(logp, old, ref, adv, mask, 0.2)
-    assert losses.keys() == {"policy_loss"}
+    losses, figures = rl.algorithm(_settings("ppo")).policy_losses(logp, old, ref, adv, mask, 0.2)
+    assert losses.keys() == {"policy_loss"} and figures.keys() == {"clip_frac", "approx_kl"}
     torch.testing.assert_close(losses["policy_loss"], rl.policy_loss(logp, old, adv, mask, 0.2)[0])
-    losses, _, _ = rl.algorithm(_settings("grpo", samples_per_prompt=2)).policy_losses(logp, old, ref, adv, mask, 0.2)
+    losses, _ = rl.algorithm(_settings("grpo", samples_per_prompt=2)).policy_losses(logp, old, ref, adv, mask, 0.2)
     torch.testing.assert_close(losses["kl_loss"], rl.aggregate(rl.kl_per_token(logp, ref, "k3"), mask, "sequence_mean"))
     sequence = rl.algorithm(_settings("rloo", rloo_ratio="sequence")).policy_losses(logp, old, ref, adv, mask, 0.2)
     torch.testing.assert_close(sequence[0]["policy_loss"], rl.sequence_policy_loss(logp, old, t([1.0, -2.0]), mask, 0.2)[0])
@@ -301,6 +302,52 @@ def test_soft_dpo_is_sigmoid_at_hard_labels_and_pulls_half_labels_to_a_zero_marg
     chosen = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     rl.dpo_loss(chosen, t([0.0]), t([0.0]), t([0.0]), 0.1, loss="soft", p_chosen=t([0.5]))[0].sum().backward()
     assert chosen.grad.abs().item() < 1e-12
+
+
+def test_pair_labels_from_win_rates_and_from_scalar_scores():
+    # the pairwise labeler's win rates p, 1 - p give back p; a missing-EOS penalty of 1 on the second makes it lose outright
+    torch.testing.assert_close(rl.pair_labels(t([0.7, 0.3, 0.2, 0.8]), True), t([0.7, 0.3, 0.2, 0.8]))
+    torch.testing.assert_close(rl.pair_labels(t([0.7, 0.3 - 1.0, 0.2 - 0.2, 0.8]), True), t([1.0, 0.0, 0.1, 0.9]))
+    # a scalar reward: Bradley-Terry, sigma(s_a - s_b)
+    torch.testing.assert_close(rl.pair_labels(t([2.0, 1.0, 0.0, 0.0]), False),
+                               t([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1)), 0.5, 0.5]))
+
+
+def test_online_dpo_loss_by_hand():
+    # two pairs of one-or-two-token replies; pair 0's second reply is the better (label 0.2), pair 1 is a tie
+    logp = t([[-1.0, -1.0], [-0.5, 0.0], [-2.0, 0.0], [-2.0, 0.0]])
+    ref = t([[-0.5, -0.5], [-1.0, 0.0], [-1.0, 0.0], [-1.0, 0.0]])
+    mask = t([[1, 1], [1, 0], [1, 0], [1, 0]])
+    labels = t([0.2, 0.8, 0.5, 0.5])
+    # pair 0: chosen = row 1 (log-ratio 0.5), rejected = row 0 (log-ratio -1): h = 1.5, beta * h = 0.75
+    loss, figures = rl.online_dpo_loss(logp, ref, labels, mask, 0.5, "sigmoid")
+    torch.testing.assert_close(loss, t(math.log(1 + math.exp(-0.75))))  # the tie does not count under sigmoid
+    assert figures["pairs_used"].item() == 0.5 and figures["accuracy"].item() == 1.0
+    torch.testing.assert_close(figures["margin"], t(0.75))
+    # soft: the chosen's p is 0.8, and the tie counts with h = 0: -log sigma(0) = log 2
+    soft, figures = rl.online_dpo_loss(logp, ref, labels, mask, 0.5, "soft")
+    expected = (0.8 * math.log(1 + math.exp(-0.75)) + 0.2 * math.log(1 + math.exp(0.75)) + math.log(2)) / 2
+    torch.testing.assert_close(soft, t(expected))
+    assert figures["pairs_used"].item() == 1.0
+    # the same as the DPO stage's loss on the pair read as chosen/rejected
+    torch.testing.assert_close(rl.online_dpo_loss(logp[:2], ref[:2], labels[:2], mask[:2], 0.5, "ipo")[0],
+                               rl.dpo_loss(t([-0.5]), t([-2.0]), t([-1.0]), t([-1.0]), 0.5, "ipo")[0][0])
+
+
+def test_online_dpo_settings():
+    algo = rl.algorithm(_settings("online_dpo", dpo_loss="soft"))
+    assert (algo.k, algo.kl_in, algo.critic, algo.preference, algo.tempered, algo.dpo_loss) == (2, "implicit", None, True,
+                                                                                               False, "soft")
+    assert not rl.algorithm(_settings("grpo")).preference and rl.algorithm(_settings("grpo")).tempered
+    labels = rl.algorithm(_settings("online_dpo")).advantages(t([0.9, 0.1]), torch.zeros(2, 2), t([[1, 1], [1, 0]]), 0.1,
+                                                              win_rates=True)[0]
+    torch.testing.assert_close(labels, t([[0.9, 0.9], [0.1, 0.0]]))
+    for bad, match in [({"samples_per_prompt": 4}, "x.samples_per_prompt must be 2 or null, got 4"),
+                       ({"kl_in": "loss"}, "x.kl_in must be null, got loss"),
+                       ({"dpo_loss": "hinge"}, "x.dpo_loss must be one of sigmoid, ipo, soft, got 'hinge'"),
+                       ({"kl_coef": 0.0}, "x.kl_coef is DPO's beta and must be > 0, got 0.0")]:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            rl.algorithm(_settings("online_dpo", **bad), "x")
 
 
 

@@ -290,18 +290,21 @@ print(json.dumps({{"same_start": same_start, "stale": stale, "synced": tokens(en
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"same_start": True, "stale": False, "synced": True}
 
 
-def test_ppo_samples_its_rollouts_on_vllm(tmp_path):
+def test_online_dpo_samples_its_pairs_on_vllm(tmp_path):
+    """Online DPO from AI feedback with the policy's pairs sampled on vLLM (given its weights each step) and labelled by
+    the tiny labeler (every algorithm samples through the same ``sample``; the pipeline test below runs ppo on vLLM)."""
     from conftest import run_module
 
     from cai.lineage import read_manifest
     from cai.metrics import read_metrics
 
     result = run_module("cai.stages.ppo", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
-                        "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1", "ppo.reward=direct_rlaif", "ppo.steps=2",
-                        "ppo.algorithm=grpo")
+                        "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1", "ppo.reward=pairwise", "ppo.steps=2",
+                        "ppo.algorithm=online_dpo")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "ppo") if "score" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(r["response_length"] > 0 for r in rows)
+    assert all(0 <= r["label_decisiveness"] <= 0.5 and r["comparisons_per_s"] > 0 and "margin" in r for r in rows)
     assert read_manifest(tmp_path / "ppo")["config"]["ppo"]["rollout_engine"] == "vllm"
 
 

@@ -1,7 +1,9 @@
 """RL-CAI: PPO with the preference model as reward (or direct RLAIF), policy and value in DeepSpeed engines; or a
 critic-free method (``ppo.algorithm``: rloo, grpo, dr_grpo) that samples k responses per prompt and measures each
 against its siblings instead of a value model; or RLAIF's REINFORCE (``reinforce``), a value model's V(x) of the prompt
-as the baseline of each whole response.
+as the baseline of each whole response; or online DPO from AI feedback (``online_dpo``, Guo et al. 2024): two responses
+per prompt, the reward labels the pair (with ``ppo.reward=pairwise`` the labeler judges it as ai_feedback does), and the
+DPO loss of the DPO stage (``ppo.dpo_loss``) trains the policy on it against the frozen reference, ``kl_coef`` its beta.
 
     python -m cai.stages.ppo run_dir=R [ppo.kl_coef=0.05] [ppo.reward=direct_rlaif] [ppo.algorithm=rloo]
     torchrun --nproc_per_node 2 -m cai.stages.ppo run_dir=R deepspeed=zero3
@@ -33,17 +35,22 @@ what differs between the algorithms is ``cai.rl.Algorithm``'s (``rl.algorithm`` 
    rloo, grpo, dr_grpo: each response's reward (its score, less beta * its summed KL when ``kl_in=reward``) against
    the other responses to its prompt (``rl.group_advantages``), the same advantage at every token; reinforce: the
    reward (1 - beta) * score - beta * summed KL less the value model's V(x) (``rl.reinforce_advantages``), likewise;
+   online_dpo: no advantages but each response's label, its probability of being the better of its pair
+   (``rl.pair_labels``: the pairwise labeler's p, or sigma of the score difference for a scalar reward);
 5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss (``Algorithm.policy_losses``: a
    ratio per token, aggregated over tokens as the algorithm does, ``rl.aggregate``; rloo with ``rloo_ratio=sequence``
    one ratio per response), plus beta * k3 KL when ``kl_in=loss``, plus the clipped value loss (``Algorithm.critic_loss``;
    ppo: per token against the GAE returns; reinforce: V(x) against the reward),
-   padding masked; beta then follows the adaptive controller when ``target_kl`` is set.
+   padding masked; online_dpo: the DPO loss instead (``rl.online_dpo_loss``; log-probs at T = 1, as the DPO stage);
+   beta then follows the adaptive controller when ``target_kl`` is set.
 
 Writes ``${run_dir}/ppo/``: ``metrics.jsonl`` (per step: score, reward, kl, kl_coef, response_length (tokens),
 response_chars (characters), eos_rate, policy_loss, clip_frac, entropy, approx_kl, samples_per_s; ppo, reinforce:
 value_loss, value_clip_frac; k > 1: group_score_std, the mean spread of the scores of one prompt's responses;
-kl_in=loss: kl_loss; and the step's seconds split into rollout_s (generation), score_s (the reward and make_experience:
-log-probs, values, advantages) and update_s),
+kl_in=loss: kl_loss; online_dpo: margin, accuracy and pairs_used instead of the clip figures, and label_decisiveness, the
+mean |p - 1/2| of the pairs' labels (how decided the labeler is); reward=pairwise: comparisons_per_s (pairs judged, each
+in both orders, a second of labeling); and the step's seconds split into rollout_s (generation), score_s (the reward and
+make_experience: log-probs, values, advantages), within it label_s (the reward alone), and update_s),
 ``samples.jsonl``, ``checkpoints/`` (policy, value, optimizers, KL controller, RNG, step), ``model/``
 (the final policy, ``save_pretrained``) and ``manifest.json``.
 """
@@ -170,11 +177,13 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
                                     step=step, rank=rank, group=algo.k)
         t_rollout = _clock(device)
         raw = reward(batch, conversations, completions, [f"{items[i].id}:{step}" for i in rows]).to(device).float()
+        t_labeled = _clock(device)
         if distributed.sum_over_ranks(int(not torch.isfinite(raw).all())) > 0:
             raise StageError(f"a non-finite reward (score) at step {step + 1}; stopping before any update on it. "
                              f"Last good checkpoint: {training.latest_tag(checkpoints)} in {checkpoints}")
         beta = kl_ctl.value
-        ro = make_experience(policy_engine, reference, value_engine, batch, raw, s=s, algo=algo, beta=beta)
+        ro = make_experience(policy_engine, reference, value_engine, batch, raw, s=s, algo=algo, beta=beta,
+                             win_rates=s.reward == "pairwise")
         t_experience = _clock(device)
         lr = policy_sched.get_last_lr()[0]
         stats = update(policy_engine, value_engine, ro, s=s, algo=algo, beta=beta, seed=cfg.seed, step=step, rank=rank,
@@ -189,13 +198,18 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
                "eos_rate": ro.has_eos.float().mean().item(), "entropy": ro.entropy, **stats}
         if algo.k > 1:
             row["group_score_std"] = rl.group_spread(ro.scores, algo.k).item()  # after the missing-EOS treatment
+        if algo.preference:  # the reward's own labels, before the missing-EOS treatment
+            row["label_decisiveness"] = (rl.pair_labels(raw, s.reward == "pairwise")[0::2] - 0.5).abs().mean().item()
         row = {k: (v if k in ("step", "kl_coef") else round(distributed.mean_over_ranks(v), 6)) for k, v in row.items()}
         n_samples = world * s.batch_size * algo.k
         kl_ctl.update(row["kl"], n_samples)
         seconds = time.perf_counter() - t0
         row.update(lr=lr, samples_per_s=round(n_samples / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
                    rollout_s=round(t_rollout - t0, 3), score_s=round(t_experience - t_rollout, 3),
-                   update_s=round(t_updated - t_experience, 3))
+                   label_s=round(t_labeled - t_rollout, 3), update_s=round(t_updated - t_experience, 3))
+        if s.reward == "pairwise":  # each pair judged in both orders counts once
+            judged = world * s.batch_size * len(rewards.sibling_pairs(algo.k))
+            row["comparisons_per_s"] = round(judged / max(t_labeled - t_rollout, 1e-9), 3)
         if row["eos_rate"] == 0 and main_rank and not warned:
             warned = True
             tqdm.write(f"cai {STAGE}: step {step + 1}: no response ended within {STAGE}.max_new_tokens={s.max_new_tokens}; "
@@ -236,11 +250,12 @@ class Rollout:
     has_eos: torch.Tensor        # (B,) bool: the response ended with EOS
     scores: torch.Tensor         # (B,) the reward's score; where there was no EOS, less missing_eos_penalty (or
                                  # replaced by missing_eos_score)
-    logprobs: torch.Tensor       # (B, R) log π_old(a_t | s_t) at temperature T
-    ref_logprobs: torch.Tensor   # (B, R) log π_ref(a_t | s_t) at temperature T
+    logprobs: torch.Tensor       # (B, R) log π_old(a_t | s_t) at temperature T (online_dpo: at 1, ``Algorithm.tempered``)
+    ref_logprobs: torch.Tensor   # (B, R) log π_ref(a_t | s_t), likewise
     kl: torch.Tensor             # (B, R) KL estimate to the reference, log π_old - log π_ref (k1) or k3; 0 on padding
     advantages: torch.Tensor     # (B, R) ppo: GAE advantages, whitened over the batch's real tokens; critic-free: each
-                                 # response's group advantage at every real token; reinforce: R - V(x), likewise
+                                 # response's group advantage at every real token; reinforce: R - V(x), likewise;
+                                 # online_dpo: each response's label (rl.pair_labels), likewise
     entropy: float               # mean per-token entropy of π_old over real tokens
     values: torch.Tensor | None = None   # (B, R) V_old(s_t) of the value model (ppo); reinforce: (B,) V_old(x)
     returns: torch.Tensor | None = None  # (B, R) GAE returns, the value model's targets (ppo); reinforce: (B,) rewards
@@ -269,21 +284,23 @@ def sample(policy_engine, rollout, tok, conversations: list[list[dict]], queries
 
 @torch.no_grad()
 def make_experience(policy_engine, reference, value_engine, batch: "_Batch", raw: torch.Tensor, *, s, algo: rl.Algorithm,
-                    beta: float) -> Rollout:
+                    beta: float, win_rates: bool = False) -> Rollout:
     """What the update needs to know of the sampled ``batch`` and its raw scores (B,), computed without gradient: the
-    scores after the missing-EOS treatment, log-probs of the policy and the reference (logits / T), the per-token KL,
-    the value model's values (``algo.critic``) and the advantages with the value model's targets (``algo.advantages``:
-    ppo's GAE, the critic-free methods' group baselines, reinforce's V(x))."""
+    scores after the missing-EOS treatment, log-probs of the policy and the reference (logits / T; online_dpo: T = 1),
+    the per-token KL, the value model's values (``algo.critic``) and the advantages with the value model's targets
+    (``algo.advantages``: ppo's GAE, the critic-free methods' group baselines, reinforce's V(x), online_dpo's pair labels;
+    ``win_rates``: the scores are the pairwise labeler's)."""
     scores = rl.apply_missing_eos_penalty(raw, batch.has_eos, s.missing_eos_penalty, s.missing_eos_score)
+    temperature = _loss_temperature(s, algo)
     logits = _response_logits(policy_engine.module, batch)
-    logprobs = rl.logprobs_from_logits(logits, batch.response, s.temperature)
-    entropy = rl.masked_mean(rl.entropy_from_logits(logits, s.temperature), batch.mask).item()
+    logprobs = rl.logprobs_from_logits(logits, batch.response, temperature)
+    entropy = rl.masked_mean(rl.entropy_from_logits(logits, temperature), batch.mask).item()
     del logits
-    ref_logprobs = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, s.temperature)
+    ref_logprobs = rl.logprobs_from_logits(_response_logits(reference, batch), batch.response, temperature)
     kl = rl.kl_per_token(logprobs, ref_logprobs, s.kl_estimator) * batch.mask
     values = _values(value_engine.module, batch, algo.critic) if algo.critic else None
     advantages, returns = algo.advantages(scores, kl, batch.mask, beta, values, gamma=s.gamma, lam=s.lam,
-                                          whiten_rewards=s.whiten_rewards)
+                                          whiten_rewards=s.whiten_rewards, win_rates=win_rates)
     return Rollout(batch=batch, has_eos=batch.has_eos, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, kl=kl,
                    advantages=advantages, entropy=entropy, values=values, returns=returns)
 
@@ -291,9 +308,9 @@ def make_experience(policy_engine, reference, value_engine, batch: "_Batch", raw
 def update(policy_engine, value_engine, ro: Rollout, *, s, algo: rl.Algorithm, beta: float, seed: int, step: int, rank: int,
            checkpoints: Path) -> dict:
     """``ppo_epochs`` passes over ``num_minibatches`` shuffled minibatches of the rollout: the clipped policy loss (plus
-    beta * the k3 KL to the reference when ``kl_in=loss``; ``algo.policy_losses``) and, with a value model
-    (``algo.critic``: ppo, reinforce), its clipped loss (``algo.critic_loss``); one optimizer step each per minibatch.
-    Returns the mean of each loss statistic."""
+    beta * the k3 KL to the reference when ``kl_in=loss``; online_dpo: the DPO loss; ``algo.policy_losses``) and, with a
+    value model (``algo.critic``: ppo, reinforce), its clipped loss (``algo.critic_loss``); one optimizer step each per
+    minibatch. Returns the mean of each loss statistic."""
     from cai import distributed
 
     k = ro.batch.group
@@ -306,9 +323,9 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, algo: rl.Algorithm, b
         for m in range(s.num_minibatches):
             idx = torch.tensor(order[m * micro:(m + 1) * micro], device=policy_engine.device)
             mb = ro.batch.select(idx)
-            logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, s.temperature)
-            losses, clip_frac, approx_kl = algo.policy_losses(logp, ro.logprobs[idx], ro.ref_logprobs[idx], ro.advantages[idx],
-                                                              mb.mask, s.clip_range, s.max_new_tokens)
+            logp = rl.logprobs_from_logits(_response_logits(policy_engine, mb), mb.response, _loss_temperature(s, algo))
+            losses, figures = algo.policy_losses(logp, ro.logprobs[idx], ro.ref_logprobs[idx], ro.advantages[idx], mb.mask,
+                                                 s.clip_range, s.max_new_tokens, beta=beta)
             if algo.critic:
                 values = _values(value_engine.module, mb, algo.critic)
                 losses["value_loss"], v_clip = algo.critic_loss(values, ro.values[idx], ro.returns[idx], mb.mask,
@@ -323,7 +340,7 @@ def update(policy_engine, value_engine, ro: Rollout, *, s, algo: rl.Algorithm, b
                 value_engine.backward(losses["value_loss"])
                 value_engine.step()
                 losses["value_clip_frac"] = v_clip
-            for key, value in {**losses, "clip_frac": clip_frac, "approx_kl": approx_kl}.items():
+            for key, value in {**losses, **figures}.items():
                 stats.setdefault(key, []).append(value.item())
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
@@ -368,6 +385,11 @@ def _prompt_values(value_model, b: _Batch) -> torch.Tensor:
 def _values(value_model, b: _Batch, critic: str) -> torch.Tensor:
     """The value model's estimates as ``rl.Algorithm.critic`` names them: token, (B, R) V(s_t); prompt, (B,) V(x)."""
     return _token_values(value_model, b) if critic == "token" else _prompt_values(value_model, b)
+
+
+def _loss_temperature(s, algo: rl.Algorithm) -> float:
+    """The temperature the losses read log-probs at (``rl.Algorithm.tempered``): the sampling one, or 1."""
+    return s.temperature if algo.tempered else 1.0
 
 
 def _clock(device: torch.device) -> float:
