@@ -20,6 +20,17 @@ named by a key over the stage's config hash, constitution, launcher and its upst
 whose settings agree up to a stage share that stage's folder, so it is computed once. A file lock per
 shared folder makes parallel launchers (joblib, submitit) wait for a stage another job is computing.
 
+Iterated rounds (``rounds=R``, ``round_stages``). After the stages of ``stages`` (round 1) and before ``evaluate``,
+rounds 2..R each run ``round_stages`` again in ``${run_dir}/round-<r>/``: ``ai_feedback`` samples pairs from the previous
+round's policy on fresh prompts (``ai_feedback.round=r``: the r-th block of its prompts) and the labeler labels them,
+then the policy is trained again on them from the previous round's policy — by ``dpo``, or by ``pm_finetune`` and
+``ppo``. Each round's stages are ordinary stage runs, skipped and resumed like any: the pipeline links into the round's
+folder what they read of the rounds before (``round_links``): ``sl_train``, where every stage looks for the policy it
+starts from, is the previous round's policy stage; ``pm_pretrain``, where pm_finetune looks for the PM it starts from,
+is the previous round's ``pm_finetune``; ``sl_generate`` is round 1's. So a round's manifests record the lineage of the
+policy it sampled and trained from, and a rerun of a round reruns the rounds after it and ``evaluate``, whose
+``trained`` checkpoints include every round's policy.
+
 At the end: a summary table (status, rows or steps, wall time, key metric per stage),
 ``${run_dir}/pipeline.json`` and the HTML report ``${run_dir}/report.html`` (``cai report``).
 """
@@ -56,8 +67,58 @@ def facts(stage: str):
     """The stage's module, for the facts it states at its top (``UPSTREAM``, ``HASH_KEYS``, ``MULTI_RANK``)."""
     return importlib.import_module(f"cai.stages.{stage}")
 
-PIPELINE_KEYS = ("stages", "launcher")  # the pipeline's own settings: not passed to stages
+PIPELINE_KEYS = ("stages", "launcher", "rounds", "round_stages")  # the pipeline's own settings: not passed to stages
 RECORD = "pipeline.json"
+# what a later round may run (round_stages): label fresh pairs, then train the policy on them by DPO, or by PM + RL
+ROUTES = (["ai_feedback", "dpo"], ["ai_feedback", "pm_finetune", "ppo"])
+
+
+def round_dir(run_dir: Path, r: int) -> Path:
+    """Round r's folder: the run directory itself for round 1, ``round-<r>/`` in it after."""
+    return run_dir if r == 1 else run_dir / f"round-{r}"
+
+
+def check_rounds(cfg) -> str | None:
+    """The stage that trains each round's policy (dpo or ppo), or None with ``rounds=1``; a bad ``rounds`` or
+    ``round_stages`` is refused in one line (SystemExit) naming the key."""
+    if not isinstance(cfg.rounds, int) or isinstance(cfg.rounds, bool) or cfg.rounds < 1:
+        raise SystemExit(f"cai.pipeline: rounds must be an integer >= 1, got {cfg.rounds!r}")
+    if cfg.rounds == 1:
+        return None
+    stages = list(cfg.round_stages)
+    if stages not in ROUTES:
+        raise SystemExit(f"cai.pipeline: round_stages={stages}: a round labels fresh pairs and trains the policy on them: "
+                         f"{' or '.join('[' + ', '.join(r) + ']' for r in ROUTES)}")
+    policy = stages[-1]
+    if policy not in cfg.stages:
+        raise SystemExit(f"cai.pipeline: rounds={cfg.rounds} trains each round's policy with {policy}, which stages= "
+                         f"does not run in round 1 (stages: {list(cfg.stages)})")
+    return policy
+
+
+def round_links(run_dir: Path, r: int, round_stages, policy_stage: str) -> dict[str, Path]:
+    """What round r (>= 2) reads of the rounds before, as ``{name in round r's folder: the folder it stands for}``:
+    ``sl_train`` (the policy the round starts from) is the previous round's ``policy_stage``; ``pm_pretrain`` (the PM
+    pm_finetune starts from) the previous round's ``pm_finetune`` when the rounds fine-tune the PM; ``sl_generate`` (the
+    SL samples a PM's reward is centred on, and dpo's revision pairs) round 1's."""
+    previous = round_dir(run_dir, r - 1)
+    links = {"sl_train": previous / policy_stage, "sl_generate": run_dir / "sl_generate"}
+    if "pm_finetune" in round_stages:
+        links["pm_pretrain"] = previous / "pm_finetune"
+    return links
+
+
+def _link(folder: Path, target: Path) -> None:
+    """Make ``folder`` a relative link to ``target`` (re-pointed when it names another)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(target, folder.parent)
+    if folder.is_symlink() and os.readlink(folder) != relative:
+        folder.unlink()
+    if not folder.is_symlink():
+        if folder.exists():
+            raise SystemExit(f"cai.pipeline: {folder} should be a link to {target} (the rounds' lineage), but a folder is "
+                             f"there; move it away and rerun")
+        folder.symlink_to(relative, target_is_directory=True)
 
 
 def overrides_for(stage: str, overrides: list[str]) -> list[str]:
@@ -114,13 +175,17 @@ def up_to_date(folder: Path, stage: str, plan: dict, state: dict, seen: dict | N
     return seen == state
 
 
-def stage_state(cfg: DictConfig, folder: Path, stage: str) -> dict:
+def stage_state(cfg: DictConfig, folder: Path, stage: str, rounds: tuple[Path, ...] = ()) -> dict:
     """What must not have changed since a stage was last seen complete: the manifests of the stage and of its
     upstream stages (a rerun of any rewrites its manifest), and for training stages the launcher (the number
-    of ranks is part of a training run). Edited input files change the config hash itself (``config_hash``)."""
-    return {"manifest_mtime": _mtime(folder / MANIFEST),
-            "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in facts(stage).UPSTREAM},
-            "launcher": resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None}
+    of ranks is part of a training run). Edited input files change the config hash itself (``config_hash``).
+    ``rounds``: the later rounds' stage folders a stage that runs after them reads (evaluate)."""
+    state = {"manifest_mtime": _mtime(folder / MANIFEST),
+             "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in facts(stage).UPSTREAM},
+             "launcher": resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None}
+    if rounds:
+        state["rounds"] = {str(f.relative_to(folder.parent)): _mtime(f / MANIFEST) for f in rounds}
+    return state
 
 
 def check_loadable(cfg, names) -> None:
@@ -146,6 +211,7 @@ def main(cfg: DictConfig) -> None:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise SystemExit(f"cai.pipeline: stages= names unknown stage(s) {unknown} (known: {', '.join(STAGES)})")
+    policy_stage = check_rounds(cfg)
     if cfg.launcher.name not in ("python", "deepspeed"):
         raise SystemExit(f"cai.pipeline: launcher.name must be python or deepspeed, got {cfg.launcher.name!r}")
     from cai.constitution import ConstitutionError, load_constitution, resolve_constitution_dir
@@ -169,34 +235,47 @@ def main(cfg: DictConfig) -> None:
               for stage in STAGES} if sweep else {}
     record_path = run_dir / RECORD
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    seen = record.get("seen", {})  # stage -> stage_state when the pipeline last saw it complete
+    seen = record.get("seen", {})  # stage (round r's: round-<r>/stage) -> stage_state when last seen complete
     summary = []
+    # round 1 is stages=; rounds 2..R run round_stages before evaluate, each with ai_feedback.round=r
+    first = [s for s in cfg.stages if s != "evaluate" or not policy_stage]
+    steps = [(1, stage) for stage in first] + [(r, stage) for r in range(2, cfg.rounds + 1) for stage in cfg.round_stages]
+    steps += [(1, "evaluate")] if policy_stage and "evaluate" in cfg.stages else []
+    round_folders = tuple(round_dir(run_dir, r) / s for r in range(2, cfg.rounds + 1) for s in cfg.round_stages)
     failed = None
-    for stage in cfg.stages:
-        folder = run_dir / stage
-        lock, seen_file = shares.get(stage, (contextlib.nullcontext(), None))
+    for r, stage in steps:
+        where = round_dir(run_dir, r)
+        folder, name = where / stage, (stage if r == 1 else f"round-{r}/{stage}")
+        lock, seen_file = shares.get(stage, (contextlib.nullcontext(), None)) if r == 1 else (contextlib.nullcontext(), None)
+        after_rounds = round_folders if stage == "evaluate" else ()
+        args = [*overrides_for(stage, overrides), f"run_dir={where}"]
+        if r > 1:
+            for link, target in round_links(run_dir, r, cfg.round_stages, policy_stage).items():
+                _link(where / link, target)
+            if stage == "ai_feedback":
+                args.append(f"ai_feedback.round={r}")
+        stage_plan = plan[stage] if r == 1 else stage_keys(_in_round(cfg, r), constitution_hash)[stage]
         start = time.time()
         with lock:
             if seen_file is not None:  # in a sweep, whichever job last completed the shared folder recorded it
-                seen[stage] = json.loads(seen_file.read_text()) if seen_file.exists() else None
-            if up_to_date(folder, stage, plan[stage], stage_state(cfg, folder, stage), seen.get(stage)):
-                summary.append(_summary_row(stage, folder, "skipped", time.time() - start))
+                seen[name] = json.loads(seen_file.read_text()) if seen_file.exists() else None
+            if up_to_date(folder, stage, stage_plan, stage_state(cfg, folder, stage, after_rounds), seen.get(name)):
+                summary.append(_summary_row(name, folder, "skipped", time.time() - start))
                 continue
-            print(f"\n=== cai.pipeline: {stage} ===", flush=True)
+            print(f"\n=== cai.pipeline: {name} ===", flush=True)
             before = _mtime(folder / MANIFEST)
-            seen.pop(stage, None)
-            command = launch_command(stage, [*overrides_for(stage, overrides), f"run_dir={run_dir}"], cfg.launcher)
-            code = subprocess.call(command)
+            seen.pop(name, None)
+            code = subprocess.call(launch_command(stage, args, cfg.launcher))
             if code == 0:
-                seen[stage] = stage_state(cfg, folder, stage)
+                seen[name] = stage_state(cfg, folder, stage, after_rounds)
                 if seen_file is not None:
-                    atomic_write_json(seen_file, seen[stage])
+                    atomic_write_json(seen_file, seen[name])
         if code != 0:
-            summary.append(_summary_row(stage, folder, f"failed ({code})", time.time() - start))
-            failed = (stage, code)
+            summary.append(_summary_row(name, folder, f"failed ({code})", time.time() - start))
+            failed = (name, code)
             break
         after = _mtime(folder / MANIFEST)  # a stage that found itself complete leaves its manifest alone
-        summary.append(_summary_row(stage, folder, "ran" if after != before else "up to date", time.time() - start))
+        summary.append(_summary_row(name, folder, "ran" if after != before else "up to date", time.time() - start))
     atomic_write_json(record_path, {"stages": summary, "seen": seen, "overrides": overrides,
                                     "job_num": hc.job.num if sweep else None,
                                     "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -205,6 +284,13 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"cai.pipeline: stage '{failed[0]}' failed (exit {failed[1]}); see the message above. "
                          f"Finished stages are kept in {run_dir}.")
     print(f"cai.pipeline: report -> {write_report(run_dir)}")
+
+
+def _in_round(cfg: DictConfig, r: int) -> DictConfig:
+    """The config round r's stages run with (``ai_feedback.round=r``), for the config hashes the pipeline compares."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(cfg, {"ai_feedback": {"round": r}})
 
 
 def _share(folder: Path, shared: Path, stage: str, key: str):
@@ -242,9 +328,10 @@ def _summary_row(stage: str, folder: Path, status: str, seconds: float) -> dict:
 
 
 def format_summary(rows: list[dict]) -> str:
-    lines = [f"\n{'stage':<13} {'status':<11} {'amount':<13} {'wall':>8}  key metric"]
+    width = max([13, *(len(r["stage"]) for r in rows)])
+    lines = [f"\n{'stage':<{width}} {'status':<11} {'amount':<13} {'wall':>8}  key metric"]
     for r in rows:
-        lines.append(f"{r['stage']:<13} {r['status']:<11} {r['amount']:<13} {r['seconds']:>7.1f}s  {r['metric']}")
+        lines.append(f"{r['stage']:<{width}} {r['status']:<11} {r['amount']:<13} {r['seconds']:>7.1f}s  {r['metric']}")
     return "\n".join(lines)
 
 

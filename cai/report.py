@@ -21,6 +21,7 @@ from pathlib import Path
 from cai.files import atomic_write_text
 from cai.lineage import read_manifest
 from cai.metrics import read_metrics
+from cai.stage_folder import round_folders
 from cai.stages import STAGES
 
 PPO_CURVES = (("score", "mean score"), ("reward", "reward (score with its KL term)"), ("kl", "KL to reference (nats/seq)"),
@@ -64,6 +65,7 @@ def write_report(run_dir: str | Path) -> Path:
     parts.append(_section_dpo(run_dir, manifests))
     parts.append(_section_pm(run_dir, manifests))
     parts.append(_section_ppo(run_dir, manifests))
+    parts.append(_section_rounds(run_dir))
     parts.append(_section_evaluate(run_dir, manifests))
     parts.append(_section_examples(run_dir, manifests))
     path = run_dir / "report.html"
@@ -251,6 +253,38 @@ def _section_ppo(run_dir: Path, manifests: dict) -> str:
     return f"<h2>RL-CAI ({name})</h2><div class=plots>{plots}</div><h3>Samples</h3>{table}"
 
 
+def _section_rounds(run_dir: Path) -> str:
+    """The pipeline's iterated rounds side by side: each round's AI labels and the training of its policy (round 1 is
+    the run's own stages; later rounds' are in round-<r>/), one curve per round on each plot. Empty without rounds."""
+    later = round_folders(run_dir)
+    if not later:
+        return ""
+    rounds = {1: run_dir, **{int(d.name[6:]): d for d in later}}
+    # the stage that trained the rounds' policies (the newest, should an earlier config have left the other)
+    trained = [later[-1] / st for st in ("dpo", "ppo") if (later[-1] / st / "manifest.json").exists()]
+    policy = max(trained, key=lambda f: (f / "manifest.json").stat().st_mtime_ns).name if trained else None
+    rows = []
+    for r, d in rounds.items():
+        feedback = read_manifest(d / "ai_feedback") or {}
+        trained = read_manifest(d / policy) if policy else None
+        rows.append([r, feedback.get("counts", {}).get("pairs", "-"), _fmt(feedback.get("summary", {}).get("mean_confidence")),
+                     (trained or {}).get("status", "not run"), (trained or {}).get("summary", {}).get("headline", "-")])
+    table = _table(["round", "AI-labelled pairs", "mean label confidence", f"{policy or 'policy'} status", "headline"], rows)
+    plots = ""
+    if policy == "dpo":
+        curves = {r: [m for m in read_metrics(d / "dpo") if "loss" in m and m.get("split") is None] for r, d in rounds.items()}
+        keys = (("loss", "DPO loss"), ("margin", "margin: reward chosen - rejected"), ("accuracy", "accuracy"))
+    else:
+        curves = {r: [m for m in read_metrics(d / "ppo") if "score" in m] for r, d in rounds.items()}
+        keys = PPO_CURVES
+    plots = "".join(_img(_line_plot({f"round {r}": ([m["step"] for m in ms], [m[key] for m in ms])
+                                     for r, ms in curves.items() if ms and key in ms[0]}, title, f"{policy} step"))
+                    for key, title in keys if any(ms and key in ms[0] for ms in curves.values()))
+    return (f"<h2>Rounds</h2><p>Round 1 is the run's own stages; each later round sampled fresh pairs from the previous "
+            f"round's policy, labelled them and trained that policy again on them ({_e(policy or '-')}).</p>{table}"
+            f"<div class=plots>{plots}</div>")
+
+
 def _section_evaluate(run_dir: Path, manifests: dict) -> str:
     if not _complete(manifests["evaluate"]):  # a results.json left by an earlier config is not this run's
         return "<h2>Evaluation</h2><p class=muted>evaluate has not run to completion.</p>"
@@ -425,7 +459,11 @@ def _frontier_plot(points: dict[str, tuple[float, float]]) -> bytes:
 
 
 def checkpoint_label(name: str) -> str:
-    """How the report names one of evaluate's checkpoints: "SL-CAI", "DPO", "RL-CAI"; a folder by its path."""
+    """How the report names one of evaluate's checkpoints: "SL-CAI", "DPO", "RL-CAI", a later round's policy as "DPO,
+    round 2"; a folder by its path."""
+    head, _, stage = name.partition("/")
+    if head.startswith("round-") and stage in CHECKPOINT_LABELS:
+        return f"{CHECKPOINT_LABELS[stage]}, round {head[6:]}"
     return CHECKPOINT_LABELS.get(name, name)
 
 

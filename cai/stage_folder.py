@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -83,6 +84,12 @@ def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> 
     inputs = input_stamps({k: v for k, v in data.items() if k != "constitution"})
     blob = json.dumps([data, inputs] if inputs else data, sort_keys=True, default=json_default).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()
+
+
+def round_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """The folders of the pipeline's later iterated rounds in ``run_dir`` (``round-<r>``, r >= 2), by round."""
+    found = [(int(m.group(1)), d) for d in Path(run_dir).glob("round-*") if (m := re.fullmatch(r"round-(\d+)", d.name))]
+    return [d for r, d in sorted(found) if r >= 2]
 
 
 def stage_summary(amount: str, headline: str, **metrics: Any) -> dict:

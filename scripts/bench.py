@@ -3,7 +3,7 @@ pipeline.
 
     .venv/bin/python scripts/bench.py --quick            # about 20 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
-    .venv/bin/python scripts/bench.py --only rl          # or ppo, dpo, generation, labeling, engine, precision, pipeline
+    .venv/bin/python scripts/bench.py --only rl          # or ppo, online, dpo, generation, labeling, engine, precision, pipeline
 
 Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
 of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
@@ -23,6 +23,12 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   ``steps_per_generation``), temperature, KL coefficient (TRL's ``beta``; RLOO: in the reward, GRPO: a k3 loss term
   with ``loss_type="grpo"``, as cai's) and learning rate; a TRL step is one generation and its optimizer steps. Then
   cai's PPO at the same 16 responses a step (16 prompts, one response each): the RLOO-to-PPO step-time ratio.
+- online: online DPO from AI feedback (``ppo.algorithm=online_dpo``, 8 prompts x 2 responses a step, one optimizer
+  step) as the real stage, its step split into sampling (``rollout_s``), labeling (``label_s``: the reward alone), the
+  log-probs of the policy and the reference (``score_s - label_s``) and the update (``update_s``), medians over the
+  steps after the first: labelled by the labeler (``ppo.reward=pairwise``, the model itself as labeler, one principle in
+  both orders) against the same step with ``ppo.reward=pm``; on transformers, and on ``--model`` also with vLLM sampling
+  the pairs (``ppo.rollout_engine=vllm``) and labeling them (``labeler.engine=vllm``). Which part dominates is printed.
 - dpo: the real stage (``python -m cai.stages.dpo``, ``deepspeed=zero0``) against TRL 1.16.0's ``DPOTrainer`` (this
   environment's TRL when it is that version, else installed like the rl part's), each run in a child process with the
   same thread count, alternated. Both train one epoch on the same pairs in the same order: red-team prompts with a
@@ -314,7 +320,7 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
                  f"ppo.kl_coef={s['kl_coef']}", f"ppo.lr={s['lr']}", f"ppo.value_lr={s['lr']}",
                  f"ppo.max_prompt_length={s['max_prompt_length']}", f"ppo.save_every={s['steps']}", "ppo.num_helpful=0",
                  f"ppo.log_samples_every={s['steps']}", f"generation.batch_size={s['batch_size'] * s.get('k', 1)}",
-                 f"ppo.algorithm={s.get('algorithm', 'ppo')}", f"ppo.samples_per_prompt={s.get('k', 1)}"]
+                 f"ppo.algorithm={s.get('algorithm', 'ppo')}", f"ppo.samples_per_prompt={s.get('k', 1)}", *s.get("extra", [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "cai.stages.ppo", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -323,7 +329,8 @@ def run_cai_ppo(models: Path, s: dict, work: Path, threads: int) -> dict:
     from cai.metrics import read_metrics
 
     rows = [m for m in read_metrics(run_dir / "ppo") if "seconds" in m]
-    return {"step_seconds": [m["seconds"] for m in rows], "response_length": [m["response_length"] for m in rows]}
+    return {"step_seconds": [m["seconds"] for m in rows], "response_length": [m["response_length"] for m in rows],
+            **{key: [m[key] for m in rows] for key in ("rollout_s", "label_s", "score_s", "update_s")}}
 
 
 def run_trl(models: Path, s: dict, work: Path, threads: int, side: Path | None) -> dict:
@@ -506,6 +513,44 @@ def bench_rl(model_path: str, s: dict, work: Path, threads: int, repeats: int, s
     return {"model": model_path, "settings": s, "repeats": repeats, "step_seconds": step, "samples_per_s": per_s,
             "ratio_vs_trl": {a: per_s[f"cai {a}"] / per_s[f"trl {a}"] for a in ("rloo", "grpo")},
             "rloo_step_vs_ppo_step": step["cai rloo"] / step["cai ppo"], "runs": runs}
+
+
+ONLINE_TINY = dict(num_prompts=64, steps=5, batch_size=8, k=2, num_minibatches=1, ppo_epochs=1, response_length=32,
+                   temperature=0.7, kl_coef=0.1, lr=1e-5, max_prompt_length=256, algorithm="online_dpo")
+ONLINE_EMBEDDED = {**ONLINE_TINY, "response_length": 48}
+ONLINE_EMBEDDED_QUICK = {**ONLINE_EMBEDDED, "steps": 3}
+# the labeler (the policy's own model: run_cai_ppo's model.path) or the PM labels each pair; vLLM samples and labels
+ONLINE_VARIANTS = {
+    "labeler, hf": ["ppo.reward=pairwise"],
+    "pm, hf": ["ppo.reward=pm"],
+    "labeler, vllm": ["ppo.reward=pairwise", "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1",
+                      "labeler.engine=vllm", "labeler.vllm.cpu_kv_cache_gib=1"],
+    "pm, vllm": ["ppo.reward=pm", "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1"],
+}
+ONLINE_PARTS = ("sampling", "labeling", "log-probs", "update")
+
+
+def bench_online(model_path: str, s: dict, work: Path, threads: int, repeats: int, variants) -> dict:
+    """Alternate the variants' runs; per run, the median after the first step of each part's seconds (sampling,
+    labeling, the reference's and policy's log-probs, the update) and of the whole step; medians over runs."""
+    models = ppo_models(model_path, work / "models")
+    runs: dict[str, list[dict]] = {}
+    for _ in range(repeats):
+        for name in variants:
+            runs.setdefault(name, []).append(run_cai_ppo(models, {**s, "extra": ONLINE_VARIANTS[name]}, work, threads))
+
+    def median_of(name: str, per_step) -> float:
+        return statistics.median(statistics.median(per_step(r, i) for i in range(1, len(r["step_seconds"])))
+                                 for r in runs[name])
+
+    parts = {name: {"sampling": median_of(name, lambda r, i: r["rollout_s"][i]),
+                    "labeling": median_of(name, lambda r, i: r["label_s"][i]),
+                    "log-probs": median_of(name, lambda r, i: r["score_s"][i] - r["label_s"][i]),
+                    "update": median_of(name, lambda r, i: r["update_s"][i]),
+                    "step": median_of(name, lambda r, i: r["step_seconds"][i])} for name in variants}
+    return {"model": model_path, "settings": s, "repeats": repeats, "seconds": parts,
+            "dominant": {name: max(ONLINE_PARTS, key=lambda k: parts[name][k]) for name in variants},
+            "pairs_per_s": {name: s["batch_size"] / parts[name]["step"] for name in variants}, "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,7 +825,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=("ppo", "rl", "dpo", "generation", "labeling", "engine", "precision", "pipeline"),
+    parser.add_argument("--only", choices=("ppo", "rl", "online", "dpo", "generation", "labeling", "engine", "precision",
+                                           "pipeline"),
                         action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--trl-dir", type=Path, default=ROOT / "runs" / "bench",
@@ -802,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    parts = args.only or ["ppo", "rl", "dpo", "generation", "labeling", "engine", "precision", "pipeline"]
+    parts = args.only or ["ppo", "rl", "online", "dpo", "generation", "labeling", "engine", "precision", "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
                "repeats": repeats}
@@ -846,6 +892,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['ratio_vs_trl'][algorithm]:.2f}x")
             print(f"  cai rloo step / cai ppo step at {settings['batch_size'] * settings['k']} responses: "
                   f"{r['rloo_step_vs_ppo_step']:.2f}x")
+    if "online" in parts:
+        for name, path, settings, n, folder in sizes(ONLINE_TINY, ONLINE_EMBEDDED, ONLINE_EMBEDDED_QUICK):
+            # vLLM on the tiny random model says nothing about a real one: transformers only there
+            variants = [v for v in ONLINE_VARIANTS if name != "tiny" or "vllm" not in v]
+            r = results.setdefault("online", {})[name] = bench_online(path, settings, ROOT / "runs" / "bench" / f"online-{folder}",
+                                                                     threads, n, variants)
+            save()
+            print(f"online DPO on {name} models ({settings['batch_size']} prompts x 2 responses of up to "
+                  f"{settings['response_length']} tokens, one optimizer step, median step after the first, {n} run(s) each):")
+            for variant in variants:
+                sec = r["seconds"][variant]
+                print(f"  {variant}: {r['pairs_per_s'][variant]:.2f} pairs/s, step {sec['step']:.2f} s = "
+                      + ", ".join(f"{k} {sec[k]:.2f} s" for k in ONLINE_PARTS) + f"; {r['dominant'][variant]} dominates")
     if "dpo" in parts:
         side = trl_for_dpo(args.trl_dir)
         for name, path, settings, n, folder in sizes(DPO_TINY, DPO_EMBEDDED, DPO_EMBEDDED_QUICK):

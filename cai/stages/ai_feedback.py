@@ -4,7 +4,9 @@
 
 The policy (``${run_dir}/sl_train/model`` when that stage is complete, else the ``policy`` role) samples two
 responses to each red-team prompt: the ones after those SL used (``ai_feedback.prompts=after_sl``), or the SL
-prompts themselves (``sl``: CAI made a comparison for each SL-CAI prompt). The ``labeler`` role (``cai.roles``; a model
+prompts themselves (``sl``: CAI made a comparison for each SL-CAI prompt); ``ai_feedback.round=r`` takes the r-th block
+of ``num_prompts`` from there (the pipeline's iterated rounds: each labels fresh prompts, sampled by the policy of the
+round before, which the pipeline links as the round's ``sl_train``). The ``labeler`` role (``cai.roles``; a model
 of its own tokenizer and chat template, reading the responses as text) then sees the pair under
 ``n_principles`` comparison principles, each in both orders,
 and its next-token probabilities of "A" vs "B" after the answer cue — one prefill, no decoding — give
@@ -56,15 +58,18 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         raise StageInputError(f"{STAGE}.num_prompts and {STAGE}.shard_size must be >= 1")
     if s.prompts not in ("after_sl", "sl"):
         raise StageInputError(f"{STAGE}.prompts must be after_sl or sl, got {s.prompts!r}")
+    if not isinstance(s.round, int) or s.round < 1:
+        raise StageInputError(f"{STAGE}.round must be an integer >= 1, got {s.round!r}")
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     check_generation(cfg.generation, temperature=s.temperature)
     principles = constitution.select("comparison", s.principle_ids, f"{STAGE}.principle_ids")
     # after_sl: the prompts after the ones sl_generate used, so RL-CAI data does not repeat SL-CAI prompts; sl: the
-    # first ones of the same order, the SL prompts themselves.
-    first = cfg.data.num_red_team if s.prompts == "after_sl" else 0
+    # first ones of the same order, the SL prompts themselves. Round r (the pipeline's rounds) takes the r-th block after.
+    first = (cfg.data.num_red_team if s.prompts == "after_sl" else 0) + (s.round - 1) * s.num_prompts
+    key = " + ".join([*(["data.num_red_team"] if s.prompts == "after_sl" else []),
+                      f"{STAGE}.round x {STAGE}.num_prompts" if s.round > 1 else f"{STAGE}.num_prompts"])
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", first + s.num_prompts,
-                         cfg.seed, cfg.data.hh_context,
-                         key=f"data.num_red_team + {STAGE}.num_prompts" if first else f"{STAGE}.num_prompts")[first:]
+                         cfg.seed, cfg.data.hh_context, key=key)[first:]
 
     # Step 2: which policy samples the responses: the SL-CAI model when it exists, else the policy role.
     # (sl_train's model is loaded with the settings of the model SL fine-tuned)

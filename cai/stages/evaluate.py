@@ -4,8 +4,9 @@
 
 The checkpoints (``evaluate.checkpoints``): ``base`` = the ``policy`` role before any training; ``sl_train``, ``dpo``,
 ``ppo`` = that stage's ``model/`` in ``run_dir`` (SL-CAI, direct alignment, RL-CAI; refused in one line when that stage
-is not complete); ``trained`` = every one of those three that is complete in ``run_dir``, in that order (said on
-stdout), so the default ``[base, trained]`` fits the RL route, the direct route and both; or a folder. Each answers
+is not complete); ``round-<r>/dpo``, ``round-<r>/ppo`` = the policy of the pipeline's round r (iterated rounds);
+``trained`` = every one of those three that is complete in ``run_dir``, in that order, then each later round's policy
+(said on stdout), so the default ``[base, trained]`` fits the RL route, the direct route, both, and rounds; or a folder. Each answers
 the same held-out prompts: the *last* ``num_prompts`` red-team and ``num_helpful`` helpful prompts of the data sources'
 seeded order (training stages take the first ones; any overlap is counted in the manifest and said on stdout). Then:
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -67,7 +69,7 @@ from cai.lineage import input_fingerprint, read_manifest
 from cai.metrics import MetricsWriter
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
-from cai.stage_folder import StageRun, is_complete, stage_dir, stage_summary
+from cai.stage_folder import StageRun, is_complete, round_folders, stage_dir, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
@@ -78,7 +80,8 @@ UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "dpo", "pm_finetune", "ppo
 HASH_KEYS = ("seed", "policy", "sl_start", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
 MULTI_RANK = False
 STAGE_CHECKPOINTS = ("sl_train", "dpo", "ppo")  # in the order ``trained`` lists them
-TRAINED = "trained"  # in evaluate.checkpoints: every stage of STAGE_CHECKPOINTS that is complete in run_dir
+TRAINED = "trained"  # in evaluate.checkpoints: every stage of STAGE_CHECKPOINTS complete in run_dir, then the rounds'
+ROUND_CHECKPOINT = re.compile(r"^round-([2-9]|[1-9]\d+)/(dpo|ppo)$")  # a later round's policy: round-<r>/<stage>
 AXIS = {"red_team": "harmlessness", "helpful": "helpfulness"}  # what a prompt kind's pairs are judged on
 AXIS_NAME = {"red_team": "harmless", "helpful": "helpful"}  # results.json: elo_harmless, elo_helpful
 
@@ -180,7 +183,8 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
 
 def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
     """``evaluate.checkpoints`` with ``trained`` expanded to the stages of ``STAGE_CHECKPOINTS`` complete in run_dir, in
-    that order (which ones is said on stdout). Refused in one line: no checkpoint after the expansion, or one twice."""
+    that order, then each later round's policy (``round_checkpoints``; which ones is said on stdout). Refused in one
+    line: no checkpoint after the expansion, or one twice."""
     what = f"base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)} or a folder"
     if not listed:
         raise StageInputError(f"{STAGE}.checkpoints is empty: name at least one ({what})")
@@ -189,6 +193,7 @@ def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
         if name == TRAINED:
             trained = [st for st in STAGE_CHECKPOINTS if is_complete(stage_dir(cfg.run_dir, st))]
             absent = [st for st in STAGE_CHECKPOINTS if st not in trained]
+            trained += round_checkpoints(Path(cfg.run_dir))
             print(f"cai {STAGE}: {TRAINED} = {', '.join(trained) or 'none'}: complete in {cfg.run_dir}"
                   + (f" ({', '.join(absent)}: not complete there)" if absent else ""))
         names += trained if name == TRAINED else [name]
@@ -199,6 +204,12 @@ def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
         expanded = f" ({TRAINED} = {', '.join(trained)})" if TRAINED in listed else ""
         raise StageInputError(f"{STAGE}.checkpoints names a checkpoint twice: {names}{expanded}")
     return names
+
+
+def round_checkpoints(run_dir: Path) -> list[str]:
+    """The policies of the pipeline's later rounds complete in ``run_dir``: ``round-<r>/dpo`` and ``round-<r>/ppo``, by
+    round."""
+    return [f"{d.name}/{st}" for d in round_folders(run_dir) for st in ("dpo", "ppo") if is_complete(d / st)]
 
 
 def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg) -> tuple[dict, dict]:
@@ -431,10 +442,10 @@ def format_table(results: dict) -> str:
     for key, title in (("win_rate", "win rate (row beats column, AI judge, both orders):"),
                        ("lc_win_rate", "length-controlled win rate (the same games at equal reply lengths):")):
         if len(names) > 1 and key in results:
-            lines += ["", title, " " * 14 + "".join(f"{n[:10]:>11}" for n in names)]
+            lines += ["", title, " " * 14 + "".join(f"{n[-11:]:>12}" for n in names)]
             for a in names:
-                lines.append(f"{a[:14]:<14}" + "".join(f"{results[key][a].get(b, float('nan')):>11.3f}" if a != b
-                                                        else f"{'-':>11}" for b in names))
+                lines.append(f"{a[:14]:<14}" + "".join(f"{results[key][a].get(b, float('nan')):>12.3f}" if a != b
+                                                        else f"{'-':>12}" for b in names))
     if results.get("alignment"):
         al = results["alignment"]
         lines.append(f"\njudge vs human labels: alignment {al['alignment']:.3f} on {al['n']} pairs "
@@ -447,7 +458,7 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
     """(model spec, fingerprint) of a checkpoint named in ``evaluate.checkpoints``."""
     if name == "base":
         return stage.role_model("policy")
-    if name in STAGE_CHECKPOINTS:
+    if name in STAGE_CHECKPOINTS or ROUND_CHECKPOINT.match(name):
         # sl_train's model, and dpo's and ppo's (trained from it), load with the settings of the model SL fine-tuned
         found = stage.upstream_model(name, "sl_start")
         if found is None:
@@ -456,8 +467,8 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
         return found
     folder = Path(name).expanduser()
     if not (folder / "config.json").exists():
-        raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)} or a "
-                              f"checkpoint folder (config.json)")
+        raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)}, "
+                              f"round-<r>/dpo, round-<r>/ppo or a checkpoint folder (config.json)")
     return roles.spec(cfg, "policy", at=folder, key=f"{STAGE}.checkpoints"), input_fingerprint(folder)
 
 
@@ -512,13 +523,17 @@ def _overlap_with_training(cfg: DictConfig, items) -> int:
     seeded order (sl_generate, then ai_feedback after it; ppo from the start), as their manifests record."""
     configs = {stage: (read_manifest(stage_dir(cfg.run_dir, stage)) or {}).get("config") or {}  # each manifest once
                for stage in ("sl_generate", "ai_feedback", "ppo")}
+    # the pipeline's later rounds label further blocks of prompts (ai_feedback.round): the last round's reaches furthest
+    for folder in round_folders(Path(cfg.run_dir)):
+        configs["ai_feedback"] = (read_manifest(folder / "ai_feedback") or {}).get("config") or configs["ai_feedback"]
 
     def used(stage: str, *keys: str) -> int:
         return int(_dig(configs[stage], *keys) or 0)
 
     sl_red = used("sl_generate", "data", "num_red_team")
     after_sl = (_dig(configs["ai_feedback"], "ai_feedback", "prompts") or "after_sl") == "after_sl"
-    feedback_end = (sl_red if after_sl else 0) + used("ai_feedback", "ai_feedback", "num_prompts")
+    feedback_end = (sl_red if after_sl else 0) + used("ai_feedback", "ai_feedback", "num_prompts") * max(
+        1, used("ai_feedback", "ai_feedback", "round"))
     first = {"red_team": max(sl_red, feedback_end, used("ppo", "ppo", "num_prompts")),
              "helpful": max(used("sl_generate", "data", "num_helpful"), used("ppo", "ppo", "num_helpful"))}
     overlap = 0
