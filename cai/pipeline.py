@@ -96,6 +96,16 @@ def check_rounds(cfg) -> str | None:
     return policy
 
 
+def schedule(stages: list[str], rounds: int, round_stages: list[str]) -> list[tuple[int, str]]:
+    """(round, stage) in the order the pipeline runs them: ``stages`` as round 1, then rounds 2..``rounds`` each running
+    ``round_stages``, and evaluate (if in ``stages``) after every round."""
+    if rounds == 1:
+        return [(1, stage) for stage in stages]
+    steps = [(1, stage) for stage in stages if stage != "evaluate"]
+    steps += [(r, stage) for r in range(2, rounds + 1) for stage in round_stages]
+    return steps + ([(1, "evaluate")] if "evaluate" in stages else [])
+
+
 def round_links(run_dir: Path, r: int, round_stages, policy_stage: str) -> dict[str, Path]:
     """What round r (>= 2) reads of the rounds before, as ``{name in round r's folder: the folder it stands for}``:
     ``sl_train`` (the policy the round starts from) is the previous round's ``policy_stage``; ``pm_pretrain`` (the PM
@@ -237,17 +247,14 @@ def main(cfg: DictConfig) -> None:
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     seen = record.get("seen", {})  # stage (round r's: round-<r>/stage) -> stage_state when last seen complete
     summary = []
-    # round 1 is stages=; rounds 2..R run round_stages before evaluate, each with ai_feedback.round=r
-    first = [s for s in cfg.stages if s != "evaluate" or not policy_stage]
-    steps = [(1, stage) for stage in first] + [(r, stage) for r in range(2, cfg.rounds + 1) for stage in cfg.round_stages]
-    steps += [(1, "evaluate")] if policy_stage and "evaluate" in cfg.stages else []
-    round_folders = tuple(round_dir(run_dir, r) / s for r in range(2, cfg.rounds + 1) for s in cfg.round_stages)
+    steps = schedule(list(cfg.stages), cfg.rounds, list(cfg.round_stages))
+    later = tuple(round_dir(run_dir, r) / stage for r, stage in steps if r > 1)  # what evaluate reads of the rounds
     failed = None
     for r, stage in steps:
         where = round_dir(run_dir, r)
         folder, name = where / stage, (stage if r == 1 else f"round-{r}/{stage}")
         lock, seen_file = shares.get(stage, (contextlib.nullcontext(), None)) if r == 1 else (contextlib.nullcontext(), None)
-        after_rounds = round_folders if stage == "evaluate" else ()
+        after_rounds = later if stage == "evaluate" else ()
         args = [*overrides_for(stage, overrides), f"run_dir={where}"]
         if r > 1:
             for link, target in round_links(run_dir, r, cfg.round_stages, policy_stage).items():

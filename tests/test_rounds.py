@@ -10,7 +10,7 @@ from conftest import copy_stages, run_command, run_module
 from datasets import load_from_disk
 
 from cai.lineage import input_fingerprint, read_manifest
-from cai.pipeline import round_links
+from cai.pipeline import round_links, schedule
 
 
 def test_a_second_round_samples_from_the_first_rounds_policy_and_trains_it_again(tiny_run, tmp_path):
@@ -40,6 +40,14 @@ def test_a_second_round_samples_from_the_first_rounds_policy_and_trains_it_again
     assert again.returncode == 0 and "=== cai.pipeline" not in again.stdout
     assert [line.split()[:2] for line in again.stdout.splitlines() if line.startswith(("dpo", "round-2/", "evaluate"))] == [
         ["dpo", "skipped"], ["round-2/ai_feedback", "skipped"], ["round-2/dpo", "skipped"], ["evaluate", "skipped"]]
+
+
+def test_later_rounds_run_after_round_one_and_before_evaluate():
+    stages = ["sl_generate", "sl_train", "ai_feedback", "dpo", "evaluate"]
+    assert schedule(stages, 1, ["ai_feedback", "dpo"]) == [(1, s) for s in stages]
+    assert schedule(stages, 3, ["ai_feedback", "dpo"]) == [(1, "sl_generate"), (1, "sl_train"), (1, "ai_feedback"),
+                                                          (1, "dpo"), (2, "ai_feedback"), (2, "dpo"), (3, "ai_feedback"),
+                                                          (3, "dpo"), (1, "evaluate")]
 
 
 def test_a_round_reads_the_policy_and_pm_of_the_round_before():
