@@ -211,6 +211,46 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
+def run_command(module: str, *args: str):
+    """``python -m module args`` run in this process (``runpy``: the module's own ``__main__`` block, so the code of its
+    command, Hydra and ``run_app`` included), for a command that stops before it runs any stage (a refusal, or Hydra's
+    ``--cfg``). Returns the code of the SystemExit it raised (a message: Python prints it as the last line of stderr and
+    exits 1), or None when it returned. Not for a command that reaches ``run_stage``: its end shuts down this process's
+    process group (tests use it for in-process stages, and it cannot be made again). What the command changes in
+    ``sys.argv``, the environment (``run_app`` sets HYDRA_FULL_ERROR) and the root logger (a Hydra job's log handlers)
+    is undone."""
+    import logging
+    import runpy
+    import warnings
+
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    sys.argv = [module, *args]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # runpy: "found in sys.modules" (the tests imported it)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    return None
+
+
+def command_refuses(module: str, *args: str) -> str:
+    """The one-line message ``python -m module args`` stops with, run in this process (``run_command``)."""
+    message = run_command(module, *args)
+    assert isinstance(message, str) and "\n" not in message, message  # a string: printed to stderr, exit status 1
+    return message
+
+
 def compose_cfg(name: str, overrides: list[str] | None = None):
     """The composed config of a primary config, as a stage would receive it."""
     from hydra import compose, initialize_config_dir

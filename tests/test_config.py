@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import ROOT, run_module
+from conftest import ROOT, run_command
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -73,11 +73,11 @@ def test_unknown_key_is_refused():
 
 
 @pytest.mark.parametrize("name", PRIMARY)
-def test_cfg_job_prints_composed_config(name):
+def test_cfg_job_prints_composed_config(name, capsys):
+    """The command (run in this process: ``run_command``) prints its composed config and ends without an error."""
     module = "cai.pipeline" if name == "pipeline" else f"cai.stages.{name}"
-    result = run_module(module, "--cfg", "job", "model=tiny_random")
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"^model:\n  path: tiny-random", result.stdout, re.M)
+    assert run_command(module, "--cfg", "job", "model=tiny_random") is None
+    assert re.search(r"^model:\n  path: tiny-random", capsys.readouterr().out, re.M)
 
 
 def test_pipeline_routes_stage_overrides():
