@@ -5,10 +5,12 @@ A case starts from a copy of the tiny pipeline run's folders for its stage and t
 (``tiny_run``), writes its bad input under ``tmp_path`` (or damages a copied upstream folder), runs the stage and
 compares the run directory's files before and after. Most cases run the stage in this process, as ``run_stage``
 would: the config composed with ``compose_cfg`` and the stage's ``run(cfg, handle(run, cfg))``, which must raise
-``InputError`` with a one-line message. The cases marked ``cli`` run as their own process (exit 1, the last line of
-stderr, no traceback): the checks made before a stage's ``run`` — Hydra's and ``run_app``'s refusal of an override
-(an unknown key or group option, a syntax error), ``run_stage``'s type check of the values, the pipeline's own
-checks — and one stage ``InputError`` for ``run_stage``'s ``cai <stage>: <message>`` line."""
+``InputError`` with a one-line message. The cases marked ``cli`` are refused by the command before a stage's ``run``:
+Hydra's and ``run_app``'s refusal of an override (an unknown key or group option, a syntax error) and the pipeline's
+own checks run the module's ``__main__`` in this process (``command_refuses``: its SystemExit message, the line
+Python prints last on stderr with exit 1); the ones that reach ``run_stage`` — its type check of the values, and one
+stage ``InputError`` for its ``cai <stage>: <message>`` line — run as their own process (``process``: exit 1, the
+last line of stderr, no traceback), since ``run_stage``'s end shuts down the process group this process keeps."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import ROOT, TINY, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module
+from conftest import ROOT, TINY, assert_one_line_error, command_refuses, compose_cfg, copy_stages, outputs, run_module
 
 from cai.errors import InputError
 from cai.pipeline import STAGES, facts
@@ -45,7 +47,8 @@ class Case:
     expect: str                    # in the error's message, or in the last line of stderr ({tmp} and {run} as in args)
     setup: Callable[[Path, Path], None] | None = None  # setup(tmp, run): write or break the input
     copies: tuple[str, ...] | None = None  # the tiny run's stages to start from (default: the stage's own and upstream)
-    cli: bool = False              # run as its own process: refused before the stage's run, or for the CLI's own line
+    cli: bool = False              # refused by the command (python -m ...) before the stage's run: run in this process
+    process: bool = False          # a cli case that reaches run_stage: run as its own process
 
 
 # -- setups -----------------------------------------------------------------------------------
@@ -182,12 +185,12 @@ CASES = [
     Case("override-syntax-error", "ai_feedback", ("ai_feedback.num_prompts=[1",),
          "cai ai_feedback: ai_feedback.num_prompts=[1: no viable alternative at input '[1'", cli=True),
     Case("string-for-integer", "ai_feedback", ("ai_feedback.num_prompts=abc",),
-         "cai ai_feedback: ai_feedback.num_prompts must be an integer, got 'abc'", cli=True),
-    Case("fraction-for-integer", "ppo", ("ppo.steps=2.5",), "cai ppo: ppo.steps must be an integer, got 2.5", cli=True),
+         "cai ai_feedback: ai_feedback.num_prompts must be an integer, got 'abc'", cli=True, process=True),
+    Case("fraction-for-integer", "ppo", ("ppo.steps=2.5",), "cai ppo: ppo.steps must be an integer, got 2.5", cli=True, process=True),
     Case("word-for-boolean", "sl_generate", ("sl_generate.few_shot=maybe",),
-         "cai sl_generate: sl_generate.few_shot must be true or false, got 'maybe'", cli=True),
+         "cai sl_generate: sl_generate.few_shot must be true or false, got 'maybe'", cli=True, process=True),
     Case("text-for-list", "evaluate", ("evaluate.checkpoints=base",), "cai evaluate: evaluate.checkpoints must be a list, got 'base'",
-         cli=True),
+         cli=True, process=True),
     # -- models --------------------------------------------------------------------------------
     Case("model-path-missing", "sl_generate", ("model.path={tmp}/no-model",),
          "model.path='{tmp}/no-model': model folder does not exist"),
@@ -211,7 +214,7 @@ CASES = [
     # -- upstream stages -----------------------------------------------------------------------
     Case("upstream-still-running", "sl_train", (),  # a stage's InputError as run_stage prints it
          "cai sl_train: {run}/sl_generate: the sl_generate stage is not complete (status 'running'); rerun it first",
-         manifest("sl_generate", status="running"), cli=True),
+         manifest("sl_generate", status="running"), cli=True, process=True),
     Case("upstream-manifest-damaged", "sl_train", (),
          "{run}/sl_generate/manifest.json: not valid JSON (Unterminated string starting at, line 1)",
          manifest("sl_generate", text='{"stage": "sl_gen')),
@@ -242,11 +245,14 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(case, tiny_run, tm
         return text.replace("{tmp}", str(tmp_path)).replace("{run}", str(run_dir))
 
     args = [*TINY_ARGS, f"run_dir={run_dir}", *map(fill, case.args)]
-    if case.cli:
-        module = "cai.pipeline" if case.stage == "pipeline" else f"cai.stages.{case.stage}"
+    module = "cai.pipeline" if case.stage == "pipeline" else f"cai.stages.{case.stage}"
+    if case.process:
         result = run_module(module, *args)
         assert_one_line_error(result, fill(case.expect))
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    elif case.cli:
+        message = command_refuses(module, *args)
+        assert fill(case.expect) in message, message
     else:  # as run_stage runs it, less its folder lock and its type check (the cli cases' own)
         stage = importlib.import_module(f"cai.stages.{case.stage}")
         if stage.MULTI_RANK:
