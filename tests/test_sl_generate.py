@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, compose_cfg, outputs, run_module, tree_bytes
+from conftest import ROOT, compose_cfg, outputs, tree_bytes
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
-from cai.errors import StageInputError
+from cai.errors import InputError, StageInputError
 from cai.lineage import read_manifest
 from cai.stages import handle
 from cai.stages.sl_generate import run
@@ -96,8 +97,15 @@ def test_user_prompt_file_and_hh_transcripts(tmp_path):
     assert [m["role"] for m in row["messages"]] == ["user", "assistant", "user", "assistant"]
 
 
-def _run_cli(tmp_path, *extra):
-    return run_module("cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", *extra)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished sl_generate run (2 red-team prompts, 1 helpful, 1 revision) for the bad inputs to find in place."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    generate(compose_cfg("sl_generate", [*TINY, f"run_dir={run_dir}", *GOOD]))
+    return run_dir
+
+
+GOOD = ["data.num_red_team=2", "data.num_helpful=1", "n_revisions=1"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -110,18 +118,18 @@ def _run_cli(tmp_path, *extra):
     (["generation.batch_size=0"], "generation.batch_size and generation.max_new_tokens must be >= 1"),
     (["sl_generate.principle_ids=[]"], "sl_generate.principle_ids is empty"),
 ])
-def test_bad_input_is_one_line_and_leaves_outputs(tmp_path, extra, message):
+def test_bad_input_is_one_line_and_leaves_outputs(finished, tmp_path, extra, message):
+    """Run in this process, as run_stage runs it: the stage raises an InputError (run_stage's one line and exit 1,
+    tests/test_bad_inputs.py) before it writes anything, on top of a finished run of good settings."""
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "nocol.jsonl").write_text('{"text": "hi"}\n')
     run_dir = tmp_path / "run"
-    good = _run_cli(run_dir, "data.num_red_team=2", "data.num_helpful=1", "n_revisions=1")
-    assert good.returncode == 0, good.stderr
+    shutil.copytree(finished, run_dir)
     before = outputs(run_dir)
     extra = [e.replace("EMPTY", str(tmp_path / "empty.jsonl")).replace("NOCOL", str(tmp_path / "nocol.jsonl")) for e in extra]
-    bad = _run_cli(run_dir, "data.num_red_team=2", "data.num_helpful=1", "n_revisions=1", *extra)
-    assert bad.returncode == 1
-    last = bad.stderr.strip().splitlines()[-1]
-    assert last.startswith("cai sl_generate: ") and message in last, bad.stderr
+    with pytest.raises(InputError) as bad:
+        generate(compose_cfg("sl_generate", [*TINY, f"run_dir={run_dir}", *GOOD, *extra]))
+    assert message in str(bad.value) and "\n" not in str(bad.value), str(bad.value)
     assert outputs(run_dir) == before
 
 
