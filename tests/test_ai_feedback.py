@@ -8,16 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when, run_module
+from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
+from cai.errors import InputError, StageError
 from cai.feedback import read_human_pairs
 from cai.lineage import read_manifest
 from cai.metrics import read_metrics
 from cai.stages import handle
 from cai.stages.ai_feedback import run as feedback_run
 from cai.stages.label_alignment import run as alignment_run
+from cai.stages.sl_generate import run as sl_run
 
 TINY = ["debug=tiny", "progress=false"]
 COMPARISON_IDS = {p.id for p in load_constitution(ROOT / "constitutions" / "default").comparison}
@@ -53,8 +55,7 @@ def test_rows_carry_soft_labels_and_evidence(feedback):
 
 def test_prompts_differ_from_the_sl_ones(feedback, tmp_path):
     _, ds = feedback
-    sl = run_module("cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "n_revisions=0", "data.num_helpful=0")
-    assert sl.returncode == 0, sl.stderr
+    run_sl(tmp_path)
     assert not set(load_from_disk(str(tmp_path / "sl_generate" / "dataset"))["prompt"]) & {r["prompt"][0]["content"] for r in ds}
 
 
@@ -62,8 +63,7 @@ def test_prompts_can_be_the_sl_ones(tmp_path):
     """ai_feedback.prompts=sl: a comparison for each SL-CAI prompt (CAI); evaluate counts them as training prompts."""
     from cai.stages.evaluate import _overlap_with_training
 
-    sl = run_module("cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "n_revisions=0", "data.num_helpful=0")
-    assert sl.returncode == 0, sl.stderr
+    run_sl(tmp_path)
     cfg = compose_cfg("ai_feedback", [*TINY, f"run_dir={tmp_path}", "ai_feedback.prompts=sl", "ai_feedback.num_prompts=4"])
     ds = load_from_disk(str(run_feedback(cfg)))
     sl_prompts = set(load_from_disk(str(tmp_path / "sl_generate" / "dataset"))["prompt"])
@@ -93,17 +93,14 @@ def test_trl_reward_trainer_takes_the_output_unchanged(feedback, tmp_path):
 
 def test_identical_pairs_are_skipped_and_counted(tmp_path):
     # greedy sampling gives identical pairs: every one is skipped, and a run with nothing left says so
-    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", "ai_feedback.temperature=0",
-                        "ai_feedback.num_prompts=3")
-    assert result.returncode == 1
-    assert "all 3 response pairs were identical: nothing to label" in result.stderr.strip().splitlines()[-1]
+    cfg = compose_cfg("ai_feedback", [*TINY, f"run_dir={tmp_path}", "ai_feedback.temperature=0", "ai_feedback.num_prompts=3"])
+    assert "all 3 response pairs were identical: nothing to label" in refused(cfg, StageError)
     assert [json.loads(x)["skipped_identical"] for x in (tmp_path / "ai_feedback" / "metrics.jsonl").read_text().splitlines()] == [2, 1]
 
 
 def test_uses_the_sl_model_when_it_exists(tiny_run, tmp_path):
     run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_train"])  # a complete SL-CAI model, nothing else
-    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={run_dir}", "ai_feedback.num_prompts=2")
-    assert result.returncode == 0, result.stderr
+    run_feedback(compose_cfg("ai_feedback", [*TINY, f"run_dir={run_dir}", "ai_feedback.num_prompts=2"]))
     assert read_manifest(run_dir / "ai_feedback")["policy"] == str(run_dir / "sl_train" / "model")
 
 
@@ -162,8 +159,7 @@ def test_sigkill_then_rerun_resumes(tiny_run, tmp_path, uninterrupted_feedback, 
     (["ai_feedback.prompts=new"], "ai_feedback.prompts must be after_sl or sl, got 'new'"),
 ])
 def test_bad_settings(tmp_path, extra, message):
-    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", *extra)
-    assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1]
+    assert message in refused(compose_cfg("ai_feedback", [*TINY, f"run_dir={tmp_path}", *extra]))
     assert not (tmp_path / "ai_feedback" / "manifest.json").exists()
 
 
@@ -172,8 +168,8 @@ def test_template_without_options_is_refused(tmp_path):
 
     shutil.copytree(ROOT / "constitutions" / "default", tmp_path / "c")
     (tmp_path / "c" / "comparison.j2").write_text("{{ principle.text }}\n")
-    result = run_module("cai.stages.ai_feedback", *TINY, f"run_dir={tmp_path}", f"constitution.path={tmp_path / 'c'}")
-    assert result.returncode == 1 and "comparison.j2:1: the comparison template must use {{ options }}" in result.stderr
+    cfg = compose_cfg("ai_feedback", [*TINY, f"run_dir={tmp_path}", f"constitution.path={tmp_path / 'c'}"])
+    assert "comparison.j2:1: the comparison template must use {{ options }}" in refused(cfg)
 
 
 def _write_jsonl(path, rows):
@@ -198,8 +194,8 @@ def test_reads_hh_and_own_format_and_counts_skips(tmp_path):
                                                  "rejected": [{"role": "assistant", "content": "y"}]}])
     assert read_human_pairs(own)[0][0].response_a == "x"
     bad = _write_jsonl(tmp_path / "bad.jsonl", [{"chosen": "x"}])
-    result = run_module("cai.stages.label_alignment", *TINY, f"run_dir={tmp_path}", f"pairs={bad}")
-    assert result.returncode == 1 and f"{bad}:1: needs 'chosen' and 'rejected'" in result.stderr
+    cfg = compose_cfg("label_alignment", [*TINY, f"run_dir={tmp_path}", f"pairs={bad}"])
+    assert f"{bad}:1: needs 'chosen' and 'rejected'" in refused(cfg, run=alignment_run)
 
 
 def test_label_alignment_on_hh_rlhf(shared_data, tmp_path):
@@ -213,12 +209,11 @@ def test_label_alignment_on_hh_rlhf(shared_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_label_alignment_with_the_embedded_labeler(shared_data, tmp_path):
-    result = run_module("cai.stages.label_alignment", f"run_dir={tmp_path}", "limit=16", "progress=false",
-                        f"pairs={shared_data / 'hh-rlhf' / 'harmless-base-test-first300.jsonl'}")
-    assert result.returncode == 0, result.stderr
+def test_label_alignment_with_the_embedded_labeler(shared_data, tmp_path, capsys):
+    run_alignment(compose_cfg("label_alignment", [f"run_dir={tmp_path}", "limit=16", "progress=false",
+                                                  f"pairs={shared_data / 'hh-rlhf' / 'harmless-base-test-first300.jsonl'}"]))
     metrics = json.loads((tmp_path / "label_alignment" / "metrics.json").read_text())
-    assert metrics["n"] == 16 and 0 <= metrics["position_bias_rate"] <= 1 and "all pairs" in result.stdout
+    assert metrics["n"] == 16 and 0 <= metrics["position_bias_rate"] <= 1 and "all pairs" in capsys.readouterr().out
 
 
 def run_feedback(cfg):
@@ -228,3 +223,18 @@ def run_feedback(cfg):
 
 def run_alignment(cfg):
     return alignment_run(cfg, handle(alignment_run, cfg))
+
+
+def run_sl(run_dir) -> None:
+    """sl_generate in this process on 4 red-team prompts (debug=tiny's), no revisions."""
+    cfg = compose_cfg("sl_generate", [*TINY, f"run_dir={run_dir}", "n_revisions=0", "data.num_helpful=0"])
+    sl_run(cfg, handle(sl_run, cfg))
+
+
+def refused(cfg, kind=InputError, run=feedback_run) -> str:
+    """The stage run in this process refuses ``cfg`` with ``kind`` (what ``run_stage`` turns into its one line and
+    exit 1): the message, checked to be one line."""
+    with pytest.raises(kind) as e:
+        run(cfg, handle(run, cfg))
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
