@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, copy_stages, kill_then_rerun, outputs, run_module
+from conftest import ROOT, compose_cfg, copy_stages, kill_then_rerun, outputs
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -26,14 +26,24 @@ def _copy(tiny_run, tmp_path, stages=("sl_generate", "sl_train", "ai_feedback"))
     return copy_stages(tiny_run, tmp_path / "run", stages)
 
 
-def test_pretrain_then_finetune(tiny_run, tmp_path):
+def _run_here(stage: str, run_dir, *overrides: str):
+    """pm_pretrain or pm_finetune in this process, as run_stage runs it (its handle on its folder; exceptions as they
+    are); the test asks for the ``process_group`` fixture."""
+    import importlib
+
+    from cai.stages import handle
+
+    run = importlib.import_module(f"cai.stages.{stage}").run
+    cfg = compose_cfg(stage, [*TINY_ARGS, f"run_dir={run_dir}", *overrides])
+    return run(cfg, handle(run, cfg))
+
+
+def test_pretrain_then_finetune(tiny_run, tmp_path, process_group, capsys):
     run_dir = _copy(tiny_run, tmp_path)
-    pre = run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}")
-    assert pre.returncode == 0, pre.stderr
+    _run_here("pm_pretrain", run_dir)
     manifest = read_manifest(run_dir / "pm_pretrain")
     assert manifest["status"] == "complete" and manifest["counts"]["train_pairs"] == 18 and manifest["counts"]["eval_pairs"] == 6
-    fine = run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}")
-    assert fine.returncode == 0, fine.stderr
+    _run_here("pm_finetune", run_dir)
     out = run_dir / "pm_finetune"
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["init"] == str(run_dir / "pm_pretrain" / "model")
@@ -59,8 +69,9 @@ def test_pretrain_then_finetune(tiny_run, tmp_path):
     pmp = load_file(str(run_dir / "pm_pretrain" / "model" / "model.safetensors"))
     tuned = load_file(str(out / "model" / "model.safetensors"))
     assert pmp.keys() == tuned.keys() and not torch.equal(pmp["score.weight"], tuned["score.weight"])
-    again = run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}")
-    assert "already complete" in again.stdout
+    capsys.readouterr()
+    _run_here("pm_finetune", run_dir)
+    assert "already complete" in capsys.readouterr().out
 
 
 def _toy_pairs(n: int, seed: int, soft: bool) -> list[dict]:
@@ -82,19 +93,15 @@ def _toy_pairs(n: int, seed: int, soft: bool) -> list[dict]:
     return rows
 
 
-def test_finetuned_pm_separates_a_toy_set(tmp_path):
+def test_finetuned_pm_separates_a_toy_set(tmp_path, process_group):
     toy = tmp_path / "toy"
     Dataset.from_list(_toy_pairs(24, 0, soft=False)).save_to_disk(str(toy / "pretrain"))
     Dataset.from_list(_toy_pairs(32, 1, soft=True)).save_to_disk(str(toy / "ai"))
     Dataset.from_list(_toy_pairs(32, 2, soft=False)).save_to_disk(str(toy / "human"))
     run_dir = tmp_path / "run"
-    pre = run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={toy / 'pretrain'}",
-                     "pm_pretrain.epochs=1")
-    assert pre.returncode == 0, pre.stderr
-    fine = run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", f"pm_finetune.ai_dataset={toy / 'ai'}",
-                      f"pm_finetune.human_source={toy / 'human'}", "pm_finetune.normalize=false", "pm_finetune.epochs=4",
-                      "pm_finetune.micro_batch_size=4")
-    assert fine.returncode == 0, fine.stderr
+    _run_here("pm_pretrain", run_dir, f"pm_pretrain.source={toy / 'pretrain'}", "pm_pretrain.epochs=1")
+    _run_here("pm_finetune", run_dir, f"pm_finetune.ai_dataset={toy / 'ai'}", f"pm_finetune.human_source={toy / 'human'}",
+              "pm_finetune.normalize=false", "pm_finetune.epochs=4", "pm_finetune.micro_batch_size=4")
     evals = [m for m in read_metrics(run_dir / "pm_finetune") if m.get("split") == "eval"]
     assert evals[-1]["pairs"] == 16 and evals[-1]["accuracy"] >= 0.9  # chance is 0.5
     assert evals[-1]["mean_margin"] > 0
@@ -167,30 +174,35 @@ def test_two_rank_zero3_run(tiny_run, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path):
+def test_bad_input_is_refused_and_earlier_outputs_stay_intact(tiny_run, tmp_path, process_group):
+    """Each stage run in this process, as run_stage runs it: an InputError in one line (run_stage's exit 1,
+    tests/test_bad_inputs.py) before anything is written."""
+    from cai.errors import InputError
+
+    pretrain, finetune = "pm_pretrain", "pm_finetune"
+
+    def refused(stage: str, text: str, *overrides: str, run_dir=None) -> None:
+        with pytest.raises(InputError) as e:
+            _run_here(stage, run_dir or tmp_path / "run", *overrides)
+        assert text in str(e.value) and "\n" not in str(e.value), str(e.value)
+
     run_dir = _copy(tiny_run, tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "b", "p_chosen": 2.0}) + "\n")
     before = outputs(run_dir)
-    assert_one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={bad}"),
-                    f"{bad}: row 0 'p_chosen' must be a number in [0, 1], got 2.0")
-    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", f"pm_finetune.human_source={bad}"),
-                    f"{bad}: row 0 'p_chosen'")
-    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=1.0"),
-                    "pm_finetune.human_fraction must be in [0, 1), got 1.0")
-    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.human_fraction=0.95"),
-                    "pm_finetune.human_fraction=0.95 needs 76 human comparisons for 4 AI-labeled ones")
-    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={run_dir}", "pm_finetune.eval_fraction=0.9"),
-                    "pm_finetune.eval_fraction=0.9: 4 ai comparison(s) leave an empty training split")
-    assert_one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", "pm_pretrain.margin=-1"),
-                    "pm_pretrain.margin must be >= 0")
+    refused(pretrain, f"{bad}: row 0 'p_chosen' must be a number in [0, 1], got 2.0", f"pm_pretrain.source={bad}")
+    refused(finetune, f"{bad}: row 0 'p_chosen'", f"pm_finetune.human_source={bad}")
+    refused(finetune, "pm_finetune.human_fraction must be in [0, 1), got 1.0", "pm_finetune.human_fraction=1.0")
+    refused(finetune, "pm_finetune.human_fraction=0.95 needs 76 human comparisons for 4 AI-labeled ones",
+            "pm_finetune.human_fraction=0.95")
+    refused(finetune, "pm_finetune.eval_fraction=0.9: 4 ai comparison(s) leave an empty training split",
+            "pm_finetune.eval_fraction=0.9")
+    refused(pretrain, "pm_pretrain.margin must be >= 0", "pm_pretrain.margin=-1")
     same = tmp_path / "same.jsonl"
     same.write_text(json.dumps({"prompt": "x", "chosen": "a", "rejected": "a"}) + "\n")
-    assert_one_line_error(run_module("cai.stages.pm_pretrain", *TINY_ARGS, f"run_dir={run_dir}", f"pm_pretrain.source={same}"),
-                    "no usable comparisons")
+    refused(pretrain, "no usable comparisons", f"pm_pretrain.source={same}")
     assert outputs(run_dir) == before
-    assert_one_line_error(run_module("cai.stages.pm_finetune", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}"),
-                    "ai_feedback: no ai_feedback here (no manifest.json); run that stage first")
+    refused(finetune, "ai_feedback: no ai_feedback here (no manifest.json); run that stage first", run_dir=tmp_path / "empty")
 
 
 @pytest.mark.slow
