@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, kill_then_rerun, outputs, run_module
+from conftest import ROOT, TINY, compose_cfg, kill_then_rerun, outputs
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -26,11 +26,14 @@ TINY_ARGS = ["debug=tiny", "progress=false"]
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    """A finished tiny sl_generate run to train on."""
+    """A finished tiny sl_generate run to train on (made in this process, as run_stage runs the stage)."""
+    from cai.stages import handle
+    from cai.stages.sl_generate import run
+
     run_dir = tmp_path_factory.mktemp("run")
-    result = run_module("cai.stages.sl_generate", *TINY_ARGS, f"run_dir={run_dir}", "data.num_red_team=5",
-                        "data.num_helpful=3", "n_revisions=1")
-    assert result.returncode == 0, result.stderr
+    cfg = compose_cfg("sl_generate", [*TINY_ARGS, f"run_dir={run_dir}", "data.num_red_team=5", "data.num_helpful=3",
+                                      "n_revisions=1"])
+    run(cfg, handle(run, cfg))
     return run_dir
 
 
@@ -38,6 +41,25 @@ def _fresh_run_dir(upstream, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(upstream / "sl_generate", run_dir / "sl_generate")
     return run_dir
+
+
+def _run_here(run_dir, *overrides: str):
+    """sl_train in this process, as run_stage runs it (its handle on its folder; exceptions as they are)."""
+    from cai.stages import handle
+    from cai.stages.sl_train import run
+
+    cfg = compose_cfg("sl_train", [*TINY_ARGS, f"run_dir={run_dir}", *overrides])
+    return run(cfg, handle(run, cfg))
+
+
+def _refused(run_dir, *overrides: str, kind=None) -> str:
+    """The one-line message sl_train refuses with (run_stage prints it as 'cai sl_train: ...' and exits 1)."""
+    from cai.errors import InputError
+
+    with pytest.raises(kind or InputError) as e:
+        _run_here(run_dir, *overrides)
+    assert "\n" not in str(e.value), str(e.value)
+    return str(e.value)
 
 
 def test_tokenize_sft_masks_all_but_the_reply():
@@ -71,10 +93,11 @@ def test_epoch_order_is_seeded_and_wraps():
     assert sorted(a[:5]) == list(range(5)) and a[5:] == a[:3]
 
 
-def test_trains_saves_and_reloads(upstream, tmp_path):
+def test_trains_saves_and_reloads(upstream, tmp_path, process_group, capsys):
+    """sl_train in this process (as run_stage runs it): it learns, saves a model transformers loads, and the same
+    command again finds it complete."""
     run_dir = _fresh_run_dir(upstream, tmp_path)
-    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.epochs=6")
-    assert result.returncode == 0, result.stderr
+    _run_here(run_dir, "sl_train.epochs=6")
     out = run_dir / "sl_train"
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 8 and manifest["counts"]["steps"] == 24
@@ -87,8 +110,9 @@ def test_trains_saves_and_reloads(upstream, tmp_path):
     base = load_file(str(_tiny_base(tmp_path) / "model.safetensors"))
     changed = [k for k, v in trained.state_dict().items() if k in base and not torch.equal(v, base[k])]
     assert len(changed) > 10
-    again = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.epochs=6")
-    assert "already complete" in again.stdout
+    capsys.readouterr()
+    _run_here(run_dir, "sl_train.epochs=6")
+    assert "already complete" in capsys.readouterr().out
 
 
 def _tiny_base(tmp_path):
@@ -143,11 +167,9 @@ def test_two_rank_cpu_run(upstream, tmp_path, launcher):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_lora_adapters_are_merged_on_save(upstream, tmp_path):
+def test_lora_adapters_are_merged_on_save(upstream, tmp_path, process_group):
     run_dir = _fresh_run_dir(upstream, tmp_path)
-    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}",
-                        "sl_train.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
-    assert result.returncode == 0, result.stderr
+    _run_here(run_dir, "sl_train.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
     trained = AutoModelForCausalLM.from_pretrained(run_dir / "sl_train" / "model")
     assert not any("lora" in k for k in trained.state_dict())
     base = load_file(str(_tiny_base(tmp_path) / "model.safetensors"))
@@ -157,31 +179,28 @@ def test_lora_adapters_are_merged_on_save(upstream, tmp_path):
     assert torch.equal(trained.state_dict()[k], base[k])  # modules without adapters are untouched
 
 
-def test_refuses_incomplete_upstream_and_bad_settings(upstream, tmp_path):
-    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={tmp_path / 'empty'}")
-    assert result.returncode == 1
-    assert "sl_generate: no sl_generate here (no manifest.json); run that stage first" in result.stderr.strip().splitlines()[-1]
+def test_refuses_incomplete_upstream_and_bad_settings(upstream, tmp_path, process_group):
+    assert "sl_generate: no sl_generate here (no manifest.json); run that stage first" in _refused(tmp_path / "empty")
     run_dir = _fresh_run_dir(upstream, tmp_path)
     manifest = json.loads((run_dir / "sl_generate" / "manifest.json").read_text())
     manifest["status"] = "running"
     (run_dir / "sl_generate" / "manifest.json").write_text(json.dumps(manifest))
     before = outputs(run_dir)
-    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}")
-    assert result.returncode == 1 and "is not complete" in result.stderr
+    assert "is not complete" in _refused(run_dir)
     assert outputs(run_dir) == before
-    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.lr=-1")
-    assert result.returncode == 1 and "sl_train.lr must be > 0" in result.stderr
+    assert "sl_train.lr must be > 0" in _refused(run_dir, "sl_train.lr=-1")
 
 
-def test_a_non_finite_loss_stops_the_run_and_names_the_step_and_checkpoint(upstream, tmp_path):
+def test_a_non_finite_loss_stops_the_run_and_names_the_step_and_checkpoint(upstream, tmp_path, process_group):
     """An absurd learning rate blows the weights up within a few steps: the shared training loop stops on the
-    first non-finite loss, before stepping on it, and names the step and the checkpoint a rerun would resume from."""
+    first non-finite loss, before stepping on it, and names the step and the checkpoint a rerun would resume from
+    (a StageError: run_stage's one line and exit 1)."""
+    from cai.errors import StageError
+
     run_dir = _fresh_run_dir(upstream, tmp_path)
-    result = run_module("cai.stages.sl_train", *TINY_ARGS, f"run_dir={run_dir}", "sl_train.lr=1e30", "sl_train.epochs=4",
-                        "sl_train.micro_batch_size=1", "sl_train.save_every=1", "sl_train.warmup_ratio=0")
-    assert result.returncode == 1, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    match = re.fullmatch(r"cai sl_train: a non-finite loss at step (\d+); stopping\. Last good checkpoint: step-(\d+) in .*", last)
+    last = _refused(run_dir, "sl_train.lr=1e30", "sl_train.epochs=4", "sl_train.micro_batch_size=1", "sl_train.save_every=1",
+                    "sl_train.warmup_ratio=0", kind=StageError)
+    match = re.fullmatch(r"a non-finite loss at step (\d+); stopping\. Last good checkpoint: step-(\d+) in .*", last)
     assert match, last
     step, checkpoint = int(match[1]), int(match[2])
     assert checkpoint == step - 1  # saved every step: the one before the bad loss
