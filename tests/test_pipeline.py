@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, assert_one_line_error, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
+from conftest import ROOT, command_refuses, compose_cfg, copy_stages, outputs, run_module, sweep_jobs
 
 from cai.lineage import read_manifest
 from cai.metrics import read_metrics
@@ -157,10 +157,12 @@ def test_report_shows_every_stage_with_plots_and_examples(tiny_run):
     assert "<script" not in page
 
 
-def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
+def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path, capsys):
+    """``cai report`` (cai.cli.main, the console command's function, called in this process)."""
+    from cai.cli import main as cai
+
     jobs = sweep_jobs(tiny_sweep)
-    result = run_module("cai.cli", "report", "--compare", *map(str, jobs))
-    assert result.returncode == 0, result.stderr
+    assert cai(["report", "--compare", *map(str, jobs)]) == 0, capsys.readouterr().err
     page = (tiny_sweep / "compare.html").read_text()  # above jobs/, so a later jobs/* glob does not pick it up
     for job in jobs:
         assert f"<td>{job.name}</td>" in page
@@ -168,11 +170,10 @@ def test_report_cli_and_comparison_of_sweep_jobs(tiny_sweep, tmp_path):
     assert "<th>ppo.algorithm</th>" in page and all(f"<td>{name}</td>" in page for name in ("ppo", "rloo", "grpo", "reinforce"))
     assert "<th>debug</th>" not in page and "<h2>RL</h2>" in page
     copy = copy_stages(jobs[0], tmp_path / "copy", ["sl_generate", "sl_train"])
-    result = run_module("cai.cli", "report", str(copy))
-    assert result.returncode == 0 and (copy / "report.html").exists()
+    assert cai(["report", str(copy)]) == 0 and (copy / "report.html").exists()
     assert "ppo has not run" in (copy / "report.html").read_text() and "dpo has not run." in (copy / "report.html").read_text()
-    result = run_module("cai.cli", "report", str(tmp_path / "missing"))
-    assert result.returncode == 1 and "no such run directory" in result.stderr
+    capsys.readouterr()
+    assert cai(["report", str(tmp_path / "missing")]) == 1 and "no such run directory" in capsys.readouterr().err
 
 
 def test_rerun_skips_everything_and_a_changed_kl_coef_reruns_only_ppo_and_evaluate(tiny_run, tmp_path):
@@ -238,44 +239,59 @@ def test_an_input_file_edited_in_place_changes_the_config_hash(tmp_path):
 
 
 def test_bad_pipeline_input_is_one_line_and_writes_nothing(tmp_path):
-    result = run_module("cai.pipeline", *TINY_ARGS, f"run_dir={tmp_path / 'r'}", "stages=[sl_generate,rlhf]")
-    assert result.returncode == 1 and "stages= names unknown stage(s) ['rlhf']" in result.stderr.strip().splitlines()[-1]
-    result = run_module("cai.pipeline", *TINY_ARGS, f"run_dir={tmp_path / 'r'}", "launcher.name=slurm")
-    assert result.returncode == 1 and "launcher.name must be python or deepspeed" in result.stderr
+    """The pipeline's command run in this process (``command_refuses``): its one-line SystemExit, before any stage."""
+    assert "stages= names unknown stage(s) ['rlhf']" in command_refuses(
+        "cai.pipeline", *TINY_ARGS, f"run_dir={tmp_path / 'r'}", "stages=[sl_generate,rlhf]")
+    assert "launcher.name must be python or deepspeed" in command_refuses(
+        "cai.pipeline", *TINY_ARGS, f"run_dir={tmp_path / 'r'}", "launcher.name=slurm")
     assert not (tmp_path / "r" / "pipeline.json").exists()
 
 
 def test_evaluate_refuses_bad_checkpoints_and_keeps_earlier_outputs(tiny_run, tmp_path):
+    """evaluate in this process, as run_stage runs it: each setting refused with an InputError in one line (run_stage's
+    exit 1, tests/test_bad_inputs.py) before anything is written."""
+    from cai.errors import InputError
+    from cai.stages import handle
+    from cai.stages.evaluate import run
+
     run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate", "sl_train", "evaluate"])
     before = outputs(run_dir)
     for override, text in [("evaluate.checkpoints=[]", "evaluate.checkpoints is empty"),
                            ("evaluate.checkpoints=[base,base]", "names a checkpoint twice"),
                            ("evaluate.checkpoints=[base,ppo]", "holds no complete ppo run"),
                            (f"evaluate.checkpoints=[{tmp_path / 'nowhere'}]",
-                            "is not base, trained, sl_train, dpo, ppo or a checkpoint"),
+                            "is not base, trained, sl_train, dpo, ppo, round-<r>/dpo, round-<r>/ppo or a checkpoint folder"),
                            ("evaluate.num_examples=-1", "evaluate.num_examples must be >= 0")]:
-        assert_one_line_error(run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", override), text)
+        cfg = compose_cfg("evaluate", [*TINY_ARGS, f"run_dir={run_dir}", override])
+        with pytest.raises(InputError) as refused:
+            run(cfg, handle(run, cfg))
+        assert text in str(refused.value) and "\n" not in str(refused.value), str(refused.value)
     assert outputs(run_dir) == before
 
 
-def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path):
-    """Also: a judge that is the training labeler (debug=tiny's labeler: seed 1, vocabulary 384) is said to be."""
+def test_evaluate_with_two_checkpoints_and_human_pairs(tiny_run, tmp_path, capsys):
+    """Also: a judge that is the training labeler (debug=tiny's labeler: seed 1, vocabulary 384) is said to be. evaluate
+    runs in this process (its handle on its folder, as run_stage runs it)."""
+    from cai.stages import handle
+    from cai.stages.evaluate import run
+
     run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate", "sl_train", "ai_feedback", "pm_finetune"])
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"chosen": f"\n\nHuman: Q{i}?\n\nAssistant: A helpful answer {i}.",
                                          "rejected": f"\n\nHuman: Q{i}?\n\nAssistant: No."}) + "\n" for i in range(3)))
-    result = run_module("cai.stages.evaluate", *TINY_ARGS, f"run_dir={run_dir}", f"evaluate.pairs={pairs}",
-                        "evaluate.num_examples=0", "judge.tiny={seed:1,vocab_size:384}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    cfg = compose_cfg("evaluate", [*TINY_ARGS, f"run_dir={run_dir}", f"evaluate.pairs={pairs}", "evaluate.num_examples=0",
+                                   "judge.tiny={seed:1,vocab_size:384}"])
+    run(cfg, handle(run, cfg))
+    stdout = capsys.readouterr().out
     results = json.loads((run_dir / "evaluate" / "results.json").read_text())
     # the default [base, trained], with neither dpo nor ppo in the run
-    assert "trained = sl_train: complete in" in result.stdout and "(dpo, ppo: not complete there)" in result.stdout
+    assert "trained = sl_train: complete in" in stdout and "(dpo, ppo: not complete there)" in stdout
     assert list(results["checkpoints"]) == ["base", "sl_train"] and results["alignment"]["n"] == 3
-    assert "judge vs human labels" in result.stdout
+    assert "judge vs human labels" in stdout
     # no ppo checkpoint: the PM score is not circular; the judge is; and 3 pairs cannot tell any judge from chance
     assert results["notes"][0].startswith("The judge is the model that labeled ai_feedback's") and len(results["notes"]) == 2
     assert results["notes"][1].startswith("The judge cannot be told from chance on the 3 human-labeled pairs")
-    assert "note: The judge is the model that labeled" in result.stdout
+    assert "note: The judge is the model that labeled" in stdout
     assert read_manifest(run_dir / "evaluate")["roles"]["judge"] == read_manifest(run_dir / "ai_feedback")["roles"]["labeler"]
     assert not (run_dir / "evaluate" / "examples.jsonl").read_text()
 
