@@ -168,11 +168,14 @@ def test_with_the_length_oracle_dpo_and_rl_end_with_shorter_replies_than_sl(tiny
     preference (scale -2: the longer reply wins) for DPO: its replies grow (24.5), so DPO follows its labels rather than
     shortening whatever it is given."""
     def learn(run_dir, *overrides: str) -> dict:
-        copy_stages(tiny_run, run_dir, ("sl_generate", "sl_train"))
+        copy_stages(tiny_run, run_dir, ("sl_generate", "sl_train"))  # copies keep their files' times
+        # with what the sweep's pipeline saw of them, the pipeline skips them without starting their processes
+        seen = json.loads((tiny_run / "pipeline.json").read_text())["seen"]
+        (run_dir / "pipeline.json").write_text(json.dumps({"seen": {s: seen[s] for s in ("sl_generate", "sl_train")}}))
         result = run_module("cai.pipeline", *LEARNING, *overrides, f"run_dir={run_dir}")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         ran = {row["stage"]: row["status"] for row in json.loads((run_dir / "pipeline.json").read_text())["stages"]}
-        assert "ran" not in (ran["sl_generate"], ran["sl_train"])  # the sweep's own, reused
+        assert ran["sl_generate"] == ran["sl_train"] == "skipped"  # the sweep's own, reused
         return json.loads((run_dir / "evaluate" / "results.json").read_text())
 
     results = learn(tmp_path / "run")
