@@ -193,7 +193,7 @@ def test_pairwise_labeler_reward_within_each_group(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("ppo.kl_coef=-0.1", "ppo.kl_coef (beta) must be >= 0, got -0.1"),
     ("ppo.batch_size=3", "ppo.batch_size=3 must be divisible by ppo.num_minibatches=2"),
-    ("ppo.algorithm=reinforce_pp", "ppo.algorithm must be one of ppo, rloo, grpo, dr_grpo, reinforce, got 'reinforce_pp'"),
+    ("ppo.algorithm=reinforce_pp", "ppo.algorithm must be one of ppo, rloo, grpo, dr_grpo, reinforce, online_dpo, got 'reinforce_pp'"),
     ("ppo.algorithm=reinforce ppo.kl_coef=1.5", "ppo.algorithm=reinforce weighs the score by 1 - ppo.kl_coef: ppo.kl_coef must "
                                                 "be in [0, 1], got 1.5"),
     ("ppo.algorithm=reinforce ppo.kl_in=loss", "ppo.algorithm=reinforce weighs the KL against the score in the reward (RLAIF): "
