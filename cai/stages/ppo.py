@@ -100,6 +100,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     check_generation(cfg.generation, temperature=s.temperature)
     policy_cfg, policy_fingerprint = _policy_source(cfg, s, stage)
     reward = _reward(cfg, s, stage)
+    win_rates = s.reward == "pairwise"  # its scores are each response's win rate against its siblings (rl.pair_labels)
     items = load_prompts(cfg.data.red_team_path, cfg.data.red_team_column, "red_team", s.num_prompts, cfg.seed,
                          cfg.data.hh_context, key=f"{STAGE}.num_prompts")
     items += load_prompts(cfg.data.helpful_path, cfg.data.helpful_column, "helpful", s.num_helpful, cfg.seed,
@@ -183,7 +184,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
                              f"Last good checkpoint: {training.latest_tag(checkpoints)} in {checkpoints}")
         beta = kl_ctl.value
         ro = make_experience(policy_engine, reference, value_engine, batch, raw, s=s, algo=algo, beta=beta,
-                             win_rates=s.reward == "pairwise")
+                             win_rates=win_rates)
         t_experience = _clock(device)
         lr = policy_sched.get_last_lr()[0]
         stats = update(policy_engine, value_engine, ro, s=s, algo=algo, beta=beta, seed=cfg.seed, step=step, rank=rank,
@@ -199,7 +200,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         if algo.k > 1:
             row["group_score_std"] = rl.group_spread(ro.scores, algo.k).item()  # after the missing-EOS treatment
         if algo.preference:  # the reward's own labels, before the missing-EOS treatment
-            row["label_decisiveness"] = (rl.pair_labels(raw, s.reward == "pairwise")[0::2] - 0.5).abs().mean().item()
+            row["label_decisiveness"] = (rl.pair_labels(raw, win_rates)[0::2] - 0.5).abs().mean().item()
         row = {k: (v if k in ("step", "kl_coef") else round(distributed.mean_over_ranks(v), 6)) for k, v in row.items()}
         n_samples = world * s.batch_size * algo.k
         kl_ctl.update(row["kl"], n_samples)
@@ -207,7 +208,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         row.update(lr=lr, samples_per_s=round(n_samples / max(seconds, 1e-9), 3), seconds=round(seconds, 3),
                    rollout_s=round(t_rollout - t0, 3), score_s=round(t_experience - t_rollout, 3),
                    label_s=round(t_labeled - t_rollout, 3), update_s=round(t_updated - t_experience, 3))
-        if s.reward == "pairwise":  # each pair judged in both orders counts once
+        if win_rates:  # the labeler judged each pair of a group, in both orders: one comparison each
             judged = world * s.batch_size * len(rewards.sibling_pairs(algo.k))
             row["comparisons_per_s"] = round(judged / max(t_labeled - t_rollout, 1e-9), 3)
         if row["eos_rate"] == 0 and main_rank and not warned:
