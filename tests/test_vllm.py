@@ -122,14 +122,12 @@ def test_a_model_vllm_cannot_run_is_refused_before_it_starts():
         load_generator(spec)
 
 
-def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install():
-    code = ("import sys; sys.modules['vllm'] = None\n"  # import vllm now raises ImportError, as where it is absent
-            "from cai.engines import load_generator\n"
-            f"load_generator({{'path': 'tiny-random', 'tiny': {json.dumps(SHAPE)}, 'key': 'policy.path', 'role': 'policy', "
-            f"'engine': 'vllm'}})")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "cai.engines.EngineError: policy.engine=vllm but vLLM is not installed: pip install vllm" in result.stderr
+def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install(monkeypatch):
+    from cai.engines import EngineError, load_generator
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm now raises ImportError, as where it is absent
+    with pytest.raises(EngineError, match=r"^policy.engine=vllm but vLLM is not installed: pip install vllm"):
+        load_generator({"path": "tiny-random", "tiny": SHAPE, "key": "policy.path", "role": "policy", "engine": "vllm"})
 
 
 # -- a served labeler: a real vLLM server on 127.0.0.1 -------------------------------------------------------------
@@ -311,11 +309,14 @@ def test_online_dpo_samples_its_pairs_on_vllm(tmp_path):
 # -- the whole pipeline ---------------------------------------------------------------------------------------------
 
 def test_the_pipeline_runs_every_stage_on_vllm_then_with_the_labeler_served(server, checkpoint, tmp_path):
-    """A 2-job sweep over ``labeler.engine=vllm,served``, the policy's roles on vLLM in each stage's process in both (SL
-    answers, critiques and revisions; ai_feedback's pairs; PPO's rollouts, given the policy's weights each step;
-    evaluate's replies). Job 1: the labeler and the judge (which follows it) on vLLM too; job 2: both on the module's
-    server, which job 2 runs every stage that reads the labeler again with (the others are job 1's)."""
-    from conftest import run_module, sweep_jobs
+    """The whole pipeline with the policy's roles on vLLM in each stage's process (SL answers, critiques and revisions;
+    ai_feedback's pairs; PPO's rollouts, given the policy's weights each step; evaluate's replies), and the labeler and
+    the judge (which follows it) on vLLM too. Then the same command with both on the module's server, for the two stages
+    that read them (``stages=[ai_feedback,evaluate]``): the pipeline runs them again, the others stay the first run's
+    (the stages between only follow ai_feedback's labels, and their vLLM roles are the first run's)."""
+    import json
+
+    from conftest import run_module
     from omegaconf import OmegaConf
 
     from cai import roles
@@ -323,18 +324,20 @@ def test_the_pipeline_runs_every_stage_on_vllm_then_with_the_labeler_served(serv
     from cai.metrics import read_metrics
     from cai.pipeline import STAGES
 
-    result = run_module("cai.pipeline", "-m", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
-                        "model.engine=vllm", "model.vllm.cpu_kv_cache_gib=1", "ppo.rollout_engine=vllm",
-                        f"labeler.path={checkpoint}", "labeler.engine=vllm,served", f"labeler.served.url={server.url}",
-                        "labeler.served.retries=1")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    for job, labeler in zip(sweep_jobs(tmp_path), ("vllm", "served")):
-        manifests = {stage: read_manifest(job / stage) for stage in STAGES}
+    args = ["debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2", "model.engine=vllm",
+            "model.vllm.cpu_kv_cache_gib=1", "ppo.rollout_engine=vllm", f"labeler.path={checkpoint}",
+            f"labeler.served.url={server.url}", "labeler.served.retries=1"]
+    for labeler, stages in (("vllm", STAGES), ("served", ("ai_feedback", "evaluate"))):
+        result = run_module("cai.pipeline", *args, f"labeler.engine={labeler}", f"stages=[{','.join(stages)}]")
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        ran = {row["stage"]: row["status"] for row in json.loads((tmp_path / "pipeline.json").read_text())["stages"]}
+        assert ran == {stage: "ran" for stage in stages}, ran
+        manifests = {stage: read_manifest(tmp_path / stage) for stage in STAGES}
         assert all(m["status"] == "complete" for m in manifests.values())
         for stage, role, engine in [("sl_generate", "policy", "vllm"), ("sl_generate", "reviser", "vllm"),
                                     ("ai_feedback", "policy", "vllm"), ("ai_feedback", "labeler", labeler),
                                     ("ppo", "sl_start", "vllm"), ("evaluate", "policy", "vllm"), ("evaluate", "judge", labeler)]:
-            assert roles.spec(OmegaConf.create(manifests[stage]["config"]), role)["engine"] == engine, (job, stage, role)
+            assert roles.spec(OmegaConf.create(manifests[stage]["config"]), role)["engine"] == engine, (labeler, stage, role)
         assert manifests["ppo"]["config"]["ppo"]["rollout_engine"] == "vllm"
-        assert all(r["response_length"] > 0 for r in read_metrics(job / "ppo") if "score" in r)
-        assert (job / "report.html").exists()
+        assert all(r["response_length"] > 0 for r in read_metrics(tmp_path / "ppo") if "score" in r)
+        assert (tmp_path / "report.html").exists()
