@@ -49,8 +49,11 @@ def test_holding_a_folder_clears_what_a_killed_save_left(tmp_path):
 
 
 def test_a_second_command_on_the_same_stage_folder_is_refused(tmp_path):
-    args = [sys.executable, "-m", "cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "data.num_red_team=24",
-            "sl_generate.shard_size=2"]
+    # the holder must still be running when the second command (about 6 s of imports) looks: all 100 red-team prompts
+    # at 64 new tokens, work it does not finish (it is killed once the second is refused); with 24 prompts at 12 tokens
+    # it once ended first, on a quiet machine in make test
+    args = [sys.executable, "-m", "cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "data.num_red_team=100",
+            "generation.max_new_tokens=64", "sl_generate.shard_size=2"]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     lock = tmp_path / "sl_generate" / "hydra" / "stage.lock"
     try:
