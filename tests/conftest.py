@@ -33,6 +33,35 @@ def _share_the_cores() -> None:
 
 _share_the_cores()
 
+# Each test module's seconds in `make test` (measured 2026-12 on 2 cores, -n 2: test_ppo.py's include building the tiny
+# sweep and the embedded PM). pytest-xdist gives each worker whole modules (--dist loadfile); ``pytest_xdist_make_scheduler``
+# below hands them out longest first, so no long module starts last while the other worker runs out of modules, and the
+# first two (test_ppo.py, which builds the sweep, and test_vllm.py, which needs none) keep both workers busy while the
+# sweep is built. Modules not listed follow, most tests first (xdist's own order). Only the order matters: re-measure
+# when a module's time changes by a minute or more.
+MODULE_SECONDS = {
+    "test_ppo.py": 630, "test_vllm.py": 440, "test_pipeline.py": 145, "test_pm.py": 110, "test_sl_train.py": 100,
+    "test_sl_generate.py": 100, "test_oracles.py": 85, "test_gpu_check.py": 75, "test_dpo.py": 65, "test_ai_feedback.py": 60,
+    "test_config.py": 47, "test_rounds.py": 45, "test_stage_folder.py": 40, "test_bad_inputs.py": 30,
+    "test_vllm_embedded.py": 25, "test_evaluate.py": 23, "test_logger.py": 11,
+}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` with the modules handed out longest first (``MODULE_SECONDS``); other modes as xdist has them."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node) -> None:
+            # xdist takes the queue's first module: put the longest left there (ties keep xdist's order)
+            longest = max(self.workqueue, key=lambda module: MODULE_SECONDS.get(Path(module).name, 0.0))
+            self.workqueue.move_to_end(longest, last=False)
+            super()._assign_work_unit(node)
+
+    return LongestFirst(config, log)
+
 
 @pytest.fixture
 def root() -> Path:
