@@ -314,7 +314,9 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
 
 
 def test_launcher_deepspeed_runs_training_stages_on_two_ranks(tiny_run, tmp_path):
-    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate"])
+    run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate"])  # copies keep their files' times
+    seen = json.loads((tiny_run / "pipeline.json").read_text())["seen"]  # so the pipeline skips it, starting nothing
+    (run_dir / "pipeline.json").write_text(json.dumps({"seen": {"sl_generate": seen["sl_generate"]}}))
     result = run_module("cai.pipeline", *TINY_ARGS, f"run_dir={run_dir}", "stages=[sl_generate,sl_train]",
                         "launcher=deepspeed", "launcher.num_gpus=2", "deepspeed=zero3")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -323,4 +325,4 @@ def test_launcher_deepspeed_runs_training_stages_on_two_ranks(tiny_run, tmp_path
     assert launch_command("sl_generate", [], {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1})[1:3] == ["-m", "cai.stages.sl_generate"]
     manifest = read_manifest(run_dir / "sl_train")
     assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
-    assert _statuses(run_dir) == {"sl_generate": "up to date", "sl_train": "ran"}
+    assert _statuses(run_dir) == {"sl_generate": "skipped", "sl_train": "ran"}
