@@ -58,7 +58,7 @@ from cai.errors import InputError
 from cai.files import atomic_write_json, safe_name
 from cai.lineage import MANIFEST, read_manifest, resolved_config
 from cai.report import key_figures, write_report
-from cai.stage_folder import config_hash
+from cai.stage_folder import config_hash, round_dir
 from cai.stages import CONFIG_PATH, STAGES, run_app
 
 
@@ -71,11 +71,6 @@ PIPELINE_KEYS = ("stages", "launcher", "rounds", "round_stages")  # the pipeline
 RECORD = "pipeline.json"
 # what a later round may run (round_stages): label fresh pairs, then train the policy on them by DPO, or by PM + RL
 ROUTES = (["ai_feedback", "dpo"], ["ai_feedback", "pm_finetune", "ppo"])
-
-
-def round_dir(run_dir: Path, r: int) -> Path:
-    """Round r's folder: the run directory itself for round 1, ``round-<r>/`` in it after."""
-    return run_dir if r == 1 else run_dir / f"round-{r}"
 
 
 def check_rounds(cfg) -> str | None:

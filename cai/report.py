@@ -259,9 +259,9 @@ def _section_rounds(run_dir: Path) -> str:
     later = round_folders(run_dir)
     if not later:
         return ""
-    rounds = {1: run_dir, **{int(d.name[6:]): d for d in later}}
+    rounds, last = {1: run_dir, **later}, later[max(later)]
     # the stage that trained the rounds' policies (the newest, should an earlier config have left the other)
-    trained = [later[-1] / st for st in ("dpo", "ppo") if (later[-1] / st / "manifest.json").exists()]
+    trained = [last / st for st in ("dpo", "ppo") if (last / st / "manifest.json").exists()]
     policy = max(trained, key=lambda f: (f / "manifest.json").stat().st_mtime_ns).name if trained else None
     rows = []
     for r, d in rounds.items():

@@ -86,10 +86,15 @@ def config_hash(cfg: DictConfig | dict, keys: tuple[str, ...] | None = None) -> 
     return hashlib.sha256(blob).hexdigest()
 
 
-def round_folders(run_dir: str | os.PathLike) -> list[Path]:
-    """The folders of the pipeline's later iterated rounds in ``run_dir`` (``round-<r>``, r >= 2), by round."""
+def round_dir(run_dir: str | os.PathLike, r: int) -> Path:
+    """The folder of the pipeline's iterated round r: the run directory itself for round 1, ``round-<r>/`` in it after."""
+    return Path(run_dir) if r == 1 else Path(run_dir) / f"round-{r}"
+
+
+def round_folders(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{r: folder}`` of the pipeline's later iterated rounds found in ``run_dir`` (``round_dir``, r >= 2), by round."""
     found = [(int(m.group(1)), d) for d in Path(run_dir).glob("round-*") if (m := re.fullmatch(r"round-(\d+)", d.name))]
-    return [d for r, d in sorted(found) if r >= 2]
+    return {r: d for r, d in sorted(found) if r >= 2}
 
 
 def stage_summary(amount: str, headline: str, **metrics: Any) -> dict:

@@ -209,7 +209,7 @@ def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
 def round_checkpoints(run_dir: Path) -> list[str]:
     """The policies of the pipeline's later rounds complete in ``run_dir``: ``round-<r>/dpo`` and ``round-<r>/ppo``, by
     round."""
-    return [f"{d.name}/{st}" for d in round_folders(run_dir) for st in ("dpo", "ppo") if is_complete(d / st)]
+    return [f"{d.name}/{st}" for d in round_folders(run_dir).values() for st in ("dpo", "ppo") if is_complete(d / st)]
 
 
 def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg) -> tuple[dict, dict]:
@@ -524,7 +524,7 @@ def _overlap_with_training(cfg: DictConfig, items) -> int:
     configs = {stage: (read_manifest(stage_dir(cfg.run_dir, stage)) or {}).get("config") or {}  # each manifest once
                for stage in ("sl_generate", "ai_feedback", "ppo")}
     # the pipeline's later rounds label further blocks of prompts (ai_feedback.round): the last round's reaches furthest
-    for folder in round_folders(Path(cfg.run_dir)):
+    for folder in round_folders(cfg.run_dir).values():
         configs["ai_feedback"] = (read_manifest(folder / "ai_feedback") or {}).get("config") or configs["ai_feedback"]
 
     def used(stage: str, *keys: str) -> int:
