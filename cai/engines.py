@@ -216,11 +216,16 @@ class VLLMEngine(Engine):
 
 class ServedEngine(Engine):
     """A role answered by a server: ``POST {served.url}/completions`` with the prompt's token ids, as ``VLLMEngine``
-    would run them (the same settings, per-request seeds, ``logprob_token_ids`` for labels). At most
-    ``served.concurrency`` requests are in flight; each may take ``served.timeout_s``; a refused or dropped connection,
-    a timeout or a 5xx answer is retried ``served.retries`` times with a doubling wait (1, 2, 4 … s), then the call
-    fails with one line naming the URL. The stage then stops before writing the shard it was labeling, so a rerun (with
-    the server back) redoes that shard: nothing is lost or counted twice.
+    would run them (the same settings, per-request seeds, ``logprob_token_ids`` for labels). A call's requests go out
+    together from one asyncio client, at most ``served.concurrency`` in flight (a server batches what it holds, so a
+    data-parallel one needs hundreds); each may take ``served.timeout_s``; a refused or dropped connection, a timeout
+    or a 5xx answer is retried ``served.retries`` times with a doubling wait (1, 2, 4 … s), then the call fails with
+    one line naming the URL. The stage then stops before writing the shard it was labeling, so a rerun (with the server
+    back) redoes that shard: nothing is lost or counted twice.
+
+    A server started with ``--api-key`` is sent the key as a bearer token, read when the engine is built from the
+    environment variable ``served.api_key_env`` names: the config, and so every manifest, log and report, holds only
+    the variable's name.
 
     The role's ``path`` still names the model, for its tokenizer and chat template (cai renders the prompts) and to
     pick the served model when the server has several; a server of one model is asked for it under the name it lists,
@@ -229,18 +234,22 @@ class ServedEngine(Engine):
     samples with anyway."""
 
     def __init__(self, model_spec: dict, tok):
-        self.key = f"{model_spec.get('role') or 'model'}.engine"
+        role = model_spec.get("role") or "model"
+        self.key, settings = f"{role}.engine", f"{role}.served"
         options = dict(model_spec.get("served") or {})
         if not options.get("url"):
-            raise EngineError(f"{self.key}=served needs the server's address: {self.key.rsplit('.', 1)[0]}.served.url="
-                              f"http://HOST:PORT/v1")
+            raise EngineError(f"{self.key}=served needs the server's address: {settings}.url=http://HOST:PORT/v1")
         self.url = str(options["url"]).rstrip("/")
         self.device = self.url  # the manifests name the server
-        self.concurrency = int(options.get("concurrency") or 8)
+        self.concurrency = int(options.get("concurrency") or 256)
         self.timeout = float(options.get("timeout_s") or 300)
         self.retries = max(0, int(options.get("retries") if options.get("retries") is not None else 4))
+        self.key_setting, self.key_variable = f"{settings}.api_key_env", options.get("api_key_env")
+        self.headers = {}
+        if self.key_variable is not None:
+            self.headers["Authorization"] = f"Bearer {_api_key(self.key_setting, self.key_variable)}"
         self.eos = tok.eos_token_id
-        served = [m["id"] for m in self._request("GET", "/models")["data"]]
+        served = [m["id"] for m in self._answers([("GET", "/models", None)], False)[0]["data"]]
         wanted = str(model_spec["path"])
         if len(served) == 1 or wanted in served:
             self.model = served[0] if len(served) == 1 else wanted
@@ -273,39 +282,99 @@ class ServedEngine(Engine):
         """Nothing to free: the server stays up."""
 
     def _completions(self, bodies: list[dict], progress: bool) -> list[dict]:
-        """The answers to ``bodies`` in order, ``concurrency`` at a time."""
-        from concurrent.futures import ThreadPoolExecutor
+        """The answers to ``bodies`` in order."""
+        return self._answers([("POST", "/completions", {"model": self.model, **b}) for b in bodies], progress)
 
+    def _answers(self, requests: list[tuple[str, str, dict | None]], progress: bool) -> list[dict]:
+        """The answers to ``(method, path, body)`` requests in order, from an event loop of this call's own: stages are
+        synchronous, and a loop per call (milliseconds) keeps nothing alive between calls."""
+        import asyncio
+
+        return asyncio.run(self._ask_all(requests, progress))
+
+    async def _ask_all(self, requests: list[tuple[str, str, dict | None]], progress: bool) -> list[dict]:
+        """Every request at once, ``concurrency`` of them in flight: the semaphore holds the rest back, so a request's
+        timeout starts when it is sent, not while it waits its turn; the connector's limit (aiohttp's default is 100)
+        lets that many connections open. The first failure cancels the requests still out and is raised."""
+        import asyncio
+
+        import aiohttp
         from tqdm.auto import tqdm
 
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(tqdm(pool.map(lambda b: self._request("POST", "/completions", {"model": self.model, **b}), bodies),
-                             total=len(bodies), disable=not progress, leave=False, desc="served"))
+        turn = asyncio.Semaphore(self.concurrency)
+        # trust_env: proxies from HTTP(S)_PROXY and NO_PROXY, as urllib honoured them
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency), headers=self.headers,
+                                         trust_env=True) as session:
+            with tqdm(total=len(requests), disable=not progress, leave=False, desc="served") as bar:
+                async def one(method: str, path: str, body: dict | None) -> dict:
+                    async with turn:
+                        answer = await self._request(session, method, path, body)
+                    bar.update()
+                    return answer
 
-    def _request(self, method: str, path: str, body: dict | None = None) -> dict:
+                tasks = [asyncio.ensure_future(one(*request)) for request in requests]
+                try:
+                    return list(await asyncio.gather(*tasks))
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _request(self, session, method: str, path: str, body: dict | None) -> dict:
         """One request, retried on a refused or dropped connection, a timeout or a 5xx answer."""
-        import http.client
+        import asyncio
         import json
-        import time
-        import urllib.error
-        import urllib.request
 
-        data = json.dumps(body).encode("utf-8") if body is not None else None
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=self.timeout)
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url + path, data=data, method=method,
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                    return json.loads(answer.read())
-            except urllib.error.HTTPError as e:
-                if e.code < 500:  # the server understood and refused: retrying will not help
-                    raise EngineError(f"{self.key}=served: {self.url}{path} answered {e.code}: {_refusal(e.read())}") from None
-                reason = f"HTTP {e.code}"
-            except (OSError, http.client.HTTPException, ValueError) as e:  # refused, dropped, timed out, cut-off or
-                reason = str(getattr(e, "reason", e)) or type(e).__name__  # garbled answer: worth another try
+                async with session.request(method, self.url + path, json=body, timeout=timeout) as answer:
+                    status, data = answer.status, await answer.read()
+                if status < 400:
+                    return json.loads(data)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:  # refused, dropped, timed
+                reason = _failure(e, self.timeout)  # out, cut-off or garbled answer: worth another try
+            else:
+                if status < 500:  # the server understood and refused: retrying will not help
+                    raise EngineError(self._refused(path, status, data))
+                reason = f"HTTP {status}"
             if attempt < self.retries:
-                time.sleep(2 ** attempt)
+                await asyncio.sleep(2 ** attempt)
         raise EngineError(f"{self.key}=served: {self.url}{path} did not answer after {self.retries + 1} tries ({reason})")
+
+    def _refused(self, path: str, status: int, body: bytes) -> str:
+        """A refusal in one line; a 401 names where the key comes from (the variable; never the key)."""
+        message = f"{self.key}=served: {self.url}{path} answered {status}: {_refusal(body)}"
+        if status == 401 and self.key_variable:
+            return f"{message}; check the key in {self.key_variable}"
+        if status == 401:
+            return f"{message}; the server wants a key: put it in an environment variable and name that in {self.key_setting}"
+        return message
+
+
+def _api_key(setting: str, variable) -> str:
+    """The server's key from the environment variable ``variable`` (``setting``: the config key that names it)."""
+    if not isinstance(variable, str) or not variable:
+        raise EngineError(f"{setting} must be the name of an environment variable holding the server's key, got {variable!r}")
+    key = os.environ.get(variable)
+    if not key:
+        raise EngineError(f"{setting}={variable}: the environment variable {variable} is "
+                          f"{'empty' if key == '' else 'not set'}")
+    return key
+
+
+def _failure(e: BaseException, timeout: float) -> str:
+    """Why a request got no answer, in a few words: a timeout, an OS error by its name ("Connection refused"), or the
+    exception's first line."""
+    import asyncio
+
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError)):  # one class from Python 3.11; aiohttp's timeouts are both
+        return f"no answer within {timeout:g} s"
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    return first_line(e)
 
 
 def _refusal(body: bytes) -> str:

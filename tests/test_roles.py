@@ -54,14 +54,15 @@ def test_an_engine_and_its_settings_fall_back_key_by_key_and_hash_only_where_the
     labeler, judge, policy = roles.spec(cfg, "labeler"), roles.spec(cfg, "judge"), roles.spec(cfg, "policy")
     assert labeler["engine"] == "vllm" and labeler["vllm"]["max_model_len"] == 4096
     assert labeler["vllm"]["cpu_kv_cache_gib"] == 4 and labeler["vllm"]["enable_prefix_caching"] is True  # from model
-    assert judge["engine"] == "served" and judge["served"] == {"url": "http://h:1/v1", "concurrency": 8, "timeout_s": 300,
-                                                                "retries": 4}
+    assert judge["engine"] == "served" and judge["served"] == {"url": "http://h:1/v1", "concurrency": 256, "timeout_s": 300,
+                                                                "retries": 4, "api_key_env": None}
     # the default engine hashes as before engines existed; vLLM's settings only for a role on vLLM; a server's
     # address never (the served model is the role's path)
     assert "engine" not in roles.identity(policy) and "vllm" not in roles.identity(policy)
     assert config_hash(base, ("policy",)) == config_hash(cfg, ("policy",))
     assert config_hash(base, ("labeler",)) != config_hash(cfg, ("labeler",))
-    moved = compose_cfg("pipeline", [*TINY_ARGS, "judge.engine=served", "judge.served.url=http://other:2/v1"])
+    moved = compose_cfg("pipeline", [*TINY_ARGS, "judge.engine=served", "judge.served.url=http://other:2/v1",
+                                     "judge.served.api_key_env=CAI_JUDGE_KEY"])  # where it is and how it is reached
     assert config_hash(moved, ("judge",)) == config_hash(cfg, ("judge",))
     # the PM is a scalar-head model: transformers runs it whatever the roles above it name; naming another engine for
     # it, or an unknown engine, is one line naming the key

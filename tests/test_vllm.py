@@ -5,6 +5,7 @@ takes about 15 s to start on this CPU)."""
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 
@@ -132,15 +133,22 @@ def test_engine_vllm_without_vllm_installed_names_the_key_and_the_install(monkey
 
 # -- a served labeler: a real vLLM server on 127.0.0.1 -------------------------------------------------------------
 
+# the module's server is shared the way a real one is: started with --api-key, so every request must carry the key,
+# which the served specs read from KEY_ENV (their served.api_key_env); a fresh key per run, for the search of the
+# run folders below
+KEY_ENV, KEY = "CAI_TEST_LABELER_KEY", f"cai-test-key-{secrets.token_hex(16)}"
+
+
 @pytest.fixture(scope="module")
 def servers(checkpoint):
     """Two servers of the checkpoint started at the same moment, as two pytest-xdist workers may start theirs: the
-    first serves the module, the second only the first served test, which checks that the two did not collide."""
+    first, started with a key, serves the module, the second (no key) only the first served test, which checks that
+    the two did not collide."""
     from concurrent.futures import ThreadPoolExecutor
 
     from local_server import LocalServer
 
-    both = [LocalServer(checkpoint), LocalServer(checkpoint)]
+    both = [LocalServer(checkpoint, api_key=KEY), LocalServer(checkpoint)]
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(LocalServer.start, both))
@@ -150,9 +158,19 @@ def servers(checkpoint):
             served.stop()
 
 
-@pytest.fixture(scope="module")
-def server(servers):
+@pytest.fixture
+def server(servers, monkeypatch):
+    """The module's server, its key exported in KEY_ENV for the test (and the stages it starts), as a user would."""
+    monkeypatch.setenv(KEY_ENV, KEY)
     return servers[0]
+
+
+def without_the_key(folder) -> list[str]:
+    """Every file under ``folder``, read as bytes, holds no trace of the key; returns the files that name its variable
+    (what the configs keep instead), which shows the search read them."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files and not [str(p) for p in files if KEY.encode() in p.read_bytes()]
+    return [str(p.relative_to(folder)) for p in files if KEY_ENV.encode() in p.read_bytes()]
 
 
 def served_spec(checkpoint, url: str, **served) -> dict:
@@ -161,17 +179,18 @@ def served_spec(checkpoint, url: str, **served) -> dict:
 
 
 def test_two_servers_started_at_once_answer_each_as_itself_with_the_labels_and_replies_of_transformers(
-        servers, checkpoint, engines):
+        servers, checkpoint, engines, monkeypatch):
     """Each of the two servers started together got a port of its own and answers there as itself (the name it was
-    started with, which the served engine takes); one gives the labeler's judgements, the other greedy replies, both
-    those of transformers."""
+    started with, which the served engine takes); one (with its key) gives the labeler's judgements, the other greedy
+    replies, both those of transformers."""
     from cai.engines import load_generator
 
     first, second = servers
     _, model, tok = engines
+    monkeypatch.setenv(KEY_ENV, KEY)
     try:
         assert first.port != second.port
-        labeler, _ = load_generator(served_spec(checkpoint, first.url, concurrency=4))
+        labeler, _ = load_generator(served_spec(checkpoint, first.url, concurrency=4, api_key_env=KEY_ENV))
         replier, _ = load_generator(served_spec(checkpoint, second.url))
         assert (labeler.model, replier.model) == (first.name, second.name) and first.name != second.name
         pairs = [Pair(f"p{i}", p, "Here is how.", "I would rather not.") for i, p in enumerate(PROMPTS[:3])]
@@ -208,7 +227,7 @@ def test_a_request_the_server_refuses_is_one_line_with_its_reason(server, checkp
     from cai.engines import EngineError, load_generator
 
     _, _, tok = engines
-    remote, _ = load_generator(served_spec(checkpoint, server.url))
+    remote, _ = load_generator(served_spec(checkpoint, server.url, api_key_env=KEY_ENV))
     too_long = [[{"role": "user", "content": "word " * 3000}]]
     with pytest.raises(EngineError) as refused:
         generate(remote, tok, too_long, max_new_tokens=4, temperature=0.0, seed=0, progress=False)
@@ -217,11 +236,34 @@ def test_a_request_the_server_refuses_is_one_line_with_its_reason(server, checkp
     assert "2048" in message and "{" not in message, message  # the error's message, not its JSON
 
 
+def test_a_missing_or_wrong_key_is_one_line_naming_its_variable(server, checkpoint, monkeypatch):
+    """The module's server wants its key: the right one in the variable ``served.api_key_env`` names is let in; the
+    variable unset, a wrong key in it, or no variable named at all are each one line naming the variable (or the key
+    to set), never the key."""
+    from cai.engines import EngineError, load_generator
+
+    spec = served_spec(checkpoint, server.url, api_key_env=KEY_ENV)
+    assert load_generator(spec)[0].model == server.name
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(EngineError, match=rf"^labeler.served.api_key_env={KEY_ENV}: the environment variable {KEY_ENV} "
+                                          r"is not set$"):
+        load_generator(spec)
+    monkeypatch.setenv(KEY_ENV, f"not-{KEY}")
+    with pytest.raises(EngineError) as wrong:
+        load_generator(spec)
+    assert str(wrong.value) == f"labeler.engine=served: {server.url}/models answered 401: Unauthorized; check the key in {KEY_ENV}"
+    with pytest.raises(EngineError) as unnamed:
+        load_generator(served_spec(checkpoint, server.url))
+    assert str(unnamed.value).endswith("answered 401: Unauthorized; the server wants a key: put it in an environment "
+                                       "variable and name that in labeler.served.api_key_env")
+
+
 def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_server_drops(server, checkpoint, tmp_path):
     """ai_feedback for real on both: the policy's pairs sampled by vLLM in the stage's process, the labels read from
-    the server, which is stopped once the first shard is written. The stage stops with one line naming the server;
-    with the server back (on a new port: a served role's address is not part of what the stage's outputs depend on),
-    the rerun keeps the finished shards and labels the rest, none twice."""
+    the server (with its key), which is stopped once the first shard is written. The stage stops with one line naming
+    the server; with the server back (on a new port: a served role's address is not part of what the stage's outputs
+    depend on), the rerun keeps the finished shards and labels the rest, none twice. No file the two runs wrote holds
+    the key: their configs name only its variable."""
     import time
 
     from conftest import run_module
@@ -232,7 +274,8 @@ def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_s
     def overrides(url: str) -> list[str]:
         return ["debug=tiny", "progress=false", f"run_dir={tmp_path}", "policy.engine=vllm", "model.tiny.num_heads=2",
                 "policy.vllm.cpu_kv_cache_gib=1", f"labeler.path={checkpoint}", "labeler.engine=served",
-                f"labeler.served.url={url}", "labeler.served.retries=1", "ai_feedback.num_prompts=8",
+                f"labeler.served.url={url}", "labeler.served.retries=1", f"labeler.served.api_key_env={KEY_ENV}",
+                "ai_feedback.num_prompts=8",
                 "ai_feedback.shard_size=2", "ai_feedback.few_shot=false"]
 
     args = [sys.executable, "-m", "cai.stages.ai_feedback", *overrides(server.url)]
@@ -256,6 +299,8 @@ def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_s
     assert len(set(rows["id"])) == len(rows) and 0 < len(rows) <= 8 and all(0 < p < 1 for p in rows["p_chosen"])
     config = read_manifest(tmp_path / "ai_feedback")["config"]
     assert config["policy"]["engine"] == "vllm" and config["labeler"]["engine"] == "served"
+    assert config["labeler"]["served"]["api_key_env"] == KEY_ENV
+    assert "ai_feedback/manifest.json" in without_the_key(tmp_path)
 
 
 # -- PPO's rollouts on vLLM -----------------------------------------------------------------------------------------
@@ -326,7 +371,7 @@ def test_the_pipeline_runs_every_stage_on_vllm_then_with_the_labeler_served(serv
 
     args = ["debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2", "model.engine=vllm",
             "model.vllm.cpu_kv_cache_gib=1", "ppo.rollout_engine=vllm", f"labeler.path={checkpoint}",
-            f"labeler.served.url={server.url}", "labeler.served.retries=1"]
+            f"labeler.served.url={server.url}", "labeler.served.retries=1", f"labeler.served.api_key_env={KEY_ENV}"]
     for labeler, stages in (("vllm", STAGES), ("served", ("ai_feedback", "evaluate"))):
         result = run_module("cai.pipeline", *args, f"labeler.engine={labeler}", f"stages=[{','.join(stages)}]")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -341,3 +386,4 @@ def test_the_pipeline_runs_every_stage_on_vllm_then_with_the_labeler_served(serv
         assert manifests["ppo"]["config"]["ppo"]["rollout_engine"] == "vllm"
         assert all(r["response_length"] > 0 for r in read_metrics(tmp_path / "ppo") if "score" in r)
         assert (tmp_path / "report.html").exists()
+    assert "evaluate/manifest.json" in without_the_key(tmp_path)  # the key reached the server, and no file
