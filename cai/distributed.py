@@ -6,9 +6,11 @@ Launch styles that all work (CPU uses gloo, GPU nccl):
     python -m cai.stages.sl_train ...                                   # one process
     torchrun --nproc_per_node 2 -m cai.stages.sl_train ...
     deepspeed --no_local_rank --num_gpus 2 --module cai.stages.sl_train ...
+    python -m cai.stages.sl_train -m hydra/launcher=submitit_slurm hydra.launcher.nodes=2 hydra.launcher.tasks_per_node=8 ...
 
 Ranks read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE`` from the environment (never a ``--local_rank``
-argument, which Hydra would reject). A single process gets those variables filled in here.
+argument, which Hydra would reject). A single process gets those variables filled in here, and so does each task of
+a Slurm job that submitit started (``env_from_slurm``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    env_from_slurm()
     if "WORLD_SIZE" not in os.environ:  # a plain `python -m ...`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
@@ -40,9 +43,30 @@ def init_distributed() -> tuple[int, int]:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if torch.cuda.is_available():  # modulo: a Slurm task may see only its own GPU (hydra.launcher.gpus_per_task=1)
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     return dist.get_rank(), dist.get_world_size()
+
+
+def env_from_slurm() -> None:
+    """In a task that submitit started (``hydra/launcher=submitit_slurm``: a Slurm job of ``nodes`` x ``tasks_per_node``
+    tasks; ``submitit_local``: that many tasks on this machine), fill in torch's ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR`` and ``MASTER_PORT`` from the job's own variables (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``,
+    ``SLURM_JOB_NODELIST``; ``SUBMITIT_LOCAL_*`` for the local executor), read by submitit's ``JobEnvironment``.
+    ``MASTER_ADDR`` is the job's first host and ``MASTER_PORT`` is drawn from the job id (or kept when set), so every task
+    computes the same address without talking to the others. ``CUDA_VISIBLE_DEVICES`` is left alone: each rank picks
+    its GPU by ``LOCAL_RANK`` (``init_distributed``).
+
+    Nothing changes where a launcher set ``WORLD_SIZE`` already (torchrun, deepspeed, ``launcher=deepspeed`` inside a
+    Slurm job), outside submitit, or in a job of one task (a stage the pipeline starts in a one-task job is a group of
+    one, on a free port). Called by ``run_stage`` before it decides which rank holds the stage's folder."""
+    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    job = TorchDistributedEnvironment()
+    if job.world_size > 1:
+        job.export(set_cuda_visible_devices=False, overwrite=True)  # a MASTER_PORT set by hand is kept (submitit reads it)
 
 
 def extensions_dir() -> Path:

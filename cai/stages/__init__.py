@@ -46,15 +46,35 @@ def run_stage(run, cfg) -> None:
     is refused in one line naming the process that holds it, and the leftovers of a run killed mid-save are
     cleared first. The expected kinds of bad input end in one-line errors and exit 1, and so does a full disk; what
     was complete before stays readable, since every write is atomic. Anything else is a bug and keeps its traceback.
+
+    A task of a Slurm job (``hydra/launcher=submitit_slurm``) gets its rank from Slurm's variables first
+    (``cai.distributed.env_from_slurm``). Of several ranks, a one-process stage (``MULTI_RANK`` False) runs on rank 0;
+    the others say so and return.
     """
-    stage = sys.modules[run.__module__].STAGE
+    facts = sys.modules[run.__module__]
+    if not hasattr(facts, "STAGE"):  # a task submitit started: the command's __main__ came pickled, by value; import it
+        import importlib
+
+        from hydra.core.hydra_config import HydraConfig
+
+        facts = importlib.import_module(f"{__name__}.{HydraConfig.get().job.config_name}")
+        run = getattr(facts, run.__name__)
+    stage = facts.STAGE
+    from cai.distributed import env_from_slurm  # imported here: reading the stage list loads no torch
+
     try:
+        env_from_slurm()
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0")
+        if world > 1 and rank != "0" and not facts.MULTI_RANK:
+            print(f"cai {stage}: runs as one process, on rank 0 of {world}; rank {rank} has nothing to do "
+                  f"(hydra.launcher.tasks_per_node=1 and nodes=1 submit it alone)", flush=True)
+            return
         check_types(cfg)
         check_logger(cfg.get("logger"))
         if cfg.get("deterministic"):
             deterministic_kernels()
         # one holder per folder: rank 0 of a multi-process launch holds it (its other ranks write beside it, in the same run)
-        other_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+        other_rank = world > 1 and rank != "0"
         with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
             run(cfg, handle(run, cfg))
         _ranks_done()
