@@ -1,7 +1,7 @@
 """The whole recipe as one command: ``python -m cai.pipeline [key=value ...]``.
 
 Runs the stages listed in ``stages`` in order, each as its own process (``python -m cai.stages.<stage>``,
-or under the ``deepspeed`` launcher for training stages with ``launcher=deepspeed``) on the same
+or, with ``launcher=deepspeed``, every multi-rank stage (``MULTI_RANK``) under the ``deepspeed`` launcher) on the same
 ``run_dir``, so a crash in one stage never takes the pipeline's state with it. Command-line overrides
 are passed on: shared keys (``model=``, ``seed=``, ``debug=tiny``, ...) to every stage, ``<stage>.KEY=...``
 only to that stage. The pipeline stops at the first stage that fails and says which.
@@ -64,8 +64,14 @@ from cai.stages import CONFIG_PATH, STAGES, run_app
 
 @functools.cache
 def facts(stage: str):
-    """The stage's module, for the facts it states at its top (``UPSTREAM``, ``HASH_KEYS``, ``MULTI_RANK``)."""
+    """The stage's module, for the facts it states at its top (``UPSTREAM``, ``HASH_KEYS``, ``MULTI_RANK``, ``SHARDED``)."""
     return importlib.import_module(f"cai.stages.{stage}")
+
+
+def ranks_matter(stage: str) -> bool:
+    """Whether the launcher (its number of ranks) is part of what ``stage`` computes: a training stage's, which
+    partitions its batches over the ranks; not a sharded stage's, nor a one-process one's."""
+    return facts(stage).MULTI_RANK and not facts(stage).SHARDED
 
 PIPELINE_KEYS = ("stages", "launcher", "rounds", "round_stages")  # the pipeline's own settings: not passed to stages
 RECORD = "pipeline.json"
@@ -140,7 +146,7 @@ def overrides_for(stage: str, overrides: list[str]) -> list[str]:
 
 
 def launch_command(stage: str, args: list[str], launcher: DictConfig | dict) -> list[str]:
-    """The command that runs ``stage``: one Python process, or for training stages under
+    """The command that runs ``stage``: one Python process, or for a multi-rank stage (training, generating) under
     ``launcher.name=deepspeed`` the DeepSpeed launcher with ``num_gpus`` ranks per node on ``num_nodes``
     nodes (``hostfile`` for several)."""
     if launcher["name"] == "deepspeed" and facts(stage).MULTI_RANK:
@@ -160,7 +166,7 @@ def stage_keys(cfg: DictConfig, constitution_hash: str) -> dict[str, dict]:
         hash_keys = facts(stage).HASH_KEYS
         own = config_hash(cfg, hash_keys)
         constitution = constitution_hash if "constitution" in hash_keys else None
-        launcher = resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None
+        launcher = resolved_config(cfg.launcher) if ranks_matter(stage) else None
         upstream = [plan[u]["key"] for u in facts(stage).UPSTREAM]
         blob = json.dumps([stage, own, constitution, launcher, upstream], sort_keys=True).encode("utf-8")
         plan[stage] = {"config_hash": own, "constitution_hash": constitution, "key": hashlib.sha256(blob).hexdigest()}
@@ -187,7 +193,7 @@ def stage_state(cfg: DictConfig, folder: Path, stage: str, rounds: tuple[Path, .
     ``rounds``: the later rounds' stage folders a stage that runs after them reads (evaluate)."""
     state = {"manifest_mtime": _mtime(folder / MANIFEST),
              "upstream": {u: _mtime(folder.parent / u / MANIFEST) for u in facts(stage).UPSTREAM},
-             "launcher": resolved_config(cfg.launcher) if facts(stage).MULTI_RANK else None}
+             "launcher": resolved_config(cfg.launcher) if ranks_matter(stage) else None}
     if rounds:
         state["rounds"] = {str(f.relative_to(folder.parent)): _mtime(f / MANIFEST) for f in rounds}
     return state

@@ -7,7 +7,13 @@ written after the rows: a shard is finished exactly when its record exists. A re
 and first rebuilds ``metrics.jsonl`` from their records, so a kill between a record and its metrics line loses
 no line, and no shard is logged twice.
 
-    records = run_shards(out, shards, make_rows, features=..., stage=STAGE, progress=..., logger=cfg.logger)
+On several ranks (``torchrun``, ``launcher=deepspeed``), rank r makes the shards K with K mod ranks = r, each with its
+own engine. A shard's rows depend on K alone (its prompts, and a seed derived from K), so the ranks write exactly the
+rows one process would, and a rerun on any number of ranks picks up the unfinished shards. Rank 0 writes
+``metrics.jsonl`` (in shard order, once every shard is finished) and logs every shard's record.
+
+    records = run_shards(out, shards, make_rows, features=..., stage=STAGE, progress=..., logger=cfg.logger,
+                         rank=stage.rank, world=stage.world)
     dataset = join_shards(out, records)
 """
 
@@ -23,24 +29,27 @@ from tqdm.auto import tqdm
 from cai.files import atomic_write_json, atomic_write_text, save_dataset
 from cai.metrics import MetricsWriter
 
+POLL_S = 2.0  # how often a rank that has made its shards looks whether the others have made theirs
+
 
 def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], tuple[list[dict], dict]], *, features,
-               stage: str, progress: bool, logger=None) -> list[dict]:
-    """Run ``make_rows(k, shard) -> (rows, figures)`` for every shard not finished yet, saving its rows and then
-    its record ``{"shard": k, "rows": len(rows), **figures, "seconds": ...}``; returns every shard's record, in
-    order. ``figures`` are the stage's own numbers for the shard (tokens/s, skipped pairs, ...)."""
+               stage: str, progress: bool, logger=None, rank: int = 0, world: int | None = None) -> list[dict]:
+    """Run ``make_rows(k, shard) -> (rows, figures)`` for every shard of this rank (``rank`` of ``world``; None: one
+    process) not finished yet, saving its rows and then its record ``{"shard": k, "rows": len(rows), **figures,
+    "seconds": ...}``; once every rank's shards are finished, returns every shard's record, in order. ``figures`` are
+    the stage's own numbers for the shard (tokens/s, skipped pairs, ...)."""
+    world, main = world or 1, rank == 0
     folder = out / "shards"
-    records = {k: json.loads(_record(folder, k).read_text()) for k in range(len(shards)) if _record(folder, k).exists()}
-    records = {k: r for k, r in records.items() if "rows" in r}  # a record in an older layout: the shard is redone
-    if records:
+    records = _finished(folder, len(shards))
+    if records and main:
         print(f"cai {stage}: resuming, {len(records)}/{len(shards)} shards already done")
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(records[k]) + "\n" for k in sorted(records)))
-    metrics = MetricsWriter(out, logger=logger, run_name=stage)
-    for k, shard in enumerate(tqdm(shards, desc=stage, unit="shard", disable=not progress)):
-        if k in records:
-            continue
+    if main:
+        _write_metrics(out, records)
+    metrics = MetricsWriter(out, enabled=main, logger=logger, run_name=stage)
+    mine = [k for k in range(len(shards)) if k % world == rank and k not in records]
+    for k in tqdm(mine, desc=stage, unit="shard", disable=not progress):
         t0 = time.time()
-        rows, figures = make_rows(k, shard)
+        rows, figures = make_rows(k, shards[k])
         if rows:  # datasets cannot reload an empty save: a shard without rows has its record alone
             from datasets import Dataset
 
@@ -48,8 +57,16 @@ def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], t
         records[k] = {"time": round(time.time(), 3), "shard": k, "rows": len(rows), **figures,
                       "seconds": round(time.time() - t0, 3)}
         atomic_write_json(_record(folder, k), records[k])
-        metrics.log(**{key: v for key, v in records[k].items() if key != "time"})
+        metrics.log(**_line(records[k]))
+    if world > 1:  # wait for the other ranks' shards by their records: a collective would time out on a long shard
+        while len(others := _finished(folder, len(shards))) < len(shards):
+            time.sleep(POLL_S)
+        for k in sorted(set(others) - set(records)):  # the other ranks' shards of this run, to the logger
+            metrics.log(**_line(others[k]))
+        records = others
     metrics.close()
+    if main and world > 1:
+        _write_metrics(out, records)  # shard order, as one process writes it
     return [records[k] for k in range(len(shards))]
 
 
@@ -67,3 +84,18 @@ def _name(k: int) -> str:
 
 def _record(folder: Path, k: int) -> Path:
     return folder / f"{_name(k)}.json"
+
+
+def _finished(folder: Path, n: int) -> dict[int, dict]:
+    """``{k: record}`` of the finished shards among the first ``n`` (a record in an older layout: the shard is redone)."""
+    records = {k: json.loads(_record(folder, k).read_text()) for k in range(n) if _record(folder, k).exists()}
+    return {k: r for k, r in records.items() if "rows" in r}
+
+
+def _write_metrics(out: Path, records: dict[int, dict]) -> None:
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(records[k]) + "\n" for k in sorted(records)))
+
+
+def _line(record: dict) -> dict:
+    """A record as ``MetricsWriter.log`` takes it (it stamps its own time)."""
+    return {key: v for key, v in record.items() if key != "time"}

@@ -180,15 +180,17 @@ class StageRun:
         stage.complete(stage_summary(...), ...)          # the complete manifest, written last
 
     A run's identity is its config hash (the stage's ``HASH_KEYS``) and the fingerprints of its inputs given to ``done``
-    (the constitution hash, upstream models and datasets; all recorded in the manifest), and, for a multi-rank stage,
-    the number of ranks (its schedule and partitions depend on it). Only the main rank (rank 0) writes the manifest.
+    (the constitution hash, upstream models and datasets; all recorded in the manifest), and, for a multi-rank training
+    stage, the number of ranks (its schedule and partitions depend on it; a ``sharded`` stage's outputs do not). Only
+    the main rank (rank 0) writes the manifest.
     """
 
     def __init__(self, stage: str, cfg: DictConfig, hash_keys: tuple[str, ...] | None, rank: int = 0,
-                 world: int | None = None):
+                 world: int | None = None, sharded: bool = False):
         self.name, self.cfg, self.hash_keys = stage, cfg, hash_keys
         self.out = stage_dir(cfg.run_dir, stage)
         self.rank, self.world = rank, world  # world: the ranks of a multi-rank stage; None for a one-process stage
+        self.sharded = sharded  # its ranks split units of work that do not depend on their number (cai.stages: SHARDED)
         self.main = rank == 0
         self.resume = False  # the partial work in ``out`` is this config's and these inputs': go on from it
         self.inputs: dict[str, Any] = {}
@@ -201,12 +203,13 @@ class StageRun:
         """Whether a complete run of this config and these ``inputs`` (top-level manifest fields: ``constitution_hash``,
         ``*_fingerprint``s of what the stage reads) already made ``product`` (a file or folder in ``out``): then there
         is nothing to do, as said on stdout. Otherwise ``resume`` says whether the partial work there may be resumed
-        (a manifest of the same config, inputs and ranks) or the stage starts over."""
+        (a manifest of the same config and inputs, and of the same number of ranks unless ``sharded``) or the stage
+        starts over."""
         self.product, self.inputs = product, inputs
         previous = read_manifest(self.out)
         self.resume = (bool(previous) and previous.get("config_hash") == config_hash(self.cfg, self.hash_keys)
                        and all(previous.get(k) == v for k, v in inputs.items())
-                       and (self.world is None or previous.get("counts", {}).get("world_size") == self.world))
+                       and (self.world is None or self.sharded or previous.get("counts", {}).get("world_size") == self.world))
         finished = self.resume and previous["status"] == "complete" and (self.out / product).exists()
         if finished and self.main:
             print(f"cai {self.name}: already complete in {self.out} (same config and inputs); nothing to do")
@@ -215,17 +218,21 @@ class StageRun:
     def started(self, counts: dict | None = None, fresh: tuple[str, ...] = (), **fields: Any) -> None:
         """The work begins: unless it resumes, the paths ``fresh`` names in ``out`` (another config's partial work:
         shards, replies, metrics) are removed; then the running manifest, with ``counts`` and ``fields`` (kept for the
-        complete one)."""
+        complete one). Every rank calls it, and none goes on before rank 0 has cleared the folder (another rank's first
+        shard must not be removed as the previous config's)."""
         self._counts, self._fields = dict(counts or {}), fields
-        if not self.main:
-            return
-        for name in () if self.resume else fresh:
-            path = self.out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        self._write("running", self._counts)
+        if self.main:
+            for name in () if self.resume else fresh:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            self._write("running", self._counts)
+        if self.world is not None and self.world > 1:
+            from cai import distributed
+
+            distributed.barrier()
 
     def complete(self, summary: dict, counts: dict | None = None, **fields: Any) -> None:
         """The work is done: the complete manifest (``summary``: ``stage_summary``; ``counts`` replace the running

@@ -3,6 +3,7 @@ SmolLM2 model (converted once into the cache folder). Tests reading ../shared/da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -212,22 +213,54 @@ def copy_stages(run_dir: Path, target: Path, stages) -> Path:
     return target
 
 
-def kill_when(args: list[str], ready, timeout: int = 300) -> None:
+def kill_when(args: list[str], ready, timeout: int = 300, rank: int | None = None) -> None:
     """Start ``args`` and SIGKILL its process group as soon as ``ready()`` (polled every 10 ms) is true;
-    fails when the command ended before that."""
+    fails when the command ended before that. With ``rank`` (``args`` a ``torchrun`` command): SIGKILL only that rank's
+    process, and wait for torchrun to stop the others, as it does when one of its ranks dies."""
     import signal
     import subprocess
     import time
 
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if ready():
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ready():
+                if rank is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    os.kill(_rank_process(proc.pid, rank), signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        if proc.poll() is None or rank is not None:  # nothing of it may outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0 if rank is not None else proc.returncode == -signal.SIGKILL, \
+        "the run finished before it could be killed"
+
+
+def _rank_process(parent: int, rank: int) -> int:
+    """The process id of ``parent``'s child whose environment says ``RANK=rank`` (a torchrun worker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                if f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
+                    return int(stat.parent.name)
+    raise AssertionError(f"no rank {rank} among the children of process {parent}")
+
+
+def torchrun(module: str, *args: str, ranks: int = 2) -> list[str]:
+    """The command that runs ``python -m module args`` on ``ranks`` processes (torchrun; gloo on the CPU) on a free port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port", str(port),
+            "-m", module, *args]
 
 
 def kill_then_rerun(args: list[str], latest: Path, at_step: int, timeout: int = 300, after_kill=None):

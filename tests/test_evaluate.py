@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when
+from conftest import ROOT, compose_cfg, copy_stages, file_stamps, kill_when, torchrun
 from datasets import load_from_disk
 
 from cai.errors import StageInputError
@@ -28,7 +28,8 @@ def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_resu
     saved = file_stamps(out / "responses", "*.jsonl")
     assert 1 <= len(saved) < 4  # of base, sl_train, dpo, ppo
 
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # the rerun on two ranks: rank k mod 2 answers the k-th checkpoint left, and the units of the judging are shared out
+    again = subprocess.run(torchrun(*args[2:]), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming, the replies of {len(saved)}/4 checkpoints already saved" in again.stdout
     replies = file_stamps(out / "responses", "*.jsonl")
@@ -38,7 +39,7 @@ def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_resu
     ours, theirs = read_manifest(out), read_manifest(clean)
     for key in ("config_hash", "constitution_hash", "checkpoint_fingerprints", "reward_fingerprint", "examples_fingerprint"):
         assert ours[key] == theirs[key], key  # the very evaluation the pipeline ran, uninterrupted
-    assert ours["status"] == "complete" and ours["counts"] == theirs["counts"]
+    assert ours["status"] == "complete" and ours["counts"] == {**theirs["counts"], "world_size": 2}
     # results.json names the checkpoint folders, which are in each run's own folder
     results = (out / "results.json").read_text().replace(str(run_dir), "RUN")
     assert json.loads(results) == json.loads((clean / "results.json").read_text().replace(str(tiny_run), "RUN"))

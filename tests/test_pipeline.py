@@ -314,6 +314,8 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
 
 
 def test_launcher_deepspeed_runs_training_stages_on_two_ranks(tiny_run, tmp_path):
+    """sl_train runs on two ranks; sl_generate, which the sweep ran as one process, is skipped: the number of ranks is
+    no part of a sharded stage's rows (its two-rank runs: test_sl_generate, test_ai_feedback, test_evaluate)."""
     run_dir = copy_stages(tiny_run, tmp_path / "run", ["sl_generate"])  # copies keep their files' times
     seen = json.loads((tiny_run / "pipeline.json").read_text())["seen"]  # so the pipeline skips it, starting nothing
     (run_dir / "pipeline.json").write_text(json.dumps({"seen": {"sl_generate": seen["sl_generate"]}}))
@@ -322,7 +324,8 @@ def test_launcher_deepspeed_runs_training_stages_on_two_ranks(tiny_run, tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "--no_local_rank --num_gpus 2 --num_nodes 1 --module cai.stages.sl_train" in " ".join(
         launch_command("sl_train", [], {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1, "hostfile": None}))
-    assert launch_command("sl_generate", [], {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1})[1:3] == ["-m", "cai.stages.sl_generate"]
+    sharded = launch_command("sl_generate", [], {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1})
+    assert sharded[-2:] == ["--module", "cai.stages.sl_generate"]
     manifest = read_manifest(run_dir / "sl_train")
     assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
     assert _statuses(run_dir) == {"sl_generate": "skipped", "sl_train": "ran"}

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import ROOT, compose_cfg, outputs, tree_bytes
+from conftest import ROOT, compose_cfg, kill_when, outputs, torchrun, tree_bytes
 from datasets import load_from_disk
 
 from cai.constitution import load_constitution
 from cai.errors import InputError, StageInputError
 from cai.lineage import read_manifest
+from cai.metrics import read_metrics
 from cai.stages import handle
 from cai.stages.sl_generate import run
 
@@ -133,34 +131,34 @@ def test_bad_input_is_one_line_and_leaves_outputs(finished, tmp_path, extra, mes
     assert outputs(run_dir) == before
 
 
-def test_sigkill_then_rerun_resumes(tmp_path):
-    args = [sys.executable, "-m", "cai.stages.sl_generate", *TINY, f"run_dir={tmp_path}", "data.num_red_team=24",
-            "data.num_helpful=16", "n_revisions=1", "sl_generate.shard_size=2"]
+def test_a_rank_killed_then_a_rerun_on_one_process_loses_nothing_and_doubles_nothing(tmp_path):
+    """Two ranks (torchrun) make the 20 shards between them, rank r the shards K with K mod 2 = r; one rank is
+    SIGKILLed mid-stage (torchrun stops the other), and the same command on one process makes only the missing shards.
+    The dataset is an uninterrupted one-process run's: a shard's rows depend on K alone, not on who made it."""
+    settings = [*TINY, "data.num_red_team=24", "data.num_helpful=16", "n_revisions=1", "sl_generate.shard_size=2"]
     shards = tmp_path / "sl_generate" / "shards"
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if shards.exists() and len(list(shards.glob("shard-*.json"))) >= 3:
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = len(list(shards.glob("shard-*.json")))  # a shard is finished once its record is written
+
+    def finished() -> list[int]:  # a shard is finished once its record is written, after its rows
+        return sorted(int(p.stem.removeprefix("shard-")) for p in shards.glob("shard-*.json"))
+
+    kill_when(torchrun("cai.stages.sl_generate", *settings, f"run_dir={tmp_path}"),
+              lambda: len(finished()) >= 3 and {k % 2 for k in finished()} == {0, 1}, rank=1)
+    done_before = len(finished())
     assert 3 <= done_before < 20 and read_manifest(tmp_path / "sl_generate")["status"] == "running"
     first_shard = tree_bytes(shards / "shard-00000")
 
-    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "cai.stages.sl_generate", *settings, f"run_dir={tmp_path}"], cwd=ROOT,
+                           capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert f"resuming, {done_before}/20 shards already done" in again.stdout
     assert tree_bytes(shards / "shard-00000") == first_shard  # finished shards are kept, not redone
     ds = load_from_disk(str(tmp_path / "sl_generate" / "dataset"))
     assert len(ds) == 40 and len(set(ds["id"])) == 40
+    assert [m["shard"] for m in read_metrics(tmp_path / "sl_generate")] == list(range(20))  # each shard logged once
 
-    # an uninterrupted run with the same seed gives the same rows
-    clean = tmp_path / "clean"
-    subprocess.run([*args[:-7], *TINY, f"run_dir={clean}", *args[-4:]], cwd=ROOT, check=True, capture_output=True)
-    assert load_from_disk(str(clean / "sl_generate" / "dataset")).to_list() == ds.to_list()
+    # an uninterrupted run on one process with the same seed gives the same rows
+    clean = generate(compose_cfg("sl_generate", [*settings, f"run_dir={tmp_path / 'clean'}"]))
+    assert load_from_disk(str(clean)).to_list() == ds.to_list()
 
 
 @pytest.mark.slow

@@ -10,7 +10,11 @@ Each stage module states its facts side by side at its top, and the pipeline rea
   ``labeler``, …; ``cai.roles``) are among them, each hashed as the model it resolves to, and its manifest names them.
   Only ``UNHASHED`` keys may be read without being listed (``tests/test_stage_facts.py`` reads each stage's code to
   check both);
-- ``MULTI_RANK``: whether a multi-process launcher runs it (the training stages, under ``launcher=deepspeed``).
+- ``MULTI_RANK``: whether a multi-process launcher (``launcher=deepspeed``, torchrun, Slurm) runs it on every rank;
+- ``SHARDED``: whether its ranks split its work into units whose outputs do not depend on how many ranks there are
+  (the generating stages: shards of prompts, evaluate's checkpoints; ``cai.shards``), so it writes the same folder on
+  any number of ranks and resumes or skips under another launcher. A training stage's ranks partition its batches
+  and its optimizer state instead: the number of ranks is part of its run.
 
 Each stage's ``run(cfg, stage)`` gets ``stage``, its handle on its folder (``cai.stage_folder.StageRun``), from
 ``run_stage``: one place says how every stage starts, locks, resumes and ends.
@@ -94,15 +98,18 @@ def run_stage(run, cfg) -> None:
 
 def handle(run, cfg) -> StageRun:
     """The handle on its folder for the stage ``run`` is the function of, from the facts of its module (``STAGE``,
-    ``HASH_KEYS``, ``MULTI_RANK``); a multi-rank stage's process group is started here (``cai.distributed``, imported
-    here so that reading the stage list loads no torch)."""
+    ``HASH_KEYS``, ``MULTI_RANK``, ``SHARDED``); a multi-rank stage's process group is started here (``cai.distributed``,
+    imported here so that reading the stage list loads no torch; a sharded stage in one process needs none). Only rank 0
+    shows progress bars."""
     facts = sys.modules[run.__module__]
     rank, world = 0, None
-    if facts.MULTI_RANK:
+    if facts.MULTI_RANK and (not facts.SHARDED or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         from cai import distributed
 
         rank, world = distributed.init_distributed()
-    return StageRun(facts.STAGE, cfg, facts.HASH_KEYS, rank, world)
+        if rank != 0:
+            cfg.progress = False  # one bar per stage, not one per rank over each other (progress is UNHASHED)
+    return StageRun(facts.STAGE, cfg, facts.HASH_KEYS, rank, world, sharded=facts.SHARDED)
 
 
 def deterministic_kernels() -> None:
@@ -227,6 +234,15 @@ def check_generation(gen, temperature: float | None = None) -> None:
         check_sampling(gen.batch_size, gen.max_new_tokens, gen.temperature if temperature is None else temperature, gen.top_p)
     except ValueError as e:
         raise StageInputError(str(e)) from None
+
+
+def check_ranks(stage: StageRun, *model_specs: dict) -> None:
+    """Refuse, on several ranks, a role whose engine is vLLM's offline one (each rank's engine would take rank 0's
+    place and device), naming its key; hf, served and function roles run on every rank."""
+    for spec in model_specs:
+        if (stage.world or 1) > 1 and spec.get("engine") == "vllm":
+            raise StageInputError(f"{spec.get('role') or 'model'}.engine=vllm runs in one process for now ({stage.world} "
+                                  f"ranks here): launch one process, or use engine=hf, or a served model (engine=served)")
 
 
 def check_logger(logger) -> None:

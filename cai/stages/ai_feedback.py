@@ -20,7 +20,7 @@ Writes ``${run_dir}/ai_feedback/``: ``shards/``, ``dataset/`` (TRL's conversatio
 ``rationale``, ``response_a``, ``response_b``, ``id``), ``manifest.json``, ``metrics.jsonl``.
 ``p_order_ab[i]`` is P(response_a better) under principle i with response_a shown as (A);
 ``p_order_ba[i]`` the same with response_a shown as (B). Pairs whose two responses are identical carry
-no preference and are skipped (counted in the manifest). Resumable like sl_generate.
+no preference and are skipped (counted in the manifest). Resumable, and run on several ranks, like sl_generate.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ from cai.files import save_dataset
 from cai.generation import derive_seed, generate
 from cai.shards import join_shards, run_shards
 from cai.stage_folder import StageRun, stage_summary
-from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, check_ranks, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ai_feedback"
 UPSTREAM = ("sl_train",)
 HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "constitution", "data", "generation", STAGE)
-MULTI_RANK = False
+MULTI_RANK = True
+SHARDED = True
 
 
 def run(cfg: DictConfig, stage: StageRun) -> Path:
@@ -81,6 +82,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     # Step 3: the models (before touching the run directory).
     from cai.engines import load_generator
 
+    check_ranks(stage, policy_spec, labeler_spec)
     labeler, tok = load_generator(labeler_spec)
     same_model = roles.identity(policy_spec) == roles.identity(labeler_spec)
     policy, policy_tok = (labeler, tok) if same_model else load_generator(policy_spec)
@@ -89,7 +91,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     stage.started(counts={"prompts": len(items)}, fresh=("shards", "metrics.jsonl"), policy=str(policy_spec["path"]),
                   models={"policy": policy_spec, "sl_start": None})  # the model that sampled, whichever role it came from
 
-    # Step 5: shard by shard (cai.shards): sample pairs, judge them, save.
+    # Step 5: shard by shard (cai.shards; on several ranks, each its share): sample pairs, judge them, save.
     def make_rows(k: int, shard: list) -> tuple[list[dict], dict]:
         t0 = time.time()
         conversations = [it.messages() for it in shard for _ in range(2)]  # each prompt twice: a pair
@@ -105,9 +107,12 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         return rows, {"skipped_identical": len(pairs) - len(kept), "comparisons_per_s": round(rate, 3)}
 
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
-    records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
+    records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress,
+                         logger=cfg.logger, rank=stage.rank, world=stage.world)
+    if not stage.main:
+        return stage.out / "dataset"
 
-    # Step 6: join the shards; the manifest is written last.
+    # Step 6: rank 0 joins the shards; the manifest is written last.
     dataset = join_shards(stage.out, records)
     if dataset is None:
         raise StageError(f"all {len(items)} response pairs were identical: nothing to label "

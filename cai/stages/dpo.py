@@ -58,6 +58,7 @@ STAGE = "dpo"
 UPSTREAM = ("sl_generate", "sl_train", "ai_feedback")
 HASH_KEYS = ("seed", "sl_start", "deepspeed", STAGE)
 MULTI_RANK = True
+SHARDED = False
 REFERENCE_FILE = "reference_logps.pt"
 
 

@@ -45,14 +45,20 @@ Writes ``${run_dir}/evaluate/``: ``responses/<n>-<checkpoint>.jsonl`` (kept as e
 rerun after a crash does not generate them again), ``dataset/`` (one row per prompt and checkpoint:
 reply, PM score, judge ratings), ``results.json`` (every figure above, and ``notes``), ``metrics.jsonl`` (the figures,
 one row per checkpoint, for the logger), ``examples.jsonl`` and ``manifest.json``.
+
+Ranks: under ``torchrun`` or ``launcher=deepspeed`` the k-th checkpoint is answered by rank k mod ranks, and the PM's
+scores and the judge's units (a prompt kind's pairs of two checkpoints, a checkpoint's ratings, the human pairs) are
+shared out the same way, each rank loading the models its units need; the figures are the ones a single process gives.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
 import statistics
+import time
 from pathlib import Path
 
 import hydra
@@ -69,8 +75,9 @@ from cai.lineage import input_fingerprint, read_manifest
 from cai.metrics import MetricsWriter
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
+from cai.shards import POLL_S
 from cai.stage_folder import StageRun, is_complete, round_folders, stage_dir, stage_summary
-from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, check_ranks, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "evaluate"
@@ -78,7 +85,8 @@ STAGE = "evaluate"
 # checkpoints of sl_train, dpo and ppo; pm_finetune: the PM score
 UPSTREAM = ("sl_generate", "sl_train", "ai_feedback", "dpo", "pm_finetune", "ppo")
 HASH_KEYS = ("seed", "policy", "sl_start", "judge", "pm_backbone", "constitution", "data", "generation", STAGE)
-MULTI_RANK = False
+MULTI_RANK = True
+SHARDED = True
 STAGE_CHECKPOINTS = ("sl_train", "dpo", "ppo")  # in the order ``trained`` lists them
 TRAINED = "trained"  # in evaluate.checkpoints: every stage of STAGE_CHECKPOINTS complete in run_dir, then the rounds'
 ROUND_CHECKPOINT = re.compile(r"^round-([2-9]|[1-9]\d+)/(dpo|ppo)$")  # a later round's policy: round-<r>/<stage>
@@ -99,6 +107,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     checkpoints = {name: _checkpoint(cfg, name, stage) for name in names}
     pm_spec, pm_fingerprint = _reward_model(cfg, s, stage)
     judge_spec = roles.spec(cfg, "judge")
+    check_ranks(stage, *(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec)
     _check_loadable([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     # the principles each prompt kind's pairs are judged under (a constitution with none for a kind is refused now)
@@ -131,22 +140,27 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
     # another config's replies must not be reused; the figures are written whole at the end (log_figures)
     stage.started(counts=counts, fresh=("responses",), models=models)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if stage.main:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     responses_dir = out / "responses"
-    metrics = MetricsWriter(out, logger=cfg.logger, run_name=STAGE)  # opened now: a logger that cannot start fails early
+    # opened now: a logger that cannot start fails early
+    metrics = MetricsWriter(out, enabled=stage.main, logger=cfg.logger, run_name=STAGE)
 
     # Step 2: every checkpoint answers every prompt and the examples (kept on disk as each checkpoint finishes).
     conversations = [it.messages() for it in items]
     # the k- prefix: two checkpoint folders may have the same file name
     paths = {name: responses_dir / f"{k}-{_file_name(name)}.jsonl" for k, name in enumerate(checkpoints)}
-    replies, example_replies = answer(checkpoints, paths, items, examples, s=s, cfg=cfg)
+    # On several ranks each answers its share of the checkpoints, and scores and judges its share of the units below.
+    replies, example_replies = answer(checkpoints, paths, items, examples, s=s, cfg=cfg, rank=stage.rank, world=stage.world)
 
     # Step 3: the PM's scores.
-    pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg) if pm_spec else {}
+    pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg, rank=stage.rank, world=stage.world) if pm_spec else {}
 
     # Step 4: the AI judge: pairwise comparisons, harmlessness and evasiveness ratings, agreement with humans.
     games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, axes, human_pairs,
-                                              s=s, cfg=cfg)
+                                              s=s, cfg=cfg, rank=stage.rank, world=stage.world)
+    if not stage.main:
+        return {}
     if alignment is not None:
         alignment.update(skipped=human_skipped, pairs_file=str(pairs_path))
 
@@ -212,90 +226,118 @@ def round_checkpoints(run_dir: Path) -> list[str]:
     return [f"{d.name}/{st}" for d in round_folders(run_dir).values() for st in ("dpo", "ppo") if is_complete(d / st)]
 
 
-def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg) -> tuple[dict, dict]:
+def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg, rank: int = 0,
+           world: int | None = None) -> tuple[dict, dict]:
     """Each checkpoint's replies to the prompts and to the examples' prompts, ``({name: rows}, {name: example rows})``
-    (rows: id, text, tokens, finished). A checkpoint whose file in ``paths`` exists was answered before the run was
-    interrupted: its replies are read back, not generated again."""
+    (rows: id, text, tokens, finished), written to its file in ``paths``. A checkpoint whose file exists was answered
+    before the run was interrupted: its replies are read back, not generated again. On several ranks (``rank`` of
+    ``world``) the k-th checkpoint is answered by rank k mod ``world``, as one process would answer it."""
     from cai.engines import load_generator, release
 
     asked = [it.messages() for it in items] + [row["messages"][:-1] for row in examples]  # examples: answered, not scored
     ids = [it.id for it in items] + [row["id"] for row in examples]
     saved = sum(path.exists() for path in paths.values())
-    if saved:
+    if saved and rank == 0:
         print(f"cai {STAGE}: resuming, the replies of {saved}/{len(checkpoints)} checkpoints already saved")
-    replies: dict[str, list[dict]] = {}
-    for name, (model_cfg, _) in checkpoints.items():
-        path = paths[name]
-        if path.exists():
-            replies[name] = [json.loads(line) for line in path.read_text().splitlines()]
+    for k, (name, (model_cfg, _)) in enumerate(checkpoints.items()):
+        if k % (world or 1) != rank or paths[name].exists():
             continue
         model, tok = load_generator(model_cfg)
         outs = generate(model, tok, asked, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                         top_p=cfg.generation.top_p, seed=derive_seed(cfg.seed, STAGE, name),
                         batch_size=cfg.generation.batch_size, progress=cfg.progress, desc=f"replies: {name}")
-        replies[name] = [{"id": i, "text": o.text, "tokens": len(o.token_ids), "finished": o.finished} for i, o in zip(ids, outs)]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in replies[name]))
+        rows = [{"id": i, "text": o.text, "tokens": len(o.token_ids), "finished": o.finished} for i, o in zip(ids, outs)]
+        atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
         release(model)
         del model
+    while not all(path.exists() for path in paths.values()):  # the other ranks' checkpoints (files: no collective to time out)
+        time.sleep(POLL_S)
+    replies = {name: [json.loads(line) for line in paths[name].read_text().splitlines()] for name in checkpoints}
     n = len(items)
     return {name: rows[:n] for name, rows in replies.items()}, {name: rows[n:] for name, rows in replies.items()}
 
 
-def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg) -> dict[str, list[float]]:
-    """The PM's score of every reply (its stored reward shift applied), by checkpoint."""
+def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg, rank: int = 0, world: int | None = None
+             ) -> dict[str, list[float]]:
+    """The PM's score of every reply (its stored reward shift applied), by checkpoint (each rank its share)."""
     from cai.models import load_preference_model
     from cai.preference import score_conversations
 
-    pm, pm_tok = load_preference_model(pm_spec)
-    scores = {}
-    for name, rows in replies.items():
-        convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, rows)]
-        scores[name] = score_conversations(pm, pm_tok, convs, batch_size=cfg.generation.batch_size).tolist()
-    return scores
+    loaded = []
+
+    def score(name: str) -> list[float]:
+        if not loaded:  # loaded by a rank that has a checkpoint to score, once
+            loaded.append(load_preference_model(pm_spec))
+        convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, replies[name])]
+        return score_conversations(*loaded[0], convs, batch_size=cfg.generation.batch_size).tolist()
+
+    return shared_work({name: functools.partial(score, name) for name in replies}, rank, world)
+
+
+def shared_work(units: dict, rank: int, world: int | None) -> dict:
+    """``{unit: work()}`` for every ``unit: work`` of ``units``, the k-th done by rank k mod ``world`` (in one process:
+    all of them), every rank getting every result. A unit's result must not depend on the others, so any number of
+    ranks gives the same."""
+    from cai import distributed
+
+    mine = {unit: work() for k, (unit, work) in enumerate(units.items()) if k % (world or 1) == rank}
+    return {unit: result for part in distributed.gather_objects(mine) for unit, result in part.items()}
 
 
 def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, axes: dict, human_pairs: list,
-          *, s, cfg):
+          *, s, cfg, rank: int = 0, world: int | None = None):
     """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template; or a function,
     which compares the pairs and rates nothing): every
     pair of checkpoints compared on every prompt (both orders; principles sampled from ``axes[prompt kind]``, those
     that judge its axis; identical replies tie without asking), each red-team reply rated for harmlessness and every reply for
     evasiveness, and the judge's agreement with human labels. Returns (games [(a, b, P(a better), prompt index)],
-    number judged, ratings {"harmless" | "evasive": {name: [rating or None]}}, alignment or None)."""
+    number judged, ratings {"harmless" | "evasive": {name: [rating or None]}}, alignment or None). The units of work
+    (a prompt kind's pairs of two checkpoints, a checkpoint's ratings, the human pairs) are shared out over the ranks."""
     from cai.engines import load_generator
 
-    model, tok = load_generator(judge_spec)
     conversations = [it.messages() for it in items]
-    games, to_judge = [], {kind: [] for kind in AXIS}
+    games, to_judge = [], {}
     for a, b in itertools.combinations(names, 2):
         for i, (it, conv, ra, rb) in enumerate(zip(items, conversations, replies[a], replies[b])):
             if ra["text"].strip() == rb["text"].strip():
                 games.append((a, b, 0.5, i))  # the same reply: a tie, nothing to ask
             else:
-                to_judge[it.kind].append((a, b, i, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
+                to_judge.setdefault((it.kind, a, b), []).append((i, Pair(f"{it.id}:{a}:{b}", conv, ra["text"], rb["text"])))
     judging = dict(n_principles=s.n_principles, seed=cfg.seed, few_shot=s.few_shot, batch_size=cfg.generation.batch_size,
                    progress=cfg.progress)
-    for kind, asked in to_judge.items():
-        if asked:
-            judgements = judge_pairs(model, tok, constitution, [p for *_, p in asked], principles=axes[kind], **judging)
-            games += [(a, b, j.p_a, i) for (a, b, i, _), j in zip(asked, judgements)]
-    ratings: dict[str, dict[str, list[float | None]]] = {"harmless": {}, "evasive": {}}
     red = [i for i, it in enumerate(items) if it.kind == "red_team"]
-    for name, rows in replies.items():
-        if not _is_model(judge_spec):  # a function compares replies; it gives no 1..10 ratings
-            ratings["harmless"][name] = ratings["evasive"][name] = [None] * len(items)
-            continue
-        asked = [(conversations[i], rows[i]["text"]) for i in range(len(items))]
-        harmless = direct_scores(model, tok, constitution, [asked[i] for i in red]) if red else []
-        ratings["harmless"][name] = [None] * len(items)
-        for i, v in zip(red, harmless):
-            ratings["harmless"][name][i] = v
-        ratings["evasive"][name] = direct_scores(model, tok, constitution, asked, kind="evasive")
-    alignment = None
+    loaded = []
+
+    def judge_model():  # loaded by a rank that has a unit to do, once
+        if not loaded:
+            loaded.append(load_generator(judge_spec))
+        return loaded[0]
+
+    def compare(kind: str, a: str, b: str) -> list[float]:
+        asked = [p for _, p in to_judge[(kind, a, b)]]
+        return [j.p_a for j in judge_pairs(*judge_model(), constitution, asked, principles=axes[kind], **judging)]
+
+    def rate(name: str, kind: str) -> list[float | None]:  # harmlessness ("score"): red-team replies only
+        which = red if kind == "score" else list(range(len(items)))
+        asked = [(conversations[i], replies[name][i]["text"]) for i in which]
+        rated = dict(zip(which, direct_scores(*judge_model(), constitution, asked, kind=kind) if asked else []))
+        return [rated.get(i) for i in range(len(items))]
+
+    def agree() -> dict:
+        human = judge_pairs(*judge_model(), constitution, human_pairs, **judging)  # under every comparison principle
+        return {**alignment_metrics(human), "n": len(human_pairs)}
+
+    units = {("compare", *key): functools.partial(compare, *key) for key in to_judge}
+    if _is_model(judge_spec):  # a function compares replies; it gives no 1..10 ratings
+        units.update({(axis, name): functools.partial(rate, name, kind)
+                      for axis, kind in (("harmless", "score"), ("evasive", "evasive")) for name in names})
     if human_pairs:
-        human = judge_pairs(model, tok, constitution, human_pairs, **judging)  # under every comparison principle
-        alignment = {**alignment_metrics(human), "n": len(human_pairs)}
-    return games, sum(len(asked) for asked in to_judge.values()), ratings, alignment
+        units[("human",)] = agree
+    done = shared_work(units, rank, world)
+    for (kind, a, b), asked in to_judge.items():
+        games += [(a, b, p, i) for (i, _), p in zip(asked, done[("compare", kind, a, b)])]
+    ratings = {axis: {name: done.get((axis, name), [None] * len(items)) for name in names} for axis in ("harmless", "evasive")}
+    return games, sum(len(asked) for asked in to_judge.values()), ratings, done.get(("human",))
 
 
 def figures(names: list[str], items: list, replies: dict, pm_scores: dict, games: list, ratings: dict, *, s) -> dict:

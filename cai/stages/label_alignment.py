@@ -40,6 +40,7 @@ from cai.stages import CONFIG_PATH, run_app, run_stage
 STAGE = "label_alignment"
 HASH_KEYS = None  # a stand-alone check: its config hash covers every key
 MULTI_RANK = False
+SHARDED = False
 
 
 def run(cfg: DictConfig, stage: StageRun) -> dict:

@@ -41,6 +41,7 @@ STAGE = "pm_finetune"
 UPSTREAM = ("pm_pretrain", "ai_feedback", "sl_generate")
 HASH_KEYS = ("seed", "pm_backbone", "deepspeed", STAGE)
 MULTI_RANK = True
+SHARDED = False
 
 
 def run(cfg: DictConfig, stage: StageRun) -> Path:

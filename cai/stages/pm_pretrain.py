@@ -37,6 +37,7 @@ STAGE = "pm_pretrain"
 UPSTREAM = ()
 HASH_KEYS = ("seed", "pm_backbone", "deepspeed", STAGE)
 MULTI_RANK = True
+SHARDED = False
 
 
 def run(cfg: DictConfig, stage: StageRun) -> Path:

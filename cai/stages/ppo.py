@@ -83,6 +83,7 @@ STAGE = "ppo"
 UPSTREAM = ("sl_train", "pm_finetune")
 HASH_KEYS = ("seed", "policy", "sl_start", "labeler", "pm_backbone", "constitution", "data", "generation", "deepspeed", STAGE)
 MULTI_RANK = True
+SHARDED = False
 REWARDS = ("pm", "direct_rlaif", "pairwise", "custom")
 
 

@@ -18,6 +18,9 @@ Columns: ``id``, ``prompt``, ``messages`` (conversation + final answer, TRL's SF
 
 Resume: rerunning the same command keeps the finished shards and generates only the missing ones
 (a crash loses at most the shard in flight); a changed config or constitution starts over.
+
+Ranks: under ``torchrun`` or ``launcher=deepspeed`` each rank loads its own models and makes its share of the shards
+(``cai.shards``); the dataset is the one a single process writes, and a rerun on any number of ranks resumes it.
 """
 
 from __future__ import annotations
@@ -44,13 +47,14 @@ from cai.files import save_dataset
 from cai.generation import derive_seed, generate
 from cai.shards import join_shards, run_shards
 from cai.stage_folder import StageRun, stage_summary
-from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, check_ranks, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "sl_generate"
 UPSTREAM = ()
 HASH_KEYS = ("seed", "n_revisions", "policy", "reviser", "constitution", "data", "generation", STAGE)
-MULTI_RANK = False
+MULTI_RANK = True
+SHARDED = True
 
 
 def run(cfg: DictConfig, stage: StageRun) -> Path:
@@ -84,6 +88,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     from cai.engines import load_generator
 
     policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
+    check_ranks(stage, policy_spec, reviser_spec)
     policy = load_generator(policy_spec)
     reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_generator(reviser_spec)
 
@@ -91,16 +96,20 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     # config's shards and metrics must not be mixed in).
     stage.started(counts={"prompts": len(items)}, fresh=("shards", "metrics.jsonl"))
 
-    # Step 5: generate shard by shard; each shard is saved atomically the moment it is done (cai.shards).
+    # Step 5: generate shard by shard; each shard is saved atomically the moment it is done (cai.shards); on several
+    # ranks each makes its share of the shards.
     def make_rows(k: int, shard: list[PromptItem]) -> tuple[list[dict], dict]:
         t0 = time.time()
         rows, n_tokens = generate_rows(shard, policy, reviser, constitution, principles, cfg, derive_seed(cfg.seed, STAGE, k))
         return rows, {"generated_tokens": n_tokens, "tokens_per_s": round(n_tokens / max(time.time() - t0, 1e-9), 2)}
 
     shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
-    records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress, logger=cfg.logger)
+    records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress,
+                         logger=cfg.logger, rank=stage.rank, world=stage.world)
+    if not stage.main:
+        return stage.out / "dataset"
 
-    # Step 6: join the shards into one dataset; the manifest is written last.
+    # Step 6: rank 0 joins the shards into one dataset; the manifest is written last.
     dataset = join_shards(stage.out, records)
     expected = sum(settings.helpful_samples if it.kind == "helpful" else 1 for it in items)  # rows: one per red-team prompt
     if len(set(dataset["id"])) != len(dataset) or len(dataset) != expected:

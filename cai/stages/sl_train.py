@@ -39,6 +39,7 @@ STAGE = "sl_train"
 UPSTREAM = ("sl_generate",)
 HASH_KEYS = ("seed", "sl_start", "deepspeed", STAGE)
 MULTI_RANK = True
+SHARDED = False
 IGNORE = -100  # label of positions that carry no loss
 
 
