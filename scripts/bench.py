@@ -3,7 +3,8 @@ pipeline.
 
     .venv/bin/python scripts/bench.py --quick            # about 20 minutes on a 2-core CPU
     .venv/bin/python scripts/bench.py --repeats 5 -o bench.json
-    .venv/bin/python scripts/bench.py --only rl          # or ppo, online, dpo, generation, labeling, engine, precision, pipeline
+    .venv/bin/python scripts/bench.py --only rl          # or ppo, online, dpo, generation, labeling, engine, served,
+                                                         # precision, pipeline
 
 Each pair alternates A and B in one run; the figures are medians over the repeats and the result is the ratio
 of those medians (this machine is shared and noisy: absolute numbers are context). Results go to
@@ -56,6 +57,15 @@ of those medians (this machine is shared and noisy: absolute numbers are context
   exemplars on, so vLLM's prefix cache has a shared prefix to reuse within a run; it is emptied before each run); and
   the same labeling asked of a local vLLM server of the model (``engine: served``, ``LocalServer`` of ``tests/local_server.py``,
   eight requests in flight), its start and comparisons/s.
+- served: labeling asked of a local vLLM server (``LocalServer``, eager, fp32) by the served engine at
+  ``served.concurrency`` 1, 8, 64 and 256 (``--concurrency``), alternated in one run: ``cai.feedback.judge_pairs`` as
+  ai_feedback asks it (few-shot exemplars on, 4 principles, both orders), every comparison of a call sent together and
+  at most that many in flight; comparisons/s and their ratio to one at a time, and the largest label difference
+  between concurrencies (the server batches what it holds; the labels must not move). The server's prefix cache is
+  emptied before each run, as in the engine part. First on the tiny random model (32 pairs: 256 comparisons a call),
+  then on ``--model`` (8 pairs with --quick, else 32). Before them, the client alone: 512 label requests answered by
+  a stand-in server (``StubServer``) after 50 ms each, however many it holds (the rate is what the client keeps in
+  flight; a server's own limit is out of the picture).
 - precision: fp32 against bf16 on ``--model`` (``model.dtype=auto`` picks bf16 on a CPU with bf16 instructions,
   ``cai.models.cpu_has_bf16``): a forward pass, a forward and backward pass (logits at the last 48 positions, as
   PPO's), and greedy generation, on the same 8 prompts; the bf16-to-fp32 speed ratio of each.
@@ -249,6 +259,73 @@ def bench_engine(model_path: str, prompts: list[list[dict]], pairs, constitution
             "comparisons_per_s": {n: comparisons / t for n, t in lab.items()}, "labeling_vllm_vs_hf": lab["hf"] / lab["vllm"],
             "served_vs_hf": lab["hf"] / lab["served"], "largest_label_difference": gap,
             "largest_served_label_difference": served_gap, "repeats": repeats}
+
+
+SERVED_CONCURRENCY = (1, 8, 64, 256)
+
+
+def bench_served(model_path: str, tiny: dict | None, pairs, constitution, concurrencies, repeats: int) -> dict:
+    """Labeling by a local vLLM server of ``model_path`` against ``served.concurrency`` (see the module docstring)."""
+    import urllib.request
+
+    from cai.engines import engine_folder, load_generator
+    from cai.feedback import judge_pairs
+    from cai.models import load_tokenizer
+    from tests.local_server import LocalServer  # a test harness, not part of cai (ROOT is on sys.path)
+
+    spec = {"path": model_path, "tiny": tiny, "device": "cpu", "dtype": "float32", "trust_remote_code": False,
+            "key": "labeler.path", "role": "labeler"}
+    tok = load_tokenizer(spec)
+    # dev mode: POST /reset_prefix_cache, so every run starts as cold as the first
+    server = LocalServer(engine_folder(spec, tok), cpu_kv_cache_gib=2, env={"VLLM_SERVER_DEV_MODE": "1"})
+    start_s, _ = timed(server.start)
+    try:
+        engines = {c: load_generator({**spec, "engine": "served", "served": {"url": server.url, "concurrency": c}})[0]
+                   for c in concurrencies}
+
+        def labels(c: int):
+            urllib.request.urlopen(urllib.request.Request(server.url.removesuffix("/v1") + "/reset_prefix_cache",
+                                                          method="POST"), timeout=60).close()
+            return judge_pairs(engines[c], tok, constitution, pairs, n_principles=4, seed=0, few_shot=True, progress=False)
+
+        judge_pairs(engines[concurrencies[-1]], tok, constitution, pairs[:2], n_principles=4, seed=0, progress=False)  # warm-up
+        seconds: dict[int, list[float]] = {c: [] for c in concurrencies}
+        judged = {}
+        for _ in range(repeats):
+            for c in concurrencies:
+                t, judged[c] = timed(lambda c=c: labels(c))
+                seconds[c].append(t)
+    finally:
+        server.stop()
+    comparisons = len(pairs) * 4 * 2
+    rate = {c: comparisons / statistics.median(ts) for c, ts in seconds.items()}
+    gap = max(abs(a.p_a - b.p_a) for c in concurrencies for a, b in zip(judged[concurrencies[0]], judged[c]))
+    return {"model": model_path, "start_s": start_s, "pairs": len(pairs), "comparisons": comparisons, "repeats": repeats,
+            "seconds": {str(c): ts for c, ts in seconds.items()},
+            "comparisons_per_s": {str(c): r for c, r in rate.items()},
+            "vs_one_at_a_time": {str(c): r / rate[concurrencies[0]] for c, r in rate.items()},
+            "largest_label_difference": gap}
+
+
+def bench_served_client(concurrencies, repeats: int, latency: float = 0.05, requests: int = 512) -> dict:
+    """The served client alone: label requests answered by ``StubServer`` after ``latency`` seconds each, however many
+    it holds, so the rate is what the client keeps in flight (ideal: concurrency / latency)."""
+    from types import SimpleNamespace
+
+    from cai.engines import ServedEngine
+    from tests.local_server import StubServer
+
+    contexts, candidates = [[i] for i in range(requests)], [[5, 6]] * requests
+    with StubServer(latency=latency) as stub:
+        engines = {c: ServedEngine({"path": "stub", "role": "labeler", "served": {"url": stub.url, "concurrency": c}},
+                                   SimpleNamespace(eos_token_id=0)) for c in concurrencies}
+        times = alternate({c: (lambda c=c: engines[c].next_token_logprobs(contexts, candidates)) for c in concurrencies},
+                          repeats)
+    rate = {c: requests / statistics.median(ts) for c, ts in times.items()}
+    return {"latency_s": latency, "comparisons": requests, "repeats": repeats,
+            "comparisons_per_s": {str(c): r for c, r in rate.items()},
+            "ideal_per_s": {str(c): c / latency for c in concurrencies},
+            "vs_one_at_a_time": {str(c): r / rate[concurrencies[0]] for c, r in rate.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,8 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded", help="model.path: embedded (default), a folder or a hub id")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 3; 2 with --quick)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--only", choices=("ppo", "rl", "online", "dpo", "generation", "labeling", "engine", "precision",
-                                           "pipeline"),
+    parser.add_argument("--only", choices=("ppo", "rl", "online", "dpo", "generation", "labeling", "engine", "served",
+                                           "precision", "pipeline"),
                         action="append",
                         help="run only these parts (repeatable); default: all")
     parser.add_argument("--trl-dir", type=Path, default=ROOT / "runs" / "bench",
@@ -836,6 +913,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the run dir whose per-stage wall time and peak memory are reported (default: make demo's, runs/demo)")
     parser.add_argument("--run-pipeline", action="store_true",
                         help="first run the demo pipeline (python -m cai.pipeline) into --pipeline-run; complete stages there are skipped")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(SERVED_CONCURRENCY),
+                        help="served: the served.concurrency values compared, the first the baseline (default: "
+                             f"{' '.join(map(str, SERVED_CONCURRENCY))})")
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "runs" / "bench" / "bench.json")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)  # internal: one TRL run in a child process
     args = parser.parse_args(argv)
@@ -848,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
-    parts = args.only or ["ppo", "rl", "online", "dpo", "generation", "labeling", "engine", "precision", "pipeline"]
+    parts = args.only or ["ppo", "rl", "online", "dpo", "generation", "labeling", "engine", "served", "precision",
+                          "pipeline"]
     repeats = args.repeats or (2 if args.quick else 3)
     results = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "threads": threads, "quick": args.quick,
                "repeats": repeats}
@@ -973,6 +1054,28 @@ def main(argv: list[str] | None = None) -> int:
               f"{e['largest_label_difference']:.1e})")
         print(f"  labeling by a local vLLM server (start {e['start_s']['served']:.1f} s): {e['comparisons_per_s']['served']:.2f}/s: "
               f"served/hf {e['served_vs_hf']:.2f}x (labels differ from hf's by at most {e['largest_served_label_difference']:.1e})")
+    if "served" in parts:
+        from cai.files import safe_name
+
+        # the tiny model of the tests, 2 heads: vLLM's CPU attention takes a head size of 32 or more
+        tiny = {"seed": 0, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2}
+        cl = results.setdefault("served", {})["client"] = bench_served_client(args.concurrency, repeats)
+        save()
+        print(f"the served client alone (a stub server answering each request after {cl['latency_s'] * 1000:.0f} ms, "
+              f"whatever it holds; {cl['comparisons']} comparisons a call):")
+        for c, r in cl["comparisons_per_s"].items():
+            print(f"  concurrency {c:>4}: {r:8.1f} comparisons/s   {cl['vs_one_at_a_time'][c]:6.1f}x one at a time "
+                  f"(ideal {cl['ideal_per_s'][c]:.0f}/s)")
+        for name, path, shape, n_pairs in (("tiny", "tiny-random", tiny, 32), (args.model, args.model, None, 8 if args.quick else 32)):
+            pairs = helpful_pairs(n_pairs)
+            sv = results.setdefault("served", {})[safe_name(name)] = bench_served(path, shape, pairs, constitution,
+                                                                                 args.concurrency, repeats)
+            save()
+            print(f"served labeling on {name} (a local vLLM server, start {sv['start_s']:.1f} s; {sv['pairs']} pairs x 4 "
+                  f"principles x 2 orders = {sv['comparisons']} comparisons a call; labels differ across concurrencies by "
+                  f"at most {sv['largest_label_difference']:.1e}):")
+            for c, r in sv["comparisons_per_s"].items():
+                print(f"  concurrency {c:>4}: {r:8.2f} comparisons/s   {sv['vs_one_at_a_time'][c]:.2f}x one at a time")
     if "precision" in parts:
         prompts = [it.messages() for it in load_prompts(None, "prompt", "red_team", 8, 0)]
         pr = results["precision"] = bench_precision(args.model, prompts, 48, repeats)

@@ -1,5 +1,6 @@
 """``LocalServer``: a vLLM server on 127.0.0.1 for the tests of a served role (``tests/test_vllm.py``) and the bench
-(``scripts/bench.py``, its engine part).
+(``scripts/bench.py``, its engine and served parts); ``StubServer``: a stand-in that is never the bottleneck, for what
+the served client alone does.
 
 It lives here, beside its users, and not in the ``cai`` package, which only asks servers (``cai.engines.ServedEngine``)
 and never starts one. The tests import it as ``local_server``, as they import ``conftest`` (pytest puts this folder on
@@ -111,6 +112,78 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+class StubServer:
+    """A stand-in for a vLLM server that is never the bottleneck, for what the served client alone does
+    (``cai.engines.ServedEngine``: how many requests it keeps in flight, its order, its retries): on 127.0.0.1 (a port
+    of the kernel's choosing), in a thread of its own, it lists one model, ``stub``, and answers every
+    ``POST /v1/completions`` after ``latency`` seconds as a label request is answered: each of the request's
+    ``logprob_token_ids`` at log-probability minus the prompt's first token id, so an answer shows which request it
+    answers. ``most`` is the most requests it held at once, ``received`` how many it got; with ``fail_first`` the first
+    completion is answered 503 (a retry gets the real answer). A context manager: ``with StubServer() as stub:``."""
+
+    def __init__(self, latency: float = 0.05, fail_first: bool = False):
+        self.latency, self.fail_first = latency, fail_first
+        self.now = self.most = self.received = 0
+        self.port: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _models(self, request):
+        from aiohttp import web
+
+        return web.json_response({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+    async def _completions(self, request):
+        import asyncio
+
+        from aiohttp import web
+
+        body = await request.json()
+        self.received += 1
+        if self.fail_first:
+            self.fail_first = False
+            return web.json_response({"error": {"message": "busy"}}, status=503)
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.now -= 1
+        logprob = -float(body["prompt"][0])
+        return web.json_response({"choices": [{"index": 0, "finish_reason": "length", "logprobs": {
+            "top_logprobs": [{f"token_id:{t}": logprob for t in body.get("logprob_token_ids") or []}]}}]})
+
+    def __enter__(self) -> "StubServer":
+        import asyncio
+        import threading
+
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        self._loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        self._loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+        self.port = None
 
 
 def _free_port() -> int:
