@@ -36,6 +36,7 @@ GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head size of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Sequence
 
@@ -101,8 +102,36 @@ class FunctionLabeler:
         return p
 
 
+COLOCATED_SHARE = 0.3  # of the GPU, for an engine beside a trainer (ppo's rollouts; TRL's vllm_gpu_memory_utilization)
 _IN_THIS_PROCESS: list = []  # the VLLMEngine running in this process, if any
 _OPEN: list = []  # every VLLMEngine not closed yet (close_all)
+
+
+def _ranks() -> int:
+    """The size of this process's default process group (a multi-rank stage's), or 0 when it has none."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def _keeping_the_default_group(keep: bool):
+    """vLLM's shutdown destroys the default process group; with ``keep`` (a group the stage made, which its ranks go on
+    using: an evaluate rank's next checkpoint, DeepSpeed's groups), it destroys only the groups vLLM made."""
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_all_but_the_default(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    if keep:
+        dist.destroy_process_group = destroy_all_but_the_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
 
 
 def close_all() -> None:
@@ -112,9 +141,15 @@ def close_all() -> None:
 
 
 class VLLMEngine(Engine):
-    """One vLLM ``LLM`` for a role, in this process unless another engine already runs here (``in_process=True``:
-    here or refused). ``generate`` and ``next_token_logprobs`` are what cai asks of it; ``load_weights`` gives it a
-    trained model's weights (PPO's rollouts; in this process only)."""
+    """One vLLM ``LLM`` for a role, in this process unless another engine already runs here (``in_process=True``, ppo's
+    rollout engine beside the trainer: here or refused, and ``COLOCATED_SHARE`` of the GPU unless set). ``generate``
+    and ``next_token_logprobs`` are what cai asks of it; ``load_weights`` gives it a trained model's weights (PPO's
+    rollouts; in this process only).
+
+    On several ranks (a stage under torchrun or ``launcher=deepspeed``, its process group started) each rank runs its
+    own engine on its own device, in its process (vLLM's ``external_launcher`` executor on the ranks' group, as TRL's
+    colocate mode does: data parallel), and samples its own prompts; starting one is collective, so every rank starts
+    it together, and only one runs in each rank's process. Tensor-parallel groups of ranks are not supported yet."""
 
     device = "vllm"
 
@@ -144,15 +179,31 @@ class VLLMEngine(Engine):
         here = not _IN_THIS_PROCESS  # vLLM's state is process-wide: one engine in this process at a time
         if in_process and not here:
             raise EngineError(f"{self.key}=vllm must run in this process, where another vLLM engine already runs")
+        ranks = _ranks()
+        if ranks > 1 and not here:
+            raise EngineError(f"{self.key}=vllm: on {ranks} ranks each rank runs one vLLM engine, in its own process, and "
+                              f"{_IN_THIS_PROCESS[0].key}=vllm already does; give this role engine=hf or engine=served")
+        if ranks > 1 and parallel > 1:
+            raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} on {ranks} ranks: each rank "
+                              f"runs its own engine on its own device; tensor-parallel groups of ranks are not supported yet "
+                              f"(serve the model instead: engine=served)")
+        self.group_before = ranks > 0  # a process group this engine did not make, which its shutdown must leave
+        self.sleeps = bool(options.get("sleep"))
+        if self.sleeps and device.type != "cuda":
+            raise EngineError(f"{self.key}=vllm: {self.settings}.sleep=true frees GPU memory during training, and vLLM has no "
+                              f"sleep mode on a {device.type.upper()}; set it false there")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if here else "1"
         vllm.envs.disable_envs_cache()  # an engine in this process froze vLLM's reading of the environment: read it anew
         try:
             self.llm = vllm.LLM(model=folder, tokenizer=folder, dtype=dtype, seed=0, tensor_parallel_size=parallel,
-                                gpu_memory_utilization=float(options.get("gpu_memory_utilization") or 0.9),
+                                gpu_memory_utilization=float(options.get("gpu_memory_utilization")
+                                                             or (COLOCATED_SHARE if in_process else 0.9)),
                                 max_model_len=options.get("max_model_len"),
                                 enable_prefix_caching=options.get("enable_prefix_caching") is not False,
                                 trust_remote_code=bool(model_spec.get("trust_remote_code")), generation_config="vllm",
-                                enforce_eager=device.type == "cpu")
+                                enforce_eager=device.type == "cpu",
+                                distributed_executor_backend="external_launcher" if ranks > 1 else None,
+                                enable_sleep_mode=self.sleeps)
         except Exception as e:  # vLLM raises many kinds; the first line of its message says what
             raise EngineError(f"{self.key}=vllm: vLLM could not load {folder}: {first_line(e)}") from e
         if here:
@@ -170,6 +221,17 @@ class VLLMEngine(Engine):
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
         self.llm.collective_rpc(lambda worker: worker.reload_weights(weights_iterator=weights))
         self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """With ``vllm.sleep``: free the engine's GPU memory until ``wake_up`` (its KV cache dropped, its weights moved to
+        CPU memory: vLLM's sleep level 1); otherwise nothing."""
+        if self.sleeps:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        """Take the engine's GPU memory back after ``sleep`` (nothing without ``vllm.sleep``)."""
+        if self.sleeps:
+            self.llm.wake_up()
 
     def generate(self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
                  progress: bool, tok) -> list[Completion]:
@@ -207,7 +269,8 @@ class VLLMEngine(Engine):
         engine = getattr(self, "llm", None)
         core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
+            with _keeping_the_default_group(self.group_before):
+                core.shutdown()
         self.llm = None
         for registry in (_IN_THIS_PROCESS, _OPEN):
             if self in registry:

@@ -38,7 +38,9 @@ SPEC_KEYS = ("path", "device", "dtype", "trust_remote_code", "tiny", "engine", "
 ENGINES = ("hf", "vllm", "served", "function")
 FUNCTION = "function"
 FUNCTION_ROLES = ("labeler", "judge")
-VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "cpu_kv_cache_gib")
+VLLM_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "cpu_kv_cache_gib",
+             "sleep")
+VLLM_MEMORY_KEYS = ("gpu_memory_utilization", "sleep")  # where an engine keeps its memory, never what it computes
 SERVED_KEYS = ("url", "concurrency", "timeout_s", "retries", "api_key_env")
 MERGED = ("tiny", "vllm", "served")  # mappings a role overrides key by key
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
@@ -94,15 +96,19 @@ def spec(cfg, role: str, at=None, key: str | None = None) -> dict:
 def identity(model_spec: dict) -> dict:
     """What a config hash covers of a role: its resolved spec, without the key it was named by (and without the
     ``tiny`` sizes unless it is a tiny-random model; the engine only when it is not ``hf``, so hashes from before
-    engines existed still match, with the ``vllm`` settings only for ``vllm``, and never a server's address or
+    engines existed still match, with the ``vllm`` settings only for ``vllm`` and without its memory settings
+    (``VLLM_MEMORY_KEYS``), and never a server's address or
     connection settings); a function's only its ``function`` (target and arguments). Two roles of one identity can share
     one loaded model."""
     engine = model_spec.get("engine") or "hf"
     if engine == FUNCTION:
         return {"engine": FUNCTION, "function": model_spec["function"]}
-    return {k: v for k, v in model_spec.items() if k not in ("key", "role", "served", "function", "function_key")
+    kept = {k: v for k, v in model_spec.items() if k not in ("key", "role", "served", "function", "function_key")
             and (k != "tiny" or model_spec["path"] == TINY_RANDOM) and (k != "engine" or engine != "hf")
             and (k != "vllm" or engine == "vllm")}
+    if isinstance(kept.get("vllm"), dict):
+        kept["vllm"] = {k: v for k, v in kept["vllm"].items() if k not in VLLM_MEMORY_KEYS}
+    return kept
 
 
 def fingerprint(model_spec: dict) -> str:

@@ -226,7 +226,9 @@ def kill_when(args: list[str], ready, timeout: int = 300, rank: int | None = Non
     try:
         while time.time() < deadline and proc.poll() is None:
             if ready():
-                if rank is None:
+                if rank is None:  # the command and its children: torchrun starts each rank in a session of its own
+                    for child in _children(proc.pid):
+                        os.kill(child, signal.SIGKILL)
                     os.killpg(proc.pid, signal.SIGKILL)
                 else:
                     os.kill(_rank_process(proc.pid, rank), signal.SIGKILL)
@@ -242,25 +244,35 @@ def kill_when(args: list[str], ready, timeout: int = 300, rank: int | None = Non
         "the run finished before it could be killed"
 
 
+def _children(parent: int) -> list[int]:
+    """The process ids of ``parent``'s children."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _rank_process(parent: int, rank: int) -> int:
     """The process id of ``parent``'s child whose environment says ``RANK=rank`` (a torchrun worker)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for child in _children(parent):
         with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
-                if f"RANK={rank}".encode() in (stat.parent / "environ").read_bytes().split(b"\0"):
-                    return int(stat.parent.name)
+            if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                return child
     raise AssertionError(f"no rank {rank} among the children of process {parent}")
 
 
-def torchrun(module: str, *args: str, ranks: int = 2) -> list[str]:
-    """The command that runs ``python -m module args`` on ``ranks`` processes (torchrun; gloo on the CPU) on a free port."""
+def torchrun(*command: str, ranks: int = 2) -> list[str]:
+    """The command that runs ``command`` (``-m module args``, or ``script.py args``) on ``ranks`` processes (torchrun;
+    gloo on the CPU) on a free port."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(ranks), "--master_port", str(port),
-            "-m", module, *args]
+            *command]
 
 
 def kill_then_rerun(args: list[str], latest: Path, at_step: int, timeout: int = 300, after_kill=None):

@@ -117,7 +117,7 @@ def uninterrupted_feedback(tiny_run, tmp_path_factory) -> list[dict]:
     """The rows of an uninterrupted run on two ranks (torchrun), each labeling its half of the shards: the runs on one
     process below end with these very rows."""
     run_dir = copy_stages(tiny_run, tmp_path_factory.mktemp("uninterrupted"), ["sl_train"])
-    result = subprocess.run(torchrun(*_feedback_args(run_dir)[2:]), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(torchrun(*_feedback_args(run_dir)[1:]), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(run_dir / "ai_feedback")
     assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2

@@ -29,7 +29,7 @@ def test_sigkill_then_rerun_keeps_saved_replies_and_gives_the_uninterrupted_resu
     assert 1 <= len(saved) < 4  # of base, sl_train, dpo, ppo
 
     # the rerun on two ranks: rank k mod 2 answers the k-th checkpoint left, and the units of the judging are shared out
-    again = subprocess.run(torchrun(*args[2:]), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(torchrun(*args[1:]), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming, the replies of {len(saved)}/4 checkpoints already saved" in again.stdout
     replies = file_stamps(out / "responses", "*.jsonl")
@@ -142,3 +142,18 @@ def test_each_prompt_kind_is_judged_under_its_axis_principles_and_every_reply_ra
         first, third = direct_scores(model, tok, c, [asked[0], asked[2]])
         assert ratings["harmless"][name] == [first, None, third]
         assert ratings["evasive"][name] != direct_scores(model, tok, c, asked)
+
+
+def test_on_several_ranks_a_vllm_role_is_refused_naming_its_key(tmp_path):
+    """Each rank loads its own checkpoints, but a vLLM engine starts on all ranks together: refused in one line."""
+    from omegaconf import OmegaConf
+
+    from cai.stage_folder import StageRun
+    from cai.stages.evaluate import _check_ranks
+
+    cfg = OmegaConf.create({"run_dir": str(tmp_path)})
+    specs = [{"role": "policy", "engine": "hf"}, {"role": "judge", "engine": "served"}]
+    _check_ranks(StageRun("evaluate", cfg, (), rank=1, world=2, sharded=True), specs)
+    _check_ranks(StageRun("evaluate", cfg, (), sharded=True), [{"role": "judge", "engine": "vllm"}])  # one process
+    with pytest.raises(StageInputError, match=r"^judge.engine=vllm: evaluate on 2 ranks loads each checkpoint on one rank"):
+        _check_ranks(StageRun("evaluate", cfg, (), rank=0, world=2, sharded=True), [*specs, {"role": "judge", "engine": "vllm"}])

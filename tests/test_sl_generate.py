@@ -141,7 +141,7 @@ def test_a_rank_killed_then_a_rerun_on_one_process_loses_nothing_and_doubles_not
     def finished() -> list[int]:  # a shard is finished once its record is written, after its rows
         return sorted(int(p.stem.removeprefix("shard-")) for p in shards.glob("shard-*.json"))
 
-    kill_when(torchrun("cai.stages.sl_generate", *settings, f"run_dir={tmp_path}"),
+    kill_when(torchrun("-m", "cai.stages.sl_generate", *settings, f"run_dir={tmp_path}"),
               lambda: len(finished()) >= 3 and {k % 2 for k in finished()} == {0, 1}, rank=1)
     done_before = len(finished())
     assert 3 <= done_before < 20 and read_manifest(tmp_path / "sl_generate")["status"] == "running"

@@ -12,7 +12,6 @@ import inspect
 import textwrap
 
 import pytest
-from omegaconf import OmegaConf
 
 from cai import roles
 from cai.stages import STAGES, UNHASHED
@@ -90,20 +89,6 @@ def test_a_stage_declares_the_stage_folders_it_reads(stage):
     assert module.MULTI_RANK or not module.SHARDED  # a stage's ranks split its shards only where it has ranks
     assert stage_names_used(module) == set(module.UPSTREAM)
     assert all(STAGES.index(u) < STAGES.index(stage) for u in module.UPSTREAM), "an upstream stage runs later"
-
-
-def test_on_several_ranks_an_offline_vllm_role_is_refused_naming_its_key(tmp_path):
-    """Each rank's own vLLM engine would take rank 0's place: refused in one line; hf, served and function roles run."""
-    from cai.errors import StageInputError
-    from cai.stage_folder import StageRun
-    from cai.stages import check_ranks
-
-    cfg = OmegaConf.create({"run_dir": str(tmp_path)})
-    roles_ = [{"role": "policy", "engine": "hf"}, {"role": "labeler", "engine": "served"}, {"role": "judge", "engine": "function"}]
-    check_ranks(StageRun("ai_feedback", cfg, (), rank=1, world=2, sharded=True), *roles_)
-    check_ranks(StageRun("ai_feedback", cfg, (), sharded=True), {"role": "labeler", "engine": "vllm"})  # one process
-    with pytest.raises(StageInputError, match=r"^labeler.engine=vllm runs in one process for now \(2 ranks here\)"):
-        check_ranks(StageRun("ai_feedback", cfg, (), rank=0, world=2, sharded=True), *roles_, {"role": "labeler", "engine": "vllm"})
 
 
 def _example_stage(cfg):

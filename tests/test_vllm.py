@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, vllm_and_transformers
+from conftest import ROOT, TINY, torchrun, vllm_and_transformers
 
 from cai.constitution import load_constitution
 from cai.feedback import Pair, direct_scores, judge_pairs, next_token_logprobs, option_tokens
@@ -112,6 +112,9 @@ def test_settings_the_machine_cannot_meet_are_refused_in_one_line(checkpoint):
     with pytest.raises(EngineError, match=r"^judge.engine=vllm: judge.vllm.tensor_parallel_size=2 but this machine has 1 CPU "
                                           r"engine for it$"):
         load_generator(spec)
+    with pytest.raises(EngineError, match=r"^judge.engine=vllm: judge.vllm.sleep=true frees GPU memory during training, and "
+                                          r"vLLM has no sleep mode on a CPU; set it false there$"):
+        load_generator({**spec, "vllm": {"sleep": True}})
 
 
 def test_a_model_vllm_cannot_run_is_refused_before_it_starts():
@@ -326,14 +329,18 @@ def test_a_stage_samples_on_vllm_labels_on_a_server_and_loses_nothing_when_the_s
 
 # -- PPO's rollouts on vLLM -----------------------------------------------------------------------------------------
 
-def test_after_a_weight_sync_the_rollout_engine_samples_the_training_policys_greedy_replies(checkpoint):
-    """The engine PPO samples with: stale after the policy changes, the policy's own greedy tokens after
-    load_weights."""
-    code = f"""
-import json, torch
+def test_after_a_weight_sync_each_ranks_rollout_engine_samples_its_training_policys_greedy_replies(checkpoint, tmp_path):
+    """The engine PPO samples with, on two ranks (torchrun; each rank's own engine on the ranks' group, vLLM's
+    external_launcher): stale after the rank's policy changes, that policy's own greedy tokens after load_weights. The
+    ranks' updates differ, so each engine is shown to hold its own rank's weights."""
+    script = tmp_path / "sync.py"
+    script.write_text(f"""
+import json, os, torch
+from cai import distributed
 from cai.engines import VLLMEngine
 from cai.generation import generate
 from cai.models import load_policy
+rank, world = distributed.init_distributed()
 spec = {{"path": {str(checkpoint)!r}, "device": "cpu", "dtype": "float32", "vllm": {{"cpu_kv_cache_gib": 1}}}}
 model, tok = load_policy(spec)
 engine = VLLMEngine(spec, tok, key="ppo.rollout_engine", in_process=True)
@@ -341,35 +348,50 @@ prompts = {json.dumps(PROMPTS)}
 def tokens(m):
     return [c.token_ids for c in generate(m, tok, prompts, max_new_tokens=16, temperature=0.0, seed=0, progress=False)]
 same_start = tokens(engine) == tokens(model)
-with torch.no_grad():  # what an update does, exaggerated: every weight moves
-    g = torch.Generator().manual_seed(0)
+with torch.no_grad():  # what an update does, exaggerated: every weight moves, differently on each rank
+    g = torch.Generator().manual_seed(rank)
     for p in model.parameters():
         p.add_(2 * p.std() * torch.randn(p.shape, generator=g))
 stale = tokens(engine) == tokens(model)
 engine.load_weights(model)
-print(json.dumps({{"same_start": same_start, "stale": stale, "synced": tokens(engine) == tokens(model)}}))
-"""
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"same_start": True, "stale": False, "synced": True}
+synced = tokens(engine)
+result = {{"world": world, "executor": engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend,
+          "same_start": same_start, "stale": stale, "synced": synced == tokens(model)}}
+engine.close()
+distributed.barrier()  # the ranks' group outlives the engine
+mine = {{"rank": rank, "replies": synced}}
+result["ranks_differ"] = distributed.gather_objects(mine)[0]["replies"] != distributed.gather_objects(mine)[1]["replies"]
+(__import__("pathlib").Path({str(tmp_path)!r}) / f"rank{{rank}}.json").write_text(json.dumps(result))
+""")
+    result = subprocess.run(torchrun(str(script)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "world": 2, "executor": "external_launcher", "same_start": True, "stale": False, "synced": True, "ranks_differ": True}
 
 
-def test_online_dpo_samples_its_pairs_on_vllm(tmp_path):
-    """Online DPO from AI feedback with the policy's pairs sampled on vLLM (given its weights each step) and labelled by
-    the tiny labeler (every algorithm samples through the same ``sample``; the pipeline test below runs ppo on vLLM)."""
-    from conftest import run_module
+def test_online_dpo_on_two_ranks_samples_its_pairs_on_vllm_and_resumes(tmp_path):
+    """Online DPO from AI feedback on two ranks (torchrun, ZeRO-3), each rank's pairs sampled on its own vLLM engine
+    (given its gathered weights each step) and labelled by the tiny labeler; killed after its step-2 checkpoint, the same
+    command resumes there and ends (every algorithm samples through the same ``sample``; the pipeline test below runs
+    ppo on vLLM in one process)."""
+    from conftest import kill_then_rerun
 
     from cai.lineage import read_manifest
     from cai.metrics import read_metrics
 
-    result = run_module("cai.stages.ppo", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
-                        "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1", "ppo.reward=pairwise", "ppo.steps=2",
-                        "ppo.algorithm=online_dpo")
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = torchrun("-m", "cai.stages.ppo", "debug=tiny", "progress=false", f"run_dir={tmp_path}", "model.tiny.num_heads=2",
+                    "ppo.rollout_engine=vllm", "policy.vllm.cpu_kv_cache_gib=1", "ppo.reward=pairwise", "ppo.steps=4",
+                    "ppo.save_every=2", "ppo.batch_size=2", "ppo.algorithm=online_dpo", "deepspeed=zero3")
+    again = kill_then_rerun(args, tmp_path / "ppo" / "checkpoints" / "latest.json", at_step=2)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming at step" in again.stdout
     rows = [r for r in read_metrics(tmp_path / "ppo") if "score" in r]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["response_length"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["response_length"] > 0 for r in rows)
     assert all(0 <= r["label_decisiveness"] <= 0.5 and r["comparisons_per_s"] > 0 and "margin" in r for r in rows)
-    assert read_manifest(tmp_path / "ppo")["config"]["ppo"]["rollout_engine"] == "vllm"
+    manifest = read_manifest(tmp_path / "ppo")
+    assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
+    assert manifest["config"]["ppo"]["rollout_engine"] == "vllm"
 
 
 # -- the whole pipeline ---------------------------------------------------------------------------------------------

@@ -236,15 +236,6 @@ def check_generation(gen, temperature: float | None = None) -> None:
         raise StageInputError(str(e)) from None
 
 
-def check_ranks(stage: StageRun, *model_specs: dict) -> None:
-    """Refuse, on several ranks, a role whose engine is vLLM's offline one (each rank's engine would take rank 0's
-    place and device), naming its key; hf, served and function roles run on every rank."""
-    for spec in model_specs:
-        if (stage.world or 1) > 1 and spec.get("engine") == "vllm":
-            raise StageInputError(f"{spec.get('role') or 'model'}.engine=vllm runs in one process for now ({stage.world} "
-                                  f"ranks here): launch one process, or use engine=hf, or a served model (engine=served)")
-
-
 def check_logger(logger) -> None:
     """Refuse an unknown ``logger.name`` or a missing TensorBoard/W&B package before a stage touches its folder."""
     if logger is None:

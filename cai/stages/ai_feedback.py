@@ -40,7 +40,7 @@ from cai.files import save_dataset
 from cai.generation import derive_seed, generate
 from cai.shards import join_shards, run_shards
 from cai.stage_folder import StageRun, stage_summary
-from cai.stages import CONFIG_PATH, check_generation, check_ranks, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "ai_feedback"
@@ -82,7 +82,6 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     # Step 3: the models (before touching the run directory).
     from cai.engines import load_generator
 
-    check_ranks(stage, policy_spec, labeler_spec)
     labeler, tok = load_generator(labeler_spec)
     same_model = roles.identity(policy_spec) == roles.identity(labeler_spec)
     policy, policy_tok = (labeler, tok) if same_model else load_generator(policy_spec)

@@ -77,7 +77,7 @@ from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
 from cai.shards import POLL_S
 from cai.stage_folder import StageRun, is_complete, round_folders, stage_dir, stage_summary
-from cai.stages import CONFIG_PATH, check_generation, check_ranks, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "evaluate"
@@ -107,7 +107,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     checkpoints = {name: _checkpoint(cfg, name, stage) for name in names}
     pm_spec, pm_fingerprint = _reward_model(cfg, s, stage)
     judge_spec = roles.spec(cfg, "judge")
-    check_ranks(stage, *(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec)
+    _check_ranks(stage, [*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec])
     _check_loadable([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     # the principles each prompt kind's pairs are judged under (a constitution with none for a kind is refused now)
@@ -512,6 +512,16 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)}, "
                               f"round-<r>/dpo, round-<r>/ppo or a checkpoint folder (config.json)")
     return roles.spec(cfg, "policy", at=folder, key=f"{STAGE}.checkpoints"), input_fingerprint(folder)
+
+
+def _check_ranks(stage: StageRun, model_specs: list[dict]) -> None:
+    """Refuse a vLLM role on several ranks, naming its key: each checkpoint is loaded on one rank (and the judge on the
+    ranks with units to judge), while starting a vLLM engine on several ranks is collective (``cai.engines.VLLMEngine``)."""
+    for spec in model_specs:
+        if (stage.world or 1) > 1 and spec.get("engine") == "vllm":
+            raise StageInputError(f"{spec.get('role') or 'model'}.engine=vllm: {STAGE} on {stage.world} ranks loads each "
+                                  f"checkpoint on one rank, and a vLLM engine starts on all ranks together; use engine=hf or "
+                                  f"a served model (engine=served), or run {STAGE} as one process")
 
 
 def _is_model(model_spec: dict) -> bool:

@@ -95,9 +95,6 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
 
     # Step 1: check settings and find the inputs before touching the run directory.
     algo = _check_settings(s)
-    if s.rollout_engine == "vllm" and world > 1:  # each rank's in-process engine would take rank 0's place and device
-        raise StageInputError(f"{STAGE}.rollout_engine=vllm runs in one process for now ({world} ranks here): launch one "
-                              f"process, or sample with {STAGE}.rollout_engine=hf")
     check_generation(cfg.generation, temperature=s.temperature)
     policy_cfg, policy_fingerprint = _policy_source(cfg, s, stage)
     reward = _reward(cfg, s, stage)
@@ -118,7 +115,8 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     reference, _ = load_policy(policy_cfg)
     reference.requires_grad_(False)
     # rollout_engine=vllm: vLLM samples the responses in this process (started before a vLLM labeler, which then runs
-    # in its own), given the policy's weights before each rollout (log-probs stay the training policy's: make_experience())
+    # in its own; on several ranks, each rank's own engine samples its prompts, and a vLLM labeler is refused), given the
+    # policy's weights before each rollout (log-probs stay the training policy's: make_experience())
     rollout = None
     if s.rollout_engine == "vllm":
         from cai.engines import VLLMEngine
@@ -268,15 +266,19 @@ def sample(policy_engine, rollout, tok, conversations: list[list[dict]], queries
     """One response per conversation from the policy (temperature T, top_p 1; under ZeRO-3 the weights are gathered
     once for the whole rollout), cut after the first EOS; each run of ``group`` conversations is one prompt's. With a
     vLLM ``rollout`` engine, the policy's current weights are loaded into it (gathered once under ZeRO-3) and it
-    samples. Returns (completions, ``_Batch`` on the policy's device)."""
+    samples, woken before and put to sleep after with ``vllm.sleep``. Returns (completions, ``_Batch`` on the policy's
+    device)."""
     device = policy_engine.device
     zero3 = policy_engine.zero_optimization_stage() == 3
     with _gathered(policy_engine.module) if zero3 else contextlib.nullcontext():
         if rollout is not None:
+            rollout.wake_up()  # (policy.vllm.sleep: it slept through the last update)
             rollout.load_weights(policy_engine.module)
         completions = generate(rollout or policy_engine.module, tok, conversations, max_new_tokens=s.max_new_tokens,
                                temperature=s.temperature, top_p=1.0, seed=derive_seed(cfg.seed, STAGE, step, rank),
                                batch_size=cfg.generation.batch_size, progress=False)
+        if rollout is not None:
+            rollout.sleep()  # (policy.vllm.sleep: its GPU memory is the update's until the next rollout)
     query, query_mask = training.pad_batch(queries, tok.pad_token_id, side="left")
     sampled, _ = training.pad_batch([c.token_ids for c in completions], tok.pad_token_id)
     response, mask, has_eos = rl.truncate_after_eos(sampled, tok.eos_token_id, tok.pad_token_id)

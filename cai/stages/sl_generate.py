@@ -47,7 +47,7 @@ from cai.files import save_dataset
 from cai.generation import derive_seed, generate
 from cai.shards import join_shards, run_shards
 from cai.stage_folder import StageRun, stage_summary
-from cai.stages import CONFIG_PATH, check_generation, check_ranks, run_app, run_stage
+from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
 # The stage's facts, side by side (cai.stages says what each means; the pipeline reads them)
 STAGE = "sl_generate"
@@ -88,7 +88,6 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     from cai.engines import load_generator
 
     policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
-    check_ranks(stage, policy_spec, reviser_spec)
     policy = load_generator(policy_spec)
     reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_generator(reviser_spec)
 
