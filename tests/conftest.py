@@ -178,31 +178,17 @@ def vllm_and_transformers(spec: dict):
     """A module fixture's body: (vLLM engine in this process, transformers model, tokenizer) of one model spec, the
     same weights both ways (fp32 on the CPU, 1 GiB of KV cache, 2048 tokens); the engine is closed after the module.
 
-    vLLM's shutdown destroys the default process group. One that was here before the engine, the ``process_group``
-    fixture's of an earlier module in this worker, is kept: DeepSpeed keeps its groups, and a later module's training in
-    this process would fail on them ("Group ... is not registered")."""
-    import torch.distributed as dist
-
+    The engine's shutdown keeps a process group that was here before it (``VLLMEngine.close``), the ``process_group``
+    fixture's of an earlier module in this worker: DeepSpeed keeps its groups, and a later module's training in this
+    process would fail on them ("Group ... is not registered")."""
     from cai.engines import load_generator
     from cai.models import load_policy
 
-    here_before = dist.is_available() and dist.is_initialized()
     spec = {**spec, "device": "cpu", "dtype": "float32"}
     engine, tok = load_generator({**spec, "engine": "vllm", "vllm": {"cpu_kv_cache_gib": 1, "max_model_len": 2048}})
     model, _ = load_policy(spec)
     yield engine, model, tok
-    destroy = dist.destroy_process_group
-
-    def destroy_all_but_the_default(group=None):
-        if group is not None and group is not dist.GroupMember.WORLD:
-            destroy(group)
-
-    if here_before:
-        dist.destroy_process_group = destroy_all_but_the_default
-    try:
-        engine.close()
-    finally:
-        dist.destroy_process_group = destroy
+    engine.close()
 
 
 def copy_stages(run_dir: Path, target: Path, stages) -> Path:
