@@ -43,7 +43,7 @@ _share_the_cores()
 MODULE_SECONDS = {
     "test_ppo.py": 630, "test_vllm.py": 440, "test_pipeline.py": 145, "test_pm.py": 110, "test_sl_train.py": 100,
     "test_sl_generate.py": 100, "test_oracles.py": 85, "test_gpu_check.py": 75, "test_dpo.py": 65, "test_ai_feedback.py": 60,
-    "test_slurm.py": 55, "test_config.py": 47, "test_rounds.py": 45, "test_stage_folder.py": 40, "test_bad_inputs.py": 30,
+    "test_slurm.py": 65, "test_config.py": 47, "test_rounds.py": 45, "test_stage_folder.py": 40, "test_bad_inputs.py": 30,
     "test_vllm_embedded.py": 25, "test_evaluate.py": 23, "test_logger.py": 11,
 }
 

@@ -1,5 +1,6 @@
 """Slurm through Hydra: hydra/launcher=submitit_slurm's tasks get torch's ranks from Slurm's variables
-(cai.distributed.env_from_slurm), and submitit's local executor runs a training stage as a 2-task job on this machine."""
+(cai.distributed.env_from_slurm), and submitit's local executor runs a training stage as a 2-task job on this machine,
+and the pipeline as a 1-task job."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import compose_cfg, run_module
+from conftest import run_module
 from safetensors.torch import load_file
 
 from cai import distributed
@@ -88,41 +89,47 @@ def test_a_one_process_stage_runs_on_rank_0_only(slurm_env, monkeypatch, tmp_pat
     assert "runs as one process, on rank 0 of 16; rank 9 has nothing to do" in capsys.readouterr().out
 
 
+def _submit(module: str, run_dir, *args: str):
+    """``python -m module -m hydra/launcher=submitit_local args run_dir=...``; asserts it succeeded, with its tasks' logs."""
+    result = run_module(module, "-m", "hydra/launcher=submitit_local", *args, f"run_dir={run_dir}")
+    logs = "".join(p.read_text() for p in sorted((run_dir / "multirun" / ".submitit").glob("*/*_log.*")))
+    assert result.returncode == 0, result.stderr[-3000:] + logs[-3000:]
+
+
 @pytest.fixture(scope="module")
 def two_tasks(tmp_path_factory):
-    """sl_train as a 2-task job of submitit's local executor (hydra/launcher=submitit_local) on a tiny dataset."""
+    """sl_train as a 2-task job of submitit's local executor (hydra/launcher=submitit_local) on a tiny dataset; and the
+    pipeline as a 1-task job, whose sl_train runs in one process on the same rows at twice the micro-batch."""
     from datasets import Dataset
 
     root = tmp_path_factory.mktemp("slurm")
+    data = f"sl_train.dataset={root / 'data'}"
     Dataset.from_list([{"messages": CHAT}] * 8).save_to_disk(str(root / "data"))
-    run_dir = root / "run"
-    result = run_module("cai.stages.sl_train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-                        *ARGS, f"sl_train.dataset={root / 'data'}", f"run_dir={run_dir}")
-    logs = "".join(p.read_text() for p in sorted((run_dir / "multirun" / ".submitit").glob("*/*_log.*")))
-    assert result.returncode == 0, result.stderr[-3000:] + logs[-3000:]
+    _submit("cai.stages.sl_train", root / "run", "hydra.launcher.tasks_per_node=2", *ARGS, data)
+    _submit("cai.pipeline", root / "pipeline", "stages=[sl_train]", *ARGS, data, "sl_train.micro_batch_size=4")
     return root
 
 
-def test_submitit_local_runs_a_two_task_training_stage(two_tasks, tmp_path, process_group):
-    """Both tasks train in one process group on the one run_dir: the stage completes with world_size 2, and its model
-    is the one a single process trains on the same rows (its micro-batch the two ranks' together)."""
+def test_submitit_local_runs_a_two_task_training_stage_and_the_pipeline(two_tasks):
+    """Both tasks train in one process group on the one run_dir: the stage completes with world_size 2, each task
+    writes its own Hydra log, and its model is the one a single process trains on the same rows (its micro-batch the
+    two ranks' together) — that one trained by the pipeline, whose task loads it by reference (cai.stages.run_app)."""
     out = two_tasks / "run" / "sl_train"
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["counts"]["world_size"] == 2
     assert manifest["counts"]["steps"] == 2  # 8 rows / (2 ranks x 2 rows)
     (job,) = (two_tasks / "run" / "multirun" / ".submitit").glob("[0-9]*")  # submitit's folder: one job, two tasks
     assert sorted(p.name.split("_")[1] for p in job.glob("*_result.pkl")) == ["0", "1"]
+    logs = sorted(p.name for p in (two_tasks / "run" / "multirun" / "0").glob("*.log"))
+    assert logs == ["sl_train.rank0.log", "sl_train.rank1.log"]  # the rank a task has before run_stage sets RANK
 
-    from cai.stages import handle
-    from cai.stages.sl_train import run
-
-    cfg = compose_cfg("sl_train", [*ARGS, f"sl_train.dataset={two_tasks / 'data'}", f"run_dir={tmp_path}",
-                                   "sl_train.micro_batch_size=4"])
-    run(cfg, handle(run, cfg))
-    assert read_manifest(tmp_path / "sl_train")["counts"]["world_size"] == 1
-    one, two = (load_file(str(d / "model" / "model.safetensors")) for d in (tmp_path / "sl_train", out))
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
-    losses = [[m["loss"] for m in read_metrics(d)] for d in (tmp_path / "sl_train", out)]
+    (job,) = (two_tasks / "pipeline" / "jobs").iterdir()  # the sweep's one job
+    assert [(r["stage"], r["status"]) for r in json.loads((job / "pipeline.json").read_text())["stages"]] == [("sl_train", "ran")]
+    one = job / "sl_train"
+    assert read_manifest(one)["counts"]["world_size"] == 1
+    weights = [load_file(str(d / "model" / "model.safetensors")) for d in (one, out)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+    losses = [[m["loss"] for m in read_metrics(d)] for d in (one, out)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5), json.dumps(losses)

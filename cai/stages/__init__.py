@@ -56,13 +56,6 @@ def run_stage(run, cfg) -> None:
     the others say so and return.
     """
     facts = sys.modules[run.__module__]
-    if not hasattr(facts, "STAGE"):  # a task submitit started: the command's __main__ came pickled, by value; import it
-        import importlib
-
-        from hydra.core.hydra_config import HydraConfig
-
-        facts = importlib.import_module(f"{__name__}.{HydraConfig.get().job.config_name}")
-        run = getattr(facts, run.__name__)
     stage = facts.STAGE
     from cai.distributed import env_from_slurm  # imported here: reading the stage list loads no torch
 
@@ -125,9 +118,18 @@ def deterministic_kernels() -> None:
 def run_app(main, who: str) -> None:
     """Call a ``hydra.main`` function (``who``: the name its messages start with). A bad command-line
     override (an unknown key, an unknown group option, a syntax error) ends in one line naming it and
-    exit 1, like the stages' own input errors, instead of Hydra's several lines. Other errors keep their traceback."""
+    exit 1, like the stages' own input errors, instead of Hydra's several lines. Other errors keep their traceback.
+
+    Run as ``python -m cai.<module>``, ``main`` is the ``__main__`` module's; the same function of the module imported
+    under its own name is called instead, so a launcher that pickles it (hydra/launcher=submitit_*) pickles a reference
+    its tasks import, not ``__main__``'s functions, which they cannot load ("Can't get attribute 'facts'")."""
+    import importlib
+
     from hydra.errors import CompactHydraException
 
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if main.__module__ == "__main__" and spec is not None and spec.name:
+        main = getattr(importlib.import_module(spec.name), main.__name__)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its composition errors instead of printing them
     try:
         main()
