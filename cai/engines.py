@@ -4,7 +4,8 @@ A role's ``engine`` says what runs it wherever it generates or labels (never whe
 
 - ``hf`` (the default): transformers in this process, ``cai.generation.generate`` and the labeler's forward passes;
 - ``vllm``: vLLM's offline ``LLM`` engine, set up from the role's ``vllm`` block (``tensor_parallel_size``,
-  ``gpu_memory_utilization``, ``max_model_len``, ``enable_prefix_caching``, ``cpu_kv_cache_gib``) and its ``dtype``;
+  ``gpu_memory_utilization``, ``max_model_len``, ``enable_prefix_caching``, ``cpu_kv_cache_gib``, ``sleep``) and its
+  ``dtype``;
 - ``served``: an OpenAI-compatible server with vLLM's extensions (``vllm serve``) at the role's ``served.url``,
   asked over HTTP (``ServedEngine``): a labeler larger than the trainer, served apart from it;
 - ``function`` (labeler and judge only): a Python function that compares two replies (``FunctionLabeler``), asked by
@@ -28,7 +29,8 @@ without a copy (PPO's rollouts), and on this CPU it started and generated faster
 (embedded model: 8.9 s against 23.7 s to start, 2.5 s against 4.2 s for 16 replies of 32 greedy tokens, one run
 each; torch kept its 2 threads). vLLM keeps process-wide state, so only one engine at a time runs in a process: a
 second one alive beside it (ai_feedback's policy and labeler as two models) runs in a process of its own, which ends
-with the stage. On a CPU the model runs eagerly: compiling it took 56 s of a
+with the stage (on several ranks, where each rank's engine starts on the ranks' group, a second one is refused:
+``VLLMEngine``). On a CPU the model runs eagerly: compiling it took 56 s of a
 99 s start and generated no faster (its compile cache did not reload); vLLM's KV cache there is ``cpu_kv_cache_gib``
 GiB (``VLLM_CPU_KVCACHE_SPACE``), and its attention kernels need a head size of 32 or more (cai's tiny test models use
 2 heads over 64 dimensions for it).
@@ -107,13 +109,6 @@ _IN_THIS_PROCESS: list = []  # the VLLMEngine running in this process, if any
 _OPEN: list = []  # every VLLMEngine not closed yet (close_all)
 
 
-def _ranks() -> int:
-    """The size of this process's default process group (a multi-rank stage's), or 0 when it has none."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
-
-
 @contextlib.contextmanager
 def _keeping_the_default_group(keep: bool):
     """vLLM's shutdown destroys the default process group; with ``keep`` (a group the stage made, which its ranks go on
@@ -132,6 +127,33 @@ def _keeping_the_default_group(keep: bool):
         yield
     finally:
         dist.destroy_process_group = destroy
+
+
+def ranks_refusal(model_specs: list[dict], ranks: int) -> str | None:
+    """Why the roles of ``model_specs`` (one stage's) cannot run on ``ranks`` ranks, each rank with engines of its own, in
+    one line naming the key; None when they can. vLLM runs one engine per rank's process, on its own device: not a
+    model split over several GPUs (tensor-parallel groups of ranks are not supported yet), nor two vLLM models."""
+    vllm = [spec for spec in model_specs if spec.get("engine") == "vllm"]
+    if ranks <= 1 or not vllm:
+        return None
+    for spec in vllm:
+        parallel = int((spec.get("vllm") or {}).get("tensor_parallel_size") or 1)
+        if parallel > 1:
+            return (f"{spec.get('role') or 'model'}.vllm.tensor_parallel_size={parallel} on {ranks} ranks: each rank runs its "
+                    f"own vLLM engine on its own device; tensor-parallel groups of ranks are not supported yet (serve the "
+                    f"model instead: engine=served, or run the stage as one process)")
+    import json
+
+    from cai.roles import identity
+
+    models: dict[str, str] = {}  # model -> the first role it plays
+    for spec in vllm:
+        models.setdefault(json.dumps(identity(spec), sort_keys=True, default=str), spec.get("role") or "model")
+    if len(models) > 1:  # roles of one identity share one loaded engine
+        return (f"{' and '.join(f'{role}.engine=vllm' for role in models.values())} on {ranks} ranks: each rank's process "
+                f"runs one vLLM engine; give all but one of these roles engine=hf or engine=served, or run the stage as one "
+                f"process")
+    return None
 
 
 def close_all() -> None:
@@ -179,15 +201,21 @@ class VLLMEngine(Engine):
         here = not _IN_THIS_PROCESS  # vLLM's state is process-wide: one engine in this process at a time
         if in_process and not here:
             raise EngineError(f"{self.key}=vllm must run in this process, where another vLLM engine already runs")
-        ranks = _ranks()
+        import torch.distributed as dist
+
+        from cai.distributed import world_size
+
+        ranks = world_size()  # a multi-rank stage's ranks (1 without a process group)
         if ranks > 1 and not here:
             raise EngineError(f"{self.key}=vllm: on {ranks} ranks each rank runs one vLLM engine, in its own process, and "
                               f"{_IN_THIS_PROCESS[0].key}=vllm already does; give this role engine=hf or engine=served")
-        if ranks > 1 and parallel > 1:
-            raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} on {ranks} ranks: each rank "
-                              f"runs its own engine on its own device; tensor-parallel groups of ranks are not supported yet "
-                              f"(serve the model instead: engine=served)")
-        self.group_before = ranks > 0  # a process group this engine did not make, which its shutdown must leave
+        if reason := ranks_refusal([model_spec], ranks):
+            raise EngineError(reason)
+        self.group_before = dist.is_available() and dist.is_initialized()  # which the engine's shutdown must leave
+        share = options.get("gpu_memory_utilization")
+        share = (COLOCATED_SHARE if in_process else 0.9) if share is None else share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise EngineError(f"{self.key}=vllm: {self.settings}.gpu_memory_utilization must be a number in (0, 1], got {share!r}")
         self.sleeps = bool(options.get("sleep"))
         if self.sleeps and device.type != "cuda":
             raise EngineError(f"{self.key}=vllm: {self.settings}.sleep=true frees GPU memory during training, and vLLM has no "
@@ -196,8 +224,7 @@ class VLLMEngine(Engine):
         vllm.envs.disable_envs_cache()  # an engine in this process froze vLLM's reading of the environment: read it anew
         try:
             self.llm = vllm.LLM(model=folder, tokenizer=folder, dtype=dtype, seed=0, tensor_parallel_size=parallel,
-                                gpu_memory_utilization=float(options.get("gpu_memory_utilization")
-                                                             or (COLOCATED_SHARE if in_process else 0.9)),
+                                gpu_memory_utilization=float(share),
                                 max_model_len=options.get("max_model_len"),
                                 enable_prefix_caching=options.get("enable_prefix_caching") is not False,
                                 trust_remote_code=bool(model_spec.get("trust_remote_code")), generation_config="vllm",

@@ -145,17 +145,26 @@ def overrides_for(stage: str, overrides: list[str]) -> list[str]:
     return kept
 
 
-def launch_command(stage: str, args: list[str], launcher: DictConfig | dict) -> list[str]:
+def launch_command(stage: str, args: list[str], launcher: DictConfig | dict, one_process: bool = False) -> list[str]:
     """The command that runs ``stage``: one Python process, or for a multi-rank stage (training, generating) under
     ``launcher.name=deepspeed`` the DeepSpeed launcher with ``num_gpus`` ranks per node on ``num_nodes``
-    nodes (``hostfile`` for several)."""
-    if launcher["name"] == "deepspeed" and facts(stage).MULTI_RANK:
+    nodes (``hostfile`` for several), unless ``one_process`` (``one_process_stages``)."""
+    if launcher["name"] == "deepspeed" and facts(stage).MULTI_RANK and not one_process:
         command = [str(Path(sys.executable).with_name("deepspeed")), "--no_local_rank",
                    "--num_gpus", str(launcher["num_gpus"]), "--num_nodes", str(launcher["num_nodes"])]
         if launcher.get("hostfile"):
             command += ["--hostfile", str(launcher["hostfile"])]
         return [*command, "--module", f"cai.stages.{stage}", *args]
     return [sys.executable, "-m", f"cai.stages.{stage}", *args]
+
+
+def one_process_stages(cfg: DictConfig, stages) -> dict[str, str]:
+    """``{stage: why}`` for the sharded stages of ``stages`` whose roles cannot run on the launcher's ranks (the stage's
+    ``ranks_refusal``: e.g. a vLLM judge in evaluate, a vLLM model over several GPUs): the pipeline runs them as one
+    process, as it ran every generating stage before they ran on every rank."""
+    ranks = cfg.launcher.num_gpus * cfg.launcher.num_nodes if cfg.launcher.name == "deepspeed" else 1
+    return {stage: why for stage in dict.fromkeys(stages) if facts(stage).SHARDED
+            and (why := facts(stage).ranks_refusal(cfg, ranks))}
 
 
 def stage_keys(cfg: DictConfig, constitution_hash: str) -> dict[str, dict]:
@@ -238,8 +247,11 @@ def main(cfg: DictConfig) -> None:
     try:  # a malformed model role, or one that cannot load, is refused before any stage starts (cai.roles)
         plan = stage_keys(cfg, constitution_hash)
         check_loadable(cfg, [r for r in roles.ROLES if any(r in facts(s).HASH_KEYS for s in cfg.stages)])
+        one_process = one_process_stages(cfg, [*cfg.stages, *(cfg.round_stages if cfg.rounds > 1 else ())])
     except InputError as e:
         raise SystemExit(f"cai.pipeline: {e}") from None
+    for stage, why in one_process.items():
+        print(f"cai.pipeline: {stage} runs as one process under launcher=deepspeed: {why}")
     run_dir.mkdir(parents=True, exist_ok=True)
     # a sweep job links every stage, not only the ones it runs: a stage reads its upstream through these links
     shares = {stage: _share(run_dir / stage, Path(cfg.run_dir) / "shared", stage, plan[stage]["key"])
@@ -273,7 +285,7 @@ def main(cfg: DictConfig) -> None:
             print(f"\n=== cai.pipeline: {name} ===", flush=True)
             before = _mtime(folder / MANIFEST)
             seen.pop(name, None)
-            code = subprocess.call(launch_command(stage, args, cfg.launcher))
+            code = subprocess.call(launch_command(stage, args, cfg.launcher, one_process=stage in one_process))
             if code == 0:
                 seen[name] = stage_state(cfg, folder, stage, after_rounds)
                 if seen_file is not None:

@@ -145,15 +145,12 @@ def test_each_prompt_kind_is_judged_under_its_axis_principles_and_every_reply_ra
 
 
 def test_on_several_ranks_a_vllm_role_is_refused_naming_its_key(tmp_path):
-    """Each rank loads its own checkpoints, but a vLLM engine starts on all ranks together: refused in one line."""
-    from omegaconf import OmegaConf
+    """Each rank loads its own checkpoints, but a vLLM engine starts on all ranks together: refused in one line (the
+    pipeline runs evaluate as one process then: test_pipeline)."""
+    from cai.stages.evaluate import ranks_refusal
 
-    from cai.stage_folder import StageRun
-    from cai.stages.evaluate import _check_ranks
-
-    cfg = OmegaConf.create({"run_dir": str(tmp_path)})
-    specs = [{"role": "policy", "engine": "hf"}, {"role": "judge", "engine": "served"}]
-    _check_ranks(StageRun("evaluate", cfg, (), rank=1, world=2, sharded=True), specs)
-    _check_ranks(StageRun("evaluate", cfg, (), sharded=True), [{"role": "judge", "engine": "vllm"}])  # one process
-    with pytest.raises(StageInputError, match=r"^judge.engine=vllm: evaluate on 2 ranks loads each checkpoint on one rank"):
-        _check_ranks(StageRun("evaluate", cfg, (), rank=0, world=2, sharded=True), [*specs, {"role": "judge", "engine": "vllm"}])
+    cfg = compose_cfg("evaluate", [*TINY, f"run_dir={tmp_path}", "judge.engine=served"])
+    assert ranks_refusal(cfg, 2) is None
+    cfg = compose_cfg("evaluate", [*TINY, f"run_dir={tmp_path}", "judge.engine=vllm"])
+    assert ranks_refusal(cfg, 1) is None
+    assert ranks_refusal(cfg, 2).startswith("judge.engine=vllm: evaluate on 2 ranks loads each checkpoint on one rank")

@@ -313,6 +313,28 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
     assert min(colours) > 50, colours  # text, tables and anti-aliased plot lines, not an empty page
 
 
+def test_under_deepspeed_a_generating_stage_whose_roles_cannot_run_per_rank_runs_as_one_process():
+    """evaluate with a vLLM judge, or sl_generate with a vLLM policy over two GPUs or with two vLLM models, cannot run an
+    engine per rank: the pipeline runs such a stage as one process (as before generation ran on every rank) and says why;
+    on one rank, or with hf roles, nothing changes."""
+    from cai.pipeline import one_process_stages
+
+    def which(*overrides: str) -> dict[str, str]:
+        return one_process_stages(compose_cfg("pipeline", [*TINY_ARGS, *overrides]), STAGES)
+
+    assert which("launcher=deepspeed", "launcher.num_gpus=2") == {}
+    assert which("judge.engine=vllm") == {}  # one process anyway
+    assert list(which("launcher=deepspeed", "launcher.num_gpus=2", "judge.engine=vllm")) == ["evaluate"]
+    why = which("launcher=deepspeed", "launcher.num_gpus=2", "policy.engine=vllm", "policy.vllm.tensor_parallel_size=2")
+    assert list(why) == ["sl_generate", "ai_feedback", "evaluate"]
+    assert why["sl_generate"].startswith("policy.vllm.tensor_parallel_size=2 on 2 ranks: each rank runs its own vLLM engine")
+    why = which("launcher=deepspeed", "launcher.num_gpus=2", "policy.engine=vllm", "labeler.engine=vllm", "labeler.tiny.seed=7")
+    assert why["ai_feedback"].startswith("policy.engine=vllm and labeler.engine=vllm on 2 ranks: each rank's process runs one")
+    assert "sl_generate" not in why  # policy and reviser: one model
+    launcher = {"name": "deepspeed", "num_gpus": 2, "num_nodes": 1}
+    assert launch_command("evaluate", [], launcher, one_process=True)[1:3] == ["-m", "cai.stages.evaluate"]
+
+
 def test_launcher_deepspeed_runs_training_stages_on_two_ranks(tiny_run, tmp_path):
     """sl_train runs on two ranks; sl_generate, which the sweep ran as one process, is skipped: the number of ranks is
     no part of a sharded stage's rows (its two-rank runs: test_sl_generate, test_ai_feedback, test_evaluate)."""

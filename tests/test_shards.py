@@ -58,3 +58,24 @@ def test_a_record_of_the_older_layout_is_redone(tmp_path):
 def test_no_rows_at_all_joins_to_none(tmp_path):
     records = run_shards(tmp_path, [[], []], _make([]), features=FEATURES, stage="test", progress=False)
     assert join_shards(tmp_path, records) is None
+
+
+def test_a_rank_that_fails_tells_the_ranks_waiting_for_its_work(tmp_path, monkeypatch):
+    """Rank 1 of 2 fails: its first line is written to the stage's folder before it is raised, and a rank waiting for its
+    shards (``wait_for``, polling the files) stops in one line naming it instead of waiting forever."""
+    import pytest
+
+    from cai.errors import StageError
+    from cai.shards import mine, telling_the_other_ranks, wait_for
+
+    assert [k for k in range(5) if mine(k, 1, 2)] == [1, 3] and all(mine(k, 0, None) for k in range(3))
+    done = tmp_path / "done"
+    done.write_text("")
+    wait_for([done], tmp_path)  # everything there: returns at once
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError), telling_the_other_ranks(tmp_path):
+        raise ValueError("labeler.path='/x': model folder does not exist\nsecond line")
+    with pytest.raises(StageError, match=r"^rank-1 failed \(labeler.path='/x': model folder does not exist\); this rank "
+                                         r"stops too$"):
+        wait_for([done, tmp_path / "never"], tmp_path)

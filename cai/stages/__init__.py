@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cai.errors import InputError, StageError, StageInputError, disk_full, first_line
 from cai.metrics import fail_open_runs, logger_backend
+from cai.shards import telling_the_other_ranks
 from cai.stage_folder import StageRun, hold_stage, stage_dir
 
 # The repository's conf/ folder, as an absolute path so every entry point (stages, pipeline) finds it.
@@ -72,7 +73,8 @@ def run_stage(run, cfg) -> None:
             deterministic_kernels()
         # one holder per folder: rank 0 of a multi-process launch holds it (its other ranks write beside it, in the same run)
         other_rank = world > 1 and rank != "0"
-        with contextlib.nullcontext() if other_rank else hold_stage(stage_dir(cfg.run_dir, stage)):
+        folder = stage_dir(cfg.run_dir, stage)
+        with contextlib.nullcontext() if other_rank else hold_stage(folder), telling_the_other_ranks(folder):
             run(cfg, handle(run, cfg))
         _ranks_done()
     except (InputError, StageError) as e:  # StageBusy is a StageError

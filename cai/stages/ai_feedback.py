@@ -80,7 +80,10 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         return stage.out / "dataset"
 
     # Step 3: the models (before touching the run directory).
-    from cai.engines import load_generator
+    from cai.engines import load_generator, ranks_refusal
+
+    if reason := ranks_refusal([policy_spec, labeler_spec], stage.world or 1):
+        raise StageInputError(reason)
 
     labeler, tok = load_generator(labeler_spec)
     same_model = roles.identity(policy_spec) == roles.identity(labeler_spec)
@@ -126,6 +129,15 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
                                  mean_p_chosen=round(sum(dataset["p_chosen"]) / max(len(dataset), 1), 4)),
                    counts={"pairs": len(dataset), "skipped_identical_responses": skipped, "shards": len(shards)})
     return stage.out / "dataset"
+
+
+def ranks_refusal(cfg: DictConfig, ranks: int) -> str | None:
+    """Why this stage's roles cannot run on ``ranks`` ranks (``cai.engines.ranks_refusal``), or None; the pipeline asks
+    it before its first stage, and runs the stage as one process then. The pairs' sampler is sl_train's model with
+    sl_start's settings once that stage is complete, else the policy role: both are asked about."""
+    from cai import engines
+
+    return engines.ranks_refusal([roles.spec(cfg, r) for r in ("policy", "sl_start", "labeler")], ranks)
 
 
 def preference_row(pair: Pair, judgement) -> dict:

@@ -44,7 +44,8 @@ revisions and principles, for the report's side-by-side examples.
 Writes ``${run_dir}/evaluate/``: ``responses/<n>-<checkpoint>.jsonl`` (kept as each checkpoint finishes, so a
 rerun after a crash does not generate them again), ``dataset/`` (one row per prompt and checkpoint:
 reply, PM score, judge ratings), ``results.json`` (every figure above, and ``notes``), ``metrics.jsonl`` (the figures,
-one row per checkpoint, for the logger), ``examples.jsonl`` and ``manifest.json``.
+one row per checkpoint, for the logger), ``examples.jsonl`` and ``manifest.json``; ``units/`` keeps the PM's and the
+judge's results a unit of work at a time (``shared_work``), so a rerun after a kill does not compute them again either.
 
 Ranks: under ``torchrun`` or ``launcher=deepspeed`` the k-th checkpoint is answered by rank k mod ranks, and the PM's
 scores and the judge's units (a prompt kind's pairs of two checkpoints, a checkpoint's ratings, the human pairs) are
@@ -58,7 +59,6 @@ import itertools
 import json
 import re
 import statistics
-import time
 from pathlib import Path
 
 import hydra
@@ -75,7 +75,7 @@ from cai.lineage import input_fingerprint, read_manifest
 from cai.metrics import MetricsWriter
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
-from cai.shards import POLL_S
+from cai.shards import mine, wait_for
 from cai.stage_folder import StageRun, is_complete, round_folders, stage_dir, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
@@ -90,6 +90,7 @@ SHARDED = True
 STAGE_CHECKPOINTS = ("sl_train", "dpo", "ppo")  # in the order ``trained`` lists them
 TRAINED = "trained"  # in evaluate.checkpoints: every stage of STAGE_CHECKPOINTS complete in run_dir, then the rounds'
 ROUND_CHECKPOINT = re.compile(r"^round-([2-9]|[1-9]\d+)/(dpo|ppo)$")  # a later round's policy: round-<r>/<stage>
+UNITS = "units"  # the PM's and the judge's results, a file per unit of work (shared_work)
 AXIS = {"red_team": "harmlessness", "helpful": "helpfulness"}  # what a prompt kind's pairs are judged on
 AXIS_NAME = {"red_team": "harmless", "helpful": "helpful"}  # results.json: elo_harmless, elo_helpful
 
@@ -98,7 +99,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     s = cfg[STAGE]
 
     # Step 1: check settings and find every input before touching the run directory.
-    names = checkpoint_names(cfg, s.checkpoints)
+    names = checkpoint_names(cfg, s.checkpoints, say=stage.main)
     if s.n_principles < 1 or s.num_prompts < 0 or s.num_helpful < 0 or s.num_prompts + s.num_helpful < 1:
         raise StageInputError(f"{STAGE}.n_principles must be >= 1 and {STAGE}.num_prompts + {STAGE}.num_helpful >= 1")
     if s.num_examples < 0:
@@ -107,7 +108,8 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     checkpoints = {name: _checkpoint(cfg, name, stage) for name in names}
     pm_spec, pm_fingerprint = _reward_model(cfg, s, stage)
     judge_spec = roles.spec(cfg, "judge")
-    _check_ranks(stage, [*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec])
+    if reason := ranks_refusal(cfg, stage.world or 1):
+        raise StageInputError(reason)
     _check_loadable([*(model_cfg for model_cfg, _ in checkpoints.values()), judge_spec, *([pm_spec] if pm_spec else [])])
     constitution = load_constitution(resolve_constitution_dir(cfg.constitution.path))
     # the principles each prompt kind's pairs are judged under (a constitution with none for a kind is refused now)
@@ -130,7 +132,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
                   examples_fingerprint=examples_fingerprint,
                   pairs_fingerprint=input_fingerprint(pairs_path) if pairs_path else None):
         return json.loads((out / "results.json").read_text())
-    if overlap:
+    if overlap and stage.main:
         print(f"cai {STAGE}: warning: {overlap} of the {len(items)} held-out prompts were also used by training stages "
               f"(lower {STAGE}.num_prompts/num_helpful or the training counts)")
     # the models behind the roles (sl_start's settings load sl_train's, dpo's and ppo's checkpoints, listed in results.json)
@@ -139,7 +141,7 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     counts = {"prompts": len(items), "red_team": s.num_prompts, "helpful": s.num_helpful,
               "held_out_overlap": overlap, "checkpoints": len(checkpoints)}
     # another config's replies must not be reused; the figures are written whole at the end (log_figures)
-    stage.started(counts=counts, fresh=("responses",), models=models)
+    stage.started(counts=counts, fresh=("responses", UNITS), models=models)
     if stage.main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     responses_dir = out / "responses"
@@ -151,14 +153,15 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     # the k- prefix: two checkpoint folders may have the same file name
     paths = {name: responses_dir / f"{k}-{_file_name(name)}.jsonl" for k, name in enumerate(checkpoints)}
     # On several ranks each answers its share of the checkpoints, and scores and judges its share of the units below.
-    replies, example_replies = answer(checkpoints, paths, items, examples, s=s, cfg=cfg, rank=stage.rank, world=stage.world)
+    ranks = dict(out=out, rank=stage.rank, world=stage.world)
+    replies, example_replies = answer(checkpoints, paths, items, examples, s=s, cfg=cfg, **ranks)
 
     # Step 3: the PM's scores.
-    pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg, rank=stage.rank, world=stage.world) if pm_spec else {}
+    pm_scores = pm_score(pm_spec, conversations, replies, cfg=cfg, **ranks) if pm_spec else {}
 
     # Step 4: the AI judge: pairwise comparisons, harmlessness and evasiveness ratings, agreement with humans.
     games, judged, ratings, alignment = judge(judge_spec, names, items, replies, constitution, axes, human_pairs,
-                                              s=s, cfg=cfg, rank=stage.rank, world=stage.world)
+                                              s=s, cfg=cfg, **ranks)
     if not stage.main:
         return {}
     if alignment is not None:
@@ -195,7 +198,18 @@ def run(cfg: DictConfig, stage: StageRun) -> dict:
     return results
 
 
-def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
+def ranks_refusal(cfg: DictConfig, ranks: int) -> str | None:
+    """Why this stage's roles cannot run on ``ranks`` ranks, or None: any vLLM role (each checkpoint is loaded on one rank,
+    the judge on the ranks with units to judge, and a vLLM engine starts on all ranks together). The pipeline asks it
+    before its first stage, and runs the stage as one process then."""
+    vllm = [r for r in ("policy", "sl_start", "judge") if roles.spec(cfg, r).get("engine") == "vllm"]
+    if ranks > 1 and vllm:
+        return (f"{vllm[0]}.engine=vllm: {STAGE} on {ranks} ranks loads each checkpoint on one rank, and a vLLM engine starts "
+                f"on all ranks together; use engine=hf or a served model (engine=served), or run {STAGE} as one process")
+    return None
+
+
+def checkpoint_names(cfg: DictConfig, listed, say: bool = True) -> list[str]:
     """``evaluate.checkpoints`` with ``trained`` expanded to the stages of ``STAGE_CHECKPOINTS`` complete in run_dir, in
     that order, then each later round's policy (``round_checkpoints``; which ones is said on stdout). Refused in one
     line: no checkpoint after the expansion, or one twice."""
@@ -208,8 +222,9 @@ def checkpoint_names(cfg: DictConfig, listed) -> list[str]:
             trained = [st for st in STAGE_CHECKPOINTS if is_complete(stage_dir(cfg.run_dir, st))]
             absent = [st for st in STAGE_CHECKPOINTS if st not in trained]
             trained += round_checkpoints(Path(cfg.run_dir))
-            print(f"cai {STAGE}: {TRAINED} = {', '.join(trained) or 'none'}: complete in {cfg.run_dir}"
-                  + (f" ({', '.join(absent)}: not complete there)" if absent else ""))
+            if say:
+                print(f"cai {STAGE}: {TRAINED} = {', '.join(trained) or 'none'}: complete in {cfg.run_dir}"
+                      + (f" ({', '.join(absent)}: not complete there)" if absent else ""))
         names += trained if name == TRAINED else [name]
     if not names:
         raise StageInputError(f"{STAGE}.checkpoints={list(listed)}: none of {', '.join(STAGE_CHECKPOINTS)} is complete in "
@@ -226,7 +241,7 @@ def round_checkpoints(run_dir: Path) -> list[str]:
     return [f"{d.name}/{st}" for d in round_folders(run_dir).values() for st in ("dpo", "ppo") if is_complete(d / st)]
 
 
-def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg, rank: int = 0,
+def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *, s, cfg, out: Path, rank: int = 0,
            world: int | None = None) -> tuple[dict, dict]:
     """Each checkpoint's replies to the prompts and to the examples' prompts, ``({name: rows}, {name: example rows})``
     (rows: id, text, tokens, finished), written to its file in ``paths``. A checkpoint whose file exists was answered
@@ -240,7 +255,7 @@ def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *,
     if saved and rank == 0:
         print(f"cai {STAGE}: resuming, the replies of {saved}/{len(checkpoints)} checkpoints already saved")
     for k, (name, (model_cfg, _)) in enumerate(checkpoints.items()):
-        if k % (world or 1) != rank or paths[name].exists():
+        if not mine(k, rank, world) or paths[name].exists():
             continue
         model, tok = load_generator(model_cfg)
         outs = generate(model, tok, asked, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -250,14 +265,13 @@ def answer(checkpoints: dict, paths: dict, items: list, examples: list[dict], *,
         atomic_write_text(paths[name], "".join(json.dumps(r) + "\n" for r in rows))
         release(model)
         del model
-    while not all(path.exists() for path in paths.values()):  # the other ranks' checkpoints (files: no collective to time out)
-        time.sleep(POLL_S)
+    wait_for(list(paths.values()), out)  # the other ranks' checkpoints
     replies = {name: [json.loads(line) for line in paths[name].read_text().splitlines()] for name in checkpoints}
     n = len(items)
     return {name: rows[:n] for name, rows in replies.items()}, {name: rows[n:] for name, rows in replies.items()}
 
 
-def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg, rank: int = 0, world: int | None = None
+def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg, out: Path, rank: int = 0, world: int | None = None
              ) -> dict[str, list[float]]:
     """The PM's score of every reply (its stored reward shift applied), by checkpoint (each rank its share)."""
     from cai.models import load_preference_model
@@ -271,21 +285,24 @@ def pm_score(pm_spec: dict, conversations: list, replies: dict, *, cfg, rank: in
         convs = [c + [{"role": "assistant", "content": r["text"]}] for c, r in zip(conversations, replies[name])]
         return score_conversations(*loaded[0], convs, batch_size=cfg.generation.batch_size).tolist()
 
-    return shared_work({name: functools.partial(score, name) for name in replies}, rank, world)
+    return shared_work({name: functools.partial(score, name) for name in replies}, out / UNITS / "pm", out, rank, world)
 
 
-def shared_work(units: dict, rank: int, world: int | None) -> dict:
-    """``{unit: work()}`` for every ``unit: work`` of ``units``, the k-th done by rank k mod ``world`` (in one process:
-    all of them), every rank getting every result. A unit's result must not depend on the others, so any number of
-    ranks gives the same."""
-    from cai import distributed
-
-    mine = {unit: work() for k, (unit, work) in enumerate(units.items()) if k % (world or 1) == rank}
-    return {unit: result for part in distributed.gather_objects(mine) for unit, result in part.items()}
+def shared_work(units: dict, folder: Path, out: Path, rank: int, world: int | None) -> dict:
+    """``{unit: work()}`` for every ``unit: work`` of ``units``, the k-th done by rank k mod ``world`` (in one process: all
+    of them) and saved as ``folder/<k>.json``, every rank reading all of them once they exist (``cai.shards.wait_for``:
+    files, not a collective, which a long unit would time out). A unit's result must not depend on the others, so any
+    number of ranks gives the same; a result already saved (a rerun after a kill) is not computed again."""
+    paths = [folder / f"{k}.json" for k in range(len(units))]
+    for k, (path, work) in enumerate(zip(paths, units.values())):
+        if mine(k, rank, world) and not path.exists():
+            atomic_write_json(path, work())
+    wait_for(paths, out)
+    return {unit: json.loads(path.read_text()) for unit, path in zip(units, paths)}
 
 
 def judge(judge_spec: dict, names: list[str], items: list, replies: dict, constitution, axes: dict, human_pairs: list,
-          *, s, cfg, rank: int = 0, world: int | None = None):
+          *, s, cfg, out: Path, rank: int = 0, world: int | None = None):
     """The AI judge (``judge_spec``, reading the replies as text with its own tokenizer and chat template; or a function,
     which compares the pairs and rates nothing): every
     pair of checkpoints compared on every prompt (both orders; principles sampled from ``axes[prompt kind]``, those
@@ -333,7 +350,7 @@ def judge(judge_spec: dict, names: list[str], items: list, replies: dict, consti
                       for axis, kind in (("harmless", "score"), ("evasive", "evasive")) for name in names})
     if human_pairs:
         units[("human",)] = agree
-    done = shared_work(units, rank, world)
+    done = shared_work(units, out / UNITS / "judge", out, rank, world)
     for (kind, a, b), asked in to_judge.items():
         games += [(a, b, p, i) for (i, _), p in zip(asked, done[("compare", kind, a, b)])]
     ratings = {axis: {name: done.get((axis, name), [None] * len(items)) for name in names} for axis in ("harmless", "evasive")}
@@ -512,16 +529,6 @@ def _checkpoint(cfg: DictConfig, name: str, stage: StageRun) -> tuple[dict, str]
         raise StageInputError(f"{STAGE}.checkpoints: {name!r} is not base, {TRAINED}, {', '.join(STAGE_CHECKPOINTS)}, "
                               f"round-<r>/dpo, round-<r>/ppo or a checkpoint folder (config.json)")
     return roles.spec(cfg, "policy", at=folder, key=f"{STAGE}.checkpoints"), input_fingerprint(folder)
-
-
-def _check_ranks(stage: StageRun, model_specs: list[dict]) -> None:
-    """Refuse a vLLM role on several ranks, naming its key: each checkpoint is loaded on one rank (and the judge on the
-    ranks with units to judge), while starting a vLLM engine on several ranks is collective (``cai.engines.VLLMEngine``)."""
-    for spec in model_specs:
-        if (stage.world or 1) > 1 and spec.get("engine") == "vllm":
-            raise StageInputError(f"{spec.get('role') or 'model'}.engine=vllm: {STAGE} on {stage.world} ranks loads each "
-                                  f"checkpoint on one rank, and a vLLM engine starts on all ranks together; use engine=hf or "
-                                  f"a served model (engine=served), or run {STAGE} as one process")
 
 
 def _is_model(model_spec: dict) -> bool:

@@ -87,6 +87,8 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     # Step 3: the models (still before touching the run directory: a bad path changes nothing).
     from cai.engines import load_generator
 
+    if reason := ranks_refusal(cfg, stage.world or 1):
+        raise StageInputError(reason)
     policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
     policy = load_generator(policy_spec)
     reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_generator(reviser_spec)
@@ -122,6 +124,14 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
                            # an empty revision keeps the previous answer as the one carried forward
                            "empty_revisions": sum(not r.strip() for revs in dataset["revisions"] for r in revs)})
     return stage.out / "dataset"
+
+
+def ranks_refusal(cfg: DictConfig, ranks: int) -> str | None:
+    """Why this stage's roles cannot run on ``ranks`` ranks, each rank with its own engines (``cai.engines.ranks_refusal``),
+    or None; the pipeline asks it before its first stage, and runs the stage as one process then."""
+    from cai import engines
+
+    return engines.ranks_refusal([roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")], ranks)
 
 
 def generate_rows(items: list[PromptItem], policy: tuple, reviser: tuple, c: Constitution, principles: list[CritiquePrinciple],
