@@ -1,5 +1,6 @@
 """The thin DeepSpeed layer every training stage shares: process-group set-up, the engine config,
-resumable checkpoints and the final ``save_pretrained`` checkpoint.
+resumable checkpoints and the final ``save_pretrained`` checkpoint; and how a sharded stage's ranks share its work
+without a collective (``mine``, ``wait_for``, ``telling_the_other_ranks``).
 
 Launch styles that all work (CPU uses gloo, GPU nccl):
 
@@ -15,17 +16,20 @@ a Slurm job that submitit started (``env_from_slurm``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from cai.files import atomic_dir, atomic_write_json
+from cai.errors import StageError, first_line
+from cai.files import atomic_dir, atomic_write_json, atomic_write_text
 
 LATEST = "latest.json"
 
@@ -282,3 +286,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+POLL_S = 2.0  # how often a rank that has made its share of a stage's work looks whether the others have made theirs
+FAILED = "failed_ranks"  # in a stage's folder: a file per rank that failed, with its error's first line
+
+
+def mine(k: int, rank: int, world: int | None) -> bool:
+    """Whether the k-th unit of work (a shard, a checkpoint) is rank ``rank``'s of ``world`` (None: one process, all)."""
+    return k % (world or 1) == rank
+
+
+def wait_for(paths: list[Path], out: Path) -> None:
+    """Return once every file of ``paths`` exists (the other ranks' work); stop in one line (StageError) when a rank
+    has failed instead (``telling_the_other_ranks``: its file in ``out``)."""
+    while not all(path.exists() for path in paths):
+        failed = sorted((out / FAILED).glob("rank-*"))
+        if failed:
+            raise StageError(f"{failed[0].name} failed ({failed[0].read_text().strip()}); this rank stops too")
+        time.sleep(POLL_S)
+
+
+@contextlib.contextmanager
+def telling_the_other_ranks(out: Path):
+    """On several ranks, a failure of this rank is written to ``out/failed_ranks/rank-<r>`` (its first line) before it is
+    raised, so ranks waiting for its work (``wait_for``) stop instead of waiting forever (a launcher that stops every
+    rank when one dies, as torchrun does, need not). ``StageRun.started`` clears the folder."""
+    try:
+        yield
+    except BaseException as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            with contextlib.suppress(OSError):
+                atomic_write_text(out / FAILED / f"rank-{os.environ.get('RANK', '0')}", first_line(e) or type(e).__name__)
+        raise

@@ -7,12 +7,12 @@ written after the rows: a shard is finished exactly when its record exists. A re
 and first rebuilds ``metrics.jsonl`` from their records, so a kill between a record and its metrics line loses
 no line, and no shard is logged twice.
 
-On several ranks (``torchrun``, ``launcher=deepspeed``), rank r makes the shards K with K mod ranks = r (``mine``), each
+On several ranks (``torchrun``, ``launcher=deepspeed``), rank r makes the shards K with K mod ranks = r (``cai.distributed.mine``), each
 with its own engine. A shard's rows depend on K alone (its prompts, and a seed derived from K), so the ranks write exactly
 the rows one process would, and a rerun on any number of ranks picks up the unfinished shards. Rank 0 writes
 ``metrics.jsonl`` (in shard order, once every shard is finished) and logs every shard's record. A rank that has made its
-shards waits for the others' files (``wait_for``), not in a collective, which would time out on a long shard; a rank that
-fails says so in the stage's folder (``telling_the_other_ranks``), and the waiting ranks stop in one line.
+shards waits for the others' files (``cai.distributed.wait_for``), not in a collective, which would time out on a long shard; a rank that
+fails says so in the stage's folder (``cai.distributed.telling_the_other_ranks``), and the waiting ranks stop in one line.
 
     records = run_shards(out, shards, make_rows, features=..., stage=STAGE, progress=..., logger=cfg.logger,
                          rank=stage.rank, world=stage.world)
@@ -21,21 +21,16 @@ fails says so in the stage's folder (``telling_the_other_ranks``), and the waiti
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from tqdm.auto import tqdm
 
-from cai.errors import StageError, first_line
+from cai.distributed import mine, wait_for
 from cai.files import atomic_write_json, atomic_write_text, save_dataset
 from cai.metrics import MetricsWriter
-
-POLL_S = 2.0  # how often a rank that has made its share looks whether the others have made theirs
-FAILED = "failed_ranks"  # in a stage's folder: a file per rank that failed, with its error's first line
 
 
 def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], tuple[list[dict], dict]], *, features,
@@ -78,35 +73,6 @@ def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], t
     if main and world > 1:
         _write_metrics(out, records)  # shard order, as one process writes it
     return [records[k] for k in range(len(shards))]
-
-
-def mine(k: int, rank: int, world: int | None) -> bool:
-    """Whether the k-th unit of work (a shard, a checkpoint) is rank ``rank``'s of ``world`` (None: one process, all)."""
-    return k % (world or 1) == rank
-
-
-def wait_for(paths: list[Path], out: Path) -> None:
-    """Return once every file of ``paths`` exists (the other ranks' work); stop in one line (StageError) when a rank
-    has failed instead (``telling_the_other_ranks``: its file in ``out``)."""
-    while not all(path.exists() for path in paths):
-        failed = sorted((out / FAILED).glob("rank-*"))
-        if failed:
-            raise StageError(f"{failed[0].name} failed ({failed[0].read_text().strip()}); this rank stops too")
-        time.sleep(POLL_S)
-
-
-@contextlib.contextmanager
-def telling_the_other_ranks(out: Path):
-    """On several ranks, a failure of this rank is written to ``out/failed_ranks/rank-<r>`` (its first line) before it is
-    raised, so ranks waiting for its work (``wait_for``) stop instead of waiting forever (a launcher that stops every
-    rank when one dies, as torchrun does, need not). ``StageRun.started`` clears the folder."""
-    try:
-        yield
-    except BaseException as e:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            with contextlib.suppress(OSError):
-                atomic_write_text(out / FAILED / f"rank-{os.environ.get('RANK', '0')}", first_line(e) or type(e).__name__)
-        raise
 
 
 def join_shards(out: Path, records: list[dict]):

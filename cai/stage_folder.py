@@ -28,7 +28,6 @@ from cai import roles
 from cai.errors import StageBusy, StageInputError
 from cai.files import atomic_write_json, clear_leftovers, current_umask, json_default
 from cai.lineage import MANIFEST, git_sha, input_fingerprint, input_stamps, read_manifest, resolved_config
-from cai.shards import FAILED
 
 # Keys that say *where* a run lives, not *what* it computes: left out of the config hash so a
 # moved or copied run directory still recognises its finished stages.
@@ -221,9 +220,11 @@ class StageRun:
         shards, replies, metrics) are removed; then the running manifest, with ``counts`` and ``fields`` (kept for the
         complete one). Every rank calls it, and none goes on before rank 0 has cleared the folder (another rank's first
         shard must not be removed as the previous config's) and the failures of an earlier run's ranks
-        (``cai.shards.telling_the_other_ranks``)."""
+        (``cai.distributed.telling_the_other_ranks``)."""
         self._counts, self._fields = dict(counts or {}), fields
         if self.main:
+            from cai.distributed import FAILED
+
             for name in (FAILED, *(() if self.resume else fresh)):
                 path = self.out / name
                 if path.is_dir():

@@ -102,7 +102,7 @@ def test_a_plot_of_fewer_than_three_points_shows_bars_with_their_values():
     assert bar_pixels(one) > 2000 and bar_pixels(many) < 200
 
 
-def test_each_prompt_kind_is_judged_under_its_axis_principles_and_every_reply_rated_for_evasiveness():
+def test_each_prompt_kind_is_judged_under_its_axis_principles_and_every_reply_rated_for_evasiveness(tmp_path):
     """Red-team pairs under the harmlessness principles, helpful pairs under the helpfulness ones (the games equal
     judge_pairs called with that pool, and not with the other); harmlessness ratings for red-team replies only,
     evasiveness ratings (evasive.j2) for every reply."""
@@ -125,7 +125,7 @@ def test_each_prompt_kind_is_judged_under_its_axis_principles_and_every_reply_ra
     axes = {kind: c.judging(axis) for kind, axis in AXIS.items()}
     s = SimpleNamespace(n_principles=1, few_shot=False)
     cfg = SimpleNamespace(seed=3, progress=False, generation=SimpleNamespace(batch_size=8))
-    games, judged, ratings, alignment = judge(TINY, ["x", "y"], items, replies, c, axes, [], s=s, cfg=cfg)
+    games, judged, ratings, alignment = judge(TINY, ["x", "y"], items, replies, c, axes, [], s=s, cfg=cfg, out=tmp_path)
     assert judged == 3 and alignment is None and sorted(i for *_, i in games) == [0, 1, 2]
 
     model, tok = load_policy(TINY)

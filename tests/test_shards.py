@@ -65,8 +65,8 @@ def test_a_rank_that_fails_tells_the_ranks_waiting_for_its_work(tmp_path, monkey
     shards (``wait_for``, polling the files) stops in one line naming it instead of waiting forever."""
     import pytest
 
+    from cai.distributed import mine, telling_the_other_ranks, wait_for
     from cai.errors import StageError
-    from cai.shards import mine, telling_the_other_ranks, wait_for
 
     assert [k for k in range(5) if mine(k, 1, 2)] == [1, 3] and all(mine(k, 0, None) for k in range(3))
     done = tmp_path / "done"

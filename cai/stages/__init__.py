@@ -30,7 +30,6 @@ from pathlib import Path
 
 from cai.errors import InputError, StageError, StageInputError, disk_full, first_line
 from cai.metrics import fail_open_runs, logger_backend
-from cai.shards import telling_the_other_ranks
 from cai.stage_folder import StageRun, hold_stage, stage_dir
 
 # The repository's conf/ folder, as an absolute path so every entry point (stages, pipeline) finds it.
@@ -58,7 +57,7 @@ def run_stage(run, cfg) -> None:
     """
     facts = sys.modules[run.__module__]
     stage = facts.STAGE
-    from cai.distributed import env_from_slurm  # imported here: reading the stage list loads no torch
+    from cai.distributed import env_from_slurm, telling_the_other_ranks  # here: reading the stage list loads no torch
 
     try:
         env_from_slurm()

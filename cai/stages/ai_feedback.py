@@ -137,7 +137,7 @@ def ranks_refusal(cfg: DictConfig, ranks: int) -> str | None:
     sl_start's settings once that stage is complete, else the policy role: both are asked about."""
     from cai import engines
 
-    return engines.ranks_refusal([roles.spec(cfg, r) for r in ("policy", "sl_start", "labeler")], ranks)
+    return engines.ranks_refusal([roles.spec(cfg, "policy"), roles.spec(cfg, "sl_start"), roles.spec(cfg, "labeler")], ranks)
 
 
 def preference_row(pair: Pair, judgement) -> dict:

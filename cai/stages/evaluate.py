@@ -67,6 +67,7 @@ from omegaconf import DictConfig, OmegaConf
 from cai import roles
 from cai.constitution import load_constitution, resolve_constitution_dir
 from cai.data import load_prompts, prompt_order
+from cai.distributed import mine, wait_for
 from cai.errors import StageInputError
 from cai.feedback import Pair, alignment_metrics, direct_scores, judge_pairs, read_human_pairs
 from cai.files import atomic_write_json, atomic_write_text, safe_name, save_dataset
@@ -75,7 +76,6 @@ from cai.lineage import input_fingerprint, read_manifest
 from cai.metrics import MetricsWriter
 from cai.preference import BUILTIN_HUMAN
 from cai.ratings import elo_ratings, length_controlled_win_rate, wilson_interval, win_rates
-from cai.shards import mine, wait_for
 from cai.stage_folder import StageRun, is_complete, round_folders, stage_dir, stage_summary
 from cai.stages import CONFIG_PATH, check_generation, run_app, run_stage
 
@@ -202,7 +202,8 @@ def ranks_refusal(cfg: DictConfig, ranks: int) -> str | None:
     """Why this stage's roles cannot run on ``ranks`` ranks, or None: any vLLM role (each checkpoint is loaded on one rank,
     the judge on the ranks with units to judge, and a vLLM engine starts on all ranks together). The pipeline asks it
     before its first stage, and runs the stage as one process then."""
-    vllm = [r for r in ("policy", "sl_start", "judge") if roles.spec(cfg, r).get("engine") == "vllm"]
+    specs = [roles.spec(cfg, "policy"), roles.spec(cfg, "sl_start"), roles.spec(cfg, "judge")]
+    vllm = [spec["role"] for spec in specs if spec.get("engine") == "vllm"]
     if ranks > 1 and vllm:
         return (f"{vllm[0]}.engine=vllm: {STAGE} on {ranks} ranks loads each checkpoint on one rank, and a vLLM engine starts "
                 f"on all ranks together; use engine=hf or a served model (engine=served), or run {STAGE} as one process")
