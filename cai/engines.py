@@ -131,17 +131,16 @@ def _keeping_the_default_group(keep: bool):
 
 def ranks_refusal(model_specs: list[dict], ranks: int) -> str | None:
     """Why the roles of ``model_specs`` (one stage's) cannot run on ``ranks`` ranks, each rank with engines of its own, in
-    one line naming the key; None when they can. vLLM runs one engine per rank's process, on its own device: not a
-    model split over several GPUs (tensor-parallel groups of ranks are not supported yet), nor two vLLM models."""
+    one line naming the key; None when they can. vLLM runs one engine per rank's process, or per group of ranks for a
+    model split over several (``tensor_parallel``): their number must divide the ranks'. Two vLLM models cannot."""
     vllm = [spec for spec in model_specs if spec.get("engine") == "vllm"]
     if ranks <= 1 or not vllm:
         return None
     for spec in vllm:
         parallel = int((spec.get("vllm") or {}).get("tensor_parallel_size") or 1)
-        if parallel > 1:
-            return (f"{spec.get('role') or 'model'}.vllm.tensor_parallel_size={parallel} on {ranks} ranks: each rank runs its "
-                    f"own vLLM engine on its own device; tensor-parallel groups of ranks are not supported yet (serve the "
-                    f"model instead: engine=served, or run the stage as one process)")
+        if ranks % parallel:
+            return (f"{spec.get('role') or 'model'}.vllm.tensor_parallel_size={parallel} on {ranks} ranks: the model is split "
+                    f"over groups of {parallel} ranks, so the number of ranks must be a multiple of {parallel}")
     import json
 
     from cai.roles import identity
@@ -154,6 +153,13 @@ def ranks_refusal(model_specs: list[dict], ranks: int) -> str | None:
                 f"runs one vLLM engine; give all but one of these roles engine=hf or engine=served, or run the stage as one "
                 f"process")
     return None
+
+
+def tensor_parallel(model_specs: list[dict]) -> int:
+    """How many ranks share one engine in a stage of these roles: the ``tensor_parallel_size`` of its vLLM model, 1
+    without one (a stage runs at most one on several ranks: ``ranks_refusal``)."""
+    return max((int((spec.get("vllm") or {}).get("tensor_parallel_size") or 1) for spec in model_specs
+                if spec.get("engine") == "vllm"), default=1)
 
 
 def close_all() -> None:
@@ -171,7 +177,10 @@ class VLLMEngine(Engine):
     On several ranks (a stage under torchrun or ``launcher=deepspeed``, its process group started) each rank runs its
     own engine on its own device, in its process (vLLM's ``external_launcher`` executor on the ranks' group, as TRL's
     colocate mode does: data parallel), and samples its own prompts; starting one is collective, so every rank starts
-    it together, and only one runs in each rank's process. Tensor-parallel groups of ranks are not supported yet."""
+    it together, and only one runs in each rank's process. With ``tensor_parallel_size`` T > 1 each group of T ranks in
+    a row (``RANK // T``) holds one engine, a share of the model on each rank; each rank's scheduler must be handed the
+    same requests, so every call takes the group's first rank's (broadcast to the others). ppo's rollout engine, whose
+    ranks sample prompts of their own, is not split so."""
 
     device = "vllm"
 
@@ -190,7 +199,10 @@ class VLLMEngine(Engine):
         dtype = str(pick_dtype(model_spec.get("dtype") or "auto", device)).removeprefix("torch.")
         parallel = int(options.get("tensor_parallel_size") or 1)
         available = _devices(device)
-        if parallel > available:
+        from cai.distributed import world_size
+
+        ranks = world_size()  # a multi-rank stage's ranks (1 without a process group)
+        if ranks == 1 and parallel > available:  # on several ranks the ranks are its devices (ranks_refusal)
             raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} but this machine has {available} "
                               f"{'GPU' if device.type == 'cuda' else 'CPU engine'}{'s' if available != 1 else ''} for it")
         if device.type == "cpu":
@@ -203,14 +215,15 @@ class VLLMEngine(Engine):
             raise EngineError(f"{self.key}=vllm must run in this process, where another vLLM engine already runs")
         import torch.distributed as dist
 
-        from cai.distributed import world_size
-
-        ranks = world_size()  # a multi-rank stage's ranks (1 without a process group)
         if ranks > 1 and not here:
             raise EngineError(f"{self.key}=vllm: on {ranks} ranks each rank runs one vLLM engine, in its own process, and "
                               f"{_IN_THIS_PROCESS[0].key}=vllm already does; give this role engine=hf or engine=served")
         if reason := ranks_refusal([model_spec], ranks):
             raise EngineError(reason)
+        if in_process and ranks > 1 and parallel > 1:
+            raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} on {ranks} ranks: each rank "
+                              f"samples its own prompts on its own engine beside its trainer, so the model is not split over "
+                              f"ranks here; keep it 1")
         self.group_before = dist.is_available() and dist.is_initialized()  # which the engine's shutdown must leave
         share = options.get("gpu_memory_utilization")
         share = (COLOCATED_SHARE if in_process else 0.9) if share is None else share
@@ -232,11 +245,12 @@ class VLLMEngine(Engine):
                                 distributed_executor_backend="external_launcher" if ranks > 1 else None,
                                 enable_sleep_mode=self.sleeps)
         except Exception as e:  # vLLM raises many kinds; the first line of its message says what
-            raise EngineError(f"{self.key}=vllm: vLLM could not load {folder}: {first_line(e)}") from e
+            raise EngineError(f"{self.key}=vllm: vLLM could not load {folder}: {first_line(e)}{_shared_memory_hint(e)}") from e
         if here:
             _IN_THIS_PROCESS.append(self)
         _OPEN.append(self)
         self.eos = tok.eos_token_id
+        self.group = _groups_of(parallel) if ranks > 1 and parallel > 1 else None  # this rank's tensor-parallel group
 
     def load_weights(self, model) -> None:
         """Sample from ``model`` from now on: its current weights (a transformers model of the engine's architecture;
@@ -266,6 +280,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        prompts, seed = self._the_groups((prompts, seed))
         self._check_length(prompts, max_new_tokens)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
                                  seed=derive_seed(seed, i), stop_token_ids=[self.eos], detokenize=False)
@@ -278,10 +293,23 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        contexts, candidates = self._the_groups((contexts, candidates))
         self._check_length(contexts, 1)
         params = [SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(c), detokenize=False) for c in candidates]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
         return [[out.outputs[0].logprobs[0][t].logprob for t in c] for out, c in zip(outs, candidates)]
+
+    def _the_groups(self, request):
+        """``request`` as the first rank of this rank's tensor-parallel group made it (itself without a group). The
+        ranks of a group compute the same requests from the same shard, but an hf role's sampling on two GPUs can differ
+        in a last bit, and schedulers handed different requests would hang the model's collectives or mix them up."""
+        if self.group is None:
+            return request
+        import torch.distributed as dist
+
+        box = [request]
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
+        return box[0]
 
     def _check_length(self, prompts: Sequence[list[int]], new_tokens: int) -> None:
         """Refuse a prompt that cannot fit with its reply in the engine's context (vLLM would fail the whole call)."""
@@ -545,6 +573,26 @@ def _check_cpu_head_size(folder: str, key: str) -> None:
     if size not in supported:
         raise EngineError(f"{key}=vllm: vLLM's CPU attention does not take this model's head size {size} (it takes "
                           f"{', '.join(map(str, supported))}); use engine=hf for it")
+
+
+def _groups_of(size: int):
+    """This rank's group among the groups of ``size`` ranks in a row (vLLM's tensor-parallel groups), on gloo: what the
+    group's first rank broadcasts is a small Python object. Every rank calls it (torch makes every group on every rank)."""
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size()
+    group, _ = dist.new_subgroups_by_enumeration([list(range(g, g + size)) for g in range(0, ranks, size)], backend="gloo")
+    return group
+
+
+def _shared_memory_hint(error: Exception) -> str:
+    """What to do when vLLM's CPU tensor-parallel group cannot make its shared memory: under ``external_launcher`` vLLM
+    names it the same in every run (``/dev/shm/-tp:0-[0-1]-cpushm_<rank>``), so another such run on this machine holds
+    it, or a run that was killed left it behind."""
+    if "create shm in SHMManager failed" not in str(error):
+        return ""
+    return (" (vLLM names a CPU tensor-parallel group's shared memory the same in every run: another run on this machine "
+            "holds it, or a killed one left /dev/shm/*-cpushm_* files behind; delete those once no such run is left)")
 
 
 def _devices(device) -> int:

@@ -160,8 +160,9 @@ def launch_command(stage: str, args: list[str], launcher: DictConfig | dict, one
 
 def one_process_stages(cfg: DictConfig, stages) -> dict[str, str]:
     """``{stage: why}`` for the sharded stages of ``stages`` whose roles cannot run on the launcher's ranks (the stage's
-    ``ranks_refusal``: e.g. a vLLM judge in evaluate, a vLLM model over several GPUs): the pipeline runs them as one
-    process, as it ran every generating stage before they ran on every rank."""
+    ``ranks_refusal``: e.g. a vLLM judge in evaluate, a vLLM model split over a number of GPUs that does not divide
+    the ranks'): the pipeline runs them as one process, as it ran every generating stage before they ran on every
+    rank."""
     ranks = cfg.launcher.num_gpus * cfg.launcher.num_nodes if cfg.launcher.name == "deepspeed" else 1
     return {stage: why for stage in dict.fromkeys(stages) if facts(stage).SHARDED
             and (why := facts(stage).ranks_refusal(cfg, ranks))}

@@ -7,15 +7,19 @@ written after the rows: a shard is finished exactly when its record exists. A re
 and first rebuilds ``metrics.jsonl`` from their records, so a kill between a record and its metrics line loses
 no line, and no shard is logged twice.
 
-On several ranks (``torchrun``, ``launcher=deepspeed``), rank r makes the shards K with K mod ranks = r (``cai.distributed.mine``), each
-with its own engine. A shard's rows depend on K alone (its prompts, and a seed derived from K), so the ranks write exactly
-the rows one process would, and a rerun on any number of ranks picks up the unfinished shards. Rank 0 writes
-``metrics.jsonl`` (in shard order, once every shard is finished) and logs every shard's record. A rank that has made its
-shards waits for the others' files (``cai.distributed.wait_for``), not in a collective, which would time out on a long shard; a rank that
-fails says so in the stage's folder (``cai.distributed.telling_the_other_ranks``), and the waiting ranks stop in one line.
+On several ranks (``torchrun``, ``launcher=deepspeed``), rank r makes the shards K with K mod ranks = r
+(``cai.distributed.mine``), each with its own engine. A vLLM model split over T ranks (``tensor_parallel_size`` T) is
+one engine to a group of T ranks in a row (vLLM's own grouping): group g = r // T of G = ranks / T groups makes the
+shards K with K mod G = g, every rank of it runs the shard (the group's first rank's prompts reach the engine:
+``VLLMEngine``), and only the first saves it. A shard's rows depend on K alone (its prompts, and a seed derived from K),
+so the ranks write exactly the rows one process would, and a rerun on any number of ranks picks up the unfinished
+shards. Rank 0 writes ``metrics.jsonl`` (in shard order, once every shard is finished) and logs every shard's record. A
+rank that has made its shards waits for the others' files (``cai.distributed.wait_for``), not in a collective, which
+would time out on a long shard; a rank that fails says so in the stage's folder
+(``cai.distributed.telling_the_other_ranks``), and the waiting ranks stop in one line.
 
     records = run_shards(out, shards, make_rows, features=..., stage=STAGE, progress=..., logger=cfg.logger,
-                         rank=stage.rank, world=stage.world)
+                         rank=stage.rank, world=stage.world, group_size=tensor_parallel(specs))
     dataset = join_shards(out, records)
 """
 
@@ -34,12 +38,16 @@ from cai.metrics import MetricsWriter
 
 
 def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], tuple[list[dict], dict]], *, features,
-               stage: str, progress: bool, logger=None, rank: int = 0, world: int | None = None) -> list[dict]:
+               stage: str, progress: bool, logger=None, rank: int = 0, world: int | None = None,
+               group_size: int = 1) -> list[dict]:
     """Run ``make_rows(k, shard) -> (rows, figures)`` for every shard of this rank (``rank`` of ``world``; None: one
     process) not finished yet, saving its rows and then its record ``{"shard": k, "rows": len(rows), **figures,
     "seconds": ...}``; once every rank's shards are finished, returns every shard's record, in order. ``figures`` are
-    the stage's own numbers for the shard (tokens/s, skipped pairs, ...)."""
+    the stage's own numbers for the shard (tokens/s, skipped pairs, ...). ``group_size``: how many ranks in a row make
+    each shard together (``cai.engines.tensor_parallel``; it must divide ``world``), the first of them saving it."""
     world, main = world or 1, rank == 0
+    group_size = group_size if world > 1 else 1  # one process runs a split model on its own (vLLM's workers)
+    group, groups, saves = rank // group_size, world // group_size, rank % group_size == 0
     folder = out / "shards"
     records = _finished(folder, len(shards))
     if world > 1:  # every rank has read what was done before any makes a shard
@@ -51,10 +59,12 @@ def run_shards(out: Path, shards: list[list], make_rows: Callable[[int, list], t
     if main:
         _write_metrics(out, records)
     metrics = MetricsWriter(out, enabled=main, logger=logger, run_name=stage)
-    todo = [k for k in range(len(shards)) if mine(k, rank, world) and k not in records]
+    todo = [k for k in range(len(shards)) if mine(k, group, groups) and k not in records]
     for k in tqdm(todo, desc=stage, unit="shard", disable=not progress):
         t0 = time.time()
         rows, figures = make_rows(k, shards[k])
+        if not saves:  # the group's first rank saves what the group made
+            continue
         if rows:  # datasets cannot reload an empty save: a shard without rows has its record alone
             from datasets import Dataset
 

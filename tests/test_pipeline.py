@@ -314,9 +314,9 @@ def test_report_renders_in_a_headless_browser(tiny_run, tmp_path):
 
 
 def test_under_deepspeed_a_generating_stage_whose_roles_cannot_run_per_rank_runs_as_one_process():
-    """evaluate with a vLLM judge, or sl_generate with a vLLM policy over two GPUs or with two vLLM models, cannot run an
-    engine per rank: the pipeline runs such a stage as one process (as before generation ran on every rank) and says why;
-    on one rank, or with hf roles, nothing changes."""
+    """evaluate with a vLLM judge, or sl_generate with a vLLM policy split over a number of GPUs that does not divide the
+    ranks' or with two vLLM models, cannot run an engine per rank (or group of ranks): the pipeline runs such a stage as
+    one process (as before generation ran on every rank) and says why; on one rank, or with hf roles, nothing changes."""
     from cai.pipeline import one_process_stages
 
     def which(*overrides: str) -> dict[str, str]:
@@ -325,9 +325,12 @@ def test_under_deepspeed_a_generating_stage_whose_roles_cannot_run_per_rank_runs
     assert which("launcher=deepspeed", "launcher.num_gpus=2") == {}
     assert which("judge.engine=vllm") == {}  # one process anyway
     assert list(which("launcher=deepspeed", "launcher.num_gpus=2", "judge.engine=vllm")) == ["evaluate"]
-    why = which("launcher=deepspeed", "launcher.num_gpus=2", "policy.engine=vllm", "policy.vllm.tensor_parallel_size=2")
+    split = ("launcher=deepspeed", "policy.engine=vllm", "policy.vllm.tensor_parallel_size=2")
+    assert list(which(*split, "launcher.num_gpus=4")) == ["evaluate"]  # two groups of two ranks, each one engine
+    why = which(*split, "launcher.num_gpus=3")
     assert list(why) == ["sl_generate", "ai_feedback", "evaluate"]
-    assert why["sl_generate"].startswith("policy.vllm.tensor_parallel_size=2 on 2 ranks: each rank runs its own vLLM engine")
+    assert why["sl_generate"] == ("policy.vllm.tensor_parallel_size=2 on 3 ranks: the model is split over groups of 2 "
+                                  "ranks, so the number of ranks must be a multiple of 2")
     why = which("launcher=deepspeed", "launcher.num_gpus=2", "policy.engine=vllm", "labeler.engine=vllm", "labeler.tiny.seed=7")
     assert why["ai_feedback"].startswith("policy.engine=vllm and labeler.engine=vllm on 2 ranks: each rank's process runs one")
     assert "sl_generate" not in why  # policy and reviser: one model

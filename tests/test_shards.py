@@ -79,3 +79,33 @@ def test_a_rank_that_fails_tells_the_ranks_waiting_for_its_work(tmp_path, monkey
     with pytest.raises(StageError, match=r"^rank-1 failed \(labeler.path='/x': model folder does not exist\); this rank "
                                          r"stops too$"):
         wait_for([done, tmp_path / "never"], tmp_path)
+
+
+def test_groups_of_ranks_make_each_shard_together_and_the_first_of_each_saves_it(tmp_path):
+    """Four ranks in groups of two (a vLLM model split over two: ``group_size``), as four threads: group 0 (ranks 0 and 1)
+    makes shards 0, 2, 4 and group 1 the others, every rank of a group running each of its shards; only ranks 0 and 2
+    save, and every rank returns the records one process writes, with the same rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = [["a"], ["b", "c"], [], ["d"], ["e"]]
+    calls = {rank: [] for rank in range(4)}
+
+    def rank_(rank):
+        def make_rows(k, shard):  # the second rank of a group makes rows of its own, which must not be saved
+            calls[rank].append(k)
+            return [{"id": x, "n": k + 100 * (rank % 2)} for x in shard], {"items": len(shard), "by": rank % 2}
+
+        return run_shards(tmp_path / "ranks", shards, make_rows, features=FEATURES, stage="test", progress=False,
+                          rank=rank, world=4, group_size=2)
+
+    with ThreadPoolExecutor(4) as pool:
+        returned = list(pool.map(rank_, range(4)))
+    assert calls == {0: [0, 2, 4], 1: [0, 2, 4], 2: [1, 3], 3: [1, 3]}
+    one = run_shards(tmp_path / "one", shards, lambda k, shard: ([{"id": x, "n": k} for x in shard],
+                                                                  {"items": len(shard), "by": 0}),
+                     features=FEATURES, stage="test", progress=False, group_size=2)
+    drop = ("time", "seconds")
+    assert all([{key: v for key, v in r.items() if key not in drop} for r in records]
+               == [{key: v for key, v in r.items() if key not in drop} for r in one] for records in returned)
+    assert join_shards(tmp_path / "ranks", returned[0]).to_list() == join_shards(tmp_path / "one", one).to_list()
+    assert [m["shard"] for m in read_metrics(tmp_path / "ranks")] == [0, 1, 2, 3, 4]

@@ -370,6 +370,72 @@ result["ranks_differ"] = distributed.gather_objects(mine)[0]["replies"] != distr
             "world": 2, "executor": "external_launcher", "same_start": True, "stale": False, "synced": True, "ranks_differ": True}
 
 
+def test_a_model_split_over_two_ranks_answers_each_rank_with_its_groups_first_ranks_requests(checkpoint, tmp_path):
+    """``tensor_parallel_size=2`` on two ranks (torchrun): one engine, half of the model on each rank (vLLM's
+    external_launcher). Rank 1 asks for other prompts in another order with another seed, and both ranks get the
+    answers to rank 0's requests (every rank of a group must hand vLLM the same ones): greedy, transformers' tokens;
+    sampled, the same tokens on both. ppo's rollout engine, whose ranks sample prompts of their own, is not split."""
+    script = tmp_path / "split.py"
+    script.write_text(f"""
+import json
+from cai import distributed
+from cai.engines import EngineError, VLLMEngine
+from cai.generation import generate
+from cai.models import load_policy
+rank, world = distributed.init_distributed()
+spec = {{"path": {str(checkpoint)!r}, "device": "cpu", "dtype": "float32", "role": "labeler",
+        "vllm": {{"cpu_kv_cache_gib": 1, "tensor_parallel_size": 2}}}}
+model, tok = load_policy(spec)
+try:
+    VLLMEngine(spec, tok, key="ppo.rollout_engine", in_process=True)
+except EngineError as e:
+    refused = str(e)
+engine = VLLMEngine(spec, tok)
+prompts = {json.dumps(PROMPTS)}
+asked = prompts if rank == 0 else prompts[::-1][:3]
+def tokens(m, prompts, **kw):
+    return [c.token_ids for c in generate(m, tok, prompts, max_new_tokens=16, progress=False, **kw)]
+parallel = engine.llm.llm_engine.vllm_config.parallel_config
+result = {{"world": world, "executor": parallel.distributed_executor_backend, "tp": parallel.tensor_parallel_size,
+          "refused": refused,
+          "greedy": tokens(engine, asked, temperature=0.0, seed=rank) == tokens(model, prompts, temperature=0.0, seed=0),
+          "sampled": tokens(engine, asked, temperature=1.0, seed=rank)}}
+engine.close()
+(__import__("pathlib").Path({str(tmp_path)!r}) / f"rank{{rank}}.json").write_text(json.dumps(result))
+""")
+    result = subprocess.run(torchrun(str(script)), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert first == second and len(first.pop("sampled")) == len(PROMPTS)
+    assert first == {"world": 2, "executor": "external_launcher", "tp": 2, "greedy": True,
+                     "refused": "ppo.rollout_engine=vllm: labeler.vllm.tensor_parallel_size=2 on 2 ranks: each rank samples "
+                                "its own prompts on its own engine beside its trainer, so the model is not split over ranks "
+                                "here; keep it 1"}
+
+
+def test_sl_generate_with_its_policy_split_over_two_ranks_writes_one_processs_rows(tmp_path):
+    """sl_generate on two ranks with the policy on vLLM over both (``tensor_parallel_size=2``: one group, which makes
+    every shard, rank 0 saving it), decoding greedily: the rows are those transformers writes in one process."""
+    from conftest import compose_cfg
+    from datasets import load_from_disk
+
+    from cai.stages import handle
+    from cai.stages.sl_generate import run
+
+    settings = ["debug=tiny", "progress=false", "model.tiny.num_heads=2", "generation=greedy", "data.num_red_team=4",
+                "data.num_helpful=2", "n_revisions=1", "sl_generate.shard_size=2"]
+    split = subprocess.run(torchrun("-m", "cai.stages.sl_generate", *settings, f"run_dir={tmp_path / 'split'}",
+                                    "policy.engine=vllm", "policy.vllm.tensor_parallel_size=2", "policy.vllm.cpu_kv_cache_gib=1"),
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert split.returncode == 0, split.stdout[-3000:] + split.stderr[-3000:]
+    cfg = compose_cfg("sl_generate", [*settings, f"run_dir={tmp_path / 'one'}"])
+    one = load_from_disk(str(run(cfg, handle(run, cfg))))
+    rows = load_from_disk(str(tmp_path / "split" / "sl_generate" / "dataset"))
+    assert len(rows) == 6 and rows.to_list() == one.to_list()
+    assert sorted(p.name for p in (tmp_path / "split" / "sl_generate" / "shards").glob("*.json")) == [
+        "shard-00000.json", "shard-00001.json", "shard-00002.json"]
+
+
 def test_online_dpo_on_two_ranks_samples_its_pairs_on_vllm_and_resumes(tmp_path):
     """Online DPO from AI feedback on two ranks (torchrun, ZeRO-3), each rank's pairs sampled on its own vLLM engine
     (given its gathered weights each step) and labelled by the tiny labeler; killed after its step-2 checkpoint, the same

@@ -80,7 +80,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         return stage.out / "dataset"
 
     # Step 3: the models (before touching the run directory).
-    from cai.engines import load_generator, ranks_refusal
+    from cai.engines import load_generator, ranks_refusal, tensor_parallel
 
     if reason := ranks_refusal([policy_spec, labeler_spec], stage.world or 1):
         raise StageInputError(reason)
@@ -110,7 +110,8 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
 
     shards = [items[i:i + s.shard_size] for i in range(0, len(items), s.shard_size)]
     records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress,
-                         logger=cfg.logger, rank=stage.rank, world=stage.world)
+                         logger=cfg.logger, rank=stage.rank, world=stage.world,
+                         group_size=tensor_parallel([policy_spec, labeler_spec]))
     if not stage.main:
         return stage.out / "dataset"
 

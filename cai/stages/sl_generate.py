@@ -20,7 +20,8 @@ Resume: rerunning the same command keeps the finished shards and generates only 
 (a crash loses at most the shard in flight); a changed config or constitution starts over.
 
 Ranks: under ``torchrun`` or ``launcher=deepspeed`` each rank loads its own models and makes its share of the shards
-(``cai.shards``); the dataset is the one a single process writes, and a rerun on any number of ranks resumes it.
+(``cai.shards``; a vLLM model split over T ranks: each group of T makes its share together); the dataset is the one a
+single process writes, and a rerun on any number of ranks resumes it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         return stage.out / "dataset"
 
     # Step 3: the models (still before touching the run directory: a bad path changes nothing).
-    from cai.engines import load_generator
+    from cai.engines import load_generator, tensor_parallel
 
     if reason := ranks_refusal(cfg, stage.world or 1):
         raise StageInputError(reason)
@@ -106,7 +107,8 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
 
     shards = [items[i:i + settings.shard_size] for i in range(0, len(items), settings.shard_size)]
     records = run_shards(stage.out, shards, make_rows, features=_features(), stage=STAGE, progress=cfg.progress,
-                         logger=cfg.logger, rank=stage.rank, world=stage.world)
+                         logger=cfg.logger, rank=stage.rank, world=stage.world,
+                         group_size=tensor_parallel([policy_spec, reviser_spec]))
     if not stage.main:
         return stage.out / "dataset"
 
