@@ -280,7 +280,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, seed = self._the_groups((prompts, seed))
+        prompts, seed = self._from_the_groups_first_rank((prompts, seed))
         self._check_length(prompts, max_new_tokens)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
                                  seed=derive_seed(seed, i), stop_token_ids=[self.eos], detokenize=False)
@@ -293,13 +293,13 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        contexts, candidates = self._the_groups((contexts, candidates))
+        contexts, candidates = self._from_the_groups_first_rank((contexts, candidates))
         self._check_length(contexts, 1)
         params = [SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(c), detokenize=False) for c in candidates]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
         return [[out.outputs[0].logprobs[0][t].logprob for t in c] for out, c in zip(outs, candidates)]
 
-    def _the_groups(self, request):
+    def _from_the_groups_first_rank(self, request):
         """``request`` as the first rank of this rank's tensor-parallel group made it (itself without a group). The
         ranks of a group compute the same requests from the same shard, but an hf role's sampling on two GPUs can differ
         in a last bit, and schedulers handed different requests would hang the model's collectives or mix them up."""

@@ -136,6 +136,23 @@ def run_app(main, who: str) -> None:
         main()
     except CompactHydraException as e:
         raise SystemExit(f"{who}: {_one_line(e)}") from None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_without_finalizing()
+
+
+def _leave_without_finalizing() -> None:
+    """End a rank of a multi-process launch (torchrun, ``launcher=deepspeed``) whose command finished: flush what it
+    printed and logged, then exit 0 without Python's finalization. DeepSpeed keeps its process groups in module globals
+    (and ZeRO-3 in every parameter), so their gloo backends outlive ``destroy_process_group`` and were torn down during
+    finalization, which aborted a finished rank ("terminate called without an active exception", SIGABRT) three times
+    in fresh-clone CI, each a 2-rank sl_train run whose outputs were complete: torchrun then reported the stage failed.
+    A command that fails ends as usual (its SystemExit passes by here); a submitit task never comes here."""
+    import logging
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def _one_line(e: Exception) -> str:
