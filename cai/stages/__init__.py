@@ -142,11 +142,12 @@ def run_app(main, who: str) -> None:
 
 def _leave_without_finalizing() -> None:
     """End a rank of a multi-process launch (torchrun, ``launcher=deepspeed``) whose command finished: flush what it
-    printed and logged, then exit 0 without Python's finalization. DeepSpeed keeps its process groups in module globals
-    (and ZeRO-3 in every parameter), so their gloo backends outlive ``destroy_process_group`` and were torn down during
-    finalization, which aborted a finished rank ("terminate called without an active exception", SIGABRT) three times
-    in fresh-clone CI, each a 2-rank sl_train run whose outputs were complete: torchrun then reported the stage failed.
-    A command that fails ends as usual (its SystemExit passes by here); a submitit task never comes here."""
+    printed and logged, then exit 0 without Python's finalization. A finished rank aborted on its way out ("terminate
+    called without an active exception", SIGABRT) three times in fresh-clone CI, each a 2-rank sl_train run whose
+    outputs were complete, and torchrun then reported the stage failed; it never repeated in 12 runs of that test here.
+    The likely cause: DeepSpeed keeps its process groups in module globals (and ZeRO-3 in every parameter), so their gloo
+    backends outlive ``destroy_process_group`` and are torn down during finalization. A command that fails ends as
+    usual (its SystemExit passes by here); a submitit task never comes here."""
     import logging
 
     sys.stdout.flush()
