@@ -137,7 +137,7 @@ def ranks_refusal(model_specs: list[dict], ranks: int) -> str | None:
     if ranks <= 1 or not vllm:
         return None
     for spec in vllm:
-        parallel = int((spec.get("vllm") or {}).get("tensor_parallel_size") or 1)
+        parallel = _split_over(spec)
         if ranks % parallel:
             return (f"{spec.get('role') or 'model'}.vllm.tensor_parallel_size={parallel} on {ranks} ranks: the model is split "
                     f"over groups of {parallel} ranks, so the number of ranks must be a multiple of {parallel}")
@@ -158,8 +158,12 @@ def ranks_refusal(model_specs: list[dict], ranks: int) -> str | None:
 def tensor_parallel(model_specs: list[dict]) -> int:
     """How many ranks share one engine in a stage of these roles: the ``tensor_parallel_size`` of its vLLM model, 1
     without one (a stage runs at most one on several ranks: ``ranks_refusal``)."""
-    return max((int((spec.get("vllm") or {}).get("tensor_parallel_size") or 1) for spec in model_specs
-                if spec.get("engine") == "vllm"), default=1)
+    return max((_split_over(spec) for spec in model_specs if spec.get("engine") == "vllm"), default=1)
+
+
+def _split_over(model_spec: dict) -> int:
+    """The GPUs (or, on several ranks, the ranks) a vLLM role's model is split over: its ``tensor_parallel_size``."""
+    return int((model_spec.get("vllm") or {}).get("tensor_parallel_size") or 1)
 
 
 def close_all() -> None:
@@ -197,7 +201,7 @@ class VLLMEngine(Engine):
 
         device = pick_device(model_spec.get("device") or "auto")
         dtype = str(pick_dtype(model_spec.get("dtype") or "auto", device)).removeprefix("torch.")
-        parallel = int(options.get("tensor_parallel_size") or 1)
+        parallel = _split_over(model_spec)
         available = _devices(device)
         from cai.distributed import world_size
 
