@@ -53,11 +53,12 @@ class EngineError(InputError):
     """A role's engine cannot run: vLLM missing, a model it cannot load, settings the machine cannot meet."""
 
 
-def load_generator(model_spec: dict):
+def load_generator(model_spec: dict, grouped: bool = False):
     """``(model, tokenizer)`` for generating and labeling with ``model_spec``: a transformers model (``engine: hf``),
     a ``VLLMEngine`` (``engine: vllm``) or a ``ServedEngine`` (``engine: served``), all taken by
     ``cai.generation.generate`` and ``cai.feedback``; or ``(FunctionLabeler, None)`` (``engine: function``), which
-    ``cai.feedback.judge_pairs`` asks instead of a model."""
+    ``cai.feedback.judge_pairs`` asks instead of a model. ``grouped``: the caller's ranks make each unit of work in
+    groups (``cai.shards``), so a vLLM model may be split over a group (``VLLMEngine``)."""
     from cai.models import load_policy, load_tokenizer
 
     engine = model_spec.get("engine") or "hf"
@@ -66,7 +67,7 @@ def load_generator(model_spec: dict):
     if engine == "function":
         return FunctionLabeler(model_spec), None
     tok = load_tokenizer(model_spec)
-    return (VLLMEngine if engine == "vllm" else ServedEngine)(model_spec, tok), tok
+    return (VLLMEngine(model_spec, tok, grouped=grouped) if engine == "vllm" else ServedEngine(model_spec, tok)), tok
 
 
 class FunctionLabeler:
@@ -183,12 +184,13 @@ class VLLMEngine(Engine):
     colocate mode does: data parallel), and samples its own prompts; starting one is collective, so every rank starts
     it together, and only one runs in each rank's process. With ``tensor_parallel_size`` T > 1 each group of T ranks in
     a row (``RANK // T``) holds one engine, a share of the model on each rank; each rank's scheduler must be handed the
-    same requests, so every call takes the group's first rank's (broadcast to the others). ppo's rollout engine, whose
-    ranks sample prompts of their own, is not split so."""
+    same requests, so every call takes the group's first rank's (broadcast to the others). Only where the ranks of a
+    group make the same work together (``grouped``: sl_generate's and ai_feedback's shards): elsewhere (ppo's rollouts
+    and rewards) each rank asks for its own, and a split model is refused in one line."""
 
     device = "vllm"
 
-    def __init__(self, model_spec: dict, tok, key: str | None = None, in_process: bool = False):
+    def __init__(self, model_spec: dict, tok, key: str | None = None, in_process: bool = False, grouped: bool = False):
         # the config key messages name: the role's engine (e.g. "labeler.engine"), or ``key`` (ppo.rollout_engine)
         role = model_spec.get("role") or "model"  # the role whose settings these are (cai.roles.spec records it)
         self.key, self.settings = key or f"{role}.engine", f"{role}.vllm"
@@ -222,12 +224,12 @@ class VLLMEngine(Engine):
         if ranks > 1 and not here:
             raise EngineError(f"{self.key}=vllm: on {ranks} ranks each rank runs one vLLM engine, in its own process, and "
                               f"{_IN_THIS_PROCESS[0].key}=vllm already does; give this role engine=hf or engine=served")
+        if ranks > 1 and parallel > 1 and not grouped:
+            raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} on {ranks} ranks: here each "
+                              f"rank asks for its own replies, so the model cannot be split over ranks; keep it 1, or serve "
+                              f"it (engine=served)")
         if reason := ranks_refusal([model_spec], ranks):
             raise EngineError(reason)
-        if in_process and ranks > 1 and parallel > 1:
-            raise EngineError(f"{self.key}=vllm: {self.settings}.tensor_parallel_size={parallel} on {ranks} ranks: each rank "
-                              f"samples its own prompts on its own engine beside its trainer, so the model is not split over "
-                              f"ranks here; keep it 1")
         self.group_before = dist.is_available() and dist.is_initialized()  # which the engine's shutdown must leave
         share = options.get("gpu_memory_utilization")
         share = (COLOCATED_SHARE if in_process else 0.9) if share is None else share
@@ -284,7 +286,7 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        prompts, seed = self._from_the_groups_first_rank((prompts, seed))
+        prompts, seed = from_the_groups_first_rank(self, (prompts, seed))
         self._check_length(prompts, max_new_tokens)
         params = [SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
                                  seed=derive_seed(seed, i), stop_token_ids=[self.eos], detokenize=False)
@@ -297,23 +299,11 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        contexts, candidates = self._from_the_groups_first_rank((contexts, candidates))
+        contexts, candidates = from_the_groups_first_rank(self, (contexts, candidates))
         self._check_length(contexts, 1)
         params = [SamplingParams(temperature=0.0, max_tokens=1, logprob_token_ids=list(c), detokenize=False) for c in candidates]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(c)) for c in contexts], params, use_tqdm=False)
         return [[out.outputs[0].logprobs[0][t].logprob for t in c] for out, c in zip(outs, candidates)]
-
-    def _from_the_groups_first_rank(self, request):
-        """``request`` as the first rank of this rank's tensor-parallel group made it (itself without a group). The
-        ranks of a group compute the same requests from the same shard, but an hf role's sampling on two GPUs can differ
-        in a last bit, and schedulers handed different requests would hang the model's collectives or mix them up."""
-        if self.group is None:
-            return request
-        import torch.distributed as dist
-
-        box = [request]
-        dist.broadcast_object_list(box, group=self.group, group_src=0)
-        return box[0]
 
     def _check_length(self, prompts: Sequence[list[int]], new_tokens: int) -> None:
         """Refuse a prompt that cannot fit with its reply in the engine's context (vLLM would fail the whole call)."""
@@ -577,6 +567,21 @@ def _check_cpu_head_size(folder: str, key: str) -> None:
     if size not in supported:
         raise EngineError(f"{key}=vllm: vLLM's CPU attention does not take this model's head size {size} (it takes "
                           f"{', '.join(map(str, supported))}); use engine=hf for it")
+
+
+def from_the_groups_first_rank(engine, value):
+    """``value`` as the first rank of ``engine``'s tensor-parallel group has it (``VLLMEngine.group``: a vLLM model split
+    over ranks); ``value`` itself for any other engine. Each call of a split engine takes the group's first rank's
+    requests: its ranks compute the same ones from the same shard, but an hf role's sampling on two GPUs can differ in
+    a last bit, and schedulers handed different requests would hang the model's collectives or mix them up."""
+    group = getattr(engine, "group", None)
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
 
 
 def _groups_of(size: int):

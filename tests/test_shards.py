@@ -85,6 +85,7 @@ def test_groups_of_ranks_make_each_shard_together_and_the_first_of_each_saves_it
     """Four ranks in groups of two (a vLLM model split over two: ``group_size``), as four threads: group 0 (ranks 0 and 1)
     makes shards 0, 2, 4 and group 1 the others, every rank of a group running each of its shards; only ranks 0 and 2
     save, and every rank returns the records one process writes, with the same rows."""
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     shards = [["a"], ["b", "c"], [], ["d"], ["e"]]
@@ -93,6 +94,7 @@ def test_groups_of_ranks_make_each_shard_together_and_the_first_of_each_saves_it
     def rank_(rank):
         def make_rows(k, shard):  # the second rank of a group makes rows of its own, which must not be saved
             calls[rank].append(k)
+            time.sleep(0.2 * (rank % 2))  # (and later than the first: a save of them would land last)
             return [{"id": x, "n": k + 100 * (rank % 2)} for x in shard], {"items": len(shard), "by": rank % 2}
 
         return run_shards(tmp_path / "ranks", shards, make_rows, features=FEATURES, stage="test", progress=False,

@@ -374,7 +374,8 @@ def test_a_model_split_over_two_ranks_answers_each_rank_with_its_groups_first_ra
     """``tensor_parallel_size=2`` on two ranks (torchrun): one engine, half of the model on each rank (vLLM's
     external_launcher). Rank 1 asks for other prompts in another order with another seed, and both ranks get the
     answers to rank 0's requests (every rank of a group must hand vLLM the same ones): greedy, transformers' tokens;
-    sampled, the same tokens on both. ppo's rollout engine, whose ranks sample prompts of their own, is not split."""
+    sampled, the same tokens on both. Where the ranks ask for replies of their own (ppo's rollouts, its labeler: not
+    ``grouped``), a split model is refused. Its shared memory (on a CPU) is gone once the ranks have ended."""
     script = tmp_path / "split.py"
     script.write_text(f"""
 import json
@@ -386,11 +387,13 @@ rank, world = distributed.init_distributed()
 spec = {{"path": {str(checkpoint)!r}, "device": "cpu", "dtype": "float32", "role": "labeler",
         "vllm": {{"cpu_kv_cache_gib": 1, "tensor_parallel_size": 2}}}}
 model, tok = load_policy(spec)
-try:
-    VLLMEngine(spec, tok, key="ppo.rollout_engine", in_process=True)
-except EngineError as e:
-    refused = str(e)
-engine = VLLMEngine(spec, tok)
+refused = []
+for kwargs in ({{"key": "ppo.rollout_engine", "in_process": True}}, {{}}):
+    try:
+        VLLMEngine(spec, tok, **kwargs)
+    except EngineError as e:
+        refused.append(str(e))
+engine = VLLMEngine(spec, tok, grouped=True)
 prompts = {json.dumps(PROMPTS)}
 asked = prompts if rank == 0 else prompts[::-1][:3]
 def tokens(m, prompts, **kw):
@@ -407,15 +410,17 @@ engine.close()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     first, second = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert first == second and len(first.pop("sampled")) == len(PROMPTS)
+    why = ("labeler.vllm.tensor_parallel_size=2 on 2 ranks: here each rank asks for its own replies, so the model cannot "
+           "be split over ranks; keep it 1, or serve it (engine=served)")
     assert first == {"world": 2, "executor": "external_launcher", "tp": 2, "greedy": True,
-                     "refused": "ppo.rollout_engine=vllm: labeler.vllm.tensor_parallel_size=2 on 2 ranks: each rank samples "
-                                "its own prompts on its own engine beside its trainer, so the model is not split over ranks "
-                                "here; keep it 1"}
+                     "refused": [f"ppo.rollout_engine=vllm: {why}", f"labeler.engine=vllm: {why}"]}
+    assert not _cpu_shared_memory()
 
 
 def test_sl_generate_with_its_policy_split_over_two_ranks_writes_one_processs_rows(tmp_path):
     """sl_generate on two ranks with the policy on vLLM over both (``tensor_parallel_size=2``: one group, which makes
-    every shard, rank 0 saving it), decoding greedily: the rows are those transformers writes in one process."""
+    every shard, rank 0 saving it), decoding greedily: the rows are those transformers writes in one process, and the
+    group's shared memory (on a CPU) is gone once the stage has ended."""
     from conftest import compose_cfg
     from datasets import load_from_disk
 
@@ -434,6 +439,15 @@ def test_sl_generate_with_its_policy_split_over_two_ranks_writes_one_processs_ro
     assert len(rows) == 6 and rows.to_list() == one.to_list()
     assert sorted(p.name for p in (tmp_path / "split" / "sl_generate" / "shards").glob("*.json")) == [
         "shard-00000.json", "shard-00001.json", "shard-00002.json"]
+    assert not _cpu_shared_memory()
+
+
+def _cpu_shared_memory() -> list[str]:
+    """What vLLM's CPU tensor-parallel groups left in /dev/shm (it names them alike in every run: a file left there fails
+    the next run's group)."""
+    from pathlib import Path
+
+    return sorted(p.name for p in Path("/dev/shm").glob("*-cpushm_*"))
 
 
 def test_online_dpo_on_two_ranks_samples_its_pairs_on_vllm_and_resumes(tmp_path):

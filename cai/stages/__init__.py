@@ -136,18 +136,21 @@ def run_app(main, who: str) -> None:
         main()
     except CompactHydraException as e:
         raise SystemExit(f"{who}: {_one_line(e)}") from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    facts = sys.modules.get(main.__module__)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and getattr(facts, "MULTI_RANK", False) and not getattr(facts, "SHARDED", True):
         _leave_without_finalizing()
 
 
 def _leave_without_finalizing() -> None:
-    """End a rank of a multi-process launch (torchrun, ``launcher=deepspeed``) whose command finished: flush what it
-    printed and logged, then exit 0 without Python's finalization. A finished rank aborted on its way out ("terminate
-    called without an active exception", SIGABRT) three times in fresh-clone CI, each a 2-rank sl_train run whose
-    outputs were complete, and torchrun then reported the stage failed; it never repeated in 12 runs of that test here.
-    The likely cause: DeepSpeed keeps its process groups in module globals (and ZeRO-3 in every parameter), so their gloo
-    backends outlive ``destroy_process_group`` and are torn down during finalization. A command that fails ends as
-    usual (its SystemExit passes by here); a submitit task never comes here."""
+    """End a rank of a training stage's multi-process launch (torchrun, ``launcher=deepspeed``) whose command finished:
+    flush what it printed and logged, then exit 0 without Python's finalization. A finished rank aborted on its way out
+    ("terminate called without an active exception", SIGABRT) three times in fresh-clone CI, each a 2-rank sl_train run
+    whose outputs were complete, and torchrun then reported the stage failed; it never repeated in 12 runs of that test
+    here. The likely cause: DeepSpeed keeps its process groups in module globals (and ZeRO-3 in every parameter), so
+    their gloo backends outlive ``destroy_process_group`` and are torn down during finalization. The generating stages
+    (no DeepSpeed engine) keep Python's finalization: there vLLM's C++ destructors unlink a CPU tensor-parallel group's
+    shared memory, which a skipped finalization left in /dev/shm for the next run to trip on. A command that fails ends
+    as usual (its SystemExit passes by here); a submitit task never comes here."""
     import logging
 
     sys.stdout.flush()

@@ -80,14 +80,14 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         return stage.out / "dataset"
 
     # Step 3: the models (before touching the run directory).
-    from cai.engines import load_generator, ranks_refusal, tensor_parallel
+    from cai.engines import from_the_groups_first_rank, load_generator, ranks_refusal, tensor_parallel
 
     if reason := ranks_refusal([policy_spec, labeler_spec], stage.world or 1):
         raise StageInputError(reason)
 
-    labeler, tok = load_generator(labeler_spec)
+    labeler, tok = load_generator(labeler_spec, grouped=True)
     same_model = roles.identity(policy_spec) == roles.identity(labeler_spec)
-    policy, policy_tok = (labeler, tok) if same_model else load_generator(policy_spec)
+    policy, policy_tok = (labeler, tok) if same_model else load_generator(policy_spec, grouped=True)
 
     # Step 4: resume or start over, as in sl_generate.
     stage.started(counts={"prompts": len(items)}, fresh=("shards", "metrics.jsonl"), policy=str(policy_spec["path"]),
@@ -100,6 +100,7 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
         outs = generate(policy, policy_tok, conversations, max_new_tokens=cfg.generation.max_new_tokens,
                         temperature=s.temperature, top_p=cfg.generation.top_p, batch_size=cfg.generation.batch_size,
                         seed=derive_seed(cfg.seed, STAGE, k), progress=cfg.progress, desc="responses")
+        outs = from_the_groups_first_rank(labeler, outs)  # a labeler split over ranks judges its group's first rank's pairs
         pairs = [Pair(it.id, it.messages(), outs[2 * j].text, outs[2 * j + 1].text) for j, it in enumerate(shard)]
         kept = [p for p in pairs if p.response_a.strip() != p.response_b.strip()]
         judgements = judge_pairs(labeler, tok, constitution, kept, principles=principles, **settings)

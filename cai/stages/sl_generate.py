@@ -91,8 +91,9 @@ def run(cfg: DictConfig, stage: StageRun) -> Path:
     if reason := ranks_refusal(cfg, stage.world or 1):
         raise StageInputError(reason)
     policy_spec, reviser_spec = roles.spec(cfg, "policy"), roles.spec(cfg, "reviser")
-    policy = load_generator(policy_spec)
-    reviser = policy if roles.identity(reviser_spec) == roles.identity(policy_spec) else load_generator(reviser_spec)
+    policy = load_generator(policy_spec, grouped=True)
+    reviser = (policy if roles.identity(reviser_spec) == roles.identity(policy_spec)
+               else load_generator(reviser_spec, grouped=True))
 
     # Step 4: resume when the previous attempt had the same config and constitution; else start over (another
     # config's shards and metrics must not be mixed in).
